@@ -1,0 +1,219 @@
+"""The reference scan: the memory recurrence, token by token, assembled from the objective's settings.
+
+It is slow and exact, differentiable by autograd, and the yardstick every fast path is tested against.
+Each step is ``closed_forms.step`` – the same code the sympy derivations check – so no model has its
+own function here.
+"""
+from __future__ import annotations
+
+from typing import Dict, NamedTuple, Optional, Union
+
+import torch
+
+from . import closed_forms
+from .objective import Objective
+
+Tensor = torch.Tensor
+
+
+class ScanResult(NamedTuple):
+    """``output [B,T,H,V]``; ``final_state`` a dict of ``[N,H,...]`` tensors or None;
+    ``variance [B,T,H,V]`` or None."""
+
+    output: Tensor
+    final_state: Optional[Dict[str, Tensor]]
+    variance: Optional[Tensor]
+
+
+STATE_KEYS = {"point": ("S",), "diagonal": ("mu", "I"), "full": ("G", "H")}
+
+
+def state_shapes(objective: Objective, N: int, H: int, K: int, V: int) -> Dict[str, tuple]:
+    """Shapes of the state dictionary for ``N`` sequences (value-first)."""
+    if objective.posterior == "full":
+        return {"G": (N, H, V, K), "H": (N, H, K, K)}
+    return {key: (N, H, V, K) for key in STATE_KEYS[objective.posterior]}
+
+
+def zero_state(objective: Objective, N: int, H: int, K: int, V: int, prior_precision: Tensor,
+               dtype: torch.dtype, device: torch.device) -> Dict[str, Tensor]:
+    """The state before any token: means 0, ``H = 0``, ``I = Ip``. ``prior_precision`` is ``[H]``."""
+    shapes = state_shapes(objective, N, H, K, V)
+    state = {key: torch.zeros(shape, dtype=dtype, device=device) for key, shape in shapes.items()}
+    if objective.posterior == "diagonal":
+        state["I"] = state["I"] + prior_precision.to(dtype).view(1, H, 1, 1)
+    return state
+
+
+def _check(cond: bool, message: str) -> None:
+    if not cond:
+        raise ValueError(message)
+
+
+def validate_inputs(objective: Objective, q: Tensor, k: Tensor, v: Tensor, log_decay: Optional[Tensor],
+                    beta: Optional[Tensor], b: Optional[Tensor], prior_precision, lam: Optional[Tensor],
+                    initial_state: Optional[Dict[str, Tensor]], cu_seqlens: Optional[Tensor] = None) -> None:
+    """Raise ``ValueError`` naming the argument for every shape or setting the scan cannot handle."""
+    if not isinstance(objective, Objective):
+        raise TypeError(f"objective must be a metaplastic.Objective, got {type(objective).__name__}")
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        _check(isinstance(x, Tensor) and x.dim() == 4, f"{name} must be a 4-d tensor [B, T, H, D], got "
+               f"{tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__}")
+        _check(x.is_floating_point(), f"{name} must be a floating-point tensor, got {x.dtype}")
+    B, T, H, K = q.shape
+    V = v.shape[-1]
+    _check(k.shape == q.shape, f"k has shape {tuple(k.shape)} but q has {tuple(q.shape)}: both are [B, T, H, K]")
+    _check(v.shape[:3] == q.shape[:3], f"v has shape {tuple(v.shape)}: its [B, T, H] must match q's {tuple(q.shape[:3])}")
+    _check(T >= 1 and K >= 1 and V >= 1 and H >= 1 and B >= 1, f"empty input: q {tuple(q.shape)}, v {tuple(v.shape)}")
+    f = objective.forgetting
+    if f == "none":
+        _check(log_decay is None, "log_decay was given but objective.forgetting == 'none'")
+    else:
+        _check(log_decay is not None, f"log_decay is required for forgetting={f!r}")
+        want = (B, T, H) if f == "scalar" else (B, T, H, K)
+        _check(tuple(log_decay.shape) == want,
+               f"log_decay must be {list(want)} for forgetting={f!r}, got {list(log_decay.shape)}")
+    if beta is not None:
+        _check(tuple(beta.shape) in ((B, T, H), (B, T, H, V)),
+               f"beta must be [B,T,H] or [B,T,H,V] = {[B, T, H]} or {[B, T, H, V]}, got {list(beta.shape)}")
+        _check(not (objective.posterior == "full" and beta.dim() == 4),
+               "beta per value channel [B,T,H,V] is not defined for posterior='full' (the key precision is shared)")
+    if b is not None:
+        _check(objective.posterior == "diagonal",
+               f"b (importance rate) is only used by posterior='diagonal', not {objective.posterior!r}")
+        _check(tuple(b.shape) in ((B, T, H), (B, T, H, V)),
+               f"b must be [B,T,H] or [B,T,H,V] = {[B, T, H]} or {[B, T, H, V]}, got {list(b.shape)}")
+    if isinstance(prior_precision, Tensor):
+        _check(tuple(prior_precision.shape) in ((), (H,)), f"prior_precision must be a float or [H] = [{H}], "
+               f"got {list(prior_precision.shape)}")
+        _check(bool((prior_precision > 0).all()), "prior_precision must be positive")
+    else:
+        _check(float(prior_precision) > 0, f"prior_precision must be positive, got {prior_precision}")
+    if objective.posterior == "full":
+        _check(lam is not None, "lam [H, K] (the prior key precision λ) is required for posterior='full'")
+        _check(tuple(lam.shape) == (H, K), f"lam must be [H, K] = [{H}, {K}], got {list(lam.shape)}")
+    else:
+        _check(lam is None, f"lam is only used by posterior='full', not {objective.posterior!r}")
+    N = B
+    if cu_seqlens is not None:
+        _check(B == 1, f"with cu_seqlens the batch size must be 1 (sequences packed along T), got B={B}")
+        _check(cu_seqlens.dim() == 1 and cu_seqlens.numel() >= 2, "cu_seqlens must be a 1-d tensor [N+1]")
+        cs = cu_seqlens.tolist()
+        _check(cs[0] == 0 and cs[-1] == T and all(a <= b_ for a, b_ in zip(cs, cs[1:])),
+               f"cu_seqlens must start at 0, be non-decreasing and end at T={T}, got {cs}")
+        N = len(cs) - 1
+    if initial_state is not None:
+        _check(isinstance(initial_state, dict), "initial_state must be a dict of tensors "
+               f"with keys {STATE_KEYS[objective.posterior]}")
+        shapes = state_shapes(objective, N, H, K, V)
+        for key, shape in shapes.items():
+            _check(key in initial_state, f"initial_state is missing {key!r}; posterior={objective.posterior!r} "
+                   f"needs {tuple(shapes)}")
+            _check(tuple(initial_state[key].shape) == shape,
+                   f"initial_state[{key!r}] must be {list(shape)}, got {list(initial_state[key].shape)}")
+        extra = set(initial_state) - set(shapes)
+        _check(not extra, f"initial_state has unexpected keys {sorted(extra)}; expected {tuple(shapes)}")
+
+
+def _per_head(x: Union[float, Tensor], H: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+    x = torch.as_tensor(x, dtype=dtype, device=device)
+    return x.expand(H) if x.dim() == 0 else x
+
+
+def _gates_at(objective: Objective, t: int, log_decay, beta, b, Ip, lam, dtype) -> closed_forms.Gates:
+    """Gates of token ``t`` broadcast to ``[B, H, V|1, K|1]``."""
+    if objective.forgetting == "none":
+        alpha = torch.ones((), dtype=dtype, device=Ip.device)
+    elif objective.forgetting == "scalar":
+        alpha = log_decay[:, t].to(dtype).exp()[..., None, None]
+    else:
+        alpha = log_decay[:, t].to(dtype).exp()[..., None, :]
+    if beta is None:
+        beta_t = torch.ones((), dtype=dtype, device=Ip.device)
+    else:
+        beta_t = beta[:, t].to(dtype)
+        beta_t = beta_t[..., None, None] if beta.dim() == 3 else beta_t[..., :, None]
+    if b is None:
+        b_t = torch.zeros((), dtype=dtype, device=Ip.device)
+    else:
+        b_t = b[:, t].to(dtype)
+        b_t = b_t[..., None, None] if b.dim() == 3 else b_t[..., :, None]
+    lam_t = None if lam is None else lam.to(dtype)
+    return closed_forms.Gates(alpha=alpha, beta=beta_t, b=b_t, Ip=Ip.view(1, -1, 1, 1), lam=lam_t)
+
+
+def scan(objective: Objective, q: Tensor, k: Tensor, v: Tensor, *, log_decay: Optional[Tensor] = None,
+         beta: Optional[Tensor] = None, b: Optional[Tensor] = None,
+         prior_precision: Union[float, Tensor] = 1.0, lam: Optional[Tensor] = None, scale: float = 1.0,
+         initial_state: Optional[Dict[str, Tensor]] = None, output_final_state: bool = False,
+         output_variance: bool = False, cu_seqlens: Optional[Tensor] = None) -> ScanResult:
+    """Run the memory recurrence of ``objective`` over a sequence.
+
+    Args:
+        q, k: ``[B, T, H, K]`` queries and keys; v: ``[B, T, H, V]`` values.
+        log_decay: ``g ≤ 0``, ``α = exp(g)``: ``[B,T,H]`` (scalar forgetting) or ``[B,T,H,K]`` (vector);
+            None for ``forgetting='none'``.
+        beta: write rate, ``[B,T,H]`` or ``[B,T,H,V]``; None means 1.
+        b: importance rate (diagonal posterior), ``[B,T,H]`` or ``[B,T,H,V]``; None means 0.
+        prior_precision: ``Ip`` of ``p_0``, a float or ``[H]`` (point and diagonal posteriors).
+        lam: ``[H, K]`` prior key precision λ of the full posterior.
+        scale: read-out scale (``o = scale · E[S] q``).
+        initial_state: dict as in :data:`STATE_KEYS`, each ``[N, H, V, K]`` (``H``: ``[N, H, K, K]``).
+        output_final_state: return the state after the last token.
+        output_variance: return the posterior predictive variance ``[B,T,H,V]`` (diagonal, full).
+        cu_seqlens: ``[N+1]`` boundaries of N sequences packed along T (then B must be 1).
+
+    Computes in float64 if any input is float64, else float32; the output has q's dtype, states fp32/64.
+    """
+    validate_inputs(objective, q, k, v, log_decay, beta, b, prior_precision, lam, initial_state, cu_seqlens)
+    if output_variance and objective.posterior == "point":
+        raise ValueError("output_variance=True needs posterior='diagonal' or 'full'; 'point' has no variance")
+    B, T, H, K = q.shape
+    V = v.shape[-1]
+    dtype = torch.float64 if torch.float64 in (q.dtype, k.dtype, v.dtype) else torch.float32
+    device = q.device
+    Ip = _per_head(prior_precision, H, dtype, device)
+    if cu_seqlens is not None:
+        bounds = cu_seqlens.tolist()
+        outs, vars_, finals = [], [], []
+        for n, (start, end) in enumerate(zip(bounds[:-1], bounds[1:])):
+            sl = slice(start, end)
+            init = None if initial_state is None else {key: x[n:n + 1] for key, x in initial_state.items()}
+            if end == start:
+                zero = zero_state(objective, 1, H, K, V, Ip, dtype, device)
+                finals.append(init if init is not None else zero)
+                continue
+            res = _scan_dense(objective, q[:, sl], k[:, sl], v[:, sl],
+                              None if log_decay is None else log_decay[:, sl], None if beta is None else beta[:, sl],
+                              None if b is None else b[:, sl], Ip, lam, scale, init, output_variance, dtype)
+            outs.append(res.output)
+            vars_.append(res.variance)
+            finals.append(res.final_state)
+        output = torch.cat(outs, dim=1).to(q.dtype)
+        variance = torch.cat(vars_, dim=1) if output_variance else None
+        final = {key: torch.cat([f[key] for f in finals], dim=0) for key in finals[0]} if output_final_state else None
+        return ScanResult(output, final, variance)
+    res = _scan_dense(objective, q, k, v, log_decay, beta, b, Ip, lam, scale, initial_state, output_variance, dtype)
+    return ScanResult(res.output.to(q.dtype), res.final_state if output_final_state else None, res.variance)
+
+
+def _scan_dense(objective, q, k, v, log_decay, beta, b, Ip, lam, scale, initial_state, output_variance,
+                dtype) -> ScanResult:
+    B, T, H, K = q.shape
+    V = v.shape[-1]
+    if initial_state is None:
+        state = zero_state(objective, B, H, K, V, Ip, dtype, q.device)
+    else:
+        state = {key: x.to(dtype) for key, x in initial_state.items()}
+    qd, kd, vd = q.to(dtype), k.to(dtype), v.to(dtype)
+    outs, vars_ = [], []
+    for t in range(T):
+        gates = _gates_at(objective, t, log_decay, beta, b, Ip, lam, dtype)
+        state, out, var = closed_forms.step(objective, state, qd[:, t], kd[:, t], vd[:, t], gates, scale,
+                                            output_variance)
+        outs.append(out)
+        if output_variance:
+            vars_.append(var)
+    output = torch.stack(outs, dim=1)
+    variance = torch.stack(vars_, dim=1) if output_variance else None
+    return ScanResult(output, state, variance)
