@@ -60,7 +60,7 @@ class Objective:
         if post == "full" and solver != "exact":
             raise ValueError("posterior='full' is defined with solver='exact' only (MesaNet's recursive least squares)")
         if post == "full" and self.forgetting == "vector":
-            raise ValueError("posterior='full' needs forgetting='none' or 'scalar': a per-channel decay of a K×K "
+            raise ValueError("posterior='full' needs forgetting='none' or 'scalar', not 'vector': a per-channel decay of a K×K "
                              "key precision is not defined by the theory")
         if self.transition == "diagonal" and not (lik == "regression" and solver == "exact" and post != "full"):
             raise ValueError("transition='diagonal' applies to the exact regression step with a point or diagonal "

@@ -27,7 +27,7 @@ class ModelSpec:
     limits: Tuple[str, ...] = ()  # theorem names of metaplastic.derivations that connect it
     gates: str = ""  # THEORY.md §4: how the model's layer produces α, β, b
     beta_per_value: bool = False  # β is [B,T,H,V] (one rate per value row) in the model
-    base: str = ""  # for a metaplastic entry: the point-posterior model it comes from
+    base: str = ""  # for a diagonal-posterior entry: the point-posterior model it reduces to at b ≡ 0
     tags: Tuple[str, ...] = field(default=())
 
     def scale_for(self, K: int) -> float:
@@ -78,7 +78,7 @@ def _specs() -> Tuple[ModelSpec, ...]:
                   "itself: the mean-field regression posterior with target v/b (limit 3)",
                   ("palimpsa_is_meanfield_regression", "palimpsa_to_mamba2", "headshared_importance_is_gla",
                    "mesanet_full_to_diagonal"),
-                  "α = exp(−Δ·A), β = σ(bs_proj h), b = σ(low-rank h)·softplus(b_scale)·β"),
+                  "α = exp(−Δ·A), β = σ(bs_proj h), b = σ(low-rank h)·softplus(b_scale)·β", base="mamba2"),
         ModelSpec("meta_mamba2", metaplastic(sgla), "Bonnet et al., 2026 (metaplastic Mamba2)", 1.0,
                   "Palimpsa objective with Mamba2's gates; at γ = 0 (b ≡ 0) it is Mamba2 (limits 1, 2)",
                   ("palimpsa_to_mamba2", "metaplastic_identity"),
