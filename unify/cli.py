@@ -20,6 +20,7 @@ COMMANDS = {
     "capacity": ("metaplastic.experiments.capacity", "memory capacity without training (recall vs N)"),
     "mqar": ("metaplastic.experiments.mqar", "multi-query associative recall: train and evaluate"),
     "demo": ("metaplastic.demo", "the tour: verification, Table 1, conversion, capacity"),
+    "finetune": ("metaplastic.finetune", "fine-tune a metaplastic model (single process or torchrun + FSDP2)"),
 }
 # bench subcommands -> (module, help)
 BENCHES = {
