@@ -1,0 +1,118 @@
+"""Building blocks shared by the mixers: norms, a causal depthwise convolution with a cache, helpers.
+
+Conventions: activations are ``[B, T, C]``; a convolution state holds the last ``W - 1`` inputs of a
+depthwise convolution of width ``W`` as ``[B, C, W - 1]`` (the layout of transformers' Mamba2 cache).
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+Tensor = torch.Tensor
+
+
+class RMSNorm(nn.Module):
+    """``weight · x / rms(x)`` over the last dimension, computed in float32."""
+
+    def __init__(self, hidden_size: int, eps: float = 1e-5) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(hidden_size))
+        self.eps = eps
+
+    def forward(self, x: Tensor) -> Tensor:
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+
+class GroupedGatedRMSNorm(nn.Module):
+    """Mamba2's gated norm, gate then norm: ``weight · norm_g(y ∘ silu(z))``, the RMS taken within each of
+    ``n_groups`` contiguous groups of the last dimension."""
+
+    def __init__(self, hidden_size: int, n_groups: int = 1, eps: float = 1e-5) -> None:
+        super().__init__()
+        if hidden_size % n_groups:
+            raise ValueError(f"hidden_size={hidden_size} is not divisible by n_groups={n_groups}")
+        self.weight = nn.Parameter(torch.ones(hidden_size))
+        self.n_groups = n_groups
+        self.eps = eps
+
+    def forward(self, y: Tensor, z: Tensor) -> Tensor:
+        dtype = y.dtype
+        y = y.float() * F.silu(z.float())
+        shape = y.shape
+        y = y.view(*shape[:-1], self.n_groups, shape[-1] // self.n_groups)
+        y = y * torch.rsqrt(y.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * y.view(shape).to(dtype)
+
+
+class NormThenGate(nn.Module):
+    """fla's output norm: ``weight · rms_norm(o) ∘ silu(g)`` per head (``o, g [..., D]``); no gate if g is None."""
+
+    def __init__(self, head_dim: int, eps: float = 1e-5) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(head_dim))
+        self.eps = eps
+
+    def forward(self, o: Tensor, g: Optional[Tensor] = None) -> Tensor:
+        dtype = o.dtype
+        o = o.float()
+        o = self.weight * (o * torch.rsqrt(o.pow(2).mean(-1, keepdim=True) + self.eps))
+        if g is not None:
+            o = o * F.silu(g.float())
+        return o.to(dtype)
+
+
+def causal_conv(x: Tensor, weight: Tensor, bias: Optional[Tensor], state: Optional[Tensor] = None,
+                activation: bool = True) -> Tuple[Tensor, Tensor]:
+    """Depthwise causal convolution ``x [B, T, C]`` with ``weight [C, 1, W]``; optional SiLU.
+
+    ``state [B, C, W-1]`` holds the previous inputs (zeros when None). Returns ``(y [B, T, C],
+    new_state [B, C, W-1])`` so that running a sequence in pieces equals running it whole.
+    """
+    B, T, C = x.shape
+    W = weight.shape[-1]
+    xt = x.transpose(1, 2)
+    if state is None:
+        state = xt.new_zeros(B, C, W - 1)
+    full = torch.cat([state.to(xt.dtype), xt], dim=-1)  # [B, C, W-1+T]
+    y = F.conv1d(full.to(weight.dtype), weight, bias, groups=C)  # [B, C, T]
+    if activation:
+        y = F.silu(y)
+    new_state = full[:, :, full.shape[-1] - (W - 1):] if W > 1 else full[:, :, :0]
+    return y.transpose(1, 2).to(x.dtype), new_state
+
+
+def conv_layer(channels: int, kernel: int, bias: bool) -> nn.Conv1d:
+    """A depthwise ``nn.Conv1d`` whose weight is ``[C, 1, W]`` (the layout of Mamba2 and fla checkpoints)."""
+    return nn.Conv1d(channels, channels, kernel_size=kernel, groups=channels, padding=kernel - 1, bias=bias)
+
+
+def l2_normalize(x: Tensor, eps: float = 1e-6) -> Tensor:
+    """``x / ||x||`` over the last dimension (fla's convention: ``x · rsqrt(Σx² + eps)``)."""
+    return x * torch.rsqrt(x.float().pow(2).sum(-1, keepdim=True) + eps).to(x.dtype)
+
+
+def inverse_softplus(x: Tensor) -> Tensor:
+    """``softplus⁻¹(x)`` for ``x > 0``."""
+    return x + torch.log(-torch.expm1(-x))
+
+
+def init_dt_bias(num_heads: int, dt_min: float = 1e-3, dt_max: float = 0.1, floor: float = 1e-4) -> Tensor:
+    """A ``dt_bias`` so that ``softplus(dt_bias)`` is log-uniform in ``[dt_min, dt_max]`` (Mamba's init)."""
+    dt = torch.exp(torch.rand(num_heads) * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min))
+    return inverse_softplus(dt.clamp(min=floor))
+
+
+def layer_cache(cache, layer_idx: Optional[int]) -> Optional[dict]:
+    """The entry of ``cache`` for ``layer_idx`` (a dict, empty before the first token), or None without a cache."""
+    if cache is None:
+        return None
+    if layer_idx is None:
+        raise ValueError("a mixer called with a cache needs its layer_idx")
+    return cache.layer(layer_idx)

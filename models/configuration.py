@@ -1,0 +1,51 @@
+"""``MetaplasticConfig``: a stack of mixers chosen per layer (model_type ``metaplastic``)."""
+from __future__ import annotations
+
+from typing import Any, Dict, List, Optional, Union
+
+from transformers import PretrainedConfig
+
+
+class MetaplasticConfig(PretrainedConfig):
+    """Configuration of :class:`MetaplasticForCausalLM`.
+
+    Args:
+        mixer: a mixer name of ``metaplastic.models.MIXERS`` for every layer, or a list with one per layer.
+        mixer_kwargs: keyword arguments of the mixer (a dict for every layer, or a list of dicts).
+        intermediate_size: width of a SwiGLU MLP after each mixer (0: no MLP, as in Mamba2).
+        residual_in_fp32: keep the residual stream in float32 (Mamba2's default).
+    """
+
+    model_type = "metaplastic"
+
+    def __init__(self, vocab_size: int = 50288, hidden_size: int = 768, num_hidden_layers: int = 24,
+                 mixer: Union[str, List[str]] = "meta_mamba2",
+                 mixer_kwargs: Union[Dict[str, Any], List[Dict[str, Any]], None] = None,
+                 intermediate_size: int = 0, layer_norm_epsilon: float = 1e-5, residual_in_fp32: bool = True,
+                 tie_word_embeddings: bool = True, initializer_range: float = 0.02, use_cache: bool = True,
+                 pad_token_id: Optional[int] = None, bos_token_id: Optional[int] = None,
+                 eos_token_id: Optional[int] = None, **kwargs: Any) -> None:
+        self.vocab_size = vocab_size
+        self.hidden_size = hidden_size
+        self.num_hidden_layers = num_hidden_layers
+        self.mixer = mixer
+        self.mixer_kwargs = {} if mixer_kwargs is None else mixer_kwargs
+        self.intermediate_size = intermediate_size
+        self.layer_norm_epsilon = layer_norm_epsilon
+        self.residual_in_fp32 = residual_in_fp32
+        self.initializer_range = initializer_range
+        self.use_cache = use_cache
+        super().__init__(pad_token_id=pad_token_id, bos_token_id=bos_token_id, eos_token_id=eos_token_id,
+                         tie_word_embeddings=tie_word_embeddings, **kwargs)
+        for name, value in (("mixer", self.mixer), ("mixer_kwargs", self.mixer_kwargs)):
+            if isinstance(value, list) and len(value) != num_hidden_layers:
+                raise ValueError(f"{name} has {len(value)} entries but num_hidden_layers={num_hidden_layers}")
+
+    def mixer_for(self, layer_idx: int) -> str:
+        """The mixer name of layer ``layer_idx``."""
+        return self.mixer[layer_idx] if isinstance(self.mixer, list) else self.mixer
+
+    def mixer_kwargs_for(self, layer_idx: int) -> Dict[str, Any]:
+        """The mixer kwargs of layer ``layer_idx``."""
+        kw = self.mixer_kwargs[layer_idx] if isinstance(self.mixer_kwargs, list) else self.mixer_kwargs
+        return dict(kw)

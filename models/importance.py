@@ -1,0 +1,63 @@
+"""The importance path that makes a point-posterior mixer metaplastic (THEORY.md §4, §5).
+
+    b = γ · rate · σ(W_b2 W_b1 h) · softplus(b_scale)        [B, T, H, V], one rate per value channel
+
+``rate`` is the mixer's own write-rate gate (Δ for Mamba2, β for Gated DeltaNet and LongHorn), ``γ`` a
+per-head gate (γ = 0: b ≡ 0, and the mixer is output-identical to its point-posterior source, limit 2),
+and ``Ip = exp(Ip_log)`` the prior precision of p_0, a frozen buffer (0, i.e. Ip = 1).
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import nn
+
+INITS = ("identity", "paper")
+
+
+class ImportancePath(nn.Module):
+    """``W_b1: hidden → rank``, ``W_b2: rank → H·V`` (with bias), ``b_scale [H]``, ``gamma [H]``, ``Ip_log [H]``."""
+
+    def __init__(self, hidden_size: int, num_heads: int, head_v_dim: int, rank: int, gated: bool = True) -> None:
+        super().__init__()
+        self.num_heads, self.head_v_dim = num_heads, head_v_dim
+        self.W_b1 = nn.Linear(hidden_size, rank, bias=False)
+        self.W_b2 = nn.Linear(rank, num_heads * head_v_dim, bias=True)
+        self.b_scale = nn.Parameter(torch.ones(num_heads))
+        self.gamma = nn.Parameter(torch.zeros(num_heads)) if gated else None
+        self.register_buffer("Ip_log", torch.zeros(num_heads))
+        self.reset_parameters("identity")
+
+    @torch.no_grad()
+    def reset_parameters(self, init: str = "identity", generator: Optional[torch.Generator] = None) -> None:
+        """``identity``: γ = 0 (output-preserving). ``paper``: γ = 1, the plasticity path freshly initialised
+        (W_b1, W_b2 ~ N(0, 0.02²), bias 0, b_scale = 1), as the paper's surgery does: not output-preserving."""
+        if init not in INITS:
+            raise ValueError(f"init must be one of {INITS}, got {init!r}")
+        if self.W_b1.weight.is_meta:  # built on the meta device: values come later (load or to_empty + reset)
+            return
+        for w in (self.W_b1.weight, self.W_b2.weight):
+            w.copy_(torch.randn(w.shape, generator=generator) * 0.02)
+        self.W_b2.bias.zero_()
+        self.b_scale.fill_(1.0)
+        self.Ip_log.zero_()
+        if self.gamma is not None:
+            self.gamma.fill_(0.0 if init == "identity" else 1.0)
+
+    def prior_precision(self) -> torch.Tensor:
+        """``Ip = exp(Ip_log)`` ``[H]``."""
+        return self.Ip_log.float().exp()
+
+    def forward(self, hidden_states: torch.Tensor, rate: torch.Tensor) -> torch.Tensor:
+        """``hidden_states [B, T, D]``, ``rate [B, T, H]`` or ``[B, T, H, V]`` -> ``b [B, T, H, V]`` (float32)."""
+        B, T, _ = hidden_states.shape
+        H, V = self.num_heads, self.head_v_dim
+        s = torch.sigmoid(self.W_b2(self.W_b1(hidden_states)).float()).view(B, T, H, V)
+        per_head = nn.functional.softplus(self.b_scale.float())
+        if self.gamma is not None:
+            per_head = per_head * self.gamma.float()
+        rate = rate.float()
+        if rate.dim() == 3:
+            rate = rate[..., None]
+        return per_head[:, None] * rate * s

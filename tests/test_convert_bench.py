@@ -1,0 +1,20 @@
+"""`metaplastic bench convert`, at tiny shapes (the real mamba2-130m run takes minutes: see the README)."""
+import pytest
+
+pytest.importorskip("transformers")
+
+
+@pytest.mark.slow
+def test_bench_reports_time_and_memory_ratios(tmp_path):
+    from metaplastic.models.bench import benchmark
+    from safetensors import safe_open
+    tiny = dict(vocab_size=101, hidden_size=32, num_hidden_layers=2, num_heads=4, head_dim=16, state_size=8,
+                n_groups=1, expand=2, conv_kernel=4, tie_word_embeddings=True)
+    result = benchmark(tmp_path, repeats=1, shapes=tiny)
+    with safe_open(str(tmp_path / "mamba2-random" / "model.safetensors"), "pt") as f:
+        assert tuple(f.get_slice("backbone.embeddings.weight").get_shape()) == (101, 32)
+    assert result["checkpoint_bytes"] > 0
+    for mode in ("convert", "load_save"):
+        assert result[mode]["seconds"] > 0 and result[mode]["peak_rss"] >= result[mode]["rss_after_imports"] > 0
+    assert result["time_ratio"] == result["convert"]["seconds"] / result["load_save"]["seconds"]
+    assert result["peak_over_size"] == result["convert"]["peak_rss"] / result["checkpoint_bytes"]
