@@ -4,8 +4,9 @@ This module is the single source of truth for every model's update. It is writte
 operations only (``+ - * / @``, indexing with ``None``, ``.sum(-1)``), so the *same* functions run on
 
 - torch tensors, batched ``[..., V, K]`` (the reference scan ``metaplastic.scan`` calls them), and
-- numpy object arrays of sympy symbols, unbatched ``[V, K]`` (``metaplastic.derivations`` evaluates them
-  symbolically and proves they equal the stationary point of the free energy).
+- numpy object arrays of sympy symbols with one leading batch axis, ``[1, V, K]``
+  (``metaplastic.derivations`` evaluates them symbolically and proves they equal the stationary point of
+  the free energy; the batch axis keeps ``.sum(-1)`` an array rather than a bare sympy expression).
 
 A step is three stages, each selected by the objective's settings:
 
