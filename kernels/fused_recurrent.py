@@ -1,0 +1,559 @@
+"""The fused recurrent Triton kernel: every registry entry, token by token, forward and backward.
+
+``fused_recurrent_scan`` has exactly :func:`metaplastic.scan`'s signature and result (plus ``cg_steps``,
+``checkpoint_every`` and ``block_v``). One ``@triton.jit`` forward kernel runs every objective; it is
+specialised by the ``tl.constexpr`` switches of :func:`metaplastic.kernels.flags.kernel_flags`
+(posterior, row form of the update, forgetting) and by the inputs (β and b per head or per value row,
+variance, initial / final state, checkpoints).
+
+Layout. Inputs are ``[B, T, H, D]``; internally every batch is a packed varlen batch ``[1, B·T, H, D]``
+with ``cu_seqlens = [0, T, 2T, …]``, so the varlen and dense cases share one code path. States are
+value-first ``[N, H, V, K]`` (full posterior: ``H`` is ``[N, H, K, K]``).
+
+Point and diagonal posteriors: every value row of the state evolves on its own (residual, Sherman–Morrison
+factor ``c`` and read-out are all per row), so a program owns ``BV`` value rows and all ``K`` columns of
+one (sequence, head): grid ``(cdiv(V, BV), N·H)``; the state block stays in registers for the whole
+sequence (BV = 16 at K = 128). The forward stores the state every ``checkpoint_every`` tokens (the only
+thing saved for the backward, besides the inputs); the backward (``fused_recurrent_bwd.py``) walks the
+segments in reverse, recomputes a segment's states from its checkpoint and back-propagates through each
+step by hand-derived vector–Jacobian products.
+
+Full posterior (MesaNet): one program per (sequence, head) holds ``G [V, K]`` and ``H [K, K]`` and solves
+``(H + diag λ) x = q`` by ``cg_steps`` conjugate-gradient steps warm-started from the previous token's
+``x`` (``None``: ``K`` steps, exact in exact arithmetic). Its gradients fall back to autograd through
+:func:`metaplastic.scan` (an exact solve).
+
+Precision: fp16 / bf16 / fp32 inputs are computed in fp32, fp64 inputs in fp64 (as the reference scan);
+the state, the variance and the gradients of the gates are kept in the compute dtype, the output has q's
+dtype and each gradient its input's dtype.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Dict, Optional, Union
+
+import torch
+import triton
+import triton.language as tl
+
+from metaplastic.objective import Objective
+from metaplastic.scan import ScanResult, validate_inputs
+from metaplastic.scan import scan as reference_scan
+
+from .flags import DIAGONAL, FULL, POINT, kernel_flags
+
+Tensor = torch.Tensor
+
+
+# ----------------------------------------------------------------------------------------------------
+# One step, row form (shared by the forward and the backward kernels)
+# ----------------------------------------------------------------------------------------------------
+
+@triton.jit
+def _load_token(q, k, v, g, beta, b, t, i_h, o_k, o_v, m_k, m_v,
+                H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+                FORGET: tl.constexpr, HAS_BETA: tl.constexpr, BETA_PER_V: tl.constexpr,
+                HAS_B: tl.constexpr, B_PER_V: tl.constexpr, DTYPE: tl.constexpr):
+    """Token ``t`` of head ``i_h``: q, k ``[BK]``; v, β, b ``[BV]``; decay α ``[1, BK]`` (1 if no forgetting)."""
+    p_k = (t * H + i_h) * K + o_k
+    p_v = (t * H + i_h) * V + o_v
+    qt = tl.load(q + p_k, mask=m_k, other=0.).to(DTYPE)
+    kt = tl.load(k + p_k, mask=m_k, other=0.).to(DTYPE)
+    vt = tl.load(v + p_v, mask=m_v, other=0.).to(DTYPE)
+    if HAS_BETA:
+        if BETA_PER_V:
+            bt = tl.load(beta + p_v, mask=m_v, other=0.).to(DTYPE)
+        else:
+            bt = tl.zeros([BV], dtype=DTYPE) + tl.load(beta + t * H + i_h).to(DTYPE)
+    else:
+        bt = tl.full([BV], 1., DTYPE)
+    if HAS_B:
+        if B_PER_V:
+            bb = tl.load(b + p_v, mask=m_v, other=0.).to(DTYPE)
+        else:
+            bb = tl.zeros([BV], dtype=DTYPE) + tl.load(b + t * H + i_h).to(DTYPE)
+    else:
+        bb = tl.zeros([BV], dtype=DTYPE)
+    if FORGET == 1:
+        a = tl.zeros([1, BK], dtype=DTYPE) + tl.exp(tl.load(g + t * H + i_h).to(DTYPE))
+    elif FORGET == 2:
+        a = tl.exp(tl.load(g + p_k, mask=m_k, other=0.).to(DTYPE))[None, :]
+    else:
+        a = tl.full([1, BK], 1., DTYPE)
+    return qt, kt, vt, bt, bb, a
+
+
+@triton.jit
+def _prior(s1, s2, a, ip, POSTERIOR: tl.constexpr, FORGET: tl.constexpr):
+    """Stabilised forgetting -> prior mean rows ``m`` and prior precision ``P⁻`` (point: the scalar Ip).
+
+    diagonal: ``P⁻ = α I + (1 − α) Ip``, ``m = α I μ / P⁻``; point: ``m = α S``.
+    """
+    if POSTERIOR == 0:
+        Pm = ip
+        if FORGET == 0:
+            m = s1
+        else:
+            m = a * s1
+    else:
+        if FORGET == 0:
+            Pm = s2
+            m = s1
+        else:
+            Pm = a * s2 + (1. - a) * ip
+            m = a * s2 * s1 / Pm
+    return m, Pm
+
+
+@triton.jit
+def _update(m, Pm, kt, vt, bt, bb, POSTERIOR: tl.constexpr, UPDATE: tl.constexpr):
+    """The token's evidence -> posterior mean rows ``mu`` and precision ``P = P⁻ + b k²`` (see flags.py)."""
+    k_ = kt[None, :]
+    if POSTERIOR == 1:
+        P = Pm + bb[:, None] * (k_ * k_)
+    else:
+        P = Pm
+    if UPDATE == 0:
+        mu = (Pm * m + (bt * vt)[:, None] * k_) / P
+    elif UPDATE == 1:
+        r = vt - tl.sum(m * k_, 1)
+        mu = m + (bt * r)[:, None] * k_ / P
+    else:
+        d = k_ / Pm
+        c = bt / (1. + bt * tl.sum(d * k_, 1))
+        if UPDATE == 2:
+            r = vt - tl.sum(m * k_, 1)
+            mu = m + (c * r)[:, None] * d
+        else:
+            mu = m + c[:, None] * d * (vt[:, None] - k_ * m)
+    return mu, P
+
+
+# ----------------------------------------------------------------------------------------------------
+# Full posterior: recursive least squares, read out by conjugate gradients
+# ----------------------------------------------------------------------------------------------------
+
+@triton.jit
+def _cg(P, rhs, x, STEPS: tl.constexpr):
+    """``STEPS`` conjugate-gradient steps on ``P x = rhs`` (P ``[BK, BK]`` SPD) from the guess ``x``."""
+    r = rhs - tl.sum(P * x[None, :], 1)
+    p = r
+    rr = tl.sum(r * r)
+    for _ in range(0, STEPS):
+        Ap = tl.sum(P * p[None, :], 1)
+        pAp = tl.sum(p * Ap)
+        alpha = rr / tl.maximum(pAp, 1e-30)  # pAp = 0 only when r = p = 0 (converged): alpha = 0
+        x = x + alpha * p
+        r = r - alpha * Ap
+        rr_new = tl.sum(r * r)
+        p = r + (rr_new / tl.maximum(rr, 1e-30)) * p
+        rr = rr_new
+    return x
+
+
+@triton.jit
+def _full_fwd(q, k, v, g, beta, lam, h0_1, h0_2, o, var, ht_1, ht_2, bos, eos, i_nh, i_h, scale,
+              H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+              CG_STEPS: tl.constexpr, FORGET: tl.constexpr, HAS_BETA: tl.constexpr, OUTPUT_VAR: tl.constexpr,
+              HAS_INIT: tl.constexpr, STORE_FINAL: tl.constexpr, DTYPE: tl.constexpr):
+    """MesaNet: ``G = αG + β v⊗k``, ``H = αH + β k⊗k``, ``o = scale · G (H + diag λ)^{-1} q``."""
+    o_k = tl.arange(0, BK)
+    o_v = tl.arange(0, BV)
+    m_k = o_k < K
+    m_v = o_v < V
+    m_vk = m_v[:, None] & m_k[None, :]
+    m_kk = m_k[:, None] & m_k[None, :]
+    p_g = i_nh * V * K + o_v[:, None] * K + o_k[None, :]
+    p_h = i_nh * K * K + o_k[:, None] * K + o_k[None, :]
+    G = tl.zeros([BV, BK], dtype=DTYPE)
+    Hm = tl.zeros([BK, BK], dtype=DTYPE)
+    if HAS_INIT:
+        G = tl.load(h0_1 + p_g, mask=m_vk, other=0.).to(DTYPE)
+        Hm = tl.load(h0_2 + p_h, mask=m_kk, other=0.).to(DTYPE)
+    # diag(λ); padded keys get 1 so the padded system stays SPD (their q is 0, so their x is 0)
+    lam_k = tl.load(lam + i_h * K + o_k, mask=m_k, other=1.).to(DTYPE)
+    Lam = tl.where(o_k[:, None] == o_k[None, :], lam_k[None, :], 0.)
+    x = tl.zeros([BK], dtype=DTYPE)
+    for t in range(bos, eos):
+        p_k = (t * H + i_h) * K + o_k
+        p_v = (t * H + i_h) * V + o_v
+        qt = tl.load(q + p_k, mask=m_k, other=0.).to(DTYPE)
+        kt = tl.load(k + p_k, mask=m_k, other=0.).to(DTYPE)
+        vt = tl.load(v + p_v, mask=m_v, other=0.).to(DTYPE)
+        if HAS_BETA:
+            bt = tl.load(beta + t * H + i_h).to(DTYPE)
+        else:
+            bt = 1.
+        if FORGET == 1:
+            at = tl.exp(tl.load(g + t * H + i_h).to(DTYPE))
+            G = at * G
+            Hm = at * Hm
+        G = G + bt * vt[:, None] * kt[None, :]
+        Hm = Hm + bt * kt[:, None] * kt[None, :]
+        x = _cg(Hm + Lam, qt, x, CG_STEPS)
+        tl.store(o + p_v, (scale * tl.sum(G * x[None, :], 1)).to(o.dtype.element_ty), mask=m_v)
+        if OUTPUT_VAR:
+            tl.store(var + p_v, tl.zeros([BV], dtype=DTYPE) + scale * scale * tl.sum(qt * x), mask=m_v)
+    if STORE_FINAL:
+        tl.store(ht_1 + p_g, G, mask=m_vk)
+        tl.store(ht_2 + p_h, Hm, mask=m_kk)
+
+
+# ----------------------------------------------------------------------------------------------------
+# The forward kernel
+# ----------------------------------------------------------------------------------------------------
+
+@triton.jit
+def fused_recurrent_fwd_kernel(
+        q, k, v, g, beta, b, ip_ptr, lam, scale_ptr, h0_1, h0_2, o, var, ht_1, ht_2, ck_1, ck_2,
+        cu_seqlens, seg_offsets,
+        H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+        C: tl.constexpr, CG_STEPS: tl.constexpr,
+        POSTERIOR: tl.constexpr, UPDATE: tl.constexpr, FORGET: tl.constexpr,
+        HAS_BETA: tl.constexpr, BETA_PER_V: tl.constexpr, HAS_B: tl.constexpr, B_PER_V: tl.constexpr,
+        OUTPUT_VAR: tl.constexpr, HAS_INIT: tl.constexpr, STORE_FINAL: tl.constexpr,
+        SAVE_CKPT: tl.constexpr, DTYPE: tl.constexpr):
+    """Grid ``(cdiv(V, BV), N·H)``. Writes ``o`` (and ``var``, the final state, and the state at the start
+    of every ``C``-token segment into ``ck_*[seg_offsets[n] + s]`` when asked)."""
+    i_v, i_nh = tl.program_id(0), tl.program_id(1)
+    i_n, i_h = i_nh // H, i_nh % H
+    bos = tl.load(cu_seqlens + i_n).to(tl.int64)
+    eos = tl.load(cu_seqlens + i_n + 1).to(tl.int64)
+    scale = tl.load(scale_ptr).to(DTYPE)
+    if POSTERIOR == 2:
+        _full_fwd(q, k, v, g, beta, lam, h0_1, h0_2, o, var, ht_1, ht_2, bos, eos, i_nh, i_h, scale,
+                  H, K, V, BK, BV, CG_STEPS, FORGET, HAS_BETA, OUTPUT_VAR, HAS_INIT, STORE_FINAL, DTYPE)
+    else:
+        o_k = tl.arange(0, BK)
+        o_v = i_v * BV + tl.arange(0, BV)
+        m_k = o_k < K
+        m_v = o_v < V
+        m_vk = m_v[:, None] & m_k[None, :]
+        p_s = i_nh * V * K + o_v[:, None] * K + o_k[None, :]
+        ip = tl.load(ip_ptr + i_h).to(DTYPE)
+        s1 = tl.zeros([BV, BK], dtype=DTYPE)  # S (point) or mu (diagonal)
+        s2 = tl.zeros([BV, BK], dtype=DTYPE) + ip  # I (diagonal); padded entries keep Ip > 0
+        if HAS_INIT:
+            s1 = tl.load(h0_1 + p_s, mask=m_vk, other=0.).to(DTYPE)
+            if POSTERIOR == 1:
+                s2 = tl.where(m_vk, tl.load(h0_2 + p_s, mask=m_vk, other=1.).to(DTYPE), ip)
+        seg0 = tl.load(seg_offsets + i_n).to(tl.int64)
+        for i_s in range(0, tl.cdiv(eos - bos, C)):
+            if SAVE_CKPT:
+                p_c = ((seg0 + i_s) * H + i_h) * V * K + o_v[:, None] * K + o_k[None, :]
+                tl.store(ck_1 + p_c, s1, mask=m_vk)
+                if POSTERIOR == 1:
+                    tl.store(ck_2 + p_c, s2, mask=m_vk)
+            t0 = bos + i_s * C
+            for t in range(t0, tl.minimum(t0 + C, eos)):
+                qt, kt, vt, bt, bb, a = _load_token(q, k, v, g, beta, b, t, i_h, o_k, o_v, m_k, m_v, H, K, V, BK,
+                                                    BV, FORGET, HAS_BETA, BETA_PER_V, HAS_B, B_PER_V, DTYPE)
+                m, Pm = _prior(s1, s2, a, ip, POSTERIOR, FORGET)
+                s1, P = _update(m, Pm, kt, vt, bt, bb, POSTERIOR, UPDATE)
+                if POSTERIOR == 1:
+                    s2 = P
+                p_o = (t * H + i_h) * V + o_v
+                tl.store(o + p_o, (scale * tl.sum(s1 * qt[None, :], 1)).to(o.dtype.element_ty), mask=m_v)
+                if OUTPUT_VAR:
+                    tl.store(var + p_o, scale * scale * tl.sum((qt * qt)[None, :] / s2, 1), mask=m_v)
+        if STORE_FINAL:
+            tl.store(ht_1 + p_s, s1, mask=m_vk)
+            if POSTERIOR == 1:
+                tl.store(ht_2 + p_s, s2, mask=m_vk)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Host side
+# ----------------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class _Plan:
+    """Everything about a call that is not a differentiable tensor."""
+
+    flags: Dict[str, int]
+    B: int
+    T: int
+    H: int
+    K: int
+    V: int
+    N: int
+    BK: int
+    BV: int
+    BV_bwd: int  # value rows per backward program (more live tensors: a smaller block)
+    C: int
+    cg_steps: int
+    dtype: torch.dtype
+    ip: Tensor           # [H] prior precision, compute dtype
+    scale: Tensor        # [1] read-out scale, compute dtype
+    lam: Optional[Tensor]
+    cu_seqlens: Tensor   # [N+1] int32 (dense batches become packed ones)
+    seg_offsets: Tensor  # [N] int32, index of each sequence's first checkpoint
+    n_segments: int
+    output_variance: bool
+    output_final_state: bool
+    beta_per_v: bool
+    b_per_v: bool
+
+    @property
+    def NV(self) -> int:
+        return triton.cdiv(self.V, self.BV)
+
+    @property
+    def NV_bwd(self) -> int:
+        return triton.cdiv(self.V, self.BV_bwd)
+
+
+def _is_interpreted() -> bool:
+    return type(fused_recurrent_fwd_kernel).__name__ == "InterpretedFunction"
+
+
+def _block_v(posterior: int, BK: int, V: int, block_v: Optional[int], backward: bool = False) -> int:
+    """Value rows per program: at K = 128 (fp32, 4 warps, sm_90a) 16 for the forward and 8 for the
+    backward, which ptxas fits in registers with no or few spills."""
+    if posterior == FULL:
+        return triton.next_power_of_2(V)
+    if block_v is None:
+        block_v = max(4, (1024 if backward else 2048) // BK)
+    return min(triton.next_power_of_2(V), block_v)
+
+
+def _launch_fwd(plan: _Plan, q: Tensor, k: Tensor, v: Tensor, g: Optional[Tensor], beta: Optional[Tensor],
+                b: Optional[Tensor], h0_1: Optional[Tensor], h0_2: Optional[Tensor], save_ckpt: bool):
+    """Run the forward kernel on packed ``[B·T, H, D]`` inputs; returns o, var, ht_1, ht_2, ck_1, ck_2."""
+    TT, H, K, V, N, dt = q.shape[0], plan.H, plan.K, plan.V, plan.N, plan.dtype
+    post = plan.flags["POSTERIOR"]
+    dev = q.device
+    o = torch.empty(TT, H, V, dtype=q.dtype, device=dev)
+    var = torch.empty(TT, H, V, dtype=dt, device=dev) if plan.output_variance else None
+    ht_1 = ht_2 = ck_1 = ck_2 = None
+    if plan.output_final_state:
+        ht_1 = torch.empty(N, H, V, K, dtype=dt, device=dev)
+        if post == DIAGONAL:
+            ht_2 = torch.empty(N, H, V, K, dtype=dt, device=dev)
+        elif post == FULL:
+            ht_2 = torch.empty(N, H, K, K, dtype=dt, device=dev)
+    if save_ckpt:
+        ck_1 = torch.empty(plan.n_segments, H, V, K, dtype=dt, device=dev)
+        if post == DIAGONAL:
+            ck_2 = torch.empty(plan.n_segments, H, V, K, dtype=dt, device=dev)
+    dummy = q
+    grid = (plan.NV, N * H)
+    # the full posterior keeps G, H and H + diag(λ) of one head in a program: more warps, fewer spills
+    num_warps = 16 if post == FULL and plan.BK * max(plan.BK, plan.BV) >= 128 * 64 else 4
+    fused_recurrent_fwd_kernel[grid](
+        q, k, v, dummy if g is None else g, dummy if beta is None else beta, dummy if b is None else b,
+        plan.ip, dummy if plan.lam is None else plan.lam, plan.scale,
+        dummy if h0_1 is None else h0_1, dummy if h0_2 is None else h0_2, o, dummy if var is None else var,
+        dummy if ht_1 is None else ht_1, dummy if ht_2 is None else ht_2,
+        dummy if ck_1 is None else ck_1, dummy if ck_2 is None else ck_2, plan.cu_seqlens, plan.seg_offsets,
+        H=H, K=K, V=V, BK=plan.BK, BV=plan.BV, C=plan.C, CG_STEPS=plan.cg_steps, **plan.flags,
+        HAS_BETA=beta is not None, BETA_PER_V=plan.beta_per_v, HAS_B=b is not None, B_PER_V=plan.b_per_v,
+        OUTPUT_VAR=plan.output_variance, HAS_INIT=h0_1 is not None, STORE_FINAL=plan.output_final_state,
+        SAVE_CKPT=save_ckpt, DTYPE=tl.float64 if dt == torch.float64 else tl.float32, num_warps=num_warps)
+    return o, var, ht_1, ht_2, ck_1, ck_2
+
+
+class FusedRecurrentFunction(torch.autograd.Function):
+    """Point and diagonal posteriors: forward by the kernel, saving only the inputs and the checkpoints;
+    backward by ``fused_recurrent_bwd``. Inputs are packed ``[B·T, H, D]`` tensors (None where absent)."""
+
+    @staticmethod
+    def forward(ctx, plan: _Plan, q, k, v, g, beta, b, h0_1, h0_2):
+        o, var, ht_1, ht_2, ck_1, ck_2 = _launch_fwd(plan, q, k, v, g, beta, b, h0_1, h0_2, save_ckpt=True)
+        ctx.plan = plan
+        ctx.save_for_backward(q, k, v, g, beta, b, h0_1, h0_2, ck_1, ck_2)
+        ctx.set_materialize_grads(False)
+        return o, var, ht_1, ht_2
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, do, dvar, dht_1, dht_2):
+        from .fused_recurrent_bwd import launch_bwd
+
+        q, k, v, g, beta, b, h0_1, h0_2, ck_1, ck_2 = ctx.saved_tensors
+        grads = launch_bwd(ctx.plan, q, k, v, g, beta, b, h0_1, h0_2, ck_1, ck_2, do, dvar, dht_1, dht_2)
+        return (None,) + grads
+
+
+def _pack(x: Optional[Tensor]) -> Optional[Tensor]:
+    """``[B, T, ...] -> [B·T, ...]`` contiguous."""
+    return None if x is None else x.reshape(x.shape[0] * x.shape[1], *x.shape[2:]).contiguous()
+
+
+def fused_recurrent_scan(objective: Objective, q: Tensor, k: Tensor, v: Tensor, *,
+                         log_decay: Optional[Tensor] = None, beta: Optional[Tensor] = None,
+                         b: Optional[Tensor] = None, prior_precision: Union[float, Tensor] = 1.0,
+                         lam: Optional[Tensor] = None, scale: float = 1.0,
+                         initial_state: Optional[Dict[str, Tensor]] = None, output_final_state: bool = False,
+                         output_variance: bool = False, cu_seqlens: Optional[Tensor] = None,
+                         cg_steps: Optional[int] = None, checkpoint_every: int = 64,
+                         block_v: Optional[int] = None) -> ScanResult:
+    """:func:`metaplastic.scan` by the fused recurrent Triton kernel (same arguments, same result).
+
+    Extra arguments:
+        cg_steps: conjugate-gradient steps per token for the full posterior's read-out (None: K, exact in
+            exact arithmetic; CG is warm-started from the previous token's solution).
+        checkpoint_every: tokens between the states saved for the backward (64 keeps the diagonal
+            posterior at 2 KB per token and head for K = V = 128 in fp32).
+        block_v: value rows per program, forward and backward (a power of two; None picks 16 for the
+            forward and 8 for the backward at K = 128).
+
+    Gradients flow to q, k, v, log_decay, beta, b and the initial state through the hand-written backward.
+    Two cases fall back to autograd through :func:`metaplastic.scan` when a gradient is needed: the full
+    posterior, and a ``prior_precision`` tensor that requires grad. Runs on CUDA tensors, or on CPU tensors
+    under ``TRITON_INTERPRET=1`` (set before triton is imported).
+    """
+    validate_inputs(objective, q, k, v, log_decay, beta, b, prior_precision, lam, initial_state, cu_seqlens)
+    if output_variance and objective.posterior == "point":
+        raise ValueError("output_variance=True needs posterior='diagonal' or 'full'; 'point' has no variance")
+    if not (isinstance(checkpoint_every, int) and checkpoint_every >= 1):
+        raise ValueError(f"checkpoint_every must be a positive int, got {checkpoint_every!r}")
+    if cg_steps is not None and not (isinstance(cg_steps, int) and cg_steps >= 1):
+        raise ValueError(f"cg_steps must be None or a positive int, got {cg_steps!r}")
+    if block_v is not None and not (isinstance(block_v, int) and block_v >= 1 and block_v & (block_v - 1) == 0):
+        raise ValueError(f"block_v must be a power of two, got {block_v!r}")
+    if not q.is_cuda and not _is_interpreted():
+        raise ValueError("the Triton kernel needs CUDA tensors, or TRITON_INTERPRET=1 set before triton is "
+                         f"imported to run on {q.device}")
+    kwargs = dict(log_decay=log_decay, beta=beta, b=b, prior_precision=prior_precision, lam=lam, scale=scale,
+                  initial_state=initial_state, output_final_state=output_final_state,
+                  output_variance=output_variance, cu_seqlens=cu_seqlens)
+    differentiable = [q, k, v, log_decay, beta, b, lam, prior_precision]
+    if initial_state is not None:
+        differentiable += list(initial_state.values())
+    needs_grad = torch.is_grad_enabled() and any(isinstance(x, Tensor) and x.requires_grad for x in differentiable)
+    ip_grad = isinstance(prior_precision, Tensor) and prior_precision.requires_grad
+    if needs_grad and (objective.posterior == "full" or ip_grad):
+        return reference_scan(objective, q, k, v, **kwargs)
+
+    flags = kernel_flags(objective)
+    B, T, H, K = q.shape
+    V = v.shape[-1]
+    dt = torch.float64 if torch.float64 in (q.dtype, k.dtype, v.dtype) else torch.float32
+    dev = q.device
+    C = checkpoint_every
+    if cu_seqlens is None:
+        N = B
+        cu = torch.arange(0, B + 1, dtype=torch.int32, device=dev) * T
+        seg_offsets = torch.arange(0, B, dtype=torch.int32, device=dev) * triton.cdiv(T, C)
+        n_segments = B * triton.cdiv(T, C)
+    else:
+        bounds = [int(x) for x in cu_seqlens.tolist()]
+        N = len(bounds) - 1
+        nseg = [triton.cdiv(e - s, C) for s, e in zip(bounds[:-1], bounds[1:])]
+        offsets = [sum(nseg[:i]) for i in range(N)]
+        cu = torch.tensor(bounds, dtype=torch.int32, device=dev)
+        seg_offsets = torch.tensor(offsets, dtype=torch.int32, device=dev)
+        n_segments = sum(nseg)
+    BK = triton.next_power_of_2(K)
+    plan = _Plan(
+        flags=flags, B=B, T=T, H=H, K=K, V=V, N=N, BK=BK, BV=_block_v(flags["POSTERIOR"], BK, V, block_v),
+        BV_bwd=_block_v(flags["POSTERIOR"], BK, V, block_v, backward=True), C=C,
+        cg_steps=K if cg_steps is None else cg_steps, dtype=dt,
+        ip=torch.as_tensor(prior_precision, dtype=dt, device=dev).detach().expand(H).contiguous(),
+        scale=torch.tensor([float(scale)], dtype=dt, device=dev),
+        lam=None if lam is None else lam.detach().to(dt).contiguous(),
+        cu_seqlens=cu, seg_offsets=seg_offsets, n_segments=max(n_segments, 1),
+        output_variance=output_variance, output_final_state=output_final_state,
+        beta_per_v=beta is not None and beta.dim() == 4, b_per_v=b is not None and b.dim() == 4)
+
+    keys = {POINT: ("S",), DIAGONAL: ("mu", "I"), FULL: ("G", "H")}[flags["POSTERIOR"]]
+    h0 = [None, None] if initial_state is None else [initial_state[key].contiguous() for key in keys] + [None]
+    args = (_pack(q), _pack(k), _pack(v), _pack(log_decay), _pack(beta), _pack(b), h0[0], h0[1])
+    if needs_grad:
+        # the Function needs its final-state outputs to exist for their cotangents
+        o, var, ht_1, ht_2 = FusedRecurrentFunction.apply(plan, *args)
+    else:
+        o, var, ht_1, ht_2, _, _ = _launch_fwd(plan, *args, save_ckpt=False)
+    output = o.view(B, T, H, V)
+    variance = None if var is None else var.view(B, T, H, V)
+    final = None
+    if output_final_state:
+        final = {key: x for key, x in zip(keys, (ht_1, ht_2))}
+    return ScanResult(output, final, variance)
+
+
+# ----------------------------------------------------------------------------------------------------
+# A measurement: ``python -m metaplastic.kernels.fused_recurrent [--B 8 --T 4096 --H 16 --K 128 --V 128]``
+# ----------------------------------------------------------------------------------------------------
+
+def _main(argv=None) -> int:  # pragma: no cover - a timing run, meant for a GPU
+    """Median forward and forward+backward times of the kernel per model, and the bytes it saves for the
+    backward per token and head (checkpoints only; the inputs are saved too, as by any autograd op)."""
+    import argparse
+    import time
+
+    from metaplastic.registry import registry
+
+    p = argparse.ArgumentParser(description=_main.__doc__)
+    for name, default in (("B", 8), ("T", 4096), ("H", 16), ("K", 128), ("V", 128), ("reps", 5)):
+        p.add_argument(f"--{name}", type=int, default=default)
+    p.add_argument("--models", default="mamba2,gla,gated_deltanet,longhorn,palimpsa,meta_gated_deltanet")
+    p.add_argument("--dtype", default="bfloat16", choices=("float32", "float16", "bfloat16"))
+    args = p.parse_args(argv)
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = getattr(torch, args.dtype)
+    B, T, H, K, V = args.B, args.T, args.H, args.K, args.V
+    card = torch.cuda.get_device_name() if dev == "cuda" else "cpu (Triton interpreter)"
+    print(f"device: {card}; B={B} T={T} H={H} K={K} V={V} {args.dtype}; median of {args.reps}")
+
+    def sync():
+        if dev == "cuda":
+            torch.cuda.synchronize()
+
+    def median_ms(fn):
+        fn()
+        sync()
+        times = []
+        for _ in range(args.reps):
+            t0 = time.perf_counter()
+            fn()
+            sync()
+            times.append(1e3 * (time.perf_counter() - t0))
+        return sorted(times)[len(times) // 2]
+
+    for name in args.models.split(","):
+        spec = registry[name]
+        obj = spec.objective
+        gen = torch.Generator(device=dev).manual_seed(0)
+        q = torch.randn(B, T, H, K, device=dev, generator=gen).to(dtype)
+        k = torch.nn.functional.normalize(torch.randn(B, T, H, K, device=dev, generator=gen), dim=-1).to(dtype)
+        v = torch.randn(B, T, H, V, device=dev, generator=gen).to(dtype)
+        kw = {"scale": spec.scale_for(K)}
+        if obj.forgetting != "none":
+            shape = (B, T, H) if obj.forgetting == "scalar" else (B, T, H, K)
+            kw["log_decay"] = -0.1 * torch.rand(shape, device=dev, generator=gen)
+        kw["beta"] = torch.rand((B, T, H, V) if spec.beta_per_value else (B, T, H), device=dev, generator=gen)
+        if obj.posterior == "diagonal":
+            kw["b"] = torch.rand(B, T, H, V, device=dev, generator=gen)
+        leaves = [q, k, v] + [x for x in kw.values() if isinstance(x, Tensor)]
+
+        def fwd():
+            with torch.no_grad():
+                fused_recurrent_scan(obj, q, k, v, **kw)
+
+        def fwdbwd():
+            for x in leaves:
+                x.requires_grad_(True)
+            out = fused_recurrent_scan(obj, q, k, v, **kw).output
+            grads = torch.autograd.grad(out.float().square().sum(), leaves)
+            for x in leaves:
+                x.requires_grad_(False)
+            return out, grads
+
+        for x in leaves:
+            x.requires_grad_(True)
+        node = fused_recurrent_scan(obj, q, k, v, **kw).output.grad_fn
+        while type(node).__name__ != "FusedRecurrentFunctionBackward":
+            node = node.next_functions[0][0]
+        saved = sum(x.numel() * x.element_size() for x in node.saved_tensors[8:] if x is not None)
+        del node
+        for x in leaves:
+            x.requires_grad_(False)
+        print(f"{name:22s} fwd {median_ms(fwd):9.2f} ms   fwd+bwd {median_ms(fwdbwd):9.2f} ms   "
+              f"saved state {saved / (B * T * H):6.0f} B/token/head", flush=True)
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    raise SystemExit(_main())
