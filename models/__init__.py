@@ -1,10 +1,11 @@
-"""Models built on the shared scan: mixers, the causal LM, its cache, and the Mamba2 checkpoint converter.
+"""Models built on the shared scan: mixers, the causal LM, its cache, and the checkpoint converter
+(Mamba2, Gated DeltaNet).
 
 >>> from metaplastic.models import build_mixer, MetaplasticConfig, MetaplasticForCausalLM, convert_mamba2
 """
 from .cache import MetaplasticCache
 from .configuration import MetaplasticConfig
-from .converter import convert_mamba2
+from .converter import convert_checkpoint, convert_mamba2
 from .gated_deltanet import GatedDeltaNet, MetaGatedDeltaNet
 from .longhorn import LongHorn, MetaLongHorn
 from .mamba2 import Mamba2, MetaMamba2
@@ -16,5 +17,5 @@ from .twins import to_metaplastic
 from . import register_auto  # noqa: F401  (registers the Auto classes)
 
 __all__ = ["MIXERS", "build_mixer", "to_metaplastic", "MetaplasticCache", "MetaplasticConfig",
-           "MetaplasticForCausalLM", "convert_mamba2", "Mamba2", "MetaMamba2", "Palimpsa", "GatedDeltaNet",
-           "MetaGatedDeltaNet", "MesaNet", "LongHorn", "MetaLongHorn"]
+           "MetaplasticForCausalLM", "convert_checkpoint", "convert_mamba2", "Mamba2", "MetaMamba2", "Palimpsa",
+           "GatedDeltaNet", "MetaGatedDeltaNet", "MesaNet", "LongHorn", "MetaLongHorn"]

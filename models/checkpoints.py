@@ -175,10 +175,10 @@ def _read_json(path: Path) -> dict:
 
 # --- configs -------------------------------------------------------------------------------------
 
-_NOT_MAMBA2 = {
+_NOT_MAMBA2 = {  # refused by name (Gated DeltaNet is read by fla_checkpoints, not here)
     "mamba": "a Mamba (v1) checkpoint",
-    "gated_deltanet": "a Gated DeltaNet checkpoint (its conversion is not supported yet)",
-    "mesa_net": "a MesaNet checkpoint",
+    "gated_deltanet": "a Gated DeltaNet checkpoint (convert it with metaplastic.models.convert_checkpoint)",
+    "mesa_net": "a MesaNet checkpoint (not supported: its full posterior has no point-posterior source)",
 }
 
 
@@ -289,14 +289,15 @@ def open_mamba2(path) -> Mamba2Checkpoint:
     elif model_type is None and "d_model" in cfg:
         fmt, arch = "mamba_ssm", _arch_from_mamba_ssm(cfg)
     elif model_type in _NOT_MAMBA2:
-        raise CheckpointError(f"model_type {model_type!r} is {_NOT_MAMBA2[model_type]}, not Mamba2")
+        raise CheckpointError(f"model_type {model_type!r} is {_NOT_MAMBA2[model_type]}, not Mamba2 or Gated DeltaNet")
     elif "num_attention_heads" in cfg or "n_head" in cfg:
-        raise CheckpointError(f"model_type {model_type!r} is a Transformer checkpoint (attention layers), not Mamba2")
+        raise CheckpointError(f"model_type {model_type!r} is a Transformer checkpoint (attention layers): only "
+                              "Mamba2 and Gated DeltaNet checkpoints convert")
     elif model_type is None:
         raise CheckpointError("config.json has neither 'model_type' (Hugging Face) nor 'd_model' (mamba_ssm)")
     else:
-        raise CheckpointError(f"unknown model_type {model_type!r}: only Mamba2 checkpoints convert "
-                              "(Transformer and other architectures are not supported)")
+        raise CheckpointError(f"unknown model_type {model_type!r}: only Mamba2 (Hugging Face, mamba_ssm) and "
+                              "Gated DeltaNet (fla) checkpoints convert")
     if arch.num_heads * arch.head_dim != arch.expand * arch.hidden_size:
         raise CheckpointError(f"num_heads·head_dim = {arch.num_heads}·{arch.head_dim} differs from "
                               f"expand·hidden_size = {arch.expand}·{arch.hidden_size}")

@@ -1,35 +1,41 @@
-"""Mamba2 checkpoint → ``MetaplasticForCausalLM`` with ``MetaMamba2`` mixers (THEORY.md §5).
+"""A checkpoint → ``MetaplasticForCausalLM`` with metaplastic mixers (THEORY.md §5), for every source format.
 
-Every Mamba2 weight is copied; each layer gets the importance path of :func:`to_metaplastic`. With
-``init="identity"`` (γ = 0) the converted model's logits equal the source's; ``init="paper"`` initialises
-the plasticity path as the paper's surgery does (γ = 1, fresh W_b1/W_b2, b_scale = 1): not output-preserving.
+One mechanism (:mod:`metaplastic.models.sources`): the source is read as a point-posterior
+``MetaplasticForCausalLM`` config plus a key map; every tensor is copied and each layer's mixer goes through
+:func:`to_metaplastic`. Sources: Mamba2 (Hugging Face, mamba_ssm) -> ``meta_mamba2``; Gated DeltaNet (fla)
+-> ``meta_gated_deltanet``. With ``init="identity"`` (γ = 0) the converted model's logits equal the
+source's; ``init="paper"`` initialises the plasticity path as the paper's surgery does (γ = 1, fresh
+W_b1/W_b2, b_scale = 1): not output-preserving.
 
 Tensors move one at a time (memory-mapped source, streaming safetensors writer), and the result is
 written to a temporary directory beside ``dst`` that is renamed at the end, so a failure leaves no ``dst``.
 """
 from __future__ import annotations
 
+import copy
 import os
+import re
 import shutil
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, Iterator, List, Optional, Tuple
+from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 import torch
 from tqdm.auto import tqdm
 
-from .checkpoints import CheckpointError, Mamba2Arch, Mamba2Checkpoint, expected_shapes, iter_layer_tensors, open_mamba2
+from .checkpoints import CheckpointError, Mamba2Arch, expected_shapes
 from .configuration import MetaplasticConfig
 from .importance import INITS
-from .mamba2 import Mamba2
 from .safetensors_stream import StreamingSafetensorsWriter, nbytes
-from .twins import to_metaplastic
+from .sources import SourceCheckpoint, lm_shapes, open_checkpoint, point_config_mamba2
+from .twins import to_metaplastic, twin_name
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt",
                    "tokenizer.model", "added_tokens.json", "vocab.txt")
 SEED = 0  # the importance path's initialisation is deterministic: generator seeded SEED + layer index
+_MIXER_KEY = re.compile(r"^backbone\.layers\.(\d+)\.mixer\.(.+)$")
 
 
 class ConversionError(ValueError):
@@ -42,76 +48,74 @@ class ConversionResult:
     source_format: str
     num_tensors: int
     bytes_written: int
+    architecture: str = "Mamba2"
     max_abs_diff: Optional[float] = None  # source vs in-memory converted model (verify)
     max_abs_diff_reloaded: Optional[float] = None  # source vs the model reloaded from dst (verify)
+    reference: Optional[str] = None  # what the logits were compared with (verify)
+
+
+def twin_config(config: MetaplasticConfig, dtype: torch.dtype = torch.float32,
+                importance_rank: Optional[int] = None) -> MetaplasticConfig:
+    """``config`` with every point-posterior mixer replaced by its metaplastic twin (importance rank added)."""
+    rank = importance_rank if importance_rank is not None else min(64, config.hidden_size)
+    names = [twin_name(config.mixer_for(i)) for i in range(config.num_hidden_layers)]
+    kwargs = [{**config.mixer_kwargs_for(i), "importance_rank": rank} for i in range(config.num_hidden_layers)]
+    out = copy.deepcopy(config)
+    out.mixer = names[0] if isinstance(config.mixer, str) else names
+    out.mixer_kwargs = kwargs[0] if isinstance(config.mixer_kwargs, dict) else kwargs
+    out.dtype = dtype
+    return out
 
 
 def metaplastic_config(arch: Mamba2Arch, dtype: torch.dtype = torch.float32,
                        importance_rank: Optional[int] = None) -> MetaplasticConfig:
     """The ``MetaplasticConfig`` of the MetaMamba2 twin of ``arch``."""
-    kwargs = arch.mixer_kwargs()
-    kwargs["importance_rank"] = importance_rank if importance_rank is not None else min(64, arch.hidden_size)
-    config = MetaplasticConfig(vocab_size=arch.vocab_size, hidden_size=arch.hidden_size,
-                               num_hidden_layers=arch.num_hidden_layers, mixer="meta_mamba2", mixer_kwargs=kwargs,
-                               intermediate_size=0, layer_norm_epsilon=arch.layer_norm_epsilon,
-                               residual_in_fp32=arch.residual_in_fp32, tie_word_embeddings=arch.tie_word_embeddings,
-                               pad_token_id=arch.pad_token_id, bos_token_id=arch.bos_token_id,
-                               eos_token_id=arch.eos_token_id)
-    config.dtype = dtype
-    return config
+    return twin_config(point_config_mamba2(arch), dtype, importance_rank)
 
 
-def convert_layer(arch: Mamba2Arch, tensors: Dict[str, torch.Tensor], layer: int, init: str,
+def convert_layer(config: MetaplasticConfig, tensors: Dict[str, torch.Tensor], layer: int, init: str,
                   importance_rank: Optional[int]) -> Dict[str, torch.Tensor]:
-    """One layer's Mamba2 mixer tensors -> its MetaMamba2 twin's state dict (via :func:`to_metaplastic`)."""
+    """One layer's point-posterior mixer tensors (``config``'s mixer) -> its twin's state dict (via
+    :func:`to_metaplastic`; the importance path seeded ``SEED + layer``)."""
+    from .mixers import MIXERS
     with torch.device("meta"):
-        mixer = Mamba2(arch.hidden_size, **arch.mixer_kwargs())
+        mixer = MIXERS[config.mixer_for(layer)](config.hidden_size, **config.mixer_kwargs_for(layer))
     mixer.load_state_dict({k: v.to(torch.float32) for k, v in tensors.items()}, strict=True, assign=True)
     generator = torch.Generator().manual_seed(SEED + layer)
     twin = to_metaplastic(mixer, init=init, rank=importance_rank, generator=generator, copy=False)
     return twin.state_dict()
 
 
-def _dst_layout(arch: Mamba2Arch, config: MetaplasticConfig, dtype: torch.dtype) -> List[Tuple[str, Tuple[int, ...], torch.dtype]]:
+def _dst_layout(config: MetaplasticConfig, dtype: torch.dtype) -> List[Tuple[str, Tuple[int, ...], torch.dtype]]:
     """``(key, shape, dtype)`` of every tensor of the converted model, in writing order."""
-    from .mamba2 import MetaMamba2
-    with torch.device("meta"):
-        twin = MetaMamba2(arch.hidden_size, **config.mixer_kwargs)
-    layer_keys = [(name, tuple(t.shape)) for name, t in twin.state_dict().items()]
-    layout = [("backbone.embeddings.weight", (arch.vocab_size, arch.hidden_size), dtype)]
-    for i in range(arch.num_hidden_layers):
-        layout.append((f"backbone.layers.{i}.norm.weight", (arch.hidden_size,), dtype))
-        layout += [(f"backbone.layers.{i}.mixer.{name}", shape, dtype) for name, shape in layer_keys]
-    layout.append(("backbone.norm_f.weight", (arch.hidden_size,), dtype))
-    if not arch.tie_word_embeddings:
-        layout.append(("lm_head.weight", (arch.vocab_size, arch.hidden_size), dtype))
-    return layout
+    return [(key, shape, dtype) for key, shape in lm_shapes(config).items()]
 
 
-def _dst_tensors(ckpt: Mamba2Checkpoint, init: str, rank: Optional[int]) -> Iterator[Tuple[str, torch.Tensor]]:
+def _dst_tensors(ckpt: SourceCheckpoint, layout, init: str, rank: Optional[int]) -> Iterator[Tuple[str, torch.Tensor]]:
     """The converted model's tensors in writing order, one layer in memory at a time."""
-    arch = ckpt.arch
-    yield "backbone.embeddings.weight", ckpt.tensor("backbone.embeddings.weight")
-    for i in range(arch.num_hidden_layers):
-        yield f"backbone.layers.{i}.norm.weight", ckpt.tensor(f"backbone.layers.{i}.norm.weight")
-        twin = convert_layer(arch, dict(iter_layer_tensors(ckpt, i)), i, init, rank)
-        for name, tensor in twin.items():
-            yield f"backbone.layers.{i}.mixer.{name}", tensor
-    yield "backbone.norm_f.weight", ckpt.tensor("backbone.norm_f.weight")
-    if not arch.tie_word_embeddings:
-        yield "lm_head.weight", ckpt.tensor("lm_head.weight")
+    layer, twin = None, {}
+    for key, _, _ in layout:
+        match = _MIXER_KEY.match(key)
+        if match is None:
+            yield key, ckpt.tensor(key)
+            continue
+        if int(match[1]) != layer:
+            layer = int(match[1])
+            twin = convert_layer(ckpt.config, ckpt.mixer_tensors(layer), layer, init, rank)
+        yield key, twin[match[2]]
 
 
-def _check_tied_head(ckpt: Mamba2Checkpoint) -> None:
+def _check_tied_head(ckpt: SourceCheckpoint) -> None:
     if "lm_head.weight" in ckpt.extra_keys:
         if not torch.equal(ckpt.tensor("lm_head.weight"), ckpt.tensor("backbone.embeddings.weight")):
             raise CheckpointError("the config ties the embeddings but lm_head.weight differs from the embedding")
 
 
-def convert_mamba2(src, dst, *, init: str = "identity", dtype: str = "float32", force: bool = False,
-                   verify: bool = False, importance_rank: Optional[int] = None, progress: bool = True,
-                   verify_tokens: int = 16, log=print) -> ConversionResult:
-    """Convert the Mamba2 checkpoint directory ``src`` into a metaplastic model directory ``dst``.
+def convert_checkpoint(src, dst, *, init: str = "identity", dtype: str = "float32", force: bool = False,
+                       verify: bool = False, importance_rank: Optional[int] = None, progress: bool = True,
+                       verify_tokens: int = 16, log=print) -> ConversionResult:
+    """Convert the checkpoint directory ``src`` (Mamba2 in the Hugging Face or mamba_ssm format, Gated DeltaNet
+    in fla's) into a metaplastic model directory ``dst``.
 
     Raises :class:`ConversionError` / :class:`CheckpointError` (both ``ValueError``) for bad input; ``dst``
     then does not exist (or, with ``force``, still holds what it held before).
@@ -120,6 +124,8 @@ def convert_mamba2(src, dst, *, init: str = "identity", dtype: str = "float32", 
         raise ConversionError(f"--init must be one of {INITS}, got {init!r}")
     if dtype not in DTYPES:
         raise ConversionError(f"--dtype must be one of {tuple(DTYPES)}, got {dtype!r}")
+    if importance_rank is not None and importance_rank < 1:
+        raise ConversionError(f"--rank must be positive, got {importance_rank}")
     torch_dtype = DTYPES[dtype]
     src, dst = Path(src), Path(dst)
     if dst.exists() and not force:
@@ -128,11 +134,11 @@ def convert_mamba2(src, dst, *, init: str = "identity", dtype: str = "float32", 
         raise ConversionError(f"{dst} exists and is not a directory")
     if dst.resolve() == src.resolve():
         raise ConversionError("DST must differ from SRC")
-    ckpt = open_mamba2(src)
+    ckpt = open_checkpoint(src)
     _check_tied_head(ckpt)
-    config = metaplastic_config(ckpt.arch, torch_dtype, importance_rank)
-    rank = config.mixer_kwargs["importance_rank"]
-    layout = _dst_layout(ckpt.arch, config, torch_dtype)
+    config = twin_config(ckpt.config, torch_dtype, importance_rank)
+    rank = config.mixer_kwargs_for(0)["importance_rank"]
+    layout = _dst_layout(config, torch_dtype)
     dst.parent.mkdir(parents=True, exist_ok=True)
     tmp = dst.parent / f".{dst.name}.partial-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
@@ -142,7 +148,7 @@ def convert_mamba2(src, dst, *, init: str = "identity", dtype: str = "float32", 
         total = sum(nbytes(shape, dt) for _, shape, dt in layout)
         with StreamingSafetensorsWriter(tmp / "model.safetensors", layout) as writer, \
                 tqdm(total=total, unit="B", unit_scale=True, desc="convert", disable=not progress) as bar:
-            for name, tensor in _dst_tensors(ckpt, init, rank):
+            for name, tensor in _dst_tensors(ckpt, layout, init, rank):
                 writer.write(name, tensor)
                 bar.update(tensor.numel() * torch.empty((), dtype=torch_dtype).element_size())
         config.save_pretrained(tmp)
@@ -155,10 +161,13 @@ def convert_mamba2(src, dst, *, init: str = "identity", dtype: str = "float32", 
         raise
     finally:
         torch.set_num_threads(threads)
-    result = ConversionResult(dst, ckpt.format, len(layout), total)
+    result = ConversionResult(dst, ckpt.format, len(layout), total, architecture=ckpt.architecture)
     if verify:
         verify_conversion(ckpt, dst, init, rank, result, tokens=verify_tokens, log=log)
     return result
+
+
+convert_mamba2 = convert_checkpoint  # the name of the first converter (it reads every supported format)
 
 
 def _replace(tmp: Path, dst: Path) -> None:
@@ -174,12 +183,37 @@ def _replace(tmp: Path, dst: Path) -> None:
 
 # --- verification ----------------------------------------------------------------------------------
 
-def load_source_model(ckpt: Mamba2Checkpoint):
-    """The source as a transformers ``Mamba2ForCausalLM`` (float32): ``from_pretrained`` for the HF format, the
-    renamed state dict for mamba_ssm's."""
-    from transformers import Mamba2Config, Mamba2ForCausalLM
+def point_model(ckpt: SourceCheckpoint):
+    """The source's weights in a point-posterior ``MetaplasticForCausalLM`` (float32)."""
+    from .modeling import MetaplasticForCausalLM
+    model = MetaplasticForCausalLM(ckpt.config)
+    state = {key: ckpt.tensor(key).float() for key in lm_shapes(ckpt.config)}
+    model.load_state_dict(state, strict=not ckpt.config.tie_word_embeddings)
+    return model.eval()
+
+
+def load_source_model(ckpt: SourceCheckpoint) -> Tuple[Any, str]:
+    """``(model, description)``: the source run by code nobody here wrote where that runs on this machine
+    (transformers' ``Mamba2ForCausalLM``; fla's ``GatedDeltaNetForCausalLM`` on a GPU), else :func:`point_model`."""
     if ckpt.format == "hf":
-        return Mamba2ForCausalLM.from_pretrained(str(ckpt.path), dtype=torch.float32).eval()
+        from transformers import Mamba2ForCausalLM
+        model = Mamba2ForCausalLM.from_pretrained(str(ckpt.path), dtype=torch.float32).eval()
+        return model, "transformers Mamba2ForCausalLM"
+    if ckpt.format == "mamba_ssm":
+        return _transformers_mamba2(ckpt), "transformers Mamba2ForCausalLM (renamed mamba_ssm weights)"
+    if ckpt.format == "fla" and torch.cuda.is_available():
+        try:
+            from fla.models import GatedDeltaNetForCausalLM
+        except ImportError:
+            pass
+        else:
+            model = GatedDeltaNetForCausalLM.from_pretrained(str(ckpt.path), dtype=torch.float32).cuda().eval()
+            return model, "fla GatedDeltaNetForCausalLM (GPU)"
+    return point_model(ckpt), f"{ckpt.config.mixer_for(0)} mixers holding the source weights"
+
+
+def _transformers_mamba2(ckpt: SourceCheckpoint):
+    from transformers import Mamba2Config, Mamba2ForCausalLM
     a = ckpt.arch
     cfg = Mamba2Config(vocab_size=a.vocab_size, hidden_size=a.hidden_size, num_hidden_layers=a.num_hidden_layers,
                        num_heads=a.num_heads, head_dim=a.head_dim, state_size=a.state_size, expand=a.expand,
@@ -196,39 +230,34 @@ def load_source_model(ckpt: Mamba2Checkpoint):
     return model.eval()
 
 
-def metaplastic_from_source(source_model, arch: Mamba2Arch, init: str, rank: int):
-    """The converted model built in memory from a transformers Mamba2 (the same :func:`convert_layer`)."""
+def converted_model(ckpt: SourceCheckpoint, init: str, rank: int):
+    """The converted model built in memory from ``ckpt`` (the same tensors the converter writes)."""
     from .modeling import MetaplasticForCausalLM
-    config = metaplastic_config(arch, torch.float32, rank)
+    config = twin_config(ckpt.config, torch.float32, rank)
     model = MetaplasticForCausalLM(config)
-    state = {}
-    src_state = source_model.state_dict()
-    for key, value in src_state.items():
-        if ".mixer." not in key:
-            state[key.replace("backbone.embedding.", "backbone.embeddings.")] = value
-    for i in range(arch.num_hidden_layers):
-        prefix = f"backbone.layers.{i}.mixer."
-        layer = {k[len(prefix):]: v for k, v in src_state.items() if k.startswith(prefix)}
-        for name, tensor in convert_layer(arch, layer, i, init, rank).items():
-            state[prefix + name] = tensor
-    model.load_state_dict(state, strict=not arch.tie_word_embeddings)
+    state = dict(_dst_tensors(ckpt, _dst_layout(config, torch.float32), init, rank))
+    model.load_state_dict({k: v.float() for k, v in state.items()}, strict=not config.tie_word_embeddings)
     return model.eval()
 
 
 @torch.no_grad()
-def verify_conversion(ckpt: Mamba2Checkpoint, dst: Path, init: str, rank: int, result: ConversionResult,
+def verify_conversion(ckpt: SourceCheckpoint, dst: Path, init: str, rank: int, result: ConversionResult,
                       tokens: int = 16, log=print) -> None:
     """Largest |logit difference| on random tokens: source vs converted, and source vs ``dst`` reloaded."""
     from transformers import AutoModelForCausalLM
-    source = load_source_model(ckpt)
-    gen = torch.Generator().manual_seed(0)
-    ids = torch.randint(0, ckpt.arch.unpadded_vocab_size or ckpt.arch.vocab_size, (2, tokens), generator=gen)
-    ref = source(ids).logits.float()
-    converted = metaplastic_from_source(source, ckpt.arch, init, rank)
+    source, description = load_source_model(ckpt)
+    device = next(source.parameters()).device
+    vocab = getattr(ckpt.arch, "unpadded_vocab_size", None) or ckpt.config.vocab_size
+    ids = torch.randint(0, vocab, (2, tokens), generator=torch.Generator().manual_seed(0))
+    ref = source(ids.to(device)).logits.float().cpu()
+    del source
+    converted = converted_model(ckpt, init, rank)
     result.max_abs_diff = (converted(ids).logits.float() - ref).abs().max().item()
     del converted
     reloaded = AutoModelForCausalLM.from_pretrained(str(dst), dtype=torch.float32).eval()
     result.max_abs_diff_reloaded = (reloaded(ids).logits.float() - ref).abs().max().item()
-    log(f"verify: {tokens} random tokens x 2 sequences, max |logit| of source {ref.abs().max().item():.3g}")
+    result.reference = description
+    log(f"verify: {tokens} random tokens x 2 sequences, max |logit| of source {ref.abs().max().item():.3g} "
+        f"(source run by {description})")
     log(f"verify: max |logit difference| source vs converted        = {result.max_abs_diff:.3e}")
     log(f"verify: max |logit difference| source vs reloaded {dst.name} = {result.max_abs_diff_reloaded:.3e}")

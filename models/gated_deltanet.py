@@ -1,6 +1,7 @@
 """Gated DeltaNet (Yang, Kautz & Hatamizadeh, ICLR 2025) and its metaplastic twin; fla's parameter names.
 
     q, k, v = SiLU(conv(q_proj h)), SiLU(conv(k_proj h)), SiLU(conv(v_proj h));  q, k L2-normalised per head
+    grouped value heads (fla's ``num_v_heads = r · num_heads``): value head j reads q/k head ``j // r``
     β = σ(b_proj h),   log α = −exp(A_log) · softplus(a_proj h + dt_bias)
     o = scan(gated_deltanet; scale K^-1/2),  out = o_proj(RMSNorm(o) ∘ silu(g_proj h))   (norm, then gate)
 
@@ -28,23 +29,33 @@ class GatedDeltaNet(Mixer):
 
     def __init__(self, hidden_size: int, *, num_heads: int = 4, head_dim: Optional[int] = None,
                  expand_v: float = 2.0, conv_size: int = 4, conv_bias: bool = False, use_gate: bool = True,
-                 norm_eps: float = 1e-5, importance_rank: Optional[int] = None) -> None:
+                 norm_eps: float = 1e-5, num_v_heads: Optional[int] = None,
+                 importance_rank: Optional[int] = None) -> None:
+        """``num_heads`` q/k heads of ``head_dim``; ``num_v_heads`` (default ``num_heads``, else a multiple of
+        it) value heads of ``head_dim · expand_v``, one memory per value head."""
         head_dim = head_dim if head_dim is not None else hidden_size // num_heads
         head_v_dim = int(head_dim * expand_v)
         if head_dim < 1 or head_v_dim != head_dim * expand_v:
             raise ValueError(f"head_dim={head_dim}, expand_v={expand_v}: head_dim·expand_v must be a positive integer")
-        super().__init__(hidden_size, dict(num_heads=num_heads, head_dim=head_dim, expand_v=expand_v,
-                                           conv_size=conv_size, conv_bias=conv_bias, use_gate=use_gate,
-                                           norm_eps=norm_eps))
-        self.num_heads, self.head_k_dim, self.head_v_dim = num_heads, head_dim, head_v_dim
-        key_dim, value_dim = num_heads * head_dim, num_heads * head_v_dim
+        value_heads = num_heads if num_v_heads is None else num_v_heads
+        if value_heads < num_heads or value_heads % num_heads:
+            raise ValueError(f"num_v_heads={num_v_heads} must be a multiple of num_heads={num_heads}")
+        kwargs = dict(num_heads=num_heads, head_dim=head_dim, expand_v=expand_v, conv_size=conv_size,
+                      conv_bias=conv_bias, use_gate=use_gate, norm_eps=norm_eps)
+        if num_v_heads is not None:
+            kwargs["num_v_heads"] = num_v_heads
+        super().__init__(hidden_size, kwargs)
+        # the memory has one head per value head: num_heads below is the number of memories
+        self.num_qk_heads = num_heads
+        self.num_heads, self.head_k_dim, self.head_v_dim = value_heads, head_dim, head_v_dim
+        key_dim, value_dim = num_heads * head_dim, value_heads * head_v_dim
         self.q_proj = nn.Linear(hidden_size, key_dim, bias=False)
         self.k_proj = nn.Linear(hidden_size, key_dim, bias=False)
         self.v_proj = nn.Linear(hidden_size, value_dim, bias=False)
-        self.a_proj = nn.Linear(hidden_size, num_heads, bias=False)
-        self.b_proj = nn.Linear(hidden_size, num_heads, bias=False)
-        self.A_log = nn.Parameter(torch.log(torch.empty(num_heads).uniform_(1, 16)))
-        self.dt_bias = nn.Parameter(init_dt_bias(num_heads))
+        self.a_proj = nn.Linear(hidden_size, value_heads, bias=False)
+        self.b_proj = nn.Linear(hidden_size, value_heads, bias=False)
+        self.A_log = nn.Parameter(torch.log(torch.empty(value_heads).uniform_(1, 16)))
+        self.dt_bias = nn.Parameter(init_dt_bias(value_heads))
         self.q_conv1d = conv_layer(key_dim, conv_size, conv_bias)
         self.k_conv1d = conv_layer(key_dim, conv_size, conv_bias)
         self.v_conv1d = conv_layer(value_dim, conv_size, conv_bias)
@@ -63,7 +74,9 @@ class GatedDeltaNet(Mixer):
         q, cq = causal_conv(self.q_proj(hidden_states), self.q_conv1d.weight, self.q_conv1d.bias, conv.get("q"))
         k, ck = causal_conv(self.k_proj(hidden_states), self.k_conv1d.weight, self.k_conv1d.bias, conv.get("k"))
         v, cv = causal_conv(self.v_proj(hidden_states), self.v_conv1d.weight, self.v_conv1d.bias, conv.get("v"))
-        q, k = l2_normalize(q.view(B, T, H, K)), l2_normalize(k.view(B, T, H, K))
+        groups = H // self.num_qk_heads  # value heads per q/k head (1 without grouped values)
+        q = l2_normalize(q.view(B, T, self.num_qk_heads, K)).repeat_interleave(groups, dim=2)
+        k = l2_normalize(k.view(B, T, self.num_qk_heads, K)).repeat_interleave(groups, dim=2)
         v = v.view(B, T, H, V)
         beta = torch.sigmoid(self.b_proj(hidden_states).float())
         log_decay = -self.A_log.float().exp() * F.softplus(self.a_proj(hidden_states).float() + self.dt_bias.float())

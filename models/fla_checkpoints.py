@@ -1,0 +1,129 @@
+"""Reading Gated DeltaNet checkpoints in fla's format (``GatedDeltaNetForCausalLM.save_pretrained``).
+
+``config.json`` has ``model_type: "gated_deltanet"``; the weights are named (REFERENCES.md)::
+
+    model.embeddings.weight
+    model.layers.{i}.attn_norm.weight
+    model.layers.{i}.attn.{q,k,v,a,b,g,o}_proj.weight, {q,k,v}_conv1d.weight, A_log, dt_bias, o_norm.weight
+    model.layers.{i}.mlp_norm.weight,  model.layers.{i}.mlp.{gate,up,down}_proj.weight
+    model.norm.weight,  lm_head.weight (absent when tied)
+
+Such a model is a :class:`MetaplasticForCausalLM` with ``gated_deltanet`` mixers and a SwiGLU MLP per block
+(:func:`point_config`); :func:`source_key` maps our key names onto fla's. Options that change the layer's
+math and that our mixer does not implement are refused by name (:func:`arch_from_fla`).
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Dict, Optional
+
+from .checkpoints import CheckpointError, _get_int
+from .configuration import MetaplasticConfig
+
+# fla's GatedDeltaNetConfig defaults (used when config.json omits a field)
+DEFAULTS = dict(expand_v=2.0, use_gate=True, use_short_conv=True, allow_neg_eigval=False, conv_size=4, head_dim=256,
+                num_heads=6, num_v_heads=None, hidden_ratio=4, intermediate_size=None, hidden_act="swish",
+                norm_eps=1e-6, attn=None, tie_word_embeddings=False, attnres_block_size=None,
+                output_gate_activation="swish")
+
+
+@dataclass(frozen=True)
+class GatedDeltaNetArch:
+    """A fla Gated DeltaNet language model's architecture (the fields that fix its shapes and math)."""
+
+    vocab_size: int
+    hidden_size: int
+    num_hidden_layers: int
+    num_heads: int
+    num_v_heads: Optional[int]
+    head_dim: int
+    expand_v: float
+    conv_size: int
+    use_gate: bool
+    norm_eps: float
+    intermediate_size: int
+    tie_word_embeddings: bool
+    pad_token_id: Optional[int] = None
+    bos_token_id: Optional[int] = None
+    eos_token_id: Optional[int] = None
+
+    def mixer_kwargs(self) -> Dict[str, object]:
+        """Keyword arguments of :class:`metaplastic.models.GatedDeltaNet`."""
+        kwargs = dict(num_heads=self.num_heads, head_dim=self.head_dim, expand_v=self.expand_v,
+                      conv_size=self.conv_size, conv_bias=False, use_gate=self.use_gate, norm_eps=self.norm_eps)
+        if self.num_v_heads is not None and self.num_v_heads != self.num_heads:
+            kwargs["num_v_heads"] = self.num_v_heads
+        return kwargs
+
+
+def arch_from_fla(cfg: dict) -> GatedDeltaNetArch:
+    """The architecture of a fla ``gated_deltanet`` config; unsupported options raise :class:`CheckpointError`."""
+    c = {**DEFAULTS, **cfg}
+    if c["attn"] is not None:
+        raise CheckpointError(f"hybrid attention layers (attn={c['attn']!r}) are not supported: "
+                              "only pure Gated DeltaNet stacks convert")
+    refused = (("attnres_block_size", c["attnres_block_size"] is not None, "attention residuals"),
+               ("use_short_conv", not c["use_short_conv"], "no short convolutions"),
+               ("allow_neg_eigval", bool(c["allow_neg_eigval"]), "β in (0, 2)"),
+               ("output_gate_activation", c["output_gate_activation"] not in ("swish", "silu"), "a sigmoid gate"),
+               ("hidden_act", c["hidden_act"] != "swish", "a non-SwiGLU MLP"))
+    for key, bad, why in refused:
+        if bad:
+            raise CheckpointError(f"{key}={c[key]!r} ({why}) is not supported")
+    hidden = _get_int(c, "hidden_size")
+    num_heads = _get_int(c, "num_heads")
+    head_dim = _get_int(c, "head_dim")
+    num_v_heads = None if c["num_v_heads"] is None else _get_int(c, "num_v_heads")
+    if num_heads < 1 or head_dim < 1:
+        raise CheckpointError(f"num_heads={num_heads} and head_dim={head_dim} must be positive")
+    if num_v_heads is not None and (num_v_heads < num_heads or num_v_heads % num_heads):
+        raise CheckpointError(f"num_v_heads={num_v_heads} is not a multiple of num_heads={num_heads}")
+    try:
+        expand_v = float(c["expand_v"])
+    except (TypeError, ValueError):
+        raise CheckpointError(f"config.json: expand_v={c['expand_v']!r} is not a number")
+    if expand_v <= 0 or head_dim * expand_v != int(head_dim * expand_v):
+        raise CheckpointError(f"head_dim·expand_v = {head_dim}·{expand_v} is not a positive integer")
+    if c["intermediate_size"] is None:  # fla's GatedMLP: 2/3 · ratio · hidden, rounded up to a multiple of 256
+        ratio = 4 if c["hidden_ratio"] is None else c["hidden_ratio"]
+        if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or ratio <= 0:
+            raise CheckpointError(f"config.json: hidden_ratio={ratio!r} is not a positive number")
+        intermediate = int(hidden * ratio * 2 / 3)
+        intermediate = 256 * ((intermediate + 255) // 256)
+    else:
+        intermediate = _get_int(c, "intermediate_size")
+    try:
+        eps = float(c["norm_eps"])
+    except (TypeError, ValueError):
+        raise CheckpointError(f"config.json: norm_eps={c['norm_eps']!r} is not a number")
+    return GatedDeltaNetArch(
+        vocab_size=_get_int(c, "vocab_size"), hidden_size=hidden, num_hidden_layers=_get_int(c, "num_hidden_layers"),
+        num_heads=num_heads, num_v_heads=num_v_heads, head_dim=head_dim, expand_v=expand_v,
+        conv_size=_get_int(c, "conv_size"), use_gate=bool(c["use_gate"]), norm_eps=eps,
+        intermediate_size=intermediate, tie_word_embeddings=bool(c["tie_word_embeddings"]),
+        pad_token_id=c.get("pad_token_id"), bos_token_id=c.get("bos_token_id"), eos_token_id=c.get("eos_token_id"))
+
+
+def point_config(arch: GatedDeltaNetArch) -> MetaplasticConfig:
+    """The ``MetaplasticConfig`` computing the same function as the fla model (``gated_deltanet`` mixers)."""
+    return MetaplasticConfig(vocab_size=arch.vocab_size, hidden_size=arch.hidden_size,
+                             num_hidden_layers=arch.num_hidden_layers, mixer="gated_deltanet",
+                             mixer_kwargs=arch.mixer_kwargs(), intermediate_size=arch.intermediate_size,
+                             layer_norm_epsilon=arch.norm_eps, residual_in_fp32=False,
+                             tie_word_embeddings=arch.tie_word_embeddings, pad_token_id=arch.pad_token_id,
+                             bos_token_id=arch.bos_token_id, eos_token_id=arch.eos_token_id)
+
+
+_KEY_RULES = ((re.compile(r"^backbone\.layers\.(\d+)\.norm\."), r"model.layers.\1.attn_norm."),
+              (re.compile(r"^backbone\.layers\.(\d+)\.mixer\."), r"model.layers.\1.attn."),
+              (re.compile(r"^backbone\.norm_f\."), "model.norm."),
+              (re.compile(r"^backbone\."), "model."))
+
+
+def source_key(key: str) -> str:
+    """fla's name of our key ``key``: ``backbone.layers.0.mixer.q_proj.weight`` -> ``model.layers.0.attn.q_proj.weight``."""
+    for pattern, repl in _KEY_RULES:
+        if pattern.match(key):
+            return pattern.sub(repl, key, count=1)
+    return key
