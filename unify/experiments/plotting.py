@@ -1,0 +1,51 @@
+"""Small matplotlib helpers shared by the experiments (PNG files, Agg backend, no display needed)."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Dict, Mapping, Optional, Sequence, Tuple, Union
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+# One colour and line style per model, the same in every figure (metaplastic twins dashed).
+STYLES: Dict[str, Tuple[str, str]] = {
+    "mamba2": ("tab:blue", "-"),
+    "meta_mamba2": ("tab:blue", "--"),
+    "gated_deltanet": ("tab:green", "-"),
+    "meta_gated_deltanet": ("tab:green", "--"),
+    "longhorn": ("tab:purple", "-"),
+    "mesanet": ("tab:red", "-"),
+    "palimpsa": ("tab:orange", "--"),
+}
+
+Curve = Tuple[Sequence[float], Sequence[float]]
+
+
+def curve_panels(path: Union[str, Path], panels: Mapping[str, Mapping[str, Curve]], *, xlabel: str,
+                 ylabel: str, title: str, hline: Optional[float] = None, logx: bool = False) -> Path:
+    """Write a PNG with one panel per key of ``panels``; each panel maps a label to ``(x, y)``."""
+    path = Path(path)
+    n = max(len(panels), 1)
+    fig, axes = plt.subplots(1, n, figsize=(5.2 * n, 4.0), squeeze=False)
+    for ax, (panel, curves) in zip(axes[0], panels.items()):
+        for label, (x, y) in curves.items():
+            color, style = STYLES.get(label, (None, "-"))
+            ax.plot(list(x), list(y), style, marker="o", markersize=3, color=color, label=label)
+        if hline is not None:
+            ax.axhline(hline, color="grey", linewidth=0.8, linestyle=":")
+        if logx:
+            ax.set_xscale("log", base=2)
+        ax.set_title(panel)
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(ylabel)
+        ax.set_ylim(-0.02, 1.02)
+        ax.grid(alpha=0.3)
+    axes[0][-1].legend(fontsize=8, loc="best")
+    fig.suptitle(title)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
