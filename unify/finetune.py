@@ -1,0 +1,516 @@
+"""``metaplastic finetune``: fine-tune a metaplastic model, on one process or many (torchrun + FSDP2).
+
+    metaplastic finetune --model DIR --data tokens.npy --out RUN [options]
+    torchrun --nproc_per_node=N -m metaplastic finetune --model DIR --data tokens.npy --out RUN [options]
+
+One code path for both: without torchrun the command starts a one-process group itself, so a single
+process runs the same FSDP2 model, the same DCP checkpoints and the same data rule as N processes.
+
+- Model: a ``MetaplasticForCausalLM`` directory (``model_type: metaplastic``, e.g. from ``metaplastic
+  convert``), loaded in float32. ``--train metaplastic`` trains only the metaplastic path (the parameters of
+  every ``ImportancePath``: γ, W_b1, W_b2, b_scale; the buffer Ip_log stays fixed), ``--train all`` everything.
+- Sharding: ``fully_shard`` (FSDP2) on every block (the classes of ``model._no_split_modules``) and on the
+  root; bf16 parameters with float32 gradient reduction on GPUs (``--precision``). Gradients are reduced
+  after every micro-step (sharded float32 accumulation).
+- Step: ``G / (W·m)`` micro-steps of ``m`` sequences on each of ``W`` ranks (data rule in
+  :mod:`metaplastic.finetune_data`), mean next-token cross-entropy, ``clip_grad_norm_``, AdamW, LambdaLR
+  (linear warm-up, then cosine down to ``min_lr_ratio · lr``).
+- Output directory: ``metrics.jsonl`` (one line per step), ``checkpoints/step_NNNNNNN/`` (DCP: model,
+  optimizer, and a ``trainer`` blob with step, data position, scheduler and every rank's RNG states),
+  ``checkpoints/latest`` (the name of the last complete checkpoint), ``model/`` (the final Hugging Face
+  export, loadable with ``AutoModelForCausalLM.from_pretrained`` after ``import metaplastic``).
+"""
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import math
+import os
+import random
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Dict, List, Optional, Tuple
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from .cli import UserError
+from .finetune_data import DTYPES, DataError, PackedSequences, load_tokens
+
+TRAIN_CHOICES = ("metaplastic", "all")
+
+
+@dataclass
+class FinetuneConfig:
+    """Everything a run depends on (the CLI options, one to one)."""
+
+    model: str
+    data: str
+    out: str
+    train: str = "metaplastic"
+    steps: int = 100
+    seq_len: int = 512
+    global_batch: int = 8
+    micro_batch: Optional[int] = None
+    lr: float = 3e-4
+    min_lr_ratio: float = 0.1
+    warmup: int = 10
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    save_every: int = 50
+    keep_checkpoints: int = 2
+    resume: Optional[str] = None
+    log_every: int = 10
+    seed: int = 0
+    device: str = "auto"
+    precision: str = "auto"
+    data_dtype: str = "uint16"
+    stop_after: Optional[int] = None
+
+
+# ----------------------------------------------------------------------------------------------- processes
+
+@dataclass
+class Dist:
+    rank: int
+    world: int
+    device: torch.device
+    owns_group: bool  # this module started the process group (and so ends it)
+
+
+def world_size_from_env() -> int:
+    """``WORLD_SIZE`` as set by torchrun (1 without it)."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def start_processes(device: str) -> Dist:
+    """Join torchrun's process group (gloo on CPU, nccl on GPU), or start a one-process group without torchrun."""
+    use_cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
+    if device == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda, but torch sees no CUDA device")
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    dev = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
+    if use_cuda:
+        torch.cuda.set_device(dev)
+    owns = not dist.is_initialized()
+    if owns:
+        backend = "cpu:gloo,cuda:nccl" if use_cuda else "gloo"
+        if "RANK" in os.environ:  # launched by torchrun: env:// rendezvous
+            dist.init_process_group(backend, device_id=dev if use_cuda else None)
+        else:
+            dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+    return Dist(dist.get_rank(), dist.get_world_size(), dev, owns)
+
+
+# ------------------------------------------------------------------------------------------------- model
+
+def load_model(model_dir: Path) -> nn.Module:
+    """The ``MetaplasticForCausalLM`` saved in ``model_dir`` (float32); UserError if it is not one."""
+    model_dir = Path(model_dir)
+    config_path = model_dir / "config.json"
+    if not config_path.is_file():
+        raise UserError(f"--model {model_dir} is not a model directory (no config.json)")
+    try:
+        model_type = json.loads(config_path.read_text()).get("model_type")
+    except json.JSONDecodeError as exc:
+        raise UserError(f"--model {model_dir}: config.json is not valid JSON ({exc})") from None
+    from metaplastic.models import MetaplasticConfig, MetaplasticForCausalLM
+    if model_type != MetaplasticConfig.model_type:
+        raise UserError(f"--model {model_dir} is a {model_type!r} model, not a metaplastic one "
+                        f"(convert it first: metaplastic convert)")
+    try:
+        return MetaplasticForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
+    except (OSError, ValueError) as exc:
+        raise UserError(f"--model {model_dir} could not be loaded: {str(exc).splitlines()[0]}") from None
+
+
+def metaplastic_parameter_names(model: nn.Module) -> List[str]:
+    """Names of the metaplastic path's parameters: those of every ``ImportancePath`` submodule."""
+    from metaplastic.models.importance import ImportancePath
+    names = []
+    for prefix, module in model.named_modules():
+        if isinstance(module, ImportancePath):
+            names += [f"{prefix}.{name}" for name, _ in module.named_parameters()]
+    return names
+
+
+def select_trainable(model: nn.Module, train: str) -> List[str]:
+    """Set ``requires_grad`` by ``--train`` (``metaplastic`` or ``all``); returns the trainable names."""
+    if train not in TRAIN_CHOICES:
+        raise UserError(f"--train must be one of {TRAIN_CHOICES}, got {train!r}")
+    keep = set(metaplastic_parameter_names(model)) if train == "metaplastic" else None
+    if keep is not None and not keep:
+        raise UserError("--train metaplastic, but the model has no metaplastic path (no ImportancePath modules)")
+    names = []
+    for name, param in model.named_parameters():
+        param.requires_grad_(keep is None or name in keep)
+        if param.requires_grad:
+            names.append(name)
+    return names
+
+
+def shard(model: nn.Module, dev: Dist, precision: str) -> nn.Module:
+    """FSDP2: ``fully_shard`` every block (``model._no_split_modules``) and the root."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    mesh = init_device_mesh(dev.device.type, (dev.world,))
+    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) \
+        if precision == "bf16" else MixedPrecisionPolicy()
+    block_classes = set(getattr(model, "_no_split_modules", None) or [])
+    blocks = [m for m in model.modules() if type(m).__name__ in block_classes]
+    if not blocks:
+        raise ValueError(f"{type(model).__name__} names no block classes in _no_split_modules to shard")
+    for block in blocks:
+        fully_shard(block, mesh=mesh, mp_policy=policy)
+    fully_shard(model, mesh=mesh, mp_policy=policy)
+    return model
+
+
+# ------------------------------------------------------------------------------------------ optimisation
+
+class WarmupCosine:
+    """LambdaLR multiplier after ``s`` steps: ``(s+1)/warmup`` during warm-up, then a cosine from 1 to
+    ``min_ratio`` at ``total``."""
+
+    def __init__(self, warmup: int, total: int, min_ratio: float) -> None:
+        self.warmup, self.total, self.min_ratio = warmup, total, min_ratio
+
+    def __call__(self, s: int) -> float:
+        if s < self.warmup:
+            return (s + 1) / self.warmup
+        progress = min(1.0, (s - self.warmup) / max(1, self.total - self.warmup))
+        return self.min_ratio + (1 - self.min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def build_optimizer(model: nn.Module, cfg: FinetuneConfig):
+    """AdamW (weight decay on matrices only) and its warm-up + cosine LambdaLR."""
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    groups = [{"params": [p for p in trainable if p.ndim >= 2], "weight_decay": cfg.weight_decay},
+              {"params": [p for p in trainable if p.ndim < 2], "weight_decay": 0.0}]
+    optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.lr, betas=(0.9, 0.95))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, WarmupCosine(cfg.warmup, cfg.steps, cfg.min_lr_ratio))
+    return optimizer, scheduler
+
+
+def _scalar(x: torch.Tensor) -> float:
+    """A float from a tensor or a replicated DTensor (what ``clip_grad_norm_`` returns under FSDP2)."""
+    return float(x.full_tensor() if hasattr(x, "full_tensor") else x)
+
+
+# ------------------------------------------------------------------------------------------- checkpoints
+
+def _rng_state(dev: Dist) -> Dict[str, object]:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if dev.device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(dev.device)
+    return state
+
+
+def _set_rng_state(state: Dict[str, object], dev: Dist) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and dev.device.type == "cuda":
+        torch.cuda.set_rng_state(state["cuda"], dev.device)
+
+
+def _run_meta(cfg: FinetuneConfig, data: PackedSequences, dev: Dist) -> Dict[str, object]:
+    """What a checkpoint must agree on to continue the same run."""
+    return {"train": cfg.train, "seq_len": cfg.seq_len, "global_batch": cfg.global_batch, "seed": cfg.seed,
+            "num_sequences": data.num_sequences, "world_size": dev.world, "steps": cfg.steps}
+
+
+def save_checkpoint(root: Path, step: int, model, optimizer, scheduler, meta: Dict[str, object],
+                    dev: Dist, keep: int) -> Path:
+    """DCP checkpoint ``root/step_NNNNNNN`` (model, optimizer, trainer blob), then ``root/latest``."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+    path = root / f"step_{step:07d}"
+    model_sd, optim_sd = get_state_dict(model, optimizer)
+    rngs: List[object] = [None] * dev.world
+    dist.all_gather_object(rngs, _rng_state(dev))
+    blob = io.BytesIO()
+    torch.save({"step": step, "samples_seen": step * int(meta["global_batch"]), "scheduler": scheduler.state_dict(),
+                "rng": rngs, "meta": meta}, blob)
+    blob.seek(0)
+    dcp.save({"model": model_sd, "optim": optim_sd, "trainer": blob}, checkpoint_id=str(path))
+    if dev.rank == 0:  # only a complete checkpoint becomes `latest`
+        (root / "latest.tmp").write_text(path.name)
+        os.replace(root / "latest.tmp", root / "latest")
+        if keep > 0:  # older ones only: a killed run's later, partial directories are left alone
+            older = sorted(p for p in root.glob("step_*") if p.name <= path.name)
+            for old in older[:-keep]:
+                shutil.rmtree(old, ignore_errors=True)
+    dist.barrier()
+    return path
+
+
+def resolve_resume(resume: Optional[str], out: Path) -> Optional[Path]:
+    """``--resume`` alone: ``OUT/checkpoints/latest`` (None when there is none yet); ``--resume DIR``: DIR."""
+    if resume is None:
+        return None
+    if resume == "latest":
+        latest = out / "checkpoints" / "latest"
+        return out / "checkpoints" / latest.read_text().strip() if latest.is_file() else None
+    path = Path(resume)
+    if not (path / ".metadata").is_file():
+        raise UserError(f"--resume {path} is not a DCP checkpoint directory (no .metadata)")
+    return path
+
+
+def load_checkpoint(path: Path, model, optimizer, scheduler, meta: Dict[str, object], dev: Dist) -> int:
+    """Restore model, optimizer, scheduler and RNG from DCP checkpoint ``path``; returns its step."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+    head = {"trainer": io.BytesIO()}
+    dcp.load(head, checkpoint_id=str(path))
+    head["trainer"].seek(0)
+    trainer = torch.load(head["trainer"], weights_only=False)
+    saved = trainer["meta"]
+    for key in ("train", "seq_len", "global_batch", "seed", "num_sequences"):
+        if saved[key] != meta[key]:
+            raise UserError(f"checkpoint {path} was made with {key}={saved[key]}, this run has {meta[key]}: "
+                            "it would not continue the same run")
+    model_sd, optim_sd = get_state_dict(model, optimizer)
+    dcp.load({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(path))
+    set_state_dict(model, optimizer, model_state_dict=model_sd, optim_state_dict=optim_sd)
+    schedule = dict(vars(scheduler.lr_lambdas[0]))
+    scheduler.load_state_dict(trainer["scheduler"])  # this also restores the saved run's schedule...
+    vars(scheduler.lr_lambdas[0]).update(schedule)  # ...but this run's --steps / --warmup shape the rest
+    if saved["steps"] != meta["steps"]:
+        _say(dev, f"note: checkpoint of a {saved['steps']}-step run; the cosine now ends at step {meta['steps']}")
+    if len(trainer["rng"]) == dev.world:
+        _set_rng_state(trainer["rng"][dev.rank], dev)
+    else:
+        _say(dev, f"note: checkpoint has {len(trainer['rng'])} ranks' RNG states, this run {dev.world}: "
+                  "RNG not restored")
+    return int(trainer["step"])
+
+
+def export(model, model_class, source_dir: Path, out_dir: Path, dev: Dist) -> Optional[Path]:
+    """Gather the full state dict to rank 0 and write a Hugging Face model directory (plus the tokenizer)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if dev.rank != 0:
+        return None
+    fresh = model_class.from_pretrained(str(source_dir), dtype=torch.float32)
+    fresh.load_state_dict(full, strict=True)
+    fresh.save_pretrained(str(out_dir))
+    try:
+        from transformers import AutoTokenizer
+        AutoTokenizer.from_pretrained(str(source_dir)).save_pretrained(str(out_dir))
+    except (OSError, ValueError):
+        pass  # no tokenizer beside the model
+    return out_dir
+
+
+# ---------------------------------------------------------------------------------------------- training
+
+def validate(cfg: FinetuneConfig, world: int) -> int:
+    """Check the batch arithmetic before any process group starts; returns the micro-batch."""
+    for name in ("steps", "seq_len", "global_batch", "log_every"):
+        if getattr(cfg, name) < 1:
+            raise UserError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(cfg, name)}")
+    for name in ("warmup", "save_every", "keep_checkpoints", "grad_clip", "weight_decay"):
+        if getattr(cfg, name) < 0:
+            raise UserError(f"--{name.replace('_', '-')} must not be negative, got {getattr(cfg, name)}")
+    if cfg.global_batch % world:
+        raise UserError(f"the world size {world} does not divide --global-batch {cfg.global_batch}")
+    per_rank = cfg.global_batch // world
+    micro = per_rank if cfg.micro_batch is None else cfg.micro_batch
+    if micro < 1 or per_rank % micro:
+        raise UserError(f"--micro-batch {micro} does not divide the per-rank batch {per_rank} "
+                        f"(--global-batch {cfg.global_batch} / world size {world})")
+    if cfg.precision not in ("auto", "bf16", "fp32"):
+        raise UserError(f"--precision must be auto, bf16 or fp32, got {cfg.precision!r}")
+    return micro
+
+
+def prepare(cfg: FinetuneConfig):
+    """Validate ``cfg`` and load what it names: ``(model, data, micro_batch, trainable names)``.
+
+    Everything a user can get wrong is checked here, before any process group starts."""
+    micro = validate(cfg, world_size_from_env())
+    model = load_model(Path(cfg.model))
+    try:
+        tokens = load_tokens(Path(cfg.data), dtype=cfg.data_dtype, tokenizer_dir=Path(cfg.model))
+        data = PackedSequences(tokens, cfg.seq_len, cfg.global_batch, seed=cfg.seed,
+                               vocab_size=model.config.vocab_size, name=str(cfg.data))
+    except DataError as exc:
+        raise UserError(str(exc)) from None
+    return model, data, micro, select_trainable(model, cfg.train)
+
+
+class StepLog:
+    """Rank 0's record of the run: ``metrics.jsonl`` (every step), a printed line every ``log_every`` steps,
+    a tqdm bar. tokens/s is measured over the steps since the last printed line."""
+
+    def __init__(self, cfg: FinetuneConfig, out: Path, start: int, rank: int) -> None:
+        from tqdm.auto import tqdm
+        self.cfg, self.active, self.path = cfg, rank == 0, out / "metrics.jsonl"
+        self.tokens_per_step = cfg.global_batch * cfg.seq_len
+        self.bar = tqdm(total=cfg.steps, initial=start, desc="finetune", unit="step", disable=not self.active)
+        self.t0, self.steps = time.perf_counter(), 0
+        if self.active:
+            _truncate_metrics(self.path, start)
+
+    def step(self, step: int, loss: float, lr: float, grad_norm: float, epoch: float, last: bool) -> None:
+        self.steps += 1
+        tps = self.steps * self.tokens_per_step / max(time.perf_counter() - self.t0, 1e-9)
+        if not self.active:
+            return
+        record = {"step": step, "loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens_per_s": tps,
+                  "tokens_seen": step * self.tokens_per_step, "epoch": epoch}
+        with self.path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+        self.bar.update(1)
+        self.bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tps:.0f}")
+        if step % self.cfg.log_every == 0 or last:
+            self.bar.write(f"step {step}/{self.cfg.steps} | loss {loss:.4f} | lr {lr:.2e} | "
+                           f"grad-norm {grad_norm:.3g} | {tps:,.0f} tokens/s")
+            self.t0, self.steps = time.perf_counter(), 0
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def train(cfg: FinetuneConfig) -> Dict[str, object]:
+    """Run the fine-tuning described by ``cfg`` on this process's rank; returns ``{"losses", "step", "export"}``
+    (losses of the steps this process ran; ``export`` is the model directory on rank 0 once finished)."""
+    model, data, micro, trainable = prepare(cfg)
+    out, model_class = Path(cfg.out), type(model)
+    dev = start_processes(cfg.device)
+    try:
+        precision = cfg.precision if cfg.precision != "auto" else ("bf16" if dev.device.type == "cuda" else "fp32")
+        torch.manual_seed(cfg.seed)
+        model = shard(model, dev, precision)  # fully_shard moves each rank's shards to dev.device
+        model.train()
+        optimizer, scheduler = build_optimizer(model, cfg)
+        meta = _run_meta(cfg, data, dev)
+        ckpt_root = out / "checkpoints"
+        if dev.rank == 0:
+            ckpt_root.mkdir(parents=True, exist_ok=True)
+            (out / "run.json").write_text(json.dumps({**asdict(cfg), "world_size": dev.world,
+                                                      "precision": precision, "trainable": trainable}, indent=1))
+        dist.barrier()
+        start, resume_from = 0, resolve_resume(cfg.resume, out)
+        if resume_from is not None:
+            start = load_checkpoint(resume_from, model, optimizer, scheduler, meta, dev)
+            _say(dev, f"resumed from {resume_from} at step {start}")
+        elif cfg.resume == "latest":
+            _say(dev, f"note: --resume, but {ckpt_root} has no checkpoint yet: starting from step 0")
+        end = cfg.steps if cfg.stop_after is None else min(cfg.steps, cfg.stop_after)
+        log, losses = StepLog(cfg, out, start, dev.rank), []
+        for step in range(start, end):
+            loss, grad_norm = _train_step(model, optimizer, data, step, dev, micro, cfg)
+            lr = scheduler.get_last_lr()[0]  # the rate this step used
+            scheduler.step()
+            losses.append(loss)
+            log.step(step + 1, loss, lr, grad_norm, data.epoch_of(step + 1), last=step + 1 == end)
+            if cfg.save_every > 0 and ((step + 1) % cfg.save_every == 0 or step + 1 == cfg.steps):
+                save_checkpoint(ckpt_root, step + 1, model, optimizer, scheduler, meta, dev, cfg.keep_checkpoints)
+        log.close()
+        exported = None
+        if end == cfg.steps:
+            exported = export(model, model_class, Path(cfg.model), out / "model", dev)
+            _say(dev, f"exported the fine-tuned model to {out / 'model'}")
+        else:
+            _say(dev, f"stopped after step {end} (--stop-after); continue with --resume")
+        dist.barrier()
+        return {"losses": losses, "step": end, "export": exported}
+    finally:
+        if dev.owns_group:
+            dist.destroy_process_group()
+
+
+def _say(dev: Dist, message: str) -> None:
+    if dev.rank == 0:
+        print(message, flush=True)
+
+
+def _train_step(model, optimizer, data: PackedSequences, step: int, dev: Dist, micro: int,
+                cfg: FinetuneConfig) -> Tuple[float, float]:
+    """One optimizer step over this rank's micro-batches; returns (global mean loss, gradient norm)."""
+    accum = cfg.global_batch // (dev.world * micro)
+    total = torch.zeros((), device=dev.device)
+    for ids in data.batch(step, dev.rank, dev.world, micro):
+        ids = ids.to(dev.device)
+        logits = model(input_ids=ids, use_cache=False).logits
+        loss = F.cross_entropy(logits[:, :-1].float().flatten(0, 1), ids[:, 1:].flatten())
+        (loss / accum).backward()  # FSDP2 averages the gradients over ranks
+        total += loss.detach() / accum
+    params = [p for p in model.parameters() if p.requires_grad]
+    norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    dist.all_reduce(total)
+    return float(total) / dev.world, _scalar(norm)
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    """Keep the lines of steps ≤ ``step`` (a resumed run rewrites the steps after its checkpoint)."""
+    if not path.is_file():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            if json.loads(line)["step"] <= step:
+                kept.append(line)
+        except (json.JSONDecodeError, KeyError, TypeError):
+            pass  # a line cut short when the run was killed
+    path.write_text("".join(line + "\n" for line in kept))
+
+
+# ------------------------------------------------------------------------------------------------- CLI
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    d, dflt = FinetuneConfig(model="", data="", out=""), " (default %(default)s)"
+    add = parser.add_argument
+    add("--model", required=True, help="a metaplastic model directory (e.g. from metaplastic convert)")
+    add("--data", required=True, help="token ids (.npy, or .bin of --data-dtype) or a text file (tokenised with "
+                                      "the tokenizer saved beside the model)")
+    add("--out", required=True, help="run directory: metrics.jsonl, checkpoints/, model/")
+    add("--train", choices=TRAIN_CHOICES, default=d.train,
+        help="train only the metaplastic path (γ, importance projections, b_scale) or all weights" + dflt)
+    add("--steps", type=int, default=d.steps, help="optimizer steps in total" + dflt)
+    add("--seq-len", type=int, default=d.seq_len, help="tokens per packed sequence" + dflt)
+    add("--global-batch", type=int, default=d.global_batch,
+        help="sequences per optimizer step over all ranks; the world size must divide it" + dflt)
+    add("--micro-batch", type=int, default=None, help="sequences per forward pass on one rank (default: "
+                                                      "global batch / world size, no gradient accumulation)")
+    add("--lr", type=float, default=d.lr, help="peak learning rate of AdamW" + dflt)
+    add("--min-lr-ratio", type=float, default=d.min_lr_ratio, help="the cosine ends at this fraction of --lr" + dflt)
+    add("--warmup", type=int, default=d.warmup, help="linear warm-up steps" + dflt)
+    add("--weight-decay", type=float, default=d.weight_decay, help="AdamW weight decay, matrices only" + dflt)
+    add("--grad-clip", type=float, default=d.grad_clip, help="max gradient norm, 0: no clipping" + dflt)
+    add("--save-every", type=int, default=d.save_every,
+        help="DCP checkpoint every N steps and at the end, 0: none" + dflt)
+    add("--keep-checkpoints", type=int, default=d.keep_checkpoints, help="keep the newest N checkpoints, 0: all" + dflt)
+    add("--resume", nargs="?", const="latest", default=None, metavar="CKPT",
+        help="continue from OUT/checkpoints/latest (or from checkpoint directory CKPT); without a checkpoint "
+             "yet, start from step 0")
+    add("--log-every", type=int, default=d.log_every, help="print loss and tokens/s every N steps" + dflt)
+    add("--seed", type=int, default=d.seed, help="seed of the data order and of torch" + dflt)
+    add("--device", choices=("auto", "cpu", "cuda"), default=d.device, help="auto: cuda when available" + dflt)
+    add("--precision", choices=("auto", "bf16", "fp32"), default=d.precision,
+        help="auto: bf16 parameters with float32 reduction on GPUs, fp32 on CPU" + dflt)
+    add("--data-dtype", choices=DTYPES, default=d.data_dtype, help="element type of a .bin file" + dflt)
+    add("--stop-after", type=int, default=None, metavar="K",
+        help="exit after step K as if preempted (no export); continue later with --resume")
+
+
+def config_from_args(args: argparse.Namespace) -> FinetuneConfig:
+    """The :class:`FinetuneConfig` of parsed CLI arguments."""
+    fields = FinetuneConfig.__dataclass_fields__
+    return FinetuneConfig(**{k: v for k, v in vars(args).items() if k in fields})
+
+
+def run(args: argparse.Namespace) -> int:
+    train(config_from_args(args))
+    return 0
