@@ -1,0 +1,368 @@
+"""``metaplastic bench kernels``: time forward and forward+backward of every backend for the registry models.
+
+Shapes (``B, T, H, K = V``): CPU 2, 1024, 4, 64; CUDA 8, 4096, 16, 128; ``--quick`` 2, 256, 2, 32 (CPU) and
+2, 1024, 4, 64 (CUDA). Each timing is the median of ``--reps`` runs after one warm-up (the CPU reference:
+``--ref-reps`` runs, no warm-up; it is slow). ``fwd`` runs under ``torch.no_grad()``; ``fwd+bwd`` is a
+forward with autograd and the backward of a weighted sum of the outputs. Ratios are speed-ups over the
+reference (autograd through :func:`metaplastic.scan`) and, on CUDA, times relative to fla's
+``chunk_simple_gla`` (and ``chunk_gated_delta_rule`` for the delta-rule models) measured in the same run.
+``saved B/tok/head``: bytes autograd keeps for the backward beyond the inputs, divided by ``B·T·H``
+(counted with ``torch.autograd.graph.saved_tensors_hooks``, each storage once).
+
+Models with a diagonal posterior are timed with ``b`` head-shared (``[B,T,H]``, column b = H) and per value
+channel (``[B,T,H,V]``, column b = V). The backends of one model are timed round-robin, rep by rep, so that a
+change in machine load affects them alike.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from typing import Callable, Dict, List, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+
+import metaplastic
+from metaplastic.cli import UserError
+from metaplastic.experiments._threads import torch_threads
+
+from .chunk import unsupported_reason
+from .dispatch import scan as dispatch_scan
+from .dispatch import triton_chunk_reason
+
+SHAPES = {("cpu", False): (2, 1024, 4, 64, 64), ("cpu", True): (2, 256, 2, 32, 32),
+          ("cuda", False): (8, 4096, 16, 128, 128), ("cuda", True): (2, 1024, 4, 64, 64)}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--device", choices=("cpu", "cuda"), default=None,
+                        help="where to run (default: cuda when available, else cpu)")
+    parser.add_argument("--quick", action="store_true", help="small shapes and fewer repetitions")
+    parser.add_argument("--json", metavar="FILE", help="write the records as a JSON list to FILE")
+    parser.add_argument("--models", nargs="+", metavar="NAME",
+                        help="registry models (default: on CPU those with a chunked path, on CUDA all)")
+    parser.add_argument("--shape", metavar="B,T,H,K,V", help="override the shape")
+    parser.add_argument("--reps", type=int, default=None, help="timed runs per fast backend (default 5, quick 3)")
+    parser.add_argument("--ref-reps", type=int, default=None, help="timed runs of the reference (default 3)")
+    parser.add_argument("--chunk-size", type=int, default=64, help="chunk length of the chunked paths")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch CPU threads while timing (default: torch's own setting)")
+    parser.add_argument("--tf32", action="store_true",
+                        help="CUDA: allow TF32 matmuls (torch and the chunked Triton kernel), as fla's kernels use")
+    parser.add_argument("--reference", choices=("auto", "yes", "no"), default="auto",
+                        help="time the token-by-token reference (auto: on CPU, and on CUDA with --quick)")
+
+
+# ------------------------------------------------------------------------------------------- inputs
+def make_inputs(name: str, shape: Tuple[int, ...], b_per_value: bool, device: str, seed: int = 0) -> Dict:
+    """Random valid fp32 inputs for registry entry ``name`` (unit-norm q, k; decays in [0.9, 1))."""
+    spec = metaplastic.registry[name]
+    obj = spec.objective
+    B, T, H, K, V = shape
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+
+    def rand(*s):
+        return torch.rand(*s, generator=gen)
+
+    x = {"q": F.normalize(torch.randn(B, T, H, K, generator=gen), dim=-1),
+         "k": F.normalize(torch.randn(B, T, H, K, generator=gen), dim=-1),
+         "v": torch.randn(B, T, H, V, generator=gen)}
+    if obj.forgetting != "none":
+        x["log_decay"] = torch.log(0.9 + 0.0999 * rand(*((B, T, H, K) if obj.forgetting == "vector" else (B, T, H))))
+    x["beta"] = rand(B, T, H, V) if spec.beta_per_value else rand(B, T, H)
+    if obj.posterior == "diagonal":
+        x["b"] = rand(B, T, H, V) if b_per_value else rand(B, T, H)
+    if obj.posterior == "full":
+        x["lam"] = 0.25 + F.softplus(torch.randn(H, K, generator=gen))
+    return {key: val.to(device) for key, val in x.items()}
+
+
+# ------------------------------------------------------------------------------------------- timing
+def _sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+class _Timer:
+    """fwd and fwd+bwd closures of one backend on one input set, timed rep by rep (interleaved with the
+    other backends of the same model, so that a change of machine load hits all of them alike)."""
+
+    def __init__(self, run: Callable[[Dict], torch.Tensor], inputs: Dict, device: str) -> None:
+        self.run, self.inputs, self.device = run, inputs, device
+        self.leaves = {key: val.detach().clone().requires_grad_(val.is_floating_point())
+                       for key, val in inputs.items()}
+        self.weight: Optional[torch.Tensor] = None
+        self.fwd_ms: List[float] = []
+        self.fwdbwd_ms: List[float] = []
+
+    def fwd(self) -> None:
+        with torch.no_grad():
+            self.run(self.inputs)
+
+    def fwdbwd(self) -> None:
+        out = self.run(self.leaves)
+        if self.weight is None:
+            self.weight = torch.randn(out.shape, generator=torch.Generator().manual_seed(1)).to(out)
+        (out * self.weight).sum().backward()
+        for t in self.leaves.values():
+            t.grad = None
+
+    def saved_bytes(self) -> int:
+        """Bytes of the storages autograd saves for the backward, other than the inputs' own."""
+        exclude = {t.untyped_storage().data_ptr() for t in self.leaves.values()}
+        seen: Dict[int, int] = {}
+
+        def pack(t: torch.Tensor) -> torch.Tensor:
+            storage = t.untyped_storage()
+            if storage.data_ptr() not in exclude:
+                seen[storage.data_ptr()] = storage.nbytes()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            out = self.run(self.leaves)
+        del out
+        return sum(seen.values())
+
+    def once(self, which: str) -> None:
+        fn = self.fwd if which == "fwd" else self.fwdbwd
+        _sync(self.device)
+        start = time.perf_counter()
+        fn()
+        _sync(self.device)
+        (self.fwd_ms if which == "fwd" else self.fwdbwd_ms).append((time.perf_counter() - start) * 1e3)
+
+
+def _time_group(records: List[Dict], timers: List[_Timer], reps: List[int], warmups: List[int], bar) -> None:
+    """Warm up, count saved bytes, then time ``reps[i]`` runs of each timer, round-robin; fill ``records``."""
+    alive = []
+    for rec, timer, warmup in zip(records, timers, warmups):
+        try:
+            for _ in range(warmup):
+                timer.fwd()
+                timer.fwdbwd()
+            rec["saved_bytes_per_token_head"] = timer.saved_bytes() / rec.pop("_tokens_heads")
+            alive.append(True)
+        except Exception as exc:  # a backend that fails is reported, not fatal
+            rec.pop("_tokens_heads", None)
+            rec["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:160]
+            alive.append(False)
+            if timer.device == "cuda":
+                torch.cuda.empty_cache()
+    for which in ("fwd", "fwdbwd"):
+        for rep in range(max(reps)):
+            for ok, timer, n in zip(alive, timers, reps):
+                if ok and rep < n:
+                    timer.once(which)
+    for ok, rec, timer in zip(alive, records, timers):
+        if ok:
+            rec["fwd_ms"] = statistics.median(timer.fwd_ms)
+            rec["fwdbwd_ms"] = statistics.median(timer.fwdbwd_ms)
+        bar.update()
+
+
+# ------------------------------------------------------------------------------------------- backends
+def _backends(name: str, device: str, b_per_value: bool, reference: bool) -> List[str]:
+    obj = metaplastic.registry[name].objective
+    out = ["reference"] if reference else []
+    if unsupported_reason(obj) is None:
+        out.append("chunk")
+    if device == "cuda":
+        b = torch.empty(1, 1, 1, 1) if b_per_value else None
+        if triton_chunk_reason(obj, b, None) is None:
+            out.append("triton_chunk")
+        out.append("triton_recurrent")
+    return out
+
+
+def _our_run(name: str, backend: str, chunk_size: int) -> Callable[[Dict], torch.Tensor]:
+    spec = metaplastic.registry[name]
+
+    def run(x: Dict) -> torch.Tensor:
+        return dispatch_scan(spec.objective, **x, scale=spec.scale_for(x["q"].shape[-1]), backend=backend,
+                             chunk_size=chunk_size).output
+    return run
+
+
+def _fla_runs(shape: Tuple[int, ...], device: str) -> List[Tuple[str, Callable[[Dict], torch.Tensor], Dict]]:
+    """fla's chunk kernels (CUDA only), when importable: (label, run, inputs)."""
+    runs = []
+    try:
+        from fla.ops.simple_gla import chunk_simple_gla
+        x = make_inputs("simple_gla", shape, False, device)
+        runs.append(("fla chunk_simple_gla", lambda x: chunk_simple_gla(x["q"], x["k"], x["v"], g=x["log_decay"])[0],
+                     {key: x[key] for key in ("q", "k", "v", "log_decay")}))
+    except Exception:  # pragma: no cover - needs CUDA and fla
+        pass
+    try:
+        from fla.ops.gated_delta_rule import chunk_gated_delta_rule
+        x = make_inputs("gated_deltanet", shape, False, device)
+        runs.append(("fla chunk_gated_delta_rule",
+                     lambda x: chunk_gated_delta_rule(x["q"], x["k"], x["v"], g=x["log_decay"], beta=x["beta"])[0],
+                     {key: x[key] for key in ("q", "k", "v", "log_decay", "beta")}))
+    except Exception:  # pragma: no cover
+        pass
+    return runs
+
+
+def _paper_run(shape: Tuple[int, ...], device: str):
+    """The paper's own Palimpsa chunk kernel, if a package providing it is importable (None otherwise)."""
+    for module, attr in (("palimpsa", "chunk_palimpsa"), ("palimpsa.ops", "chunk_palimpsa")):
+        try:
+            fn = getattr(__import__(module, fromlist=[attr]), attr)
+        except Exception:
+            continue
+        x = make_inputs("palimpsa", shape, True, device)
+        return ("paper palimpsa kernel", lambda x: fn(x["q"], x["k"], x["v"], x["log_decay"], x["beta"], x["b"])[0], x)
+    return None
+
+
+# ------------------------------------------------------------------------------------------- the command
+def _parse_shape(text: Optional[str], device: str, quick: bool) -> Tuple[int, ...]:
+    if text is None:
+        return SHAPES[(device, quick)]
+    try:
+        shape = tuple(int(s) for s in text.split(","))
+    except ValueError:
+        raise UserError(f"--shape must be five integers B,T,H,K,V, got {text!r}") from None
+    if len(shape) != 5 or min(shape) < 1:
+        raise UserError(f"--shape must be five positive integers B,T,H,K,V, got {text!r}")
+    return shape
+
+
+def run(args: argparse.Namespace) -> int:
+    from tqdm.auto import tqdm
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda: no CUDA device is available")
+    shape = _parse_shape(args.shape, device, args.quick)
+    reps = args.reps if args.reps is not None else (3 if args.quick else 5)
+    ref_reps = args.ref_reps if args.ref_reps is not None else 3
+    if reps < 1 or ref_reps < 1:
+        raise UserError("--reps and --ref-reps must be at least 1")
+    if args.chunk_size < 1:
+        raise UserError(f"--chunk-size must be positive, got {args.chunk_size}")
+    if args.models:
+        unknown = [m for m in args.models if m not in metaplastic.registry]
+        if unknown:
+            raise UserError(f"unknown model(s) {', '.join(unknown)}; known: {', '.join(metaplastic.registry)}")
+        models = list(args.models)
+    elif device == "cpu":
+        models = [m for m, s in metaplastic.registry.items() if unsupported_reason(s.objective) is None]
+    else:
+        models = list(metaplastic.registry)
+    if args.tf32 and device == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+    reference = args.reference == "yes" or (args.reference == "auto" and (device == "cpu" or args.quick))
+    if args.threads is not None and args.threads < 1:
+        raise UserError(f"--threads must be positive, got {args.threads}")
+    threads = args.threads or torch.get_num_threads()
+    card = torch.cuda.get_device_name() if device == "cuda" else f"cpu ({threads} torch threads)"
+    B, T, H, K, V = shape
+    shape_str = f"B={B},T={T},H={H},K={K},V={V}"
+
+    jobs = []
+    for name in models:
+        diagonal = metaplastic.registry[name].objective.posterior == "diagonal"
+        for b_per_value in ((False, True) if diagonal else (False,)):
+            for backend in _backends(name, device, b_per_value, reference):
+                jobs.append((name, b_per_value, backend))
+    externals = []
+    if device == "cuda":
+        externals = _fla_runs(shape, device)
+        paper = _paper_run(shape, device)
+        if paper is not None:
+            externals.append(paper)
+
+    records: List[Dict] = []
+    bar = tqdm(total=len(jobs) + len(externals), desc="bench kernels", unit="run")
+    with torch_threads(args.threads):
+        for label, fn, x in externals:
+            bar.set_postfix_str(label)
+            rec = _new_record(label, "external", "-", device, card, shape_str, B * T * H)
+            _time_group([rec], [_Timer(fn, x, device)], [reps], [1], bar)
+            records.append(rec)
+        groups: Dict[Tuple[str, bool], List[str]] = {}
+        for name, b_per_value, backend in jobs:
+            groups.setdefault((name, b_per_value), []).append(backend)
+        for (name, b_per_value), backends in groups.items():
+            x = make_inputs(name, shape, b_per_value, device)
+            bar.set_postfix_str(name + (f" b={'V' if b_per_value else 'H'}" if "b" in x else ""))
+            b_col = ("V" if b_per_value else "H") if "b" in x else "-"
+            recs = [_new_record(name, be, b_col, device, card, shape_str, B * T * H) for be in backends]
+            timers = [_Timer(_our_run(name, be, args.chunk_size), x, device) for be in backends]
+            slow = [be == "reference" for be in backends]
+            _time_group(recs, timers, [ref_reps if s_ else reps for s_ in slow],
+                        [0 if s_ and device == "cpu" else 1 for s_ in slow], bar)
+            records.extend(recs)
+    bar.close()
+    _add_ratios(records)
+    print(f"\nmetaplastic bench kernels on {card}, {shape_str}, fp32, medians of {reps} runs "
+          f"(reference: {ref_reps})")
+    print(format_table(records))
+    if args.json:
+        try:
+            with open(args.json, "w") as fh:
+                json.dump(records, fh, indent=1)
+        except OSError as exc:
+            raise UserError(f"cannot write --json {args.json}: {exc.strerror}") from None
+        print(f"wrote {len(records)} records to {args.json}")
+    return 0
+
+
+def _new_record(model: str, backend: str, b: str, device: str, card: str, shape: str, tokens_heads: int) -> Dict:
+    return {"model": model, "backend": backend, "b": b, "device": device, "card": card, "shape": shape,
+            "dtype": "float32" + ("+tf32" if device == "cuda" and torch.backends.cuda.matmul.allow_tf32 else ""),
+            "threads": torch.get_num_threads(), "fwd_ms": None, "fwdbwd_ms": None,
+            "saved_bytes_per_token_head": None, "error": None, "_tokens_heads": tokens_heads}
+
+
+def _add_ratios(records: List[Dict]) -> None:
+    """``speedup_*``: reference time / this time (same model and b); ``vs_fla_*``: this time / fla's."""
+    ref = {(r["model"], r["b"]): r for r in records if r["backend"] == "reference" and r["error"] is None}
+    fla = {r["model"]: r for r in records if r["backend"] == "external" and r["error"] is None}
+    delta = metaplastic.registry["gated_deltanet"].objective.likelihood
+    for r in records:
+        base = ref.get((r["model"], r["b"]))
+        for key in ("fwd_ms", "fwdbwd_ms"):
+            r[f"speedup_{key[:-3]}"] = (base[key] / r[key] if base and r[key] else None)
+        if r["backend"] == "external":
+            continue
+        obj = metaplastic.registry[r["model"]].objective
+        other = fla.get("fla chunk_gated_delta_rule" if obj.likelihood == delta else "fla chunk_simple_gla")
+        for key in ("fwd_ms", "fwdbwd_ms"):
+            r[f"vs_fla_{key[:-3]}"] = (r[key] / other[key] if other and r[key] else None)
+
+
+def format_table(records: List[Dict]) -> str:
+    """The records as a fixed-width text table."""
+    cols = [("model", 20), ("b", 2), ("backend", 17), ("fwd ms", 9), ("fwd+bwd ms", 11), ("fwd ×ref", 9),
+            ("f+b ×ref", 9), ("÷fla f+b", 9), ("saved B/tok/head", 17)]
+
+    def fmt(x, digits=1):
+        if x is None:
+            return "-"
+        return f"{x:.{digits}f}" if x < 1000 else f"{x:.0f}"
+
+    lines = ["  ".join(f"{name:>{w}}" if i >= 3 else f"{name:<{w}}" for i, (name, w) in enumerate(cols))]
+    lines.append("-" * len(lines[0]))
+    for r in records:
+        if r["error"]:
+            cells = [r["model"], r["b"], r["backend"], "error: " + r["error"]]
+            lines.append("  ".join(f"{c:<{w}}" for c, (_, w) in zip(cells[:3], cols)) + "  " + cells[3])
+            continue
+        cells = [r["model"], r["b"], r["backend"], fmt(r["fwd_ms"]), fmt(r["fwdbwd_ms"]),
+                 fmt(r.get("speedup_fwd"), 2), fmt(r.get("speedup_fwdbwd"), 2), fmt(r.get("vs_fla_fwdbwd"), 2),
+                 fmt(r["saved_bytes_per_token_head"], 0)]
+        lines.append("  ".join(f"{c:>{w}}" if i >= 3 else f"{c:<{w}}"
+                               for i, (c, (_, w)) in enumerate(zip(cells, cols))))
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    import sys
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    sys.exit(run(parser.parse_args()))

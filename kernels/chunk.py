@@ -1,0 +1,447 @@
+"""The chunked torch path for the ``dot`` and ``dot_diag`` likelihoods, with hand-written backwards.
+
+The sequence is cut into chunks of ``C`` tokens. Only the states at chunk boundaries are kept; inside a
+chunk the work is matrix products with the decay matrix ``D[t, s] = exp(G_t - G_s)`` (``s ≤ t``, ``G`` the
+cumulative log-decay inside the chunk), so every exponent is ≤ 0 and nothing overflows. With vector
+(per key channel) decay ``D`` is ``[C, C, K]`` and the chunk is capped at ``VECTOR_CHUNK``.
+
+Three ``torch.autograd.Function``s, each with its own backward:
+
+- :class:`ChunkDot`: the gated linear-attention read ``o_t = scale · S_t q_t`` of
+  ``S_t = α_t ∘ S_{t-1} + v_t ⊗ k_t`` (α per head or per key channel). It saves the inputs and the
+  chunk-boundary states and recomputes the rest in its backward; the log-decay gradient comes out of
+  ``q ∘ dq − k ∘ dk`` plus the chunk-end state term, reverse-cumulated inside each chunk.
+- :class:`DecayedScan`: every state ``h_t = α_t ∘ h_{t-1} + x_t`` of a linear recurrence, materialised
+  (``x [B,H,T,P,K]``); its backward is the same scan run backwards in time.
+- :class:`DiagonalScan`: Palimpsa with ``b`` per value row, a two-level scan (see its docstring).
+
+The models (THEORY.md §2), selected by the objective's settings:
+
+- ``dot`` / point: ``S_t = α S_{t-1} + (β/Ip) v ⊗ k`` → one :class:`ChunkDot`.
+- ``dot_diag`` / diagonal (Palimpsa, meta_mamba2, meta_gla): ``M_t = α M_{t-1} + β v ⊗ k`` and
+  ``I_t − Ip = α (I_{t-1} − Ip) + b ⊗ k²``; ``o = scale · (M/I) q``.
+
+  * head-shared ``b`` (``[B,T,H]``) and an initial precision constant over value rows (and not requiring
+    a gradient, which would be per row): ``I_t`` depends on the key channel only (THEORY.md limit 7), so
+    ``o = scale · M_t (q ⊘ I_t)``: a :class:`DecayedScan` of width 1 for ``I`` and one :class:`ChunkDot`
+    read with the rescaled query. Cost as simple GLA.
+  * ``b`` per value channel (``[B,T,H,V]``), or any other initial precision: ``Σ_j M_ij q_j / I_ij`` does
+    not factor; :class:`DiagonalScan` materialises ``M_t, I_t`` one block of ``DIAGONAL_CHUNK`` tokens at a
+    time: ``O(T·V·K)`` flops, ``O(DIAGONAL_CHUNK·V·K)`` working memory per head.
+
+Elementwise glue (``β v``, ``b k²``, ``q ⊘ I``, the variance) runs through autograd.
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable, Dict, Optional, Tuple, Union
+
+import torch
+
+from metaplastic.objective import Objective
+from metaplastic.scan import ScanResult, validate_inputs, zero_state
+
+Tensor = torch.Tensor
+VECTOR_CHUNK = 8  # chunk cap with vector decay: the [C, C, K] decay tensor costs C·K per token
+DIAGONAL_CHUNK = 16  # tokens per recomputed block of the per-value-b path (working set [B,H,C,2V,K])
+
+
+# ----------------------------------------------------------------------------------------------- helpers
+def unsupported_reason(objective: Objective) -> Optional[str]:
+    """Why the chunked path cannot run ``objective`` (None when it can)."""
+    if objective.likelihood in ("dot", "dot_diag"):
+        return None
+    return (f"the chunked path covers likelihood 'dot' and 'dot_diag' only, not {objective.likelihood!r} "
+            f"(posterior={objective.posterior!r}): use backend='triton' or 'reference'")
+
+
+def _pad_chunks(x: Tensor, C: int) -> Tensor:
+    """``[B, H, T, ...] -> [B, H, N, C, ...]``, zero-padded at the end of time (``N = ceil(T / C)``)."""
+    T = x.shape[2]
+    N = math.ceil(T / C)
+    if N * C != T:
+        pad = x.new_zeros(x.shape[:2] + (N * C - T,) + x.shape[3:])
+        x = torch.cat([x, pad], 2)
+    return x.reshape(x.shape[:2] + (N, C) + x.shape[3:])
+
+
+def _unchunk(x: Tensor, T: int) -> Tensor:
+    """``[B, H, N, C, ...] -> [B, H, T, ...]`` (drops the padding)."""
+    return x.reshape(x.shape[:2] + (x.shape[2] * x.shape[3],) + x.shape[4:])[:, :, :T]
+
+
+def _causal(C: int, device: torch.device) -> Tensor:
+    return torch.ones(C, C, dtype=torch.bool, device=device).tril()
+
+
+def _decay_matrix(G: Tensor, mask: Tensor) -> Tensor:
+    """``exp(G_t - G_s)`` for ``s ≤ t``, else 0. ``G [..., C, Kg]`` -> ``[..., C, C]`` (Kg = 1) or
+    ``[..., C, C, K]`` (vector decay)."""
+    if G.shape[-1] == 1:
+        diff = G[..., :, None, 0] - G[..., None, :, 0]
+        return diff.masked_fill(~mask, float("-inf")).exp()
+    diff = G[..., :, None, :] - G[..., None, :, :]
+    return diff.masked_fill(~mask[..., None], float("-inf")).exp()
+
+
+def _reverse_cumsum(x: Tensor, dim: int) -> Tensor:
+    return x.flip(dim).cumsum(dim).flip(dim)
+
+
+# ------------------------------------------------------------------------------------------- ChunkDot
+def _scores(qc: Tensor, kc: Tensor, D: Tensor) -> Tensor:
+    """Intra-chunk ``A[t, s] = Σ_k q_tk k_sk exp(G_tk - G_sk)`` (masked), ``[..., C, C]``."""
+    if D.dim() == qc.dim():  # scalar decay: D [..., C, C]
+        return (qc @ kc.transpose(-1, -2)) * D
+    return ((qc[..., :, None, :] * kc[..., None, :, :]) * D).sum(-1)
+
+
+def chunk_dot_forward(q: Tensor, k: Tensor, v: Tensor, g: Tensor, S0: Tensor, scale: float,
+                      C: int) -> Tuple[Tensor, Tensor]:
+    """Forward of :class:`ChunkDot` without autograd.
+
+    ``q, k [B,H,T,K]``, ``v [B,H,T,V]``, ``g [B,H,T,Kg]`` (Kg = 1 or K), ``S0 [B,H,V,K]``.
+    Returns ``o [B,H,T,V]`` and the boundary states ``[B,H,N+1,V,K]`` (the last is the final state).
+    """
+    T = q.shape[2]
+    qc, kc, vc, gc = (_pad_chunks(x, C) for x in (q, k, v, g))
+    G = gc.cumsum(-2)  # [B,H,N,C,Kg]
+    G_last = G[..., -1:, :]
+    k_to_end = kc * (G_last - G).exp()
+    U = vc.transpose(-1, -2) @ k_to_end  # [B,H,N,V,K]: what a chunk writes, seen at its end
+    chunk_decay = G_last.exp()  # [B,H,N,1,Kg]
+    states = [S0]
+    for n in range(qc.shape[2]):
+        states.append(states[-1] * chunk_decay[:, :, n] + U[:, :, n])
+    S_all = torch.stack(states, 2)
+    D = _decay_matrix(G, _causal(C, q.device))
+    o = (qc * G.exp()) @ S_all[:, :, :-1].transpose(-1, -2) + _scores(qc, kc, D) @ vc
+    return _unchunk(o * scale, T), S_all
+
+
+class ChunkDot(torch.autograd.Function):
+    """``o_t = scale · S_t q_t`` with ``S_t = exp(g_t) ∘ S_{t-1} + v_t ⊗ k_t``; returns ``(o, S_T)``.
+
+    Shapes as :func:`chunk_dot_forward`. Saved for the backward: the inputs and the ``N + 1`` boundary
+    states (``V·K/C`` numbers per token and head).
+    """
+
+    @staticmethod
+    def forward(ctx, q: Tensor, k: Tensor, v: Tensor, g: Tensor, S0: Tensor, scale: float, C: int):
+        C = C if g.shape[-1] == 1 else min(C, VECTOR_CHUNK)
+        o, S_all = chunk_dot_forward(q, k, v, g, S0, scale, C)
+        ctx.save_for_backward(q, k, v, g, S_all)
+        ctx.scale, ctx.C = scale, C
+        return o, S_all[:, :, -1]
+
+    @staticmethod
+    def backward(ctx, do: Tensor, dS_final: Tensor):
+        q, k, v, g, S_all = ctx.saved_tensors
+        scale, C = ctx.scale, ctx.C
+        T = q.shape[2]
+        qc, kc, vc, gc, doc = (_pad_chunks(x, C) for x in (q, k, v, g, do))
+        N = qc.shape[2]
+        G = gc.cumsum(-2)
+        eG = G.exp()
+        G_last = G[..., -1:, :]
+        to_end = (G_last - G).exp()
+        chunk_decay = G_last.exp()
+        # Reverse pass over chunk boundaries: dS_end[n] is the gradient reaching chunk n's end state.
+        read = scale * (doc.transpose(-1, -2) @ (qc * eG))  # [B,H,N,V,K]: what chunk n reads of its start
+        dS = dS_final
+        ends = [None] * N
+        for n in reversed(range(N)):
+            ends[n] = dS
+            dS = dS * chunk_decay[:, :, n] + read[:, :, n]
+        dS0 = dS
+        dS_end = torch.stack(ends, 2)
+        starts = S_all[:, :, :-1]
+        # Inside the chunks.
+        D = _decay_matrix(G, _causal(C, q.device))
+        dA = (scale * (doc @ vc.transpose(-1, -2))).tril()  # [B,H,N,C,C] = d(o_t)/d(A_ts) summed over V
+        if D.dim() == qc.dim():
+            W = dA * D
+            dq = W @ kc
+            dk = W.transpose(-1, -2) @ qc
+        else:
+            W = dA[..., None] * D  # [B,H,N,C,C,K]
+            dq = (W * kc[..., None, :, :]).sum(-2)
+            dk = (W * qc[..., :, None, :]).sum(-3)
+        dq = dq + scale * (doc @ starts) * eG
+        dk = dk + (vc @ dS_end) * to_end
+        dv = scale * (_scores(qc, kc, D).transpose(-1, -2) @ doc) + (kc * to_end) @ dS_end.transpose(-1, -2)
+        # Log-decay: G_t scales q_t (e^{G_t}) and k_t (e^{-G_t}); the chunk's last G also scales its end state.
+        dG = qc * dq - kc * dk
+        dG[..., -1, :] += (dS_end * S_all[:, :, 1:]).sum(-2)
+        if g.shape[-1] == 1:
+            dG = dG.sum(-1, keepdim=True)
+        dg = _reverse_cumsum(dG, -2)
+        return (_unchunk(dq, T), _unchunk(dk, T), _unchunk(dv, T), _unchunk(dg, T), dS0, None, None)
+
+
+# ----------------------------------------------------------------------------------------- DecayedScan
+def decayed_scan_forward(x: Tensor, g: Tensor, h0: Optional[Tensor], C: int) -> Tensor:
+    """All states of ``h_t = exp(g_t) ∘ h_{t-1} + x_t``: ``x [B,H,T,P,K]``, ``g [B,H,T,Kg]`` (decay over
+    K, broadcast over P), ``h0 [B,H,P,K]`` or None (zero). Returns ``h [B,H,T,P,K]``."""
+    B, H, T, P, K = x.shape
+    xc, gc = _pad_chunks(x, C), _pad_chunks(g, C)  # [B,H,N,C,P,K], [B,H,N,C,Kg]
+    N = xc.shape[2]
+    G = gc.cumsum(-2)
+    D = _decay_matrix(G, _causal(C, x.device))
+    if D.dim() == gc.dim():  # scalar: one [C, C] matrix for all P·K features
+        intra = (D @ xc.reshape(B, H, N, C, P * K)).reshape(xc.shape)
+    else:  # vector: D [B,H,N,C,C,K] -> per key channel [..., K, C, C] @ [..., K, C, P]
+        intra = (D.permute(0, 1, 2, 5, 3, 4) @ xc.permute(0, 1, 2, 5, 3, 4)).permute(0, 1, 2, 4, 5, 3)
+    chunk_decay = G[..., -1, None, :].exp()  # [B,H,N,1,Kg]
+    S = x.new_zeros(B, H, P, K) if h0 is None else h0
+    starts = []
+    for n in range(N):
+        starts.append(S)
+        S = S * chunk_decay[:, :, n] + intra[:, :, n, -1]
+    h = intra + G.exp()[..., None, :] * torch.stack(starts, 2)[:, :, :, None]
+    return _unchunk(h, T)
+
+
+class DecayedScan(torch.autograd.Function):
+    """Materialised linear scan ``h_t = exp(g_t) ∘ h_{t-1} + x_t`` (see :func:`decayed_scan_forward`).
+
+    Backward: ``ĥ_t = dh_t + exp(g_{t+1}) ĥ_{t+1}`` (the same scan, reversed in time), ``dx = ĥ``,
+    ``dh0 = exp(g_0) ĥ_0``, ``dg_t = Σ ĥ_t ∘ α_t h_{t-1}``. Saves ``g``, ``h0`` and ``h`` (not ``x``).
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor, g: Tensor, h0: Tensor, C: int):
+        C = C if g.shape[-1] == 1 else min(C, VECTOR_CHUNK)
+        h = decayed_scan_forward(x, g, h0, C)
+        ctx.save_for_backward(g, h0, h)  # not x: α_t h_{t-1} is rebuilt from h
+        ctx.C = C
+        return h
+
+    @staticmethod
+    def backward(ctx, dh: Tensor):
+        g, h0, h = ctx.saved_tensors
+        g_next = torch.cat([g[:, :, 1:], torch.zeros_like(g[:, :, :1])], 2)
+        hhat = decayed_scan_forward(dh.flip(2), g_next.flip(2), None, ctx.C).flip(2)
+        alpha = g.exp()[..., None, :]  # [B,H,T,1,Kg]
+        dh0 = hhat[:, :, 0] * alpha[:, :, 0]
+        h_prev = torch.cat([h0.expand_as(h[:, :, 0])[:, :, None], h[:, :, :-1]], 2)
+        dg = (hhat * alpha * h_prev).sum(-2)
+        if g.shape[-1] == 1:
+            dg = dg.sum(-1, keepdim=True)
+        return hhat, dg, dh0, None
+
+
+# ---------------------------------------------------------------------------------------- DiagonalScan
+class DiagonalScan(torch.autograd.Function):
+    """Palimpsa with ``b`` per value row, as a two-level scan. Level 1 walks the chunks and keeps only the
+    boundary states ``[M; J]`` (``J = I − Ip``; ``2·V·K/C`` numbers per token and head, saved for the
+    backward). Level 2 materialises one chunk's ``M_t, J_t`` together (``[B,H,c,2V,K]``) by a short
+    elementwise scan from the chunk-start state (``O(V·K)`` per token; on a CPU this is several times faster
+    than the equivalent ``[c, c]`` decay-matrix product, which costs ``c×`` the flops), then reads the chunk
+    out in one batch and drops it. The backward recomputes each chunk and runs the adjoint recurrence
+    ``Ĥ_t = dH_t + α_{t+1} Ĥ_{t+1}`` the same way.
+
+    Inputs ``[B,H,T,...]``: ``q, k [K]``, ``bv [V]`` (= β v), ``bb [P]`` (b, ``P`` = 1 or V), ``g [Kg]``;
+    ``M0, J0 [B,H,V,K]``; ``Ip [1,H,1,1,1]``. Returns ``o [B,H,T,V]``, ``var [B,H,T,V]`` (zeros unless
+    ``with_var``), ``M_T``, ``J_T``.
+    """
+
+    @staticmethod
+    def _states(k, bv, bb, alpha, start):
+        """``[M; J]`` of one chunk ``[B,H,c,2V,K]`` from ``start = [M; J]`` before it; ``alpha [B,H,c,1,Kg]``."""
+        B, H, c, K = k.shape
+        V = bv.shape[-1]
+        X = k.new_empty(B, H, c, 2 * V, K)
+        torch.mul(bv[..., :, None], k[..., None, :], out=X[:, :, :, :V])
+        X[:, :, :, V:] = bb[..., :, None] * (k * k)[..., None, :]  # bb may be [.., 1]: broadcast over V
+        h = start
+        for t in range(c):  # h_t = α_t h_{t-1} + x_t, written over x_t
+            h = torch.addcmul(X[:, :, t], alpha[:, :, t], h, out=X[:, :, t])
+        return X
+
+    @staticmethod
+    def forward(ctx, q, k, bv, bb, g, M0, J0, Ip, scale: float, C: int, with_var: bool):
+        q, k, bv, bb, g = (x.contiguous() for x in (q, k, bv, bb, g))
+        T, V = q.shape[2], bv.shape[-1]
+        alpha = g.exp()[..., None, :]  # [B,H,T,1,Kg]
+        o, var = q.new_zeros(bv.shape), q.new_zeros(bv.shape)
+        starts = [torch.cat([M0, J0], 2)]
+        for t0 in range(0, T, C):
+            sl = slice(t0, min(t0 + C, T))
+            MJ = DiagonalScan._states(k[:, :, sl], bv[:, :, sl], bb[:, :, sl], alpha[:, :, sl], starts[-1])
+            starts.append(MJ[:, :, -1].clone())
+            I = MJ[:, :, :, V:].add_(Ip)  # J -> I in place
+            qs = q[:, :, sl, :, None]
+            o[:, :, sl] = scale * ((MJ[:, :, :, :V] / I) @ qs)[..., 0]
+            if with_var:
+                var[:, :, sl] = scale * scale * (I.reciprocal_() @ (qs * qs))[..., 0]
+        starts = torch.stack(starts, 2)
+        ctx.save_for_backward(q, k, bv, bb, g, Ip, starts)
+        ctx.scale, ctx.C, ctx.with_var = scale, C, with_var
+        return o, var, starts[:, :, -1, :V], starts[:, :, -1, V:]
+
+    @staticmethod
+    def backward(ctx, do, dvar, dM_T, dJ_T):
+        q, k, bv, bb, g, Ip, starts = ctx.saved_tensors
+        scale, C = ctx.scale, ctx.C
+        B, H, T, V = bv.shape
+        do, dvar = do.contiguous(), dvar.contiguous()
+        alpha = g.exp()[..., None, :]
+        dq, dk, dbv, dbb, dg = (torch.zeros_like(x) for x in (q, k, bv, bb, g))
+        dIp = torch.zeros_like(Ip)
+        d_end = torch.cat([dM_T, dJ_T], 2)  # gradient reaching the chunk's last state, [B,H,2V,K]
+        t0s = list(range(0, T, C))
+        for n in reversed(range(len(t0s))):
+            sl = slice(t0s[n], min(t0s[n] + C, T))
+            c = sl.stop - sl.start
+            qc, kc, bvc, bbc, doc = q[:, :, sl], k[:, :, sl], bv[:, :, sl], bb[:, :, sl], do[:, :, sl]
+            al = alpha[:, :, sl]
+            MJ = DiagonalScan._states(kc, bvc, bbc, al, starts[:, :, n])
+            invI = (MJ[:, :, :, V:] + Ip).reciprocal_()
+            mu = MJ[:, :, :, :V] * invI
+            # read-out o = scale · mu q (and var = scale² · (1/I) q²): local gradients of M and J
+            dq_c = scale * (doc[..., None, :] @ mu)[..., 0, :]
+            L = q.new_empty(B, H, c, 2 * V, q.shape[-1])
+            dM = L[:, :, :, :V]
+            torch.mul(scale * doc[..., :, None] * qc[..., None, :], invI, out=dM)
+            torch.mul(dM, mu, out=L[:, :, :, V:]).neg_()
+            if ctx.with_var:
+                dvc = dvar[:, :, sl]
+                dq_c = dq_c + 2 * scale * scale * qc * (dvc[..., None, :] @ invI)[..., 0, :]
+                L[:, :, :, V:] -= scale * scale * dvc[..., :, None] * (qc * qc)[..., None, :] * invI * invI
+            dIp += L[:, :, :, V:].sum((0, 2, 3, 4)).view(dIp.shape)
+            # adjoint recurrence, backwards through the chunk (written over L)
+            h = L[:, :, c - 1].add_(d_end)
+            for t in range(c - 2, -1, -1):
+                h = torch.addcmul(L[:, :, t], al[:, :, t + 1], h, out=L[:, :, t])
+            MJh = L
+            d_end = al[:, :, 0] * MJh[:, :, 0]  # through α of the chunk's first token
+            Mh, Jh = MJh[:, :, :, :V], MJh[:, :, :, V:]
+            # the writes x = [bv ⊗ k; b ⊗ k²] and the decays (Σ_i Ĥ_i x_i = k · (bᵀ Ĥ))
+            k2 = kc * kc
+            dbv[:, :, sl] = (Mh @ kc[..., :, None])[..., 0]
+            dbb_c = (Jh @ k2[..., :, None])[..., 0]
+            dbb[:, :, sl] = dbb_c.sum(-1, keepdim=True) if bb.shape[-1] == 1 else dbb_c
+            dkM = (bvc[..., None, :] @ Mh)[..., 0, :]
+            dkJ = (bbc.expand(B, H, c, V)[..., None, :] @ Jh)[..., 0, :]
+            dk[:, :, sl] = dkM + 2 * kc * dkJ
+            dq[:, :, sl] = dq_c
+            dG = (MJh * MJ).sum(-2) - kc * dkM - k2 * dkJ  # Σ_i Ĥ_t ∘ (h_t − x_t) = Σ_i Ĥ_t ∘ α_t h_{t-1}
+            dg[:, :, sl] = dG.sum(-1, keepdim=True) if g.shape[-1] == 1 else dG
+        return dq, dk, dbv, dbb, dg, d_end[:, :, :V], d_end[:, :, V:], dIp, None, None, None
+
+
+# ------------------------------------------------------------------------------------------ the models
+def _heads_first(x: Optional[Tensor], dtype: torch.dtype) -> Optional[Tensor]:
+    """``[B, T, H, ...] -> [B, H, T, ...]`` in ``dtype``; a ``[B, T, H]`` gate gets a trailing 1."""
+    if x is None:
+        return None
+    x = x.to(dtype)
+    if x.dim() == 3:
+        x = x[..., None]
+    return x.transpose(1, 2)
+
+
+def _chunk_dense(objective: Objective, q, k, v, log_decay, beta, b, Ip: Tensor, scale: float,
+                 initial_state: Optional[Dict[str, Tensor]], output_variance: bool, dtype: torch.dtype,
+                 C: int, dot: Optional[Callable] = None) -> ScanResult:
+    """One batch of equal-length sequences. Returns output ``[B,T,H,V]`` (dtype), final state, variance.
+    ``dot`` is the gated linear-attention primitive (:class:`ChunkDot`, or the Triton one)."""
+    B, T, H, K = q.shape
+    V = v.shape[-1]
+    dot = ChunkDot.apply if dot is None else dot
+    qh, kh, vh = (_heads_first(x, dtype) for x in (q, k, v))  # [B,H,T,D]
+    g = _heads_first(log_decay, dtype)
+    g = qh.new_zeros(B, H, T, 1) if g is None else g  # [B,H,T,Kg]
+    beta_h = _heads_first(beta, dtype)  # [B,H,T,1|V]
+    Ip4 = Ip.view(1, H, 1, 1)
+    init = None if initial_state is None else {key: x.to(dtype) for key, x in initial_state.items()}
+
+    if objective.posterior == "point":
+        write = 1 / Ip4 if beta_h is None else beta_h / Ip4
+        S0 = qh.new_zeros(B, H, V, K) if init is None else init["S"]
+        o, S_T = dot(qh, kh, vh * write, g, S0, scale, C)
+        return ScanResult(o.transpose(1, 2), {"S": S_T}, None)
+
+    # dot_diag / diagonal
+    if init is None:
+        I0, M0 = Ip4.expand(B, H, V, K), qh.new_zeros(B, H, V, K)
+    else:
+        I0, M0 = init["I"], init["I"] * init["mu"]
+    bv = vh if beta_h is None else beta_h * vh
+    k2 = kh * kh
+    # The fast path needs I_0 constant over value rows; it cannot give a per-row gradient of I_0.
+    head_shared = ((b is None or b.dim() == 3) and not (torch.is_grad_enabled() and I0.requires_grad)
+                   and bool((I0 == I0[:, :, :1]).all()))
+    if head_shared:  # THEORY.md limit 7: I_t over key channels only, o = scale · M_t (q ⊘ I_t)
+        b_h = _heads_first(b, dtype)
+        xJ = (torch.zeros_like(k2) if b_h is None else b_h * k2)[:, :, :, None, :]  # [B,H,T,1,K]
+        J = DecayedScan.apply(xJ, g, (I0 - Ip4)[:, :, :1], C)[:, :, :, 0]
+        I = Ip4 + J  # [B,H,T,K]
+        o, M_T = dot(qh / I, kh, bv, g, M0, scale, C)
+        var = None
+        if output_variance:
+            var = (scale * scale * (qh * qh / I).sum(-1, keepdim=True)).expand(B, H, T, V).transpose(1, 2)
+        I_T = I[:, :, -1, None, :].expand(B, H, V, K)
+        return ScanResult(o.transpose(1, 2), {"mu": M_T / I_T, "I": I_T}, var)
+
+    # b per value row (or an initial precision that varies over value rows): materialise M_t and I_t,
+    # one chunk of at most DIAGONAL_CHUNK tokens at a time.
+    b_h = qh.new_zeros(B, H, T, 1) if b is None else _heads_first(b, dtype)
+    Ip5 = Ip.view(1, H, 1, 1, 1)
+    o, var, M_T, J_T = DiagonalScan.apply(qh, kh, bv, b_h, g, M0, I0 - Ip4, Ip5, scale, min(C, DIAGONAL_CHUNK),
+                                          output_variance)
+    I_T = J_T + Ip4
+    return ScanResult(o.transpose(1, 2), {"mu": M_T / I_T, "I": I_T}, var.transpose(1, 2) if output_variance else None)
+
+
+def chunk_scan(objective: Objective, q: Tensor, k: Tensor, v: Tensor, *, log_decay: Optional[Tensor] = None,
+               beta: Optional[Tensor] = None, b: Optional[Tensor] = None,
+               prior_precision: Union[float, Tensor] = 1.0, lam: Optional[Tensor] = None, scale: float = 1.0,
+               initial_state: Optional[Dict[str, Tensor]] = None, output_final_state: bool = False,
+               output_variance: bool = False, cu_seqlens: Optional[Tensor] = None,
+               chunk_size: int = 64, _dot: Optional[Callable] = None) -> ScanResult:
+    """The chunked path: same arguments and result as :func:`metaplastic.scan` (``[B,T,H,D]`` layout), plus
+    ``chunk_size``. Covers likelihood ``dot`` (point posterior) and ``dot_diag`` (diagonal posterior);
+    anything else raises ``ValueError``. Computes in float64 if any of q, k, v is float64, else float32.
+    ``cu_seqlens`` is handled one sequence at a time.
+    """
+    reason = unsupported_reason(objective)
+    if reason is not None:
+        raise ValueError(reason)
+    validate_inputs(objective, q, k, v, log_decay, beta, b, prior_precision, lam, initial_state, cu_seqlens)
+    if output_variance and objective.posterior == "point":
+        raise ValueError("output_variance=True needs posterior='diagonal' or 'full'; 'point' has no variance")
+    if not (isinstance(chunk_size, int) and chunk_size >= 1):
+        raise ValueError(f"chunk_size must be a positive integer, got {chunk_size!r}")
+    B, T, H, K = q.shape
+    V = v.shape[-1]
+    dtype = torch.float64 if torch.float64 in (q.dtype, k.dtype, v.dtype) else torch.float32
+    Ip = torch.as_tensor(prior_precision, dtype=dtype, device=q.device)
+    Ip = Ip.expand(H) if Ip.dim() == 0 else Ip
+    C = min(chunk_size, T) if cu_seqlens is None else chunk_size
+
+    def run(sl: slice, init) -> ScanResult:
+        pick = (lambda x: None if x is None else x[:, sl])
+        return _chunk_dense(objective, q[:, sl], k[:, sl], v[:, sl], pick(log_decay), pick(beta), pick(b), Ip,
+                            scale, init, output_variance, dtype, C, _dot)
+
+    if cu_seqlens is None:
+        res = run(slice(None), initial_state)
+        return ScanResult(res.output.to(q.dtype), res.final_state if output_final_state else None, res.variance)
+    bounds = cu_seqlens.tolist()
+    outs, vars_, finals = [], [], []
+    for n, (start, end) in enumerate(zip(bounds[:-1], bounds[1:])):
+        init = None if initial_state is None else {key: x[n:n + 1] for key, x in initial_state.items()}
+        if end == start:
+            zero = zero_state(objective, 1, H, K, V, Ip, dtype, q.device)
+            finals.append(zero if init is None else {key: x.to(dtype) for key, x in init.items()})
+            continue
+        res = run(slice(start, end), init)
+        outs.append(res.output)
+        vars_.append(res.variance)
+        finals.append(res.final_state)
+    output = torch.cat(outs, 1).to(q.dtype)
+    variance = torch.cat(vars_, 1) if output_variance else None
+    final = {key: torch.cat([f[key] for f in finals], 0) for key in finals[0]} if output_final_state else None
+    return ScanResult(output, final, variance)

@@ -1,0 +1,130 @@
+"""``metaplastic.kernels.scan``: the backend it picks, the ones it refuses (by name), and its results."""
+import pytest
+import torch
+
+import metaplastic
+from metaplastic.kernels import BACKENDS, scan, select_backend
+from metaplastic.oracles import relative_error
+
+CPU, CUDA = torch.device("cpu"), torch.device("cuda")
+
+
+def _inputs(name, B=1, T=6, H=2, K=3, V=2, b_per_value=False, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    obj = metaplastic.registry[name].objective
+    d = dict(dtype=torch.float64, generator=gen)
+    x = {"q": torch.randn(B, T, H, K, **d), "k": torch.nn.functional.normalize(torch.randn(B, T, H, K, **d), dim=-1),
+         "v": torch.randn(B, T, H, V, **d)}
+    if obj.forgetting != "none":
+        shape = (B, T, H, K) if obj.forgetting == "vector" else (B, T, H)
+        x["log_decay"] = torch.log(0.6 + 0.4 * torch.rand(*shape, **d))
+    x["beta"] = torch.rand(B, T, H, **d)
+    if obj.posterior == "diagonal":
+        x["b"] = torch.rand(*((B, T, H, V) if b_per_value else (B, T, H)), **d)
+    if obj.posterior == "full":
+        x["lam"] = 0.5 + torch.rand(H, K, **d)
+    return obj, x
+
+
+@pytest.mark.parametrize("name", list(metaplastic.registry))
+def test_auto_on_cpu(name):
+    obj = metaplastic.registry[name].objective
+    expected = "chunk" if obj.likelihood in ("dot", "dot_diag") else "reference"
+    assert select_backend(obj, CPU, "auto") == expected
+
+
+@pytest.mark.parametrize("name", list(metaplastic.registry))
+def test_auto_on_cuda(name):
+    """On CUDA tensors auto means Triton: the chunked kernel where it covers the settings, else the recurrent."""
+    obj = metaplastic.registry[name].objective
+    chunked = obj.likelihood in ("dot", "dot_diag") and obj.forgetting != "vector"
+    assert select_backend(obj, CUDA, "auto") == ("triton_chunk" if chunked else "triton_recurrent")
+    if obj.likelihood == "dot_diag":
+        b_per_value = torch.zeros(1, 1, 1, 1)
+        assert select_backend(obj, CUDA, "auto", b=b_per_value) == "triton_recurrent"
+        with pytest.raises(ValueError, match=r"per value channel|vector"):
+            select_backend(obj, CUDA, "triton_chunk", b=b_per_value)
+
+
+@pytest.mark.parametrize("name", ["deltanet", "gated_deltanet", "longhorn", "mesanet", "meta_gated_deltanet"])
+def test_chunk_backend_refuses_regression_by_name(name):
+    obj, x = _inputs(name)
+    with pytest.raises(ValueError, match=r"backend='chunk'.*regression"):
+        scan(obj, **x, backend="chunk")
+
+
+def test_unknown_backend_and_missing_device(monkeypatch):
+    obj, x = _inputs("mamba2")
+    with pytest.raises(ValueError, match="backend='cuda' is not one of"):
+        scan(obj, **x, backend="cuda")
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    for backend in ("triton", "triton_chunk", "triton_recurrent"):
+        with pytest.raises(ValueError, match=f"backend='{backend}'.*CUDA"):
+            select_backend(obj, CPU, backend)
+    assert set(BACKENDS) >= {"auto", "triton", "chunk", "reference"}
+
+
+def test_triton_chunk_refuses_vector_forgetting():
+    with pytest.raises(ValueError, match="vector"):
+        select_backend(metaplastic.registry["gla"].objective, CUDA, "triton_chunk")
+    assert select_backend(metaplastic.registry["gla"].objective, CUDA, "triton") == "triton_recurrent"
+
+
+@pytest.mark.parametrize("name,b_per_value", [("palimpsa", False), ("palimpsa", True), ("gla", False),
+                                              ("gated_deltanet", False)])
+def test_dispatch_results_equal_the_reference(name, b_per_value):
+    """auto / chunk / reference through the dispatcher give metaplastic.scan's result (float64)."""
+    obj, x = _inputs(name, b_per_value=b_per_value, T=9)
+    kw = dict(scale=0.5, output_final_state=True, output_variance=obj.posterior != "point")
+    ref = metaplastic.scan(obj, **x, **kw)
+    backends = ["auto", "reference"] + (["chunk"] if obj.likelihood != "regression" else [])
+    for backend in backends:
+        got = scan(obj, **x, **kw, backend=backend, chunk_size=4)
+        assert isinstance(got, metaplastic.ScanResult)
+        assert relative_error(got.output, ref.output) <= 1e-10, backend
+        for key in ref.final_state:
+            assert relative_error(got.final_state[key], ref.final_state[key]) <= 1e-10, (backend, key)
+        if ref.variance is not None:
+            assert relative_error(got.variance, ref.variance) <= 1e-10, backend
+
+
+@pytest.mark.parametrize("backend,name", [("triton", "mamba2"), ("triton", "gated_deltanet")])
+def test_dispatch_triton_in_the_interpreter(backend, name):
+    """On CPU under TRITON_INTERPRET=1 (tests/conftest.py), 'triton' runs: chunked or recurrent kernel."""
+    import os
+    if os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available():
+        pytest.skip("needs TRITON_INTERPRET=1 or CUDA")
+    try:
+        import metaplastic.kernels.fused_recurrent  # noqa: F401
+    except ImportError as exc:
+        pytest.skip(f"fused recurrent kernel not available: {exc}")
+    obj, x = _inputs(name, T=5)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    x32 = {key: val.float().to(device) for key, val in x.items()}
+    ref = metaplastic.scan(obj, **x, scale=0.5)
+    got = scan(obj, **x32, scale=0.5, backend=backend, chunk_size=16)
+    assert relative_error(got.output.cpu(), ref.output) <= 1e-4
+
+
+def test_bench_kernels_cli(tmp_path, capsys):
+    """`metaplastic bench kernels` at a tiny shape: the table, the JSON records, and one-line user errors."""
+    import json
+
+    from metaplastic.cli import main
+    out = tmp_path / "bench.json"
+    rc = main(["bench", "kernels", "--device", "cpu", "--models", "mamba2", "palimpsa", "--shape", "1,9,1,4,4",
+               "--reps", "1", "--ref-reps", "1", "--threads", "1", "--json", str(out)])
+    assert rc == 0
+    records = json.loads(out.read_text())
+    assert {(r["model"], r["b"], r["backend"]) for r in records} == {
+        ("mamba2", "-", "reference"), ("mamba2", "-", "chunk"), ("palimpsa", "H", "reference"),
+        ("palimpsa", "H", "chunk"), ("palimpsa", "V", "reference"), ("palimpsa", "V", "chunk")}
+    for r in records:
+        assert r["error"] is None and r["device"] == "cpu" and r["shape"] == "B=1,T=9,H=1,K=4,V=4"
+        assert r["fwd_ms"] > 0 and r["fwdbwd_ms"] > 0 and r["saved_bytes_per_token_head"] > 0
+    assert "palimpsa" in capsys.readouterr().out
+    assert main(["bench", "kernels", "--models", "nope"]) == 2
+    assert main(["bench", "kernels", "--shape", "1,2,3"]) == 2
+    if not torch.cuda.is_available():
+        assert main(["bench", "kernels", "--device", "cuda"]) == 2
+    assert "error:" in capsys.readouterr().err

@@ -1,0 +1,322 @@
+"""The chunked torch path (kernels/chunk.py) against the reference scan, fla's naive functions and gradcheck.
+
+Every registry entry with likelihood ``dot`` or ``dot_diag`` runs through ``chunk_scan`` in float64 and must
+match :func:`metaplastic.scan` (outputs, final states, variances) and autograd through it (every gradient)
+to rounding error. The hand-written backwards are also checked by ``torch.autograd.gradcheck``.
+"""
+import pytest
+import torch
+
+import metaplastic
+from metaplastic.kernels.chunk import ChunkDot, DecayedScan, DiagonalScan, chunk_scan
+from metaplastic.oracles import ORACLES, relative_error, scan_kwargs
+
+CHUNK_MODELS = [name for name, spec in metaplastic.registry.items()
+                if spec.objective.likelihood in ("dot", "dot_diag")]
+TOL = 1e-10  # float64 against float64: rounding only
+
+# (B, T, H, K, V, chunk_size): T = 1, T not a multiple of the chunk, K = 5, V = 3, H > 1, T < chunk
+SHAPES = [(2, 1, 2, 5, 3, 4), (1, 13, 3, 5, 3, 4), (2, 9, 2, 4, 6, 16)]
+
+
+def make_inputs(name, B, T, H, K, V, *, b_per_value=False, init=None, seed=0, N=None):
+    """float64 inputs for registry entry ``name``; ``init`` None, "random", or "shared" (I constant over V)."""
+    gen = torch.Generator().manual_seed(seed)
+    obj = metaplastic.registry[name].objective
+    d = dict(dtype=torch.float64, generator=gen)
+    x = {"q": torch.randn(B, T, H, K, **d), "k": torch.randn(B, T, H, K, **d), "v": torch.randn(B, T, H, V, **d)}
+    if obj.forgetting != "none":
+        shape = (B, T, H, K) if obj.forgetting == "vector" else (B, T, H)
+        x["log_decay"] = torch.log(0.5 + 0.5 * torch.rand(*shape, **d))
+    x["beta"] = torch.rand(B, T, H, V, **d) if metaplastic.registry[name].beta_per_value else torch.rand(B, T, H, **d)
+    if obj.posterior == "diagonal":
+        x["b"] = torch.rand(*((B, T, H, V) if b_per_value else (B, T, H)), **d)
+        x["prior_precision"] = 0.5 + torch.rand(H, **d)
+    N = B if N is None else N
+    if init is not None:
+        if obj.posterior == "point":
+            x["initial_state"] = {"S": torch.randn(N, H, V, K, **d)}
+        else:
+            I0 = 0.5 + torch.rand(N, H, V if init == "random" else 1, K, **d)
+            x["initial_state"] = {"mu": torch.randn(N, H, V, K, **d), "I": I0.expand(N, H, V, K).clone()}
+    return obj, x
+
+
+def _leaves(x, initial_precision_grad=True):
+    leaves = [val for val in x.values() if isinstance(val, torch.Tensor)]
+    leaves += [val for key, val in x.get("initial_state", {}).items() if key != "I" or initial_precision_grad]
+    for t in leaves:
+        t.requires_grad_(True)
+    return leaves
+
+
+def _loss(res):
+    """A loss that touches every output with distinct weights."""
+    w = torch.linspace(-1, 1, res.output.numel(), dtype=torch.float64).view_as(res.output)
+    loss = (res.output * w).sum()
+    for val in (res.final_state or {}).values():
+        loss = loss + 0.3 * (val * val.detach().sin()).sum()
+    if res.variance is not None:
+        loss = loss + (res.variance * w.cos()).sum()
+    return loss
+
+
+def _compare(obj, x, *, cu_seqlens=None, chunk_size=4, initial_precision_grad=True):
+    leaves = _leaves(x, initial_precision_grad)
+    kw = dict(scale=0.7, output_final_state=True, output_variance=obj.posterior == "diagonal", cu_seqlens=cu_seqlens)
+    ref = metaplastic.scan(obj, **x, **kw)
+    got = chunk_scan(obj, **x, **kw, chunk_size=chunk_size)
+    assert got.output.shape == ref.output.shape and got.output.dtype == ref.output.dtype
+    assert relative_error(got.output, ref.output) <= TOL
+    assert set(got.final_state) == set(ref.final_state)
+    for key in ref.final_state:
+        assert got.final_state[key].shape == ref.final_state[key].shape
+        assert relative_error(got.final_state[key], ref.final_state[key]) <= TOL, key
+    if ref.variance is not None:
+        assert relative_error(got.variance, ref.variance) <= TOL
+    g_ref = torch.autograd.grad(_loss(ref), leaves)
+    g_got = torch.autograd.grad(_loss(got), leaves)
+    # with T = 1 and a zero initial state the decay multiplies nothing: its gradient is truly 0
+    decay_dead = x["q"].shape[1] == 1 and "initial_state" not in x
+    for leaf, a, b in zip(leaves, g_ref, g_got):
+        if decay_dead and leaf is x.get("log_decay"):
+            assert (b - a).abs().max() <= 1e-12
+            continue
+        assert a.abs().max() > 0, "a gradient that is zero everywhere cannot test anything"
+        assert relative_error(b, a) <= TOL, tuple(leaf.shape)
+
+
+def _cases():
+    for name in CHUNK_MODELS:
+        diagonal = metaplastic.registry[name].objective.posterior == "diagonal"
+        for shape in SHAPES:
+            for b_per_value in ((False, True) if diagonal else (False,)):
+                # "shared": I_0 constant over value rows, without a gradient (the limit-7 fast path with
+                # b [B,T,H]); "shared+grad": the same I_0 requiring a per-row gradient (general path)
+                inits = (None, "shared", "shared+grad", "random") if diagonal else (None, "random")
+                for init in inits:
+                    yield pytest.param(name, shape, b_per_value, init,
+                                       id=f"{name}-{shape}-b{'V' if b_per_value else 'H'}-init{init}")
+
+
+@pytest.mark.parametrize("name,shape,b_per_value,init", list(_cases()))
+def test_chunk_matches_reference_scan(name, shape, b_per_value, init):
+    B, T, H, K, V, C = shape
+    obj, x = make_inputs(name, B, T, H, K, V, b_per_value=b_per_value, init=init and init.split("+")[0],
+                         seed=T + K)
+    _compare(obj, x, chunk_size=C, initial_precision_grad=init != "shared")
+
+
+@pytest.mark.parametrize("name", CHUNK_MODELS)
+@pytest.mark.parametrize("b_per_value", [False, True])
+def test_chunk_varlen(name, b_per_value):
+    if b_per_value and metaplastic.registry[name].objective.posterior != "diagonal":
+        pytest.skip("b only exists for the diagonal posterior")
+    cu = torch.tensor([0, 5, 5, 12, 13])  # includes an empty sequence and one of length 1
+    obj, x = make_inputs(name, 1, 13, 2, 5, 3, b_per_value=b_per_value, init="random", N=4, seed=3)
+    _compare(obj, x, cu_seqlens=cu, chunk_size=4)
+
+
+@pytest.mark.parametrize("name", [n for n in CHUNK_MODELS if metaplastic.registry[n].objective.posterior == "point"])
+def test_chunk_matches_independent_reference(name):
+    """The chunked path against fla's / transformers' own implementations (float32 oracles: 1e-6)."""
+    oracles = [o for o in ORACLES if o.model == name and o.available()]
+    if not oracles:
+        pytest.skip(f"no independent reference importable for {name}")
+    spec = metaplastic.registry[name]
+    for oracle in oracles:
+        x = oracle.inputs(2, 11, 2, 6, 6, seed=5, initial_state=True)
+        ref_out, ref_state = oracle.reference(x)
+        res = chunk_scan(spec.objective, **scan_kwargs(x), scale=spec.scale_for(6), output_final_state=True,
+                         chunk_size=4)
+        assert relative_error(res.output, ref_out) <= 1e-6
+        for key, val in ref_state.items():
+            assert relative_error(res.final_state[key], val) <= 1e-6
+
+
+@pytest.mark.parametrize("vector", [False, True])
+def test_gradcheck_chunk_dot(vector):
+    gen = torch.Generator().manual_seed(0)
+    B, H, T, K, V, C = 1, 2, 7, 3, 2, 3
+    d = dict(dtype=torch.float64, generator=gen)
+    q, k, v = torch.randn(B, H, T, K, **d), torch.randn(B, H, T, K, **d), torch.randn(B, H, T, V, **d)
+    g = torch.log(0.5 + 0.5 * torch.rand(B, H, T, K if vector else 1, **d))
+    S0 = torch.randn(B, H, V, K, **d)
+    args = [t.requires_grad_(True) for t in (q, k, v, g, S0)]
+    assert torch.autograd.gradcheck(lambda *a: ChunkDot.apply(*a, 0.8, C), args)
+
+
+@pytest.mark.parametrize("vector", [False, True])
+def test_gradcheck_decayed_scan(vector):
+    gen = torch.Generator().manual_seed(1)
+    B, H, T, P, K, C = 1, 2, 7, 2, 3, 3
+    d = dict(dtype=torch.float64, generator=gen)
+    x = torch.randn(B, H, T, P, K, **d)
+    g = torch.log(0.5 + 0.5 * torch.rand(B, H, T, K if vector else 1, **d))
+    h0 = torch.randn(B, H, P, K, **d)
+    args = [t.requires_grad_(True) for t in (x, g, h0)]
+    assert torch.autograd.gradcheck(lambda *a: DecayedScan.apply(*a, C), args)
+
+
+@pytest.mark.parametrize("b_per_value", [False, True])
+def test_gradcheck_palimpsa(b_per_value):
+    obj, x = make_inputs("palimpsa", 1, 5, 2, 3, 2, b_per_value=b_per_value, init="shared", seed=7)
+    names = [key for key in x if key != "initial_state"]
+    leaves = _leaves(x, initial_precision_grad=b_per_value)  # head-shared b: the fast path (I_0 without grad)
+    I0 = x["initial_state"]["I"]
+
+    def f(*args):
+        kw = dict(zip(names, args[:len(names)]))
+        kw["initial_state"] = {"mu": args[len(names)], "I": args[len(names) + 1] if b_per_value else I0}
+        res = chunk_scan(obj, **kw, scale=0.6, output_final_state=True, output_variance=True, chunk_size=2)
+        return res.output, res.variance, res.final_state["mu"], res.final_state["I"]
+
+    assert torch.autograd.gradcheck(f, leaves)
+
+
+def test_chunk_float32_and_bfloat16_inputs():
+    obj, x = make_inputs("palimpsa", 2, 20, 2, 8, 8, seed=11)
+    ref = metaplastic.scan(obj, **x, scale=0.5, output_variance=True)
+    x32 = {key: val.float() for key, val in x.items()}
+    got = chunk_scan(obj, **x32, scale=0.5, output_variance=True, chunk_size=8)
+    assert got.output.dtype == torch.float32
+    assert relative_error(got.output, ref.output) <= 1e-4
+    assert relative_error(got.variance, ref.variance) <= 1e-4
+    xb = dict(x32, q=x32["q"].bfloat16(), k=x32["k"].bfloat16(), v=x32["v"].bfloat16())
+    ref_b = metaplastic.scan(obj, **xb, scale=0.5)
+    got_b = chunk_scan(obj, **xb, scale=0.5, chunk_size=8)
+    assert got_b.output.dtype == torch.bfloat16
+    assert relative_error(got_b.output.float(), ref_b.output.float()) <= 1e-2
+
+
+def test_chunk_strong_decay_is_finite():
+    """Cumulative log-decays far below float32's exp range inside one chunk: exponents stay ≤ 0."""
+    obj, x = make_inputs("gla", 1, 64, 1, 4, 4, seed=2)
+    x["log_decay"] = x["log_decay"] * 0 - 30.0
+    x32 = {key: val.float() for key, val in x.items()}
+    got = chunk_scan(obj, **x32, chunk_size=64)
+    ref = metaplastic.scan(obj, **x)
+    assert torch.isfinite(got.output).all()
+    assert relative_error(got.output, ref.output) <= 1e-5
+
+
+@pytest.mark.parametrize("name,message", [("deltanet", "regression"), ("mesanet", "regression")])
+def test_chunk_rejects_other_likelihoods(name, message):
+    obj, x = make_inputs("simple_gla", 1, 3, 1, 2, 2)
+    with pytest.raises(ValueError, match=message):
+        chunk_scan(metaplastic.registry[name].objective, x["q"], x["k"], x["v"])
+
+
+def test_chunk_rejects_bad_arguments():
+    obj, x = make_inputs("simple_gla", 1, 3, 1, 2, 2)
+    with pytest.raises(ValueError, match="chunk_size"):
+        chunk_scan(obj, **x, chunk_size=0)
+    with pytest.raises(ValueError, match="log_decay"):
+        chunk_scan(obj, x["q"], x["k"], x["v"])
+    with pytest.raises(ValueError, match="variance"):
+        chunk_scan(obj, **x, output_variance=True)
+
+
+@pytest.mark.parametrize("b_per_value,init,expected", [
+    (False, None, {"DecayedScan P=1", "ChunkDot"}), (False, "shared", {"DecayedScan P=1", "ChunkDot"}),
+    (True, None, {"DiagonalScan"}), (False, "random", {"DiagonalScan"})])
+def test_chunk_takes_the_limit7_fast_path(monkeypatch, b_per_value, init, expected):
+    """Head-shared b with a row-constant I_0: the precision is scanned at width 1 and read through ChunkDot
+    with q ⊘ I (THEORY.md limit 7); otherwise the per-value path materialises M and I chunk by chunk."""
+    used = set()
+
+    def spy(cls, label):
+        apply = cls.apply
+
+        def wrapped(*args):
+            used.add(label(args))
+            return apply(*args)
+        monkeypatch.setattr(cls, "apply", wrapped)
+
+    spy(DecayedScan, lambda a: f"DecayedScan P={a[0].shape[3]}")
+    spy(ChunkDot, lambda a: "ChunkDot")
+    spy(DiagonalScan, lambda a: "DiagonalScan")
+    obj, x = make_inputs("palimpsa", 1, 6, 1, 2, 3, b_per_value=b_per_value, init=init)
+    chunk_scan(obj, **x)
+    assert used == expected
+
+
+# ----------------------------------------------------------------------------- the chunked Triton forward
+TRITON_CHUNK_MODELS = [name for name in CHUNK_MODELS if metaplastic.registry[name].objective.forgetting != "vector"]
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # CPU: the Triton interpreter (tests/conftest.py)
+
+
+def _to_device32(x):
+    out = {key: val.float().to(DEVICE) for key, val in x.items() if key != "initial_state"}
+    if "initial_state" in x:
+        out["initial_state"] = {key: val.float().to(DEVICE) for key, val in x["initial_state"].items()}
+    return out
+
+
+def _triton_cases():
+    # (B, T, H, K, V, chunk): T < chunk, T not a multiple of the chunk, K = 5, V = 3
+    for name in TRITON_CHUNK_MODELS:
+        diagonal = metaplastic.registry[name].objective.posterior == "diagonal"
+        yield pytest.param(name, (2, 21, 2, 5, 3, 16), None, id=f"{name}-T21")
+        yield pytest.param(name, (1, 1, 1, 4, 4, 16), "shared" if diagonal else "random", id=f"{name}-T1-init")
+
+
+@pytest.mark.parametrize("name,shape,init", list(_triton_cases()))
+def test_triton_chunk_matches_reference(name, shape, init):
+    """The Triton forward in float32 against the float64 reference (≤ 1e-4), and the gradients through it."""
+    from metaplastic.kernels.chunk_triton import chunk_triton_scan
+    B, T, H, K, V, C = shape
+    obj, x = make_inputs(name, B, T, H, K, V, init=init, seed=T)
+    kw = dict(scale=0.7, output_final_state=True, output_variance=obj.posterior == "diagonal")
+    leaves = _leaves(x, initial_precision_grad=False)
+    ref = metaplastic.scan(obj, **x, **kw)
+    x32 = _to_device32(x)
+    leaves32 = _leaves(x32, initial_precision_grad=False)
+    got = chunk_triton_scan(obj, **x32, **kw, chunk_size=C)
+    assert got.output.dtype == torch.float32
+    assert relative_error(got.output.cpu(), ref.output) <= 1e-4
+    for key in ref.final_state:
+        assert relative_error(got.final_state[key].cpu(), ref.final_state[key]) <= 1e-4, key
+    if ref.variance is not None:
+        assert relative_error(got.variance.cpu(), ref.variance) <= 1e-4
+    g_ref = torch.autograd.grad(_loss(ref), leaves)
+    g_got = torch.autograd.grad(_loss(got), leaves32)
+    for a, b in zip(g_ref, g_got):
+        assert relative_error(b.cpu(), a) <= 1e-4
+
+
+def test_triton_chunk_varlen():
+    from metaplastic.kernels.chunk_triton import chunk_triton_scan
+    obj, x = make_inputs("palimpsa", 1, 20, 2, 5, 3, init="shared", N=3, seed=4)
+    cu = torch.tensor([0, 3, 20, 20])
+    kw = dict(scale=0.5, output_final_state=True, output_variance=True, cu_seqlens=cu)
+    ref = metaplastic.scan(obj, **x, **kw)
+    got = chunk_triton_scan(obj, **_to_device32(x), **dict(kw, cu_seqlens=cu.to(DEVICE)), chunk_size=16)
+    assert relative_error(got.output.cpu(), ref.output) <= 1e-4
+    assert relative_error(got.variance.cpu(), ref.variance) <= 1e-4
+    for key in ref.final_state:
+        assert relative_error(got.final_state[key].cpu(), ref.final_state[key]) <= 1e-4
+
+
+@pytest.mark.parametrize("name,b_per_value,message", [("gla", False, "vector"), ("palimpsa", True, "per value"),
+                                                      ("deltanet", False, "regression")])
+def test_triton_chunk_rejects_uncovered_settings(name, b_per_value, message):
+    from metaplastic.kernels.chunk_triton import chunk_triton_scan
+    obj, x = make_inputs(name, 1, 3, 1, 2, 2, b_per_value=b_per_value)
+    with pytest.raises(ValueError, match=message):
+        chunk_triton_scan(obj, **_to_device32(x))
+
+
+def test_triton_chunk_kernel_tiles():
+    """Several key and value tiles (K = 40, V = 35 in tiles of 16) and T not a multiple of the chunk."""
+    from metaplastic.kernels.chunk_triton import chunk_dot_triton_forward
+    obj, x = make_inputs("simple_gla", 1, 37, 2, 40, 35, init="random", seed=9)
+    ref = metaplastic.scan(obj, x["q"], x["k"], x["v"], log_decay=x["log_decay"], scale=0.3,
+                           initial_state=x["initial_state"], output_final_state=True)
+    heads_first = {key: x[key].float().transpose(1, 2).to(DEVICE) for key in ("q", "k", "v", "log_decay")}
+    o, states = chunk_dot_triton_forward(heads_first["q"], heads_first["k"], heads_first["v"],
+                                         heads_first["log_decay"][..., None],
+                                         x["initial_state"]["S"].float().to(DEVICE),
+                                         0.3, 16, block_k=16, block_v=16)
+    assert relative_error(o.transpose(1, 2).cpu(), ref.output) <= 1e-4
+    assert relative_error(states[:, :, -1].cpu(), ref.final_state["S"]) <= 1e-4
