@@ -52,7 +52,7 @@ def _leaves(x, initial_precision_grad=True):
 
 def _loss(res):
     """A loss that touches every output with distinct weights."""
-    w = torch.linspace(-1, 1, res.output.numel(), dtype=torch.float64).view_as(res.output)
+    w = torch.linspace(-1, 1, res.output.numel(), dtype=torch.float64, device=res.output.device).view_as(res.output)
     loss = (res.output * w).sum()
     for val in (res.final_state or {}).values():
         loss = loss + 0.3 * (val * val.detach().sin()).sum()
