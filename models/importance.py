@@ -45,6 +45,13 @@ class ImportancePath(nn.Module):
         if self.gamma is not None:
             self.gamma.fill_(0.0 if init == "identity" else 1.0)
 
+    @torch.no_grad()
+    def project_(self) -> None:
+        """Keep γ ≥ 0, so that b ≥ 0 and the precision never falls below its prior (call after each
+        optimizer step). At γ = 0 the path still receives gradient; only a step to γ < 0 is cut back."""
+        if self.gamma is not None:
+            self.gamma.clamp_(min=0.0)
+
     def prior_precision(self) -> torch.Tensor:
         """``Ip = exp(Ip_log)`` ``[H]``."""
         return self.Ip_log.float().exp()
@@ -61,3 +68,10 @@ class ImportancePath(nn.Module):
         if rate.dim() == 3:
             rate = rate[..., None]
         return per_head[:, None] * rate * s
+
+
+def project_importance_(model: nn.Module) -> None:
+    """Apply :meth:`ImportancePath.project_` to every importance path in ``model`` (γ ≥ 0)."""
+    for module in model.modules():
+        if isinstance(module, ImportancePath):
+            module.project_()

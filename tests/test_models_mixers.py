@@ -130,3 +130,14 @@ def test_padding_mask_is_refused_not_ignored():
     with pytest.raises(ValueError, match="padding"):
         model.generate(ids, attention_mask=mask, max_new_tokens=2)
     assert model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=2, do_sample=False).shape == (2, 7)
+
+
+def test_importance_projection_keeps_gamma_non_negative():
+    """After an optimizer step that pushes γ below zero, project_importance_ cuts it back to 0 (b ≥ 0)."""
+    from metaplastic.models import project_importance_
+    mixer = build_mixer("meta_mamba2", 16, num_heads=4, head_dim=8, state_size=4)
+    gamma = mixer.importance.gamma
+    with torch.no_grad():
+        gamma.copy_(torch.tensor([-0.5, 0.0, 0.25, -1e-3]))
+    project_importance_(mixer)
+    assert torch.equal(gamma.detach(), torch.tensor([0.0, 0.0, 0.25, 0.0]))

@@ -42,6 +42,7 @@ from torch import nn
 
 from .cli import UserError
 from .finetune_data import DTYPES, DataError, PackedSequences, load_tokens
+from .models.importance import project_importance_
 
 TRAIN_CHOICES = ("metaplastic", "all")
 
@@ -448,6 +449,7 @@ def _train_step(model, optimizer, data: PackedSequences, step: int, dev: Dist, m
     params = [p for p in model.parameters() if p.requires_grad]
     norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
     optimizer.step()
+    project_importance_(model)  # γ ≥ 0: the importance rate b stays non-negative
     optimizer.zero_grad(set_to_none=True)
     dist.all_reduce(total)
     return float(total) / dev.world, _scalar(norm)

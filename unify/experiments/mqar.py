@@ -28,6 +28,8 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 from torch import nn
+
+from ..models.importance import project_importance_
 from tqdm.auto import tqdm
 
 from ._threads import torch_threads
@@ -202,6 +204,7 @@ def train_run(cfg: MQARConfig, model_name: str, seq_len: int, lr: float, seed: i
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             opt.step()
+            project_importance_(model)  # γ ≥ 0: the importance rate b stays non-negative
             sched.step()
             step += 1
             if bar is not None:
