@@ -273,8 +273,8 @@ class Mamba2Checkpoint:
         return self.store.get(name)
 
 
-def open_mamba2(path) -> Mamba2Checkpoint:
-    """Open a checkpoint directory of either format; validate its config, keys and shapes (no data read)."""
+def read_config(path) -> Tuple[Path, dict]:
+    """``(directory, config.json as a dict)`` of a checkpoint directory; ``CheckpointError`` naming the problem."""
     directory = Path(path)
     if not directory.exists():
         raise CheckpointError(f"{directory} does not exist")
@@ -283,6 +283,12 @@ def open_mamba2(path) -> Mamba2Checkpoint:
     cfg = _read_json(directory / "config.json")
     if not isinstance(cfg, dict):
         raise CheckpointError("config.json is not a JSON object")
+    return directory, cfg
+
+
+def open_mamba2(path) -> Mamba2Checkpoint:
+    """Open a checkpoint directory of either format; validate its config, keys and shapes (no data read)."""
+    directory, cfg = read_config(path)
     model_type = cfg.get("model_type")
     if model_type == "mamba2":
         fmt, arch = "hf", _arch_from_hf(cfg)

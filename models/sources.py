@@ -25,7 +25,7 @@ from typing import Callable, Dict, Iterator, List, Tuple
 import torch
 
 from . import fla_checkpoints
-from .checkpoints import CheckpointError, Mamba2Arch, TensorStore, _open_store, _read_json, open_mamba2
+from .checkpoints import CheckpointError, Mamba2Arch, TensorStore, _open_store, open_mamba2, read_config
 from .configuration import MetaplasticConfig
 
 ARCHITECTURES = {"hf": "Mamba2", "mamba_ssm": "Mamba2", "fla": "Gated DeltaNet"}
@@ -129,13 +129,8 @@ def _open_fla_gdn(directory: Path, cfg: dict) -> SourceCheckpoint:
 
 def open_checkpoint(path) -> SourceCheckpoint:
     """Open a checkpoint directory of any supported format; validate config, keys and shapes (no data read)."""
-    directory = Path(path)
-    if not directory.exists():
-        raise CheckpointError(f"{directory} does not exist")
-    if not directory.is_dir():
-        raise CheckpointError(f"{directory} is not a directory")
-    cfg = _read_json(directory / "config.json")
-    if isinstance(cfg, dict) and cfg.get("model_type") == "gated_deltanet":
+    directory, cfg = read_config(path)
+    if cfg.get("model_type") == "gated_deltanet":
         return _open_fla_gdn(directory, cfg)
     return _open_mamba2(directory)  # Mamba2 of either format; refuses every other model_type by name
 
