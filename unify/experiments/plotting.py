@@ -28,7 +28,7 @@ def curve_panels(path: Union[str, Path], panels: Mapping[str, Mapping[str, Curve
     """Write a PNG with one panel per key of ``panels``; each panel maps a label to ``(x, y)``."""
     path = Path(path)
     n = max(len(panels), 1)
-    fig, axes = plt.subplots(1, n, figsize=(5.2 * n, 4.0), squeeze=False)
+    fig, axes = plt.subplots(1, n, figsize=(max(5.2 * n, 7.5), 4.0), squeeze=False)  # room for the title
     for ax, (panel, curves) in zip(axes[0], panels.items()):
         for label, (x, y) in curves.items():
             color, style = STYLES.get(label, (None, "-"))
