@@ -333,13 +333,10 @@ def expected_shapes(arch: Mamba2Arch) -> Dict[str, Tuple[int, ...]]:
     return shapes
 
 
-def _check_keys(ckpt: Mamba2Checkpoint) -> None:
-    want = expected_shapes(ckpt.arch)
-    have = ckpt.store.shapes
-    if ckpt.arch.tie_word_embeddings and "lm_head.weight" in have:
-        ckpt.extra_keys.append("lm_head.weight")  # a tied head saved twice: checked equal, then dropped
+def compare_keys(want: Dict[str, Tuple[int, ...]], have: Dict[str, Tuple[int, ...]]) -> None:
+    """Every key of ``want`` is in ``have`` with its shape, and nothing else is; ``CheckpointError`` otherwise."""
     missing = [k for k in want if k not in have]
-    unexpected = [k for k in have if k not in want and k not in ckpt.extra_keys]
+    unexpected = [k for k in have if k not in want]
     if missing:
         raise CheckpointError(f"missing key {missing[0]!r}" + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
     if unexpected:
@@ -349,9 +346,14 @@ def _check_keys(ckpt: Mamba2Checkpoint) -> None:
         if tuple(have[key]) != shape:
             raise CheckpointError(f"shape mismatch for {key!r}: checkpoint has {list(have[key])}, the config implies "
                                   f"{list(shape)}")
-    for key in ckpt.extra_keys:
-        if tuple(have[key]) != want["backbone.embeddings.weight"]:
-            raise CheckpointError(f"shape mismatch for {key!r}: {list(have[key])}")
+
+
+def _check_keys(ckpt: Mamba2Checkpoint) -> None:
+    want = dict(expected_shapes(ckpt.arch))
+    if ckpt.arch.tie_word_embeddings and "lm_head.weight" in ckpt.store.shapes:
+        ckpt.extra_keys.append("lm_head.weight")  # a tied head saved twice: checked equal, then dropped
+        want["lm_head.weight"] = want["backbone.embeddings.weight"]
+    compare_keys(want, ckpt.store.shapes)
 
 
 def iter_layer_tensors(ckpt: Mamba2Checkpoint, layer: int) -> Iterator[Tuple[str, torch.Tensor]]:

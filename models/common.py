@@ -88,6 +88,21 @@ def causal_conv(x: Tensor, weight: Tensor, bias: Optional[Tensor], state: Option
     return y.transpose(1, 2).to(x.dtype), new_state
 
 
+def short_convs(module: nn.Module, hidden_states: Tensor, conv_state: dict,
+                names: Tuple[str, ...] = ("q", "k", "v")) -> Tuple[Tuple[Tensor, ...], dict]:
+    """``causal_conv(<name>_proj(h))`` through ``<name>_conv1d`` for each name (fla's short convolutions).
+
+    Returns the activations in the order of ``names`` and the new convolution states ``{name: state}``.
+    """
+    outputs, states = [], {}
+    for name in names:
+        conv = getattr(module, f"{name}_conv1d")
+        x, states[name] = causal_conv(getattr(module, f"{name}_proj")(hidden_states), conv.weight, conv.bias,
+                                      conv_state.get(name))
+        outputs.append(x)
+    return tuple(outputs), states
+
+
 def conv_layer(channels: int, kernel: int, bias: bool) -> nn.Conv1d:
     """A depthwise ``nn.Conv1d`` whose weight is ``[C, 1, W]`` (the layout of Mamba2 and fla checkpoints)."""
     return nn.Conv1d(channels, channels, kernel_size=kernel, groups=channels, padding=kernel - 1, bias=bias)

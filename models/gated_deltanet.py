@@ -19,7 +19,7 @@ from metaplastic.registry import registry
 
 from ._scan import scan
 from .base import Mixer
-from .common import NormThenGate, causal_conv, conv_layer, init_dt_bias, l2_normalize, layer_cache
+from .common import NormThenGate, conv_layer, init_dt_bias, l2_normalize, layer_cache, short_convs
 
 
 class GatedDeltaNet(Mixer):
@@ -71,9 +71,7 @@ class GatedDeltaNet(Mixer):
         conv = {} if entry is None else entry.get("conv", {})
         B, T, _ = hidden_states.shape
         H, K, V = self.num_heads, self.head_k_dim, self.head_v_dim
-        q, cq = causal_conv(self.q_proj(hidden_states), self.q_conv1d.weight, self.q_conv1d.bias, conv.get("q"))
-        k, ck = causal_conv(self.k_proj(hidden_states), self.k_conv1d.weight, self.k_conv1d.bias, conv.get("k"))
-        v, cv = causal_conv(self.v_proj(hidden_states), self.v_conv1d.weight, self.v_conv1d.bias, conv.get("v"))
+        (q, k, v), conv_states = short_convs(self, hidden_states, conv)
         groups = H // self.num_qk_heads  # value heads per q/k head (1 without grouped values)
         q = l2_normalize(q.view(B, T, self.num_qk_heads, K)).repeat_interleave(groups, dim=2)
         k = l2_normalize(k.view(B, T, self.num_qk_heads, K)).repeat_interleave(groups, dim=2)
@@ -86,7 +84,7 @@ class GatedDeltaNet(Mixer):
         gate = None if self.g_proj is None else self.g_proj(hidden_states).view(B, T, H, V)
         o = self.o_norm(result.output, gate)
         if entry is not None:
-            cache.update(layer_idx, conv={"q": cq, "k": ck, "v": cv}, state=result.final_state)
+            cache.update(layer_idx, conv=conv_states, state=result.final_state)
         return self.o_proj(o.reshape(B, T, H * V).to(hidden_states.dtype))
 
 

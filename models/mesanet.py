@@ -16,7 +16,7 @@ from torch import nn
 
 from ._scan import scan
 from .base import Mixer
-from .common import NormThenGate, causal_conv, conv_layer, inverse_softplus, l2_normalize, layer_cache
+from .common import NormThenGate, conv_layer, inverse_softplus, l2_normalize, layer_cache, short_convs
 
 
 class MesaNet(Mixer):
@@ -54,8 +54,7 @@ class MesaNet(Mixer):
         conv = {} if entry is None else entry.get("conv", {})
         B, T, _ = hidden_states.shape
         H, K = self.num_heads, self.head_k_dim
-        q, cq = causal_conv(self.q_proj(hidden_states), self.q_conv1d.weight, self.q_conv1d.bias, conv.get("q"))
-        k, ck = causal_conv(self.k_proj(hidden_states), self.k_conv1d.weight, self.k_conv1d.bias, conv.get("k"))
+        (q, k), conv_states = short_convs(self, hidden_states, conv, ("q", "k"))
         q, k = l2_normalize(q.view(B, T, H, K)), l2_normalize(k.view(B, T, H, K))
         v = self.v_proj(hidden_states).view(B, T, H, K)
         beta = torch.sigmoid(self.b_proj(hidden_states).float())
@@ -67,5 +66,5 @@ class MesaNet(Mixer):
         gate = None if self.g_proj is None else self.g_proj(hidden_states).view(B, T, H, K)
         o = self.o_norm(result.output, gate)
         if entry is not None:
-            cache.update(layer_idx, conv={"q": cq, "k": ck}, state=result.final_state)
+            cache.update(layer_idx, conv=conv_states, state=result.final_state)
         return self.o_proj(o.reshape(B, T, H * K).to(hidden_states.dtype))

@@ -17,7 +17,7 @@ from metaplastic.registry import registry
 
 from ._scan import scan
 from .base import Mixer
-from .common import NormThenGate, causal_conv, conv_layer, init_dt_bias, l2_normalize, layer_cache
+from .common import NormThenGate, conv_layer, init_dt_bias, l2_normalize, layer_cache, short_convs
 
 
 class Palimpsa(Mixer):
@@ -60,9 +60,7 @@ class Palimpsa(Mixer):
         conv = {} if entry is None else entry.get("conv", {})
         B, T, _ = hidden_states.shape
         H, K, V = self.num_heads, self.head_k_dim, self.head_v_dim
-        q, cq = causal_conv(self.q_proj(hidden_states), self.q_conv1d.weight, self.q_conv1d.bias, conv.get("q"))
-        k, ck = causal_conv(self.k_proj(hidden_states), self.k_conv1d.weight, self.k_conv1d.bias, conv.get("k"))
-        v, cv = causal_conv(self.v_proj(hidden_states), self.v_conv1d.weight, self.v_conv1d.bias, conv.get("v"))
+        (q, k, v), conv_states = short_convs(self, hidden_states, conv)
         q, k = l2_normalize(q.view(B, T, H, K)), l2_normalize(k.view(B, T, H, K))
         v = v.view(B, T, H, V)
         delta = F.softplus(self.a_proj(hidden_states).float() + self.dt_bias.float())
@@ -74,5 +72,5 @@ class Palimpsa(Mixer):
         o = result.output.float() + self.D.float()[:, None] * v.float()
         o = self.o_norm(o, self.g_proj(hidden_states).view(B, T, H, V))
         if entry is not None:
-            cache.update(layer_idx, conv={"q": cq, "k": ck, "v": cv}, state=result.final_state)
+            cache.update(layer_idx, conv=conv_states, state=result.final_state)
         return self.o_proj(o.reshape(B, T, H * V).to(hidden_states.dtype))

@@ -25,7 +25,7 @@ from typing import Callable, Dict, Iterator, List, Tuple
 import torch
 
 from . import fla_checkpoints
-from .checkpoints import CheckpointError, Mamba2Arch, TensorStore, _open_store, open_mamba2, read_config
+from .checkpoints import CheckpointError, Mamba2Arch, TensorStore, _open_store, compare_keys, open_mamba2, read_config
 from .configuration import MetaplasticConfig
 
 ARCHITECTURES = {"hf": "Mamba2", "mamba_ssm": "Mamba2", "fla": "Gated DeltaNet"}
@@ -86,18 +86,7 @@ def check_keys(ckpt: SourceCheckpoint) -> None:
     if ckpt.config.tie_word_embeddings and head in have:
         ckpt.extra_keys.append("lm_head.weight")
         want[head] = want[ckpt.source_key("backbone.embeddings.weight")]
-    missing = [k for k in want if k not in have]
-    unexpected = [k for k in have if k not in want]
-    if missing:
-        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
-        raise CheckpointError(f"missing key {missing[0]!r}{more}")
-    if unexpected:
-        raise CheckpointError(f"unexpected key {unexpected[0]!r}"
-                              + (f" (and {len(unexpected) - 1} more)" if len(unexpected) > 1 else ""))
-    for key, shape in want.items():
-        if tuple(have[key]) != shape:
-            raise CheckpointError(f"shape mismatch for {key!r}: checkpoint has {list(have[key])}, the config implies "
-                                  f"{list(shape)}")
+    compare_keys(want, have)
 
 
 def point_config_mamba2(arch: Mamba2Arch) -> MetaplasticConfig:
