@@ -37,7 +37,6 @@ All models and grid settings see the same random keys and values (common random 
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -336,10 +335,6 @@ def run(args: argparse.Namespace) -> int:
                               seed=args.seed)
     except ValueError as exc:
         raise UserError(str(exc)) from None
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "capacity.json").write_text(json.dumps(result, indent=1))
-    plot_capacity(result, out / "capacity.png")
-    print(summary_table(result))
-    print(f"wrote {out / 'capacity.json'} and {out / 'capacity.png'} ({result['config']['seconds']} s)")
+    from .plotting import save_run
+    save_run(result, args.out, "capacity", plot_capacity, summary_table)
     return 0

@@ -19,7 +19,6 @@ a run is reproducible from its seed (on the same machine and torch build).
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import time
 from dataclasses import asdict, dataclass, replace
@@ -339,10 +338,6 @@ def run(args: argparse.Namespace) -> int:
         result = run_mqar(cfg, args.device)
     except ValueError as exc:
         raise UserError(str(exc)) from None
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "mqar.json").write_text(json.dumps(result, indent=1))
-    plot_mqar(result, out / "mqar.png")
-    print(summary_table(result))
-    print(f"wrote {out / 'mqar.json'} and {out / 'mqar.png'} ({result['config']['seconds']} s)")
+    from .plotting import save_run
+    save_run(result, args.out, "mqar", plot_mqar, summary_table)
     return 0

@@ -49,3 +49,14 @@ def curve_panels(path: Union[str, Path], panels: Mapping[str, Mapping[str, Curve
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def save_run(result: dict, out: Union[str, Path], stem: str, plot, table) -> None:
+    """Write ``OUT/<stem>.json`` and ``OUT/<stem>.png`` (via ``plot(result, path)``) and print ``table(result)``."""
+    import json
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{stem}.json").write_text(json.dumps(result, indent=1))
+    plot(result, out / f"{stem}.png")
+    print(table(result))
+    print(f"wrote {out / f'{stem}.json'} and {out / f'{stem}.png'} ({result['config']['seconds']} s)")
