@@ -19,6 +19,8 @@ COMMANDS = {
     "convert": ("metaplastic.models.convert", "convert a Mamba2 or Gated DeltaNet checkpoint into a metaplastic model"),
     "capacity": ("metaplastic.experiments.capacity", "memory capacity without training (recall vs N)"),
     "mqar": ("metaplastic.experiments.mqar", "multi-query associative recall: train and evaluate"),
+    "convert-finetune": ("metaplastic.experiments.convert_finetune",
+                         "train a Mamba2 on recall, convert it (identity), fine-tune three ways, compare recall"),
     "demo": ("metaplastic.demo", "the tour: verification, Table 1, conversion, capacity"),
     "finetune": ("metaplastic.finetune", "fine-tune a metaplastic model (single process or torchrun + FSDP2)"),
 }
