@@ -168,7 +168,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from metaplastic.cli import UserError
+    from metaplastic.errors import UserError
 
     if args.out:
         import os

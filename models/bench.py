@@ -125,7 +125,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from metaplastic.cli import UserError
+    from metaplastic.errors import UserError
     if args.repeats < 1:
         raise UserError(f"--repeats must be positive, got {args.repeats}")
     if args.workdir:

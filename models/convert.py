@@ -25,7 +25,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from metaplastic.cli import UserError
+    from metaplastic.errors import UserError
 
     from .converter import convert_checkpoint
     if args.rank is not None and args.rank < 1:
