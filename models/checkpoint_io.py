@@ -1,22 +1,24 @@
-"""Reading Mamba2 checkpoints in either format of REFERENCES.md, one tensor at a time.
+"""Reading checkpoints, one tensor at a time, and writing safetensors files, one tensor at a time.
 
-- Hugging Face: ``config.json`` with ``model_type: "mamba2"``; ``model.safetensors`` or shards listed in
-  ``model.safetensors.index.json`` (``pytorch_model.bin`` also accepted).
-- original mamba_ssm: ``config.json`` with ``d_model`` / ``n_layer`` / ``ssm_cfg``; ``pytorch_model.bin`` or
-  ``model.safetensors``. The embedding is ``backbone.embedding.weight`` (renamed here), its rows are the
-  vocabulary padded to ``pad_vocab_size_multiple``, and ``ngroups`` lives inside ``ssm_cfg``.
+- :class:`TensorStore`: name -> tensor, loaded lazily from ``model.safetensors``, the shards listed in
+  ``model.safetensors.index.json``, or ``pytorch_model.bin`` (:func:`open_store`); shapes are known
+  without reading data.
+- :func:`read_config`: ``config.json`` of a checkpoint directory (transformers' ``inf`` objects decoded).
+- :func:`compare_keys`: the keys and shapes a config implies against those a checkpoint holds.
+- :class:`StreamingSafetensorsWriter`: the header first (from the known shapes and dtypes), then each
+  tensor's bytes as it arrives. ``safetensors.torch.save_file`` needs every tensor in memory at once (and
+  serialises a second copy); this writes the standard format (8-byte little-endian header length, JSON
+  header padded with spaces to a multiple of 8, contiguous little-endian data).
 
-:func:`open_mamba2` returns a :class:`Mamba2Checkpoint`: the normalised architecture (:class:`Mamba2Arch`)
-and a :class:`TensorStore` with Hugging Face key names. Every problem raises :class:`CheckpointError`
-(a ``ValueError``) with a one-line message naming it.
+Every problem with a checkpoint raises :class:`CheckpointError` (a ``ValueError``) with a one-line message.
 """
 from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass, field
+import struct
 from pathlib import Path
-from typing import Dict, Iterator, List, Optional, Tuple
+from typing import BinaryIO, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -25,39 +27,7 @@ class CheckpointError(ValueError):
     """A checkpoint that cannot be converted; the message names the problem in one line."""
 
 
-@dataclass(frozen=True)
-class Mamba2Arch:
-    """A Mamba2 language model's architecture, in transformers' ``Mamba2Config`` vocabulary."""
-
-    vocab_size: int  # rows of the embedding (the padded vocabulary for mamba_ssm checkpoints)
-    hidden_size: int
-    num_hidden_layers: int
-    num_heads: int
-    head_dim: int
-    state_size: int
-    expand: int
-    n_groups: int
-    conv_kernel: int
-    use_bias: bool
-    use_conv_bias: bool
-    time_step_limit: Tuple[float, float]
-    layer_norm_epsilon: float
-    residual_in_fp32: bool
-    tie_word_embeddings: bool
-    pad_token_id: Optional[int] = None
-    bos_token_id: Optional[int] = None
-    eos_token_id: Optional[int] = None
-    unpadded_vocab_size: Optional[int] = None
-
-    def mixer_kwargs(self) -> Dict[str, object]:
-        """Keyword arguments of :class:`metaplastic.models.Mamba2`."""
-        return dict(num_heads=self.num_heads, head_dim=self.head_dim, state_size=self.state_size, expand=self.expand,
-                    n_groups=self.n_groups, conv_kernel=self.conv_kernel, use_bias=self.use_bias,
-                    use_conv_bias=self.use_conv_bias, time_step_limit=list(self.time_step_limit),
-                    layer_norm_epsilon=self.layer_norm_epsilon)
-
-
-# --- tensor stores -------------------------------------------------------------------------------
+# --- reading tensors -------------------------------------------------------------------------------
 
 class TensorStore:
     """Name → tensor, loaded lazily one at a time. ``shapes`` is known without reading any data."""
@@ -127,7 +97,7 @@ def _one_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text[0] if text else ''}".rstrip(": ")
 
 
-def _open_store(directory: Path) -> TensorStore:
+def open_store(directory: Path) -> TensorStore:
     index = directory / "model.safetensors.index.json"
     single = directory / "model.safetensors"
     binary = directory / "pytorch_model.bin"
@@ -173,105 +143,7 @@ def _read_json(path: Path) -> dict:
         raise CheckpointError(f"cannot read {path.name}: {_one_line(exc)}")
 
 
-# --- configs -------------------------------------------------------------------------------------
-
-_NOT_MAMBA2 = {  # refused by name (Gated DeltaNet is read by fla_checkpoints, not here)
-    "mamba": "a Mamba (v1) checkpoint",
-    "gated_deltanet": "a Gated DeltaNet checkpoint (convert it with metaplastic.models.convert_checkpoint)",
-    "mesa_net": "a MesaNet checkpoint (not supported: its full posterior has no point-posterior source)",
-}
-
-
-def _arch_from_hf(cfg: dict) -> Mamba2Arch:
-    hidden = _get_int(cfg, "hidden_size")
-    expand = _get_int(cfg, "expand", 2)
-    head_dim = _get_int(cfg, "head_dim", 64)
-    num_heads = _get_int(cfg, "num_heads", hidden * expand // head_dim)
-    limit = _limit(cfg.get("time_step_limit", (0.0, math.inf)), "time_step_limit")
-    return Mamba2Arch(
-        vocab_size=_get_int(cfg, "vocab_size"), hidden_size=hidden, num_hidden_layers=_get_int(cfg, "num_hidden_layers"),
-        num_heads=num_heads, head_dim=head_dim, state_size=_get_int(cfg, "state_size", 128), expand=expand,
-        n_groups=_get_int(cfg, "n_groups", 8), conv_kernel=_get_int(cfg, "conv_kernel", 4),
-        use_bias=bool(cfg.get("use_bias", False)), use_conv_bias=bool(cfg.get("use_conv_bias", True)),
-        time_step_limit=limit,
-        layer_norm_epsilon=float(cfg.get("layer_norm_epsilon", 1e-5)),
-        residual_in_fp32=bool(cfg.get("residual_in_fp32", True)),
-        tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
-        pad_token_id=cfg.get("pad_token_id"), bos_token_id=cfg.get("bos_token_id"), eos_token_id=cfg.get("eos_token_id"))
-
-
-def _arch_from_mamba_ssm(cfg: dict) -> Mamba2Arch:
-    if int(cfg.get("d_intermediate", 0) or 0) > 0:
-        raise CheckpointError(f"d_intermediate={cfg['d_intermediate']} (an MLP in every block) is not supported: "
-                              "only pure Mamba2 stacks convert")
-    if cfg.get("attn_layer_idx"):
-        raise CheckpointError(f"attention layers (attn_layer_idx={cfg['attn_layer_idx']}) are not supported: "
-                              "only pure Mamba2 stacks convert")
-    if not cfg.get("rms_norm", True):
-        raise CheckpointError("rms_norm=false (LayerNorm blocks) is not supported")
-    ssm = cfg.get("ssm_cfg") or {}
-    if not isinstance(ssm, dict):
-        raise CheckpointError("ssm_cfg must be a JSON object")
-    layer = ssm.get("layer", "Mamba1")
-    if layer != "Mamba2":
-        raise CheckpointError(f"ssm_cfg.layer is {layer!r} (mamba_ssm's default is Mamba1): not a Mamba2 checkpoint")
-    for key, ok, why in (("D_has_hdim", False, "a D per channel"), ("norm_before_gate", False, "norm before gate"),
-                         ("rmsnorm", True, "no gated norm")):
-        if ssm.get(key, ok) != ok:
-            raise CheckpointError(f"ssm_cfg.{key}={ssm[key]} ({why}) is not supported")
-    hidden = _get_int(cfg, "d_model")
-    expand = _get_int(ssm, "expand", 2)
-    d_inner = expand * hidden
-    if ssm.get("d_ssm") not in (None, d_inner):
-        raise CheckpointError(f"ssm_cfg.d_ssm={ssm['d_ssm']} (a partial SSM) is not supported")
-    head_dim = _get_int(ssm, "headdim", 64)
-    if d_inner % head_dim:
-        raise CheckpointError(f"expand·d_model = {d_inner} is not divisible by headdim = {head_dim}")
-    vocab = _get_int(cfg, "vocab_size")
-    multiple = _get_int(cfg, "pad_vocab_size_multiple", 1)
-    padded = vocab + (-vocab % multiple) if multiple > 1 else vocab
-    limit = _limit(ssm.get("dt_limit", (0.0, math.inf)), "ssm_cfg.dt_limit")
-    return Mamba2Arch(
-        vocab_size=padded, hidden_size=hidden, num_hidden_layers=_get_int(cfg, "n_layer"), num_heads=d_inner // head_dim,
-        head_dim=head_dim, state_size=_get_int(ssm, "d_state", 128), expand=expand, n_groups=_get_int(ssm, "ngroups", 1),
-        conv_kernel=_get_int(ssm, "d_conv", 4), use_bias=bool(ssm.get("bias", False)),
-        use_conv_bias=bool(ssm.get("conv_bias", True)), time_step_limit=limit,
-        layer_norm_epsilon=float(cfg.get("norm_epsilon", 1e-5)), residual_in_fp32=bool(cfg.get("residual_in_fp32", True)),
-        tie_word_embeddings=bool(cfg.get("tie_embeddings", True)), unpadded_vocab_size=vocab)
-
-
-def _limit(value, key: str) -> Tuple[float, float]:
-    try:
-        low, high = (float(v) for v in value)
-    except (TypeError, ValueError):
-        raise CheckpointError(f"config.json: {key}={value!r} is not a pair of numbers")
-    return low, high
-
-
-def _get_int(cfg: dict, key: str, default: Optional[int] = None) -> int:
-    value = cfg.get(key, default)
-    if value is None:
-        raise CheckpointError(f"config.json has no {key!r}")
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or int(value) != value or value < 0:
-        raise CheckpointError(f"config.json: {key}={value!r} is not a non-negative integer")
-    return int(value)
-
-
-# --- the checkpoint ------------------------------------------------------------------------------
-
-@dataclass
-class Mamba2Checkpoint:
-    """A Mamba2 checkpoint: its format (``"hf"`` or ``"mamba_ssm"``), architecture and tensors (HF names)."""
-
-    path: Path
-    format: str
-    arch: Mamba2Arch
-    store: TensorStore
-    extra_keys: List[str] = field(default_factory=list)  # present but redundant (a tied lm_head)
-
-    def tensor(self, name: str) -> torch.Tensor:
-        return self.store.get(name)
-
+# --- configs and keys --------------------------------------------------------------------------
 
 def read_config(path) -> Tuple[Path, dict]:
     """``(directory, config.json as a dict)`` of a checkpoint directory; ``CheckpointError`` naming the problem."""
@@ -286,51 +158,13 @@ def read_config(path) -> Tuple[Path, dict]:
     return directory, cfg
 
 
-def open_mamba2(path) -> Mamba2Checkpoint:
-    """Open a checkpoint directory of either format; validate its config, keys and shapes (no data read)."""
-    directory, cfg = read_config(path)
-    model_type = cfg.get("model_type")
-    if model_type == "mamba2":
-        fmt, arch = "hf", _arch_from_hf(cfg)
-    elif model_type is None and "d_model" in cfg:
-        fmt, arch = "mamba_ssm", _arch_from_mamba_ssm(cfg)
-    elif model_type in _NOT_MAMBA2:
-        raise CheckpointError(f"model_type {model_type!r} is {_NOT_MAMBA2[model_type]}, not Mamba2 or Gated DeltaNet")
-    elif "num_attention_heads" in cfg or "n_head" in cfg:
-        raise CheckpointError(f"model_type {model_type!r} is a Transformer checkpoint (attention layers): only "
-                              "Mamba2 and Gated DeltaNet checkpoints convert")
-    elif model_type is None:
-        raise CheckpointError("config.json has neither 'model_type' (Hugging Face) nor 'd_model' (mamba_ssm)")
-    else:
-        raise CheckpointError(f"unknown model_type {model_type!r}: only Mamba2 (Hugging Face, mamba_ssm) and "
-                              "Gated DeltaNet (fla) checkpoints convert")
-    if arch.num_heads * arch.head_dim != arch.expand * arch.hidden_size:
-        raise CheckpointError(f"num_heads·head_dim = {arch.num_heads}·{arch.head_dim} differs from "
-                              f"expand·hidden_size = {arch.expand}·{arch.hidden_size}")
-    if arch.n_groups < 1 or arch.num_heads % arch.n_groups:
-        raise CheckpointError(f"num_heads={arch.num_heads} is not divisible by n_groups={arch.n_groups}")
-    store = _open_store(directory)
-    if "backbone.embedding.weight" in store.shapes and "backbone.embeddings.weight" not in store.shapes:
-        store.rename("backbone.embedding.weight", "backbone.embeddings.weight")
-    ckpt = Mamba2Checkpoint(directory, fmt, arch, store)
-    _check_keys(ckpt)
-    return ckpt
-
-
-def expected_shapes(arch: Mamba2Arch) -> Dict[str, Tuple[int, ...]]:
-    """The Hugging Face Mamba2 state dict of ``arch``, from the mixer class itself (meta device)."""
-    from .mamba2 import Mamba2
-    with torch.device("meta"):
-        mixer = Mamba2(arch.hidden_size, **arch.mixer_kwargs())
-    shapes = {"backbone.embeddings.weight": (arch.vocab_size, arch.hidden_size)}
-    for i in range(arch.num_hidden_layers):
-        shapes[f"backbone.layers.{i}.norm.weight"] = (arch.hidden_size,)
-        for name, t in mixer.state_dict().items():
-            shapes[f"backbone.layers.{i}.mixer.{name}"] = tuple(t.shape)
-    shapes["backbone.norm_f.weight"] = (arch.hidden_size,)
-    if not arch.tie_word_embeddings:
-        shapes["lm_head.weight"] = (arch.vocab_size, arch.hidden_size)
-    return shapes
+def get_int(cfg: dict, key: str, default: Optional[int] = None) -> int:
+    value = cfg.get(key, default)
+    if value is None:
+        raise CheckpointError(f"config.json has no {key!r}")
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or int(value) != value or value < 0:
+        raise CheckpointError(f"config.json: {key}={value!r} is not a non-negative integer")
+    return int(value)
 
 
 def compare_keys(want: Dict[str, Tuple[int, ...]], have: Dict[str, Tuple[int, ...]]) -> None:
@@ -348,17 +182,75 @@ def compare_keys(want: Dict[str, Tuple[int, ...]], have: Dict[str, Tuple[int, ..
                                   f"{list(shape)}")
 
 
-def _check_keys(ckpt: Mamba2Checkpoint) -> None:
-    want = dict(expected_shapes(ckpt.arch))
-    if ckpt.arch.tie_word_embeddings and "lm_head.weight" in ckpt.store.shapes:
-        ckpt.extra_keys.append("lm_head.weight")  # a tied head saved twice: checked equal, then dropped
-        want["lm_head.weight"] = want["backbone.embeddings.weight"]
-    compare_keys(want, ckpt.store.shapes)
+# --- writing safetensors -------------------------------------------------------------------------
+
+DTYPE_CODES = {
+    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+    torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+    torch.bool: "BOOL",
+}
 
 
-def iter_layer_tensors(ckpt: Mamba2Checkpoint, layer: int) -> Iterator[Tuple[str, torch.Tensor]]:
-    """``(name within the mixer, tensor)`` for every mixer tensor of ``layer``."""
-    prefix = f"backbone.layers.{layer}.mixer."
-    for key in ckpt.store.shapes:
-        if key.startswith(prefix):
-            yield key[len(prefix):], ckpt.tensor(key)
+def nbytes(shape: Sequence[int], dtype: torch.dtype) -> int:
+    """Bytes of a tensor of ``shape`` and ``dtype``."""
+    n = 1
+    for s in shape:
+        n *= int(s)
+    return n * torch.empty((), dtype=dtype).element_size()
+
+
+class StreamingSafetensorsWriter:
+    """``with StreamingSafetensorsWriter(path, [(name, shape, dtype), ...]) as w: w.write(name, tensor)``.
+
+    Tensors must be written in the declared order with the declared shapes; they are cast to the declared
+    dtype. Closing checks that every declared tensor was written.
+    """
+
+    def __init__(self, path: Path, layout: Sequence[Tuple[str, Sequence[int], torch.dtype]],
+                 metadata: Optional[Dict[str, str]] = None) -> None:
+        self.path = Path(path)
+        self.layout: List[Tuple[str, Tuple[int, ...], torch.dtype]] = [(n, tuple(int(s) for s in sh), d)
+                                                                       for n, sh, d in layout]
+        header: Dict[str, object] = {"__metadata__": dict(metadata or {"format": "pt"})}
+        offset = 0
+        for name, shape, dtype in self.layout:
+            if dtype not in DTYPE_CODES:
+                raise ValueError(f"{name}: dtype {dtype} cannot be stored in safetensors")
+            size = nbytes(shape, dtype)
+            header[name] = {"dtype": DTYPE_CODES[dtype], "shape": list(shape), "data_offsets": [offset, offset + size]}
+            offset += size
+        blob = json.dumps(header, separators=(",", ":")).encode()
+        blob += b" " * (-len(blob) % 8)
+        self.total_bytes = offset
+        self._file: BinaryIO = open(self.path, "wb")
+        self._file.write(struct.pack("<Q", len(blob)))
+        self._file.write(blob)
+        self._next = 0
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        """Append ``tensor`` as the next declared entry ``name`` (cast to its declared dtype)."""
+        if self._next >= len(self.layout):
+            raise ValueError(f"{name}: more tensors written than declared")
+        want_name, shape, dtype = self.layout[self._next]
+        if name != want_name:
+            raise ValueError(f"expected tensor {want_name!r} next, got {name!r}")
+        if tuple(tensor.shape) != shape:
+            raise ValueError(f"{name}: shape {list(tensor.shape)} differs from the declared {list(shape)}")
+        data = tensor.detach().to(device="cpu", dtype=dtype).contiguous()
+        self._file.write(memoryview(data.reshape(-1).view(torch.uint8).numpy()))
+        self._next += 1
+
+    def close(self) -> None:
+        self._file.close()
+        if self._next != len(self.layout):
+            raise ValueError(f"{self.path}: {len(self.layout) - self._next} declared tensors were not written "
+                             f"(next: {self.layout[self._next][0]!r})")
+
+    def __enter__(self) -> "StreamingSafetensorsWriter":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self._file.close()

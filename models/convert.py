@@ -1,34 +1,47 @@
-"""A checkpoint → ``MetaplasticForCausalLM`` with metaplastic mixers (THEORY.md §5), for every source format.
+"""A checkpoint -> ``MetaplasticForCausalLM`` with metaplastic mixers (THEORY.md §5), and the command
+``metaplastic convert SRC DST``.
 
-One mechanism (:mod:`metaplastic.models.sources`): the source is read as a point-posterior
-``MetaplasticForCausalLM`` config plus a key map; every tensor is copied and each layer's mixer goes through
-:func:`to_metaplastic`. Sources: Mamba2 (Hugging Face, mamba_ssm) -> ``meta_mamba2``; Gated DeltaNet (fla)
--> ``meta_gated_deltanet``. With ``init="identity"`` (γ = 0) the converted model's logits equal the
-source's; ``init="paper"`` initialises the plasticity path as the paper's surgery does (γ = 1, fresh
-W_b1/W_b2, b_scale = 1): not output-preserving.
+One mechanism for every source format: :func:`open_checkpoint` reads ``config.json`` and describes the
+source as a :class:`SourceCheckpoint`, a point-posterior ``MetaplasticForCausalLM`` config plus a key map
+(our state-dict key -> the checkpoint's key); :func:`convert_checkpoint` copies every tensor and passes each
+layer's mixer through :func:`to_metaplastic`.
+
+| format | architecture | detected by | module |
+|---|---|---|---|
+| ``hf`` | Mamba2 (transformers) | ``model_type: "mamba2"`` | :mod:`.source_mamba2` |
+| ``mamba_ssm`` | Mamba2 (original) | ``d_model`` and no ``model_type`` | :mod:`.source_mamba2` |
+| ``fla`` | Gated DeltaNet (fla) | ``model_type: "gated_deltanet"`` | :mod:`.source_fla` |
+
+Mamba2 -> ``meta_mamba2`` mixers; Gated DeltaNet -> ``meta_gated_deltanet`` mixers with the source's SwiGLU
+MLPs. With ``init="identity"`` (γ = 0) the converted model's logits equal the source's; ``init="paper"``
+initialises the plasticity path as the paper's surgery does (γ = 1, fresh W_b1/W_b2, b_scale = 1): not
+output-preserving.
 
 Tensors move one at a time (memory-mapped source, streaming safetensors writer), and the result is
 written to a temporary directory beside ``dst`` that is renamed at the end, so a failure leaves no ``dst``.
 """
 from __future__ import annotations
 
+import argparse
 import copy
 import os
 import re
 import shutil
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Optional, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
 import torch
 from tqdm.auto import tqdm
 
-from .checkpoints import CheckpointError, Mamba2Arch, expected_shapes
+from metaplastic.errors import UserError
+
+from . import source_fla, source_mamba2
+from .checkpoint_io import (CheckpointError, StreamingSafetensorsWriter, TensorStore, compare_keys, nbytes, open_store,
+                            read_config)
 from .configuration import MetaplasticConfig
 from .importance import INITS
-from .safetensors_stream import StreamingSafetensorsWriter, nbytes
-from .sources import SourceCheckpoint, lm_shapes, open_checkpoint, point_config_mamba2
 from .twins import to_metaplastic, twin_name
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -36,6 +49,7 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
                    "tokenizer.model", "added_tokens.json", "vocab.txt")
 SEED = 0  # the importance path's initialisation is deterministic: generator seeded SEED + layer index
 _MIXER_KEY = re.compile(r"^backbone\.layers\.(\d+)\.mixer\.(.+)$")
+ARCHITECTURES = {"hf": "Mamba2", "mamba_ssm": "Mamba2", "fla": "Gated DeltaNet"}
 
 
 class ConversionError(ValueError):
@@ -54,6 +68,96 @@ class ConversionResult:
     reference: Optional[str] = None  # what the logits were compared with (verify)
 
 
+# --- sources ---------------------------------------------------------------------------------------
+
+@dataclass
+class SourceCheckpoint:
+    """A checkpoint to convert: its format, its architecture object, the equivalent point-posterior config,
+    its tensors and the key map from our names to its names."""
+
+    path: Path
+    format: str
+    arch: object  # Mamba2Arch or GatedDeltaNetArch
+    config: MetaplasticConfig
+    store: TensorStore
+    source_key: Callable[[str], str]
+    extra_keys: List[str] = field(default_factory=list)  # present but redundant (a tied lm_head)
+
+    @property
+    def architecture(self) -> str:
+        return ARCHITECTURES[self.format]
+
+    def tensor(self, key: str) -> torch.Tensor:
+        """The tensor of our key ``key``."""
+        return self.store.get(self.source_key(key))
+
+    def mixer_tensors(self, layer: int) -> Dict[str, torch.Tensor]:
+        """``{name within the mixer: tensor}`` of layer ``layer``."""
+        prefix = f"backbone.layers.{layer}.mixer."
+        return {key[len(prefix):]: self.tensor(key) for key in lm_shapes(self.config, layers=[layer])
+                if key.startswith(prefix)}
+
+
+def lm_shapes(config: MetaplasticConfig, layers=None) -> Dict[str, Tuple[int, ...]]:
+    """``{key: shape}`` of ``MetaplasticForCausalLM(config)``'s state dict, in its order (no ``lm_head`` when
+    tied), built on the meta device. ``layers``: only those blocks (and nothing outside the blocks)."""
+    from .modeling import MetaplasticBlock
+    shapes: Dict[str, Tuple[int, ...]] = {}
+    if layers is None:
+        shapes["backbone.embeddings.weight"] = (config.vocab_size, config.hidden_size)
+    with torch.device("meta"):
+        for i in (range(config.num_hidden_layers) if layers is None else layers):
+            for name, t in MetaplasticBlock(config, i).state_dict().items():
+                shapes[f"backbone.layers.{i}.{name}"] = tuple(t.shape)
+    if layers is None:
+        shapes["backbone.norm_f.weight"] = (config.hidden_size,)
+        if not config.tie_word_embeddings:
+            shapes["lm_head.weight"] = (config.vocab_size, config.hidden_size)
+    return shapes
+
+
+def check_keys(ckpt: SourceCheckpoint) -> None:
+    """Every key the config implies is present with its shape, nothing else is (a tied head saved twice is
+    recorded in ``extra_keys``)."""
+    want = {ckpt.source_key(key): shape for key, shape in lm_shapes(ckpt.config).items()}
+    have = ckpt.store.shapes
+    head = ckpt.source_key("lm_head.weight")
+    if ckpt.config.tie_word_embeddings and head in have:
+        ckpt.extra_keys.append("lm_head.weight")
+        want[head] = want[ckpt.source_key("backbone.embeddings.weight")]
+    compare_keys(want, have)
+
+
+def _open_mamba2(directory: Path, cfg: dict) -> SourceCheckpoint:
+    fmt, arch = source_mamba2.arch_from_config(cfg)  # refuses every other model_type by name
+    store = open_store(directory)
+    source_mamba2.adapt_store(store)
+    ckpt = SourceCheckpoint(directory, fmt, arch, source_mamba2.point_config(arch), store, source_mamba2.source_key)
+    check_keys(ckpt)
+    return ckpt
+
+
+def _open_fla_gdn(directory: Path, cfg: dict) -> SourceCheckpoint:
+    try:
+        arch = source_fla.arch_from_fla(cfg)
+        ckpt = SourceCheckpoint(directory, "fla", arch, source_fla.point_config(arch), open_store(directory),
+                                source_fla.source_key)
+        check_keys(ckpt)
+    except CheckpointError as exc:
+        raise CheckpointError(f"Gated DeltaNet checkpoint: {exc}") from None
+    return ckpt
+
+
+def open_checkpoint(path) -> SourceCheckpoint:
+    """Open a checkpoint directory of any supported format; validate config, keys and shapes (no data read)."""
+    directory, cfg = read_config(path)
+    if cfg.get("model_type") == "gated_deltanet":
+        return _open_fla_gdn(directory, cfg)
+    return _open_mamba2(directory, cfg)  # Mamba2 of either format; refuses every other model_type by name
+
+
+# --- conversion ------------------------------------------------------------------------------------
+
 def twin_config(config: MetaplasticConfig, dtype: torch.dtype = torch.float32,
                 importance_rank: Optional[int] = None) -> MetaplasticConfig:
     """``config`` with every point-posterior mixer replaced by its metaplastic twin (importance rank added)."""
@@ -65,12 +169,6 @@ def twin_config(config: MetaplasticConfig, dtype: torch.dtype = torch.float32,
     out.mixer_kwargs = kwargs[0] if isinstance(config.mixer_kwargs, dict) else kwargs
     out.dtype = dtype
     return out
-
-
-def metaplastic_config(arch: Mamba2Arch, dtype: torch.dtype = torch.float32,
-                       importance_rank: Optional[int] = None) -> MetaplasticConfig:
-    """The ``MetaplasticConfig`` of the MetaMamba2 twin of ``arch``."""
-    return twin_config(point_config_mamba2(arch), dtype, importance_rank)
 
 
 def convert_layer(config: MetaplasticConfig, tensors: Dict[str, torch.Tensor], layer: int, init: str,
@@ -223,7 +321,7 @@ def _transformers_mamba2(ckpt: SourceCheckpoint):
                        tie_word_embeddings=a.tie_word_embeddings, pad_token_id=None, bos_token_id=None,
                        eos_token_id=None)
     model = Mamba2ForCausalLM(cfg)
-    state = {key: ckpt.tensor(key).float() for key in expected_shapes(a)}
+    state = {key: ckpt.tensor(key).float() for key in lm_shapes(ckpt.config)}
     model.load_state_dict(state, strict=not a.tie_word_embeddings)
     if a.tie_word_embeddings:
         model.tie_weights()
@@ -261,3 +359,38 @@ def verify_conversion(ckpt: SourceCheckpoint, dst: Path, init: str, rank: int, r
         f"(source run by {description})")
     log(f"verify: max |logit difference| source vs converted        = {result.max_abs_diff:.3e}")
     log(f"verify: max |logit difference| source vs reloaded {dst.name} = {result.max_abs_diff_reloaded:.3e}")
+
+
+# --- the command ``metaplastic convert SRC DST`` -------------------------------------------------------
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("src", metavar="SRC", help="checkpoint directory: Mamba2 (Hugging Face or mamba_ssm format) or Gated DeltaNet (fla format)")
+    parser.add_argument("dst", metavar="DST", help="output directory (Hugging Face format, MetaplasticForCausalLM with the metaplastic twin mixers)")
+    parser.add_argument("--init", choices=("identity", "paper"), default="identity",
+                        help="identity: γ = 0, output-identical to SRC (default); paper: the paper's surgery "
+                             "(γ = 1, fresh plasticity path), not output-preserving")
+    parser.add_argument("--dtype", choices=tuple(DTYPES), default="float32", help="dtype of DST's weights")
+    parser.add_argument("--rank", type=int, default=None, help="rank of the importance path (default min(64, d_model))")
+    parser.add_argument("--verify", action="store_true",
+                        help="compare logits of SRC and DST on random tokens (also after reloading DST)")
+    parser.add_argument("--force", action="store_true", help="replace an existing DST")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.rank is not None and args.rank < 1:
+        raise UserError(f"--rank must be positive, got {args.rank}")
+    try:
+        result = convert_checkpoint(args.src, args.dst, init=args.init, dtype=args.dtype, force=args.force,
+                                    verify=args.verify, importance_rank=args.rank, progress=not args.no_progress)
+    except ValueError as exc:
+        raise UserError(str(exc).splitlines()[0]) from None
+    print(f"converted {args.src} ({result.architecture}, {result.source_format} format) -> {result.dst}: "
+          f"{result.num_tensors} tensors, {result.bytes_written / 1e6:.1f} MB, init={args.init}, dtype={args.dtype}")
+    if args.verify and args.init == "identity" and args.dtype == "float32":
+        worst = max(result.max_abs_diff, result.max_abs_diff_reloaded)
+        if worst > 1e-4:
+            print(f"verify: FAILED, max |logit difference| {worst:.3e} > 1e-4")
+            return 1
+        print(f"verify: OK (identity init: logits equal those of the {result.reference} to <= 1e-4)")
+    return 0
