@@ -379,7 +379,7 @@ def config_from_args(args: argparse.Namespace) -> CapacityConfig:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..cli import UserError
+    from metaplastic.errors import UserError
     try:
         cfg = config_from_args(args)
     except ValueError as exc:

@@ -11,7 +11,7 @@ Per seed:
    and ``converged`` flag (final loss ≤ ``converged_loss``) are recorded.
 2. **Conversion** with the library's functions: each mixer through
    :func:`metaplastic.models.to_metaplastic` (``init="identity"``: γ = 0) and the config through
-   :func:`metaplastic.models.converter.twin_config`. The converted model must start equal to the source:
+   :func:`metaplastic.models.convert.twin_config`. The converted model must start equal to the source:
    the largest |logit difference| on the test inputs must be ≤ ``identity_atol`` (1e-5), or the run stops.
 3. **Fine-tuning**, ``finetune_steps`` each, on fresh data of the training distribution (the same batches
    for every arm): (a) ``converted: metaplastic path`` — only the importance paths' parameters (γ, W_b1,
@@ -143,7 +143,7 @@ def convert(source: nn.Module, rank: Optional[int], generator: torch.Generator) 
     """The metaplastic twin of the LM ``source`` (``init="identity"``), through the library's
     :func:`to_metaplastic` (each mixer) and :func:`twin_config` (the config); ``source`` is unchanged."""
     from metaplastic.models import to_metaplastic
-    from metaplastic.models.converter import twin_config
+    from metaplastic.models.convert import twin_config
     model = copy.deepcopy(source)
     for layer in model.backbone.layers:
         layer.mixer = to_metaplastic(layer.mixer, init="identity", rank=rank, generator=generator)
@@ -182,7 +182,7 @@ def set_trainable(model: nn.Module, names: Optional[List[str]]) -> int:
 def gammas(model: nn.Module) -> List[List[float]]:
     """γ per layer and head (empty for a model without gates)."""
     from metaplastic.models import ImportancePath
-    return [[round(float(g), 4) for g in m.gamma] for m in model.modules()
+    return [[round(g, 4) for g in m.gamma.detach().tolist()] for m in model.modules()
             if isinstance(m, ImportancePath) and m.gamma is not None]
 
 
@@ -332,7 +332,7 @@ def config_from_args(args: argparse.Namespace) -> ConvertFinetuneConfig:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..cli import UserError
+    from metaplastic.errors import UserError
     try:
         cfg = config_from_args(args)
     except ValueError as exc:

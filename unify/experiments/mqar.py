@@ -619,7 +619,7 @@ def config_from_args(args: argparse.Namespace) -> MQARConfig:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..cli import UserError
+    from metaplastic.errors import UserError
     try:
         cfg = config_from_args(args)
     except ImportError as exc:
