@@ -557,7 +557,7 @@ def plot_mqar(result: Dict[str, Any], path: Path) -> Path:
     cfg = result["config"]
     return curve_panels(path, panels, xlabel="key-value pairs", ylabel="accuracy (query positions)",
                         title=_title(result), logx=True,
-                        extra=("mean training loss (nats/query)", "fraction of training", losses,
+                        extra=("mean training loss, nats/query (dotted: converged below)", "fraction of training", losses,
                                cfg["converged_loss"]))
 
 
