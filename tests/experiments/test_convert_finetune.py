@@ -3,6 +3,7 @@ import json
 
 import pytest
 import torch
+from helpers import assert_close
 
 from metaplastic.cli import main
 from metaplastic.experiments import convert_finetune as cf
@@ -22,7 +23,7 @@ def test_converted_model_starts_equal_to_its_source():
     assert [layer.mixer.registry_name for layer in source.backbone.layers] == ["mamba2"] * 2  # untouched
     ids = torch.randint(0, 32, (2, 24), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
-        torch.testing.assert_close(converted(ids).logits, source(ids).logits, rtol=0, atol=1e-5)
+        assert_close(converted(ids).logits, source(ids).logits, rtol=0, atol=1e-5)
     assert cf.max_logit_difference(source, converted, ids) <= 1e-5
 
 
