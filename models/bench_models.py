@@ -76,8 +76,7 @@ def _grouped_copy(converted, groups: int):
 def build_models(workdir: Path, shapes: Dict, groups: Sequence[int], device: str) -> Dict[str, object]:
     """``{label: model}`` (all float32, eval mode, on ``device``) and ``{label: skip reason}`` entries."""
     from .bench import build_checkpoint
-    from .converter import converted_model, load_source_model, point_model
-    from .sources import open_checkpoint
+    from .convert import converted_model, load_source_model, open_checkpoint, point_model
     build_checkpoint(workdir / "mamba2", shapes=shapes)
     ckpt = open_checkpoint(workdir / "mamba2")
     source, _ = load_source_model(ckpt)
