@@ -11,7 +11,8 @@ import metaplastic
 from metaplastic.kernels import chunk_per_value
 from metaplastic.kernels.chunk import chunk_scan
 from metaplastic.kernels.chunk_per_value import PerValueScan
-from metaplastic.oracles import relative_error
+
+from helpers import assert_close
 
 TOL = 1e-10
 
@@ -35,10 +36,10 @@ def _check(x, chunk_size, cu_seqlens=None):
     kw = dict(scale=0.6, output_final_state=True, output_variance=True, cu_seqlens=cu_seqlens)
     ref = metaplastic.scan(obj, **x, **kw)
     got = chunk_scan(obj, **x, **kw, chunk_size=chunk_size)
-    assert relative_error(got.output, ref.output) <= TOL
-    assert relative_error(got.variance, ref.variance) <= TOL
+    assert_close(got.output, ref.output, rtol=TOL, msg="output")
+    assert_close(got.variance, ref.variance, rtol=TOL, msg="variance")
     for key in ("mu", "I"):
-        assert relative_error(got.final_state[key], ref.final_state[key]) <= TOL, key
+        assert_close(got.final_state[key], ref.final_state[key], rtol=TOL, msg=key)
 
     def loss(res):
         w = torch.linspace(-1, 1, res.output.numel(), dtype=torch.float64).view_as(res.output)
@@ -47,7 +48,7 @@ def _check(x, chunk_size, cu_seqlens=None):
 
     for a, b, leaf in zip(torch.autograd.grad(loss(ref), leaves), torch.autograd.grad(loss(got), leaves), leaves):
         assert a.abs().max() > 0
-        assert relative_error(b, a) <= TOL, tuple(leaf.shape)
+        assert_close(b, a, rtol=TOL, msg=f"gradient {tuple(leaf.shape)}")
 
 
 @pytest.mark.parametrize("chunk_size", [1, 3, 8])
