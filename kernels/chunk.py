@@ -26,9 +26,9 @@ The models (THEORY.md §2), selected by the objective's settings:
     ``o = scale · M_t (q ⊘ I_t)``: a :class:`DecayedScan` of width 1 for ``I`` and one :class:`ChunkDot`
     read with the rescaled query. Cost as simple GLA.
   * ``b`` per value channel (``[B,T,H,V]``), or any other initial precision: ``Σ_j M_ij q_j / I_ij`` does
-    not factor. Scalar decay: :func:`metaplastic.kernels.chunk_per_value.per_value_scan` (batched matrix
-    products per block of chunks). Vector decay: :class:`DiagonalScan` materialises ``M_t, I_t`` one block of
-    ``DIAGONAL_CHUNK`` tokens at a time. Both ``O(T·V·K)`` work, ``O(C·V·K)`` working memory per head.
+    not factor. :func:`metaplastic.kernels.chunk_per_value.per_value_scan`: by default :class:`DiagonalScan`,
+    which materialises ``M_t, I_t`` one block of ``DIAGONAL_CHUNK`` tokens at a time, on a capped number of
+    threads; with scalar decay also a batched-matrix-product form. ``O(T·V·K)`` work, ``O(C·V·K)`` memory.
 
 Elementwise glue (``β v``, ``b k²``, ``q ⊘ I``, the variance) runs through autograd.
 """
@@ -412,11 +412,7 @@ def _chunk_dense(objective: Objective, q, k, v, log_decay, beta, b, Ip: Tensor, 
     # one chunk of at most DIAGONAL_CHUNK tokens at a time.
     b_h = qh.new_zeros(B, H, T, 1) if b is None else _heads_first(b, dtype)
     Ip5 = Ip.view(1, H, 1, 1, 1)
-    if g.shape[-1] == 1:  # scalar decay: the batched-matmul form (kernels/chunk_per_value.py)
-        o, var, M_T, J_T = per_value_scan(qh, kh, bv, b_h, g, M0, I0 - Ip4, Ip5, scale, C, output_variance)
-    else:
-        o, var, M_T, J_T = DiagonalScan.apply(qh, kh, bv, b_h, g, M0, I0 - Ip4, Ip5, scale,
-                                              min(C, DIAGONAL_CHUNK), output_variance)
+    o, var, M_T, J_T = per_value_scan(qh, kh, bv, b_h, g, M0, I0 - Ip4, Ip5, scale, C, output_variance)
     I_T = J_T + Ip4
     return ScanResult(o.transpose(1, 2), {"mu": M_T / I_T, "I": I_T}, var.transpose(1, 2) if output_variance else None)
 

@@ -1,4 +1,12 @@
-"""Per-value Palimpsa on torch: ``b`` per value row (``[B,T,H,V]``) and scalar (per-head) decay.
+"""Per-value Palimpsa on torch: ``b`` per value row (``[B,T,H,V]``); :func:`per_value_scan` is the entry.
+
+Two forms compute it exactly. ``"scan"`` (default, any decay): :class:`metaplastic.kernels.chunk.DiagonalScan`,
+``M_t, J_t`` materialised token by token inside blocks of tokens. ``"matmul"`` (scalar decay):
+:class:`PerValueScan`, below. Both are bound by passes over the ``T·V·K`` materialised numbers; measured
+on a CPU at one thread (``metaplastic bench models`` shape), the matmul form is 15-20% slower, so it is not
+the default. Both run on at most :data:`INTRA_OP_THREADS` torch threads.
+
+The matmul form, ``b`` per value row and scalar (per-head) decay.
 
 The recurrence (THEORY.md §2, ``J = I − Ip``): ``M_t = α_t M_{t-1} + bv_t ⊗ k_t``, ``J_t = α_t J_{t-1} +
 b_t ⊗ k_t²``, ``o_t = scale · Σ_j M_t[i,j] q_t[j] / (Ip + J_t[i,j])``. ``I_t = Ip + J_t`` does not factor over
@@ -144,10 +152,12 @@ class PerValueScan(torch.autograd.Function):
         U_M = (bvc * to_end[..., None]).transpose(-1, -2) @ kc
         U_J = (bbc * to_end[..., None]).transpose(-1, -2) @ k2
         U = torch.stack([U_M, U_J], 2)  # [BH,N,2,V,K]
-        starts = q.new_empty(BH, N + 1, 2, V, K)
-        starts[:, 0, 0], starts[:, 0, 1] = M0.reshape(BH, V, K), J0.reshape(BH, V, K)
+        U = U.transpose(0, 1).contiguous()  # chunk-major: each step of the scan below is contiguous
+        e_Cn = e_C.t().contiguous()[..., None, None, None]  # [N,BH,1,1,1]
+        states = [torch.stack([M0.reshape(BH, V, K), J0.reshape(BH, V, K)], 1)]
         for n in range(N):
-            torch.addcmul(U[:, n], e_C[:, n, None, None, None], starts[:, n], out=starts[:, n + 1])
+            states.append(torch.addcmul(U[n], e_Cn[n], states[-1]))
+        starts = torch.stack(states, 1)  # [BH,N+1,2,V,K]
         Ip_bh = Ip.reshape(1, H).expand(B, H).reshape(BH, 1, 1, 1, 1)
         o = q.new_empty(BH, N, V, C)
         var = q.new_zeros(BH, N, V, C) if with_var else None
@@ -197,7 +207,7 @@ class PerValueScan(torch.autograd.Function):
         dq, dk = torch.zeros_like(qc), torch.zeros_like(kc)
         dbv, dbb = q.new_empty(BH, N, V, C), q.new_empty(BH, N, V, C)
         dG = q.new_empty(BH, N, C)
-        d_start_local = q.new_empty(BH, N, 2, V, K)  # Σ_t e_t · (local gradient of the state at t)
+        d_start_local = q.new_empty(N, BH, 2, V, K)  # Σ_t e_t · (local gradient of the state at t)
         dIp = q.new_zeros(BH)
         ones_V = q.new_ones(1, 1, V)
         blocks = _blocks(BH, N, V, C, K)
@@ -243,8 +253,8 @@ class PerValueScan(torch.autograd.Function):
             e_rows = en[:, :, None, None, :].expand(nb, n, V, 1, C).reshape(nb * n * V, 1, C)
             dM0 = ((e_rows * dos.reshape(nb * n * V, 1, C)) @ W.view(nb * n * V, C, K))
             dJ0 = e_rows @ dI.view(nb * n * V, C, K)
-            d_start_local[bs, sl, 0] = dM0.view(nb, n, V, K)
-            d_start_local[bs, sl, 1] = dJ0.view(nb, n, V, K)
+            d_start_local[sl, bs, 0] = dM0.view(nb, n, V, K).transpose(0, 1)
+            d_start_local[sl, bs, 1] = dJ0.view(nb, n, V, K).transpose(0, 1)
             # G_t enters D_ts (+), D_t's (−) and e_t. With E[t,s] = D_ts ∂L/∂D_ts, the e_t term equals
             # −Σ_s E[t,s] − Σ_i (Ip dI_rows + dvar·var)[i,t] (from Σ_j dI ∘ I = −do·o − dvar·var and
             # scale·e_t·F = o − scale Σ_s A ∘ Zm), so dG_t = −Σ_t' E[t',t] − Σ_i (Ip dI_rows + dvar·var)[i,t].
@@ -254,12 +264,14 @@ class PerValueScan(torch.autograd.Function):
                 rows = rows + dvr[bs, sl] * var[bs, sl]
             dG[bs, sl] = -E.sum(-2) - rows.sum(2)
         # adjoint of the boundary states, backwards over chunks
-        d_end = q.new_empty(BH, N, 2, V, K)
+        ends = [None] * N
+        e_Cn = e_C.t().contiguous()[..., None, None, None]  # [N,BH,1,1,1]
         d = torch.stack([dM_T.reshape(BH, V, K), dJ_T.reshape(BH, V, K)], 1)
         for n in reversed(range(N)):
-            d_end[:, n] = d
-            d = torch.addcmul(d_start_local[:, n], e_C[:, n, None, None, None], d)
+            ends[n] = d
+            d = torch.addcmul(d_start_local[n], e_Cn[n], d)
         d_start0 = d
+        d_end = torch.stack(ends, 1)  # [BH,N,2,V,K]
         # each chunk's end state: End = e_C Start + Σ_s to_end_s [bv_s ⊗ k_s; b_s ⊗ k_s²]
         dMe, dJe = d_end[:, :, 0], d_end[:, :, 1]  # [BH,N,V,K]
         te = to_end[..., None]
@@ -283,11 +295,49 @@ class PerValueScan(torch.autograd.Function):
                 d_start0[:, 1].reshape(B, H, V, K), dIp, None, None, None)
 
 
-def per_value_scan(q: Tensor, k: Tensor, bv: Tensor, bb: Tensor, g: Tensor, M0: Tensor, J0: Tensor, Ip: Tensor,
-                   scale: float, chunk_size: int = PER_VALUE_CHUNK, with_var: bool = False
-                   ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Per-value Palimpsa, heads-first (shapes as :class:`PerValueScan`): ``(o, var, M_T, J_T)``.
+FORMS = ("scan", "matmul")
+FORM = "scan"  # measured faster on a CPU at one thread (the module docstring)
 
-    ``chunk_size`` is capped at :data:`PER_VALUE_CHUNK`."""
-    return PerValueScan.apply(q, k, bv, bb, g, M0, J0, Ip, scale, max(1, min(chunk_size, PER_VALUE_CHUNK)),
-                              with_var)
+
+def per_value_scan(q: Tensor, k: Tensor, bv: Tensor, bb: Tensor, g: Tensor, M0: Tensor, J0: Tensor, Ip: Tensor,
+                   scale: float, chunk_size: int = PER_VALUE_CHUNK, with_var: bool = False,
+                   form: Optional[str] = None) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Per-value Palimpsa, heads-first (shapes as :class:`PerValueScan`; ``g [B,H,T,1]`` or ``[B,H,T,K]``):
+    ``(o, var, M_T, J_T)``, on at most :data:`INTRA_OP_THREADS` torch threads.
+
+    ``form``: ``"scan"`` (:class:`metaplastic.kernels.chunk.DiagonalScan`, token by token inside blocks of
+    ``DIAGONAL_CHUNK`` tokens; any decay) or ``"matmul"`` (:class:`PerValueScan`, scalar decay; chunks capped
+    at :data:`PER_VALUE_CHUNK`); default :data:`FORM`."""
+    from .chunk import DIAGONAL_CHUNK
+    form = FORM if form is None else form
+    if form not in FORMS:
+        raise ValueError(f"form must be one of {FORMS}, got {form!r}")
+    if form == "matmul" and g.shape[-1] == 1:
+        return PerValueScan.apply(q, k, bv, bb, g, M0, J0, Ip, scale, max(1, min(chunk_size, PER_VALUE_CHUNK)),
+                                  with_var)
+    return _capped_scan().apply(q, k, bv, bb, g, M0, J0, Ip, scale, max(1, min(chunk_size, DIAGONAL_CHUNK)),
+                                with_var)
+
+
+_CAPPED = None
+
+
+def _capped_scan():
+    """:class:`metaplastic.kernels.chunk.DiagonalScan` with forward and backward on the thread cap (built on
+    first use: chunk.py imports this module)."""
+    global _CAPPED
+    if _CAPPED is None:
+        from .chunk import DiagonalScan
+
+        class CappedDiagonalScan(DiagonalScan):
+            @staticmethod
+            def forward(ctx, *args):
+                with torch_threads(min(INTRA_OP_THREADS, torch.get_num_threads())):
+                    return DiagonalScan.forward(ctx, *args)
+
+            @staticmethod
+            def backward(ctx, *grads):
+                with torch_threads(min(INTRA_OP_THREADS, torch.get_num_threads())):
+                    return DiagonalScan.backward(ctx, *grads)
+        _CAPPED = CappedDiagonalScan
+    return _CAPPED

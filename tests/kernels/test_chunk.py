@@ -207,12 +207,12 @@ def test_chunk_rejects_bad_arguments():
 @pytest.mark.parametrize("name,b_per_value,init,expected", [
     ("palimpsa", False, None, {"DecayedScan P=1", "ChunkDot"}),
     ("palimpsa", False, "shared", {"DecayedScan P=1", "ChunkDot"}),
-    ("palimpsa", True, None, {"PerValueScan"}), ("palimpsa", False, "random", {"PerValueScan"}),
+    ("palimpsa", True, None, {"DiagonalScan"}), ("palimpsa", False, "random", {"DiagonalScan"}),
     ("meta_gla", True, None, {"DiagonalScan"})])
 def test_chunk_takes_the_limit7_fast_path(monkeypatch, name, b_per_value, init, expected):
     """Head-shared b with a row-constant I_0: the precision is scanned at width 1 and read through ChunkDot
     with q ⊘ I (THEORY.md limit 7); otherwise the per-value path materialises I chunk by chunk (batched
-    products with scalar decay, a token-by-token block scan with vector decay)."""
+    products or a token-by-token block scan: kernels/chunk_per_value.py)."""
     used = set()
 
     def spy(cls, label):

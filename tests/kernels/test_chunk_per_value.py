@@ -53,12 +53,15 @@ def _check(x, chunk_size, cu_seqlens=None):
 
 @pytest.mark.parametrize("chunk_size", [1, 3, 8])
 @pytest.mark.parametrize("block", [1, 40, 1 << 20])  # a block per (head, chunk); several heads; everything
-def test_per_value_matches_reference(monkeypatch, chunk_size, block):
+def test_matmul_form_matches_reference(monkeypatch, chunk_size, block):
+    monkeypatch.setattr(chunk_per_value, "FORM", "matmul")
     monkeypatch.setattr(chunk_per_value, "BLOCK_ELEMENTS", block)
     _check(_inputs(2, 11, 3, 4, 3, seed=chunk_size), chunk_size)
 
 
-def test_per_value_varlen():
+@pytest.mark.parametrize("form", chunk_per_value.FORMS)
+def test_per_value_varlen(monkeypatch, form):
+    monkeypatch.setattr(chunk_per_value, "FORM", form)
     _check(_inputs(1, 12, 2, 3, 4, seed=7, N=3), 4, cu_seqlens=torch.tensor([0, 5, 5, 12]))
 
 
@@ -80,21 +83,24 @@ def test_gradcheck_per_value(with_var):
     assert torch.autograd.gradcheck(f, args)
 
 
-def test_per_value_runs_on_the_thread_cap(monkeypatch):
-    """Inside the path torch runs on at most INTRA_OP_THREADS threads; the caller's setting is restored."""
+@pytest.mark.parametrize("form", chunk_per_value.FORMS)
+def test_per_value_runs_on_the_thread_cap(monkeypatch, form):
+    """Forward and backward run on at most INTRA_OP_THREADS torch threads; the caller's setting is restored."""
+    monkeypatch.setattr(chunk_per_value, "FORM", form)
     seen = []
-    original = torch.div
+    original = torch.addcmul
 
     def spy(*a, **kw):
         seen.append(torch.get_num_threads())
         return original(*a, **kw)
 
     before = torch.get_num_threads()
-    monkeypatch.setattr(torch, "div", spy)
+    monkeypatch.setattr(torch, "addcmul", spy)
     x = _inputs(1, 6, 1, 2, 2, seed=0)
+    x["q"].requires_grad_(True)
     torch.set_num_threads(2)
     try:
-        chunk_scan(metaplastic.registry["palimpsa"].objective, **x)
+        chunk_scan(metaplastic.registry["palimpsa"].objective, **x).output.sum().backward()
         assert torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(before)
