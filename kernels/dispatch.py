@@ -15,7 +15,6 @@ The Triton modules are imported only when chosen.
 """
 from __future__ import annotations
 
-import os
 from typing import Dict, Optional, Union
 
 import torch
@@ -25,23 +24,14 @@ from metaplastic.scan import ScanResult
 from metaplastic.scan import scan as reference_scan
 
 from . import chunk as _chunk
+from .entry import ScanCall, prepare, rows_constant, triton_unavailable_reason
 
 Tensor = torch.Tensor
 BACKENDS = ("auto", "triton", "triton_chunk", "triton_recurrent", "chunk", "reference")
 
 
-def _triton_usable(device: torch.device) -> Optional[str]:
-    """Why Triton cannot run on ``device`` (None when it can)."""
-    if device.type == "cuda":
-        return None
-    if os.environ.get("TRITON_INTERPRET") == "1":
-        return None
-    return (f"the Triton kernels need CUDA tensors (got {device.type}), or TRITON_INTERPRET=1 set before "
-            "triton is imported")
-
-
-def triton_chunk_reason(objective: Objective, b: Optional[Tensor], initial_state: Optional[Dict[str, Tensor]]
-                        ) -> Optional[str]:
+def triton_chunk_reason(objective: Objective, b: Optional[Tensor], initial_state: Optional[Dict[str, Tensor]],
+                        check_values: Optional[bool] = None) -> Optional[str]:
     """Why the chunked Triton path cannot run these settings (None when it can)."""
     reason = _chunk.unsupported_reason(objective)
     if reason is not None:
@@ -54,13 +44,14 @@ def triton_chunk_reason(objective: Objective, b: Optional[Tensor], initial_state
                     "b is per value channel [B,T,H,V]")
         I0 = None if initial_state is None else initial_state.get("I")
         if isinstance(I0, Tensor) and I0.dim() >= 3:
-            if not bool((I0 == I0[:, :, :1]).all()):
+            if not rows_constant(I0, check_values):
                 return "the chunked Triton path needs an initial precision I that is constant over value rows"
     return None
 
 
 def select_backend(objective: Objective, device: torch.device, backend: str = "auto",
-                   b: Optional[Tensor] = None, initial_state: Optional[Dict[str, Tensor]] = None) -> str:
+                   b: Optional[Tensor] = None, initial_state: Optional[Dict[str, Tensor]] = None,
+                   check_values: Optional[bool] = None) -> str:
     """The concrete backend (``reference``, ``chunk``, ``triton_chunk`` or ``triton_recurrent``) that
     ``backend`` means for these settings on ``device``; ``ValueError`` naming why if it cannot run."""
     if backend not in BACKENDS:
@@ -78,12 +69,12 @@ def select_backend(objective: Objective, device: torch.device, backend: str = "a
         if reason is not None:
             raise ValueError(f"backend='chunk' cannot run {objective.describe()}: {reason}")
         return backend
-    reason = _triton_usable(device)
+    reason = triton_unavailable_reason(device)
     if reason is not None:
         raise ValueError(f"backend={backend!r}: {reason}")
     if backend == "triton_recurrent":
         return backend
-    reason = triton_chunk_reason(objective, b, initial_state)
+    reason = triton_chunk_reason(objective, b, initial_state, check_values)
     if backend == "triton_chunk":
         if reason is not None:
             raise ValueError(f"backend='triton_chunk' cannot run {objective.describe()}: {reason}")
@@ -96,24 +87,36 @@ def scan(objective: Objective, q: Tensor, k: Tensor, v: Tensor, *, log_decay: Op
          prior_precision: Union[float, Tensor] = 1.0, lam: Optional[Tensor] = None, scale: float = 1.0,
          initial_state: Optional[Dict[str, Tensor]] = None, output_final_state: bool = False,
          output_variance: bool = False, cu_seqlens: Optional[Tensor] = None, backend: str = "auto",
-         chunk_size: int = 64) -> ScanResult:
+         chunk_size: int = 64, check_values: Optional[bool] = None) -> ScanResult:
     """:func:`metaplastic.scan` (same arguments, same :class:`~metaplastic.ScanResult`) run by ``backend``.
 
     ``backend``: ``"auto" | "triton" | "triton_chunk" | "triton_recurrent" | "chunk" | "reference"`` (see
-    the module docstring). ``chunk_size`` is the chunk length of the chunked paths.
+    the module docstring). ``chunk_size`` is the chunk length of the chunked paths. ``check_values``: check
+    the values of CUDA tensors on the host (a synchronisation; by default they are checked on the device,
+    see :mod:`metaplastic.kernels.entry`).
     """
-    kwargs = dict(log_decay=log_decay, beta=beta, b=b, prior_precision=prior_precision, lam=lam, scale=scale,
-                  initial_state=initial_state, output_final_state=output_final_state,
-                  output_variance=output_variance, cu_seqlens=cu_seqlens)
     if not isinstance(q, Tensor):
         raise ValueError(f"q must be a tensor [B, T, H, K], got {type(q).__name__}")
-    chosen = select_backend(objective, q.device, backend, b, initial_state)
+    chosen = select_backend(objective, q.device, backend, b, initial_state, check_values)
     if chosen == "reference":
-        return reference_scan(objective, q, k, v, **kwargs)
-    if chosen == "chunk":
-        return _chunk.chunk_scan(objective, q, k, v, chunk_size=chunk_size, **kwargs)
-    if chosen == "triton_chunk":
-        from .chunk_triton import chunk_triton_scan
-        return chunk_triton_scan(objective, q, k, v, chunk_size=chunk_size, **kwargs)
-    from .fused_recurrent import fused_recurrent_scan
-    return fused_recurrent_scan(objective, q, k, v, **kwargs)
+        return reference_scan(objective, q, k, v, log_decay=log_decay, beta=beta, b=b,
+                              prior_precision=prior_precision, lam=lam, scale=scale, initial_state=initial_state,
+                              output_final_state=output_final_state, output_variance=output_variance,
+                              cu_seqlens=cu_seqlens)
+    call = prepare(objective, q, k, v, log_decay=log_decay, beta=beta, b=b, prior_precision=prior_precision,
+                   lam=lam, scale=scale, initial_state=initial_state, output_final_state=output_final_state,
+                   output_variance=output_variance, cu_seqlens=cu_seqlens, check_values=check_values)
+    return run(call, chosen, chunk_size)
+
+
+def run(call: ScanCall, backend: str, chunk_size: int = 64) -> ScanResult:
+    """Run a validated call by a concrete backend (one that :func:`select_backend` returns)."""
+    if backend == "chunk":
+        return _chunk.chunk_run(call, chunk_size)
+    if backend == "triton_chunk":
+        from .chunk_triton import chunk_triton_run
+        return chunk_triton_run(call, chunk_size)
+    if backend == "triton_recurrent":
+        from .fused_recurrent import fused_recurrent_run
+        return fused_recurrent_run(call)
+    raise ValueError(f"backend={backend!r} is not a concrete fast path")
