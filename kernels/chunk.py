@@ -426,6 +426,8 @@ def chunk_run(call: ScanCall, chunk_size: int = 64, dot: Optional[Callable] = No
     if not (isinstance(chunk_size, int) and chunk_size >= 1):
         raise ValueError(f"chunk_size must be a positive integer, got {chunk_size!r}")
     C = min(chunk_size, call.shape[1]) if call.bounds is None else chunk_size
+    if dot is None:
+        call = call.with_b_per_value()
 
     def dense(c: ScanCall) -> ScanResult:
         return _chunk_dense(c.objective, c.q, c.k, c.v, c.log_decay, c.beta, c.b, c.prior_precision, c.scale,

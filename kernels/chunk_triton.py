@@ -30,9 +30,9 @@ import triton.language as tl
 from metaplastic.objective import Objective
 from metaplastic.scan import ScanResult
 
-from .chunk import ChunkDot, chunk_run
+from .chunk import DecayedScan, chunk_run
 from .dispatch import triton_chunk_reason
-from .entry import ScanCall, prepare, triton_unavailable_reason
+from .entry import ScanCall, by_sequence, prepare, triton_unavailable_reason
 
 Tensor = torch.Tensor
 
@@ -381,9 +381,53 @@ def chunk_triton_scan(objective: Objective, q: Tensor, k: Tensor, v: Tensor, *,
 
 def chunk_triton_run(call: ScanCall, chunk_size: int = 64) -> ScanResult:
     """:func:`chunk_triton_scan` on a validated :class:`~metaplastic.kernels.entry.ScanCall`."""
-    reason = triton_chunk_reason(call.objective, call.b, call.initial_state, call.check_values)
+    reason = triton_chunk_reason(call.objective, call.b, call.initial_state, call.check_values, call.shape[-1])
     if reason is None:
         reason = triton_unavailable_reason(call.q.device)
     if reason is not None:
         raise ValueError(reason)
-    return chunk_run(call, chunk_size, TritonChunkDot.apply)
+    if call.b_groups <= 1:
+        return chunk_run(call, chunk_size, TritonChunkDot.apply)
+    if not (isinstance(chunk_size, int) and chunk_size >= 1):
+        raise ValueError(f"chunk_size must be a positive integer, got {chunk_size!r}")
+    C = min(chunk_size, call.shape[1]) if call.bounds is None else chunk_size
+    return by_sequence(call, lambda c: _grouped_dense(c, C))
+
+
+def _heads_first(x: Optional[Tensor], dtype: torch.dtype) -> Optional[Tensor]:
+    """``[B, T, H, ...] -> [B, H, T, ...]`` in ``dtype``; a ``[B, T, H]`` gate gets a trailing 1."""
+    if x is None:
+        return None
+    x = x.to(dtype)
+    return (x[..., None] if x.dim() == 3 else x).transpose(1, 2)
+
+
+def _grouped_dense(c: ScanCall, C: int) -> ScanResult:
+    """Palimpsa with ``b [B,T,H,G]`` on one dense batch (THEORY.md limit 8): the group precisions
+    ``J⁽ᵍ⁾_t = α J⁽ᵍ⁾_{t-1} + b_t[g] k_t²`` (``I = Ip + J``) by a decayed scan of width G, then one
+    :class:`TritonChunkDot` read of ``M`` with the query ``q ⊘ I⁽ᵍ⁾`` for the rows of group ``g``."""
+    B, T, H, K, V = c.shape
+    dt = c.dtype
+    NG = c.b_groups
+    VG = V // NG
+    qh, kh, vh = (_heads_first(x, dt) for x in (c.q, c.k, c.v))  # [B,H,T,D]
+    g = _heads_first(c.log_decay, dt)
+    g = qh.new_zeros(B, H, T, 1) if g is None else g
+    beta = _heads_first(c.beta, dt)
+    bv = vh if beta is None else beta * vh
+    Ip = c.prior_precision.view(1, H, 1, 1)
+    if c.initial_state is None:
+        M0, J0 = qh.new_zeros(B, H, V, K), qh.new_zeros(B, H, NG, K)
+    else:
+        I0 = c.initial_state["I"].to(dt)
+        M0 = I0 * c.initial_state["mu"].to(dt)
+        J0 = I0.view(B, H, NG, VG, K)[:, :, :, 0] - Ip
+    bg = _heads_first(c.b, dt)  # [B,H,T,NG]
+    xJ = bg[..., None] * (kh * kh)[:, :, :, None, :]  # [B,H,T,NG,K]
+    I = Ip[..., None] + DecayedScan.apply(xJ, g, J0, C)  # [B,H,T,NG,K]
+    o, M_T = TritonChunkDot.apply(qh[:, :, :, None, :] / I, kh, bv, g, M0, c.scale, C)
+    var = None
+    if c.output_variance:
+        var = (c.scale * c.scale * (qh[:, :, :, None, :] ** 2 / I).sum(-1)).repeat_interleave(VG, -1).transpose(1, 2)
+    I_T = I[:, :, -1].repeat_interleave(VG, 2)  # [B,H,V,K]
+    return ScanResult(o.transpose(1, 2), {"mu": M_T / I_T, "I": I_T}, var)

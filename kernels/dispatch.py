@@ -24,34 +24,37 @@ from metaplastic.scan import ScanResult
 from metaplastic.scan import scan as reference_scan
 
 from . import chunk as _chunk
-from .entry import ScanCall, prepare, rows_constant, triton_unavailable_reason
+from .entry import ScanCall, prepare, rows_constant_in_groups, triton_unavailable_reason
 
 Tensor = torch.Tensor
 BACKENDS = ("auto", "triton", "triton_chunk", "triton_recurrent", "chunk", "reference")
 
 
 def triton_chunk_reason(objective: Objective, b: Optional[Tensor], initial_state: Optional[Dict[str, Tensor]],
-                        check_values: Optional[bool] = None) -> Optional[str]:
-    """Why the chunked Triton path cannot run these settings (None when it can)."""
+                        check_values: Optional[bool] = None, V: Optional[int] = None) -> Optional[str]:
+    """Why the chunked Triton path cannot run these settings (None when it can). ``V``: the value width
+    (None: a 4-d ``b`` counts as per value channel)."""
     reason = _chunk.unsupported_reason(objective)
     if reason is not None:
         return reason.replace("the chunked path", "the chunked Triton path")
     if objective.forgetting == "vector":
         return "the chunked Triton path supports forgetting 'none' or 'scalar', not 'vector' (GLA)"
     if objective.likelihood == "dot_diag":
-        if b is not None and b.dim() == 4:
-            return ("the chunked Triton path needs a head-shared importance rate b [B,T,H] (THEORY.md limit 7); "
-                    "b is per value channel [B,T,H,V]")
+        groups = 1 if b is None or b.dim() == 3 else b.shape[-1]
+        if b is not None and b.dim() == 4 and (V is None or (groups == V and V > 1) or V % groups):
+            return ("the chunked Triton path needs a head-shared importance rate b [B,T,H] (THEORY.md limit 7) "
+                    "or one per group of value rows [B,T,H,G] (limit 8); b is per value channel [B,T,H,V]")
         I0 = None if initial_state is None else initial_state.get("I")
-        if isinstance(I0, Tensor) and I0.dim() >= 3:
-            if not rows_constant(I0, check_values):
-                return "the chunked Triton path needs an initial precision I that is constant over value rows"
+        if isinstance(I0, Tensor) and I0.dim() == 4:
+            if I0.shape[2] % groups or not rows_constant_in_groups(I0, groups, check_values):
+                return ("the chunked Triton path needs an initial precision I that is constant over the value "
+                        "rows of each importance group")
     return None
 
 
 def select_backend(objective: Objective, device: torch.device, backend: str = "auto",
                    b: Optional[Tensor] = None, initial_state: Optional[Dict[str, Tensor]] = None,
-                   check_values: Optional[bool] = None) -> str:
+                   check_values: Optional[bool] = None, V: Optional[int] = None) -> str:
     """The concrete backend (``reference``, ``chunk``, ``triton_chunk`` or ``triton_recurrent``) that
     ``backend`` means for these settings on ``device``; ``ValueError`` naming why if it cannot run."""
     if backend not in BACKENDS:
@@ -74,7 +77,7 @@ def select_backend(objective: Objective, device: torch.device, backend: str = "a
         raise ValueError(f"backend={backend!r}: {reason}")
     if backend == "triton_recurrent":
         return backend
-    reason = triton_chunk_reason(objective, b, initial_state, check_values)
+    reason = triton_chunk_reason(objective, b, initial_state, check_values, V)
     if backend == "triton_chunk":
         if reason is not None:
             raise ValueError(f"backend='triton_chunk' cannot run {objective.describe()}: {reason}")
@@ -97,7 +100,8 @@ def scan(objective: Objective, q: Tensor, k: Tensor, v: Tensor, *, log_decay: Op
     """
     if not isinstance(q, Tensor):
         raise ValueError(f"q must be a tensor [B, T, H, K], got {type(q).__name__}")
-    chosen = select_backend(objective, q.device, backend, b, initial_state, check_values)
+    V = v.shape[-1] if isinstance(v, Tensor) and v.dim() == 4 else None
+    chosen = select_backend(objective, q.device, backend, b, initial_state, check_values, V)
     if chosen == "reference":
         return reference_scan(objective, q, k, v, log_decay=log_decay, beta=beta, b=b,
                               prior_precision=prior_precision, lam=lam, scale=scale, initial_state=initial_state,

@@ -96,6 +96,14 @@ class ScanCall:
             return 0
         return 1 if self.b.dim() == 3 else self.b.shape[-1]
 
+    def with_b_per_value(self) -> "ScanCall":
+        """This call with a grouped ``b [B,T,H,G]`` (1 < G < V) expanded to one rate per value row (exact:
+        row ``i`` uses ``b[..., i // (V/G)]``); other calls unchanged."""
+        G, V = self.b_groups, self.shape[-1]
+        if G <= 1 or G == V:
+            return self
+        return replace(self, b=self.b.repeat_interleave(V // G, -1))
+
     def kwargs(self) -> Dict:
         """The keyword arguments of :func:`metaplastic.scan` that this call stands for."""
         cu = None if self.bounds is None else torch.tensor(self.bounds, dtype=torch.int64)

@@ -422,9 +422,7 @@ def fused_recurrent_run(call: ScanCall, cg_steps: Optional[int] = None, checkpoi
     reason = triton_unavailable_reason(call.q.device)
     if reason is not None:
         raise ValueError(reason)
-    if call.b_groups not in (0, 1, call.shape[-1]):
-        raise ValueError("the fused recurrent kernel takes b [B,T,H] or [B,T,H,V], not grouped [B,T,H,G]: "
-                         "expand it with repeat_interleave(V // G, -1)")
+    call = call.with_b_per_value()  # grouped b: one rate per value row
     objective, q, k, v = call.objective, call.q, call.k, call.v
     log_decay, beta, b, lam = call.log_decay, call.beta, call.b, call.lam
     initial_state, output_final_state, output_variance = call.initial_state, call.output_final_state, call.output_variance
