@@ -4,10 +4,14 @@ Backends:
 
 - ``reference``:        :func:`metaplastic.scan`, token by token, autograd (every objective, any device);
 - ``chunk``:            :func:`metaplastic.kernels.chunk.chunk_scan`, torch, likelihood ``dot`` / ``dot_diag``;
-- ``triton_chunk``:     :func:`metaplastic.kernels.chunk_triton.chunk_triton_scan`, Triton forward of the
-                        chunked path (``dot``; ``dot_diag`` with a head-shared ``b``; scalar or no forgetting);
+- ``triton_chunk``:     :func:`metaplastic.kernels.chunk_triton.chunk_triton_scan`, Triton forward and
+                        backward of the chunked path (``dot``; ``dot_diag`` with ``b`` head-shared or grouped
+                        ``[B,T,H,G]``; scalar or no forgetting);
+- ``triton_per_value``: :func:`metaplastic.kernels.per_value.per_value_run`, Palimpsa (``dot_diag`` /
+                        diagonal, scalar or no forgetting) with any ``b``, built for ``b [B,T,H,V]``;
 - ``triton_recurrent``: :func:`metaplastic.kernels.fused_recurrent.fused_recurrent_scan`, every objective;
-- ``triton``:           ``triton_chunk`` where it covers the settings, else ``triton_recurrent``;
+- ``triton``:           ``triton_chunk`` where it covers the settings, else ``triton_per_value`` where it
+                        does, else ``triton_recurrent``;
 - ``auto``:             ``triton`` on CUDA tensors; on other devices ``chunk`` where it covers the
                         likelihood, else ``reference``.
 
@@ -27,7 +31,17 @@ from . import chunk as _chunk
 from .entry import ScanCall, prepare, rows_constant_in_groups, triton_unavailable_reason
 
 Tensor = torch.Tensor
-BACKENDS = ("auto", "triton", "triton_chunk", "triton_recurrent", "chunk", "reference")
+BACKENDS = ("auto", "triton", "triton_chunk", "triton_per_value", "triton_recurrent", "chunk", "reference")
+
+
+def per_value_reason(objective: Objective) -> Optional[str]:
+    """Why the per-value Palimpsa kernel cannot run ``objective`` (None when it can)."""
+    if not (objective.likelihood == "dot_diag" and objective.posterior == "diagonal"):
+        return ("the per-value kernel runs likelihood 'dot_diag' with posterior 'diagonal', not "
+                f"{objective.describe()}")
+    if objective.forgetting == "vector":
+        return "the per-value kernel supports forgetting 'none' or 'scalar', not 'vector'"
+    return None
 
 
 def triton_chunk_reason(objective: Objective, b: Optional[Tensor], initial_state: Optional[Dict[str, Tensor]],
@@ -77,12 +91,19 @@ def select_backend(objective: Objective, device: torch.device, backend: str = "a
         raise ValueError(f"backend={backend!r}: {reason}")
     if backend == "triton_recurrent":
         return backend
+    if backend == "triton_per_value":
+        reason = per_value_reason(objective)
+        if reason is not None:
+            raise ValueError(f"backend='triton_per_value' cannot run {objective.describe()}: {reason}")
+        return backend
     reason = triton_chunk_reason(objective, b, initial_state, check_values, V)
     if backend == "triton_chunk":
         if reason is not None:
             raise ValueError(f"backend='triton_chunk' cannot run {objective.describe()}: {reason}")
         return backend
-    return "triton_chunk" if reason is None else "triton_recurrent"
+    if reason is None:
+        return "triton_chunk"
+    return "triton_per_value" if per_value_reason(objective) is None else "triton_recurrent"
 
 
 def scan(objective: Objective, q: Tensor, k: Tensor, v: Tensor, *, log_decay: Optional[Tensor] = None,
@@ -120,6 +141,9 @@ def run(call: ScanCall, backend: str, chunk_size: int = 64) -> ScanResult:
     if backend == "triton_chunk":
         from .chunk_triton import chunk_triton_run
         return chunk_triton_run(call, chunk_size)
+    if backend == "triton_per_value":
+        from .per_value import per_value_run
+        return per_value_run(call)
     if backend == "triton_recurrent":
         from .fused_recurrent import fused_recurrent_run
         return fused_recurrent_run(call)

@@ -41,7 +41,8 @@ def test_auto_on_cuda(name):
     assert select_backend(obj, CUDA, "auto") == ("triton_chunk" if chunked else "triton_recurrent")
     if obj.likelihood == "dot_diag":
         b_per_value = torch.zeros(1, 1, 1, 1)
-        assert select_backend(obj, CUDA, "auto", b=b_per_value) == "triton_recurrent"
+        per_value = "triton_per_value" if obj.forgetting != "vector" else "triton_recurrent"
+        assert select_backend(obj, CUDA, "auto", b=b_per_value) == per_value
         with pytest.raises(ValueError, match=r"per value channel|vector"):
             select_backend(obj, CUDA, "triton_chunk", b=b_per_value)
 
@@ -58,7 +59,7 @@ def test_unknown_backend_and_missing_device(monkeypatch):
     with pytest.raises(ValueError, match="backend='cuda' is not one of"):
         scan(obj, **x, backend="cuda")
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
-    for backend in ("triton", "triton_chunk", "triton_recurrent"):
+    for backend in ("triton", "triton_chunk", "triton_per_value", "triton_recurrent"):
         with pytest.raises(ValueError, match=f"backend='{backend}'.*CUDA"):
             select_backend(obj, CPU, backend)
     assert set(BACKENDS) >= {"auto", "triton", "chunk", "reference"}
