@@ -45,20 +45,38 @@ SUB_CHUNK = 16   # tokens rebuilt together in the backward (tl.dot's smallest ti
 
 
 @triton.jit
-def _pv_fwd_kernel(q, k, bv, b, g, ip, M0, J0, o, var, ck_M, ck_J, MT, JT, scale, T, NS,
+def _load_bv(v, beta, i_b, i_h, t, o_v, m_t, m_v, T, H: tl.constexpr, V: tl.constexpr, CS: tl.constexpr,
+             BV: tl.constexpr, HAS_BETA: tl.constexpr, BETA_PER_V: tl.constexpr, DTYPE: tl.constexpr):
+    """``β v`` of the tokens ``t [CS]``, rows ``o_v`` -> ``[CS, BV]`` (0 where masked)."""
+    tok = (i_b * T + t) * H + i_h
+    m = m_t[:, None] & m_v[None, :]
+    x = tl.load(v + tok[:, None] * V + o_v[None, :], mask=m, other=0.).to(DTYPE)
+    if HAS_BETA:
+        if BETA_PER_V:
+            x *= tl.load(beta + tok[:, None] * V + o_v[None, :], mask=m, other=0.).to(DTYPE)
+        else:
+            x *= tl.load(beta + tok, mask=m_t, other=0.).to(DTYPE)[:, None]
+    return x
+
+
+@triton.jit
+def _pv_fwd_kernel(q, k, v, beta, b, g, ip, M0, J0, o, var, ck_M, ck_J, MT, JT, scale, T, NS, H: tl.constexpr,
                    K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, C: tl.constexpr,
+                   HAS_BETA: tl.constexpr, BETA_PER_V: tl.constexpr,
                    B_PER_V: tl.constexpr, HAS_G: tl.constexpr, HAS_INIT: tl.constexpr, OUTPUT_VAR: tl.constexpr,
                    SAVE: tl.constexpr, STORE_FINAL: tl.constexpr, DTYPE: tl.constexpr):
-    """Grid ``(cdiv(V, BV), BH)``. Layouts ``q, k [BH,T,K]``, ``bv [BH,T,V]``, ``b [BH,T,V|1]``, ``g [BH,T]``,
-    ``ip [BH]``, states ``[BH,V,K]``, checkpoints ``[BH,NS,V,K]``."""
+    """Grid ``(cdiv(V, BV), B·H)``. Inputs in their own layout: ``q, k [B,T,H,K]``, ``v [B,T,H,V]``,
+    ``beta, b [B,T,H(,V)]``, ``g [B,T,H]``, ``ip [H]``; ``o, var [B,T,H,V]``; states ``[B·H,V,K]``, checkpoints
+    ``[B·H,NS,V,K]``."""
     i_v, i_bh = tl.program_id(0), tl.program_id(1).to(tl.int64)
+    i_b, i_h = i_bh // H, i_bh % H
     o_k = tl.arange(0, BK)
     o_v = i_v * BV + tl.arange(0, BV)
     m_k = o_k < K
     m_v = o_v < V
     m_vk = m_v[:, None] & m_k[None, :]
     p_s = i_bh * V * K + o_v[:, None] * K + o_k[None, :]
-    ipv = tl.load(ip + i_bh).to(DTYPE)
+    ipv = tl.load(ip + i_h).to(DTYPE)
     M = tl.zeros([BV, BK], dtype=DTYPE)
     J = tl.zeros([BV, BK], dtype=DTYPE)
     if HAS_INIT:
@@ -70,21 +88,26 @@ def _pv_fwd_kernel(q, k, bv, b, g, ip, M0, J0, o, var, ck_M, ck_J, MT, JT, scale
             tl.store(ck_M + p_c, M, mask=m_vk)
             tl.store(ck_J + p_c, J, mask=m_vk)
         for t in range(i_s * C, tl.minimum(i_s * C + C, T)):
-            qt = tl.load(q + (i_bh * T + t) * K + o_k, mask=m_k, other=0.).to(DTYPE)
-            kt = tl.load(k + (i_bh * T + t) * K + o_k, mask=m_k, other=0.).to(DTYPE)
-            bvt = tl.load(bv + (i_bh * T + t) * V + o_v, mask=m_v, other=0.).to(DTYPE)
+            qt = tl.load(q + ((i_b * T + t) * H + i_h) * K + o_k, mask=m_k, other=0.).to(DTYPE)
+            kt = tl.load(k + ((i_b * T + t) * H + i_h) * K + o_k, mask=m_k, other=0.).to(DTYPE)
+            bvt = tl.load(v + ((i_b * T + t) * H + i_h) * V + o_v, mask=m_v, other=0.).to(DTYPE)
+            if HAS_BETA:
+                if BETA_PER_V:
+                    bvt *= tl.load(beta + ((i_b * T + t) * H + i_h) * V + o_v, mask=m_v, other=0.).to(DTYPE)
+                else:
+                    bvt *= tl.load(beta + (i_b * T + t) * H + i_h).to(DTYPE)
             if B_PER_V:
-                bt = tl.load(b + (i_bh * T + t) * V + o_v, mask=m_v, other=0.).to(DTYPE)
+                bt = tl.load(b + ((i_b * T + t) * H + i_h) * V + o_v, mask=m_v, other=0.).to(DTYPE)
             else:
-                bt = tl.zeros([BV], dtype=DTYPE) + tl.load(b + i_bh * T + t).to(DTYPE)
+                bt = tl.zeros([BV], dtype=DTYPE) + tl.load(b + (i_b * T + t) * H + i_h).to(DTYPE)
             if HAS_G:
-                a = tl.exp(tl.load(g + i_bh * T + t).to(DTYPE))
+                a = tl.exp(tl.load(g + (i_b * T + t) * H + i_h).to(DTYPE))
                 M = a * M
                 J = a * J
             M += bvt[:, None] * kt[None, :]
             J += bt[:, None] * (kt * kt)[None, :]
             I = ipv + J
-            p_o = (i_bh * T + t) * V + o_v
+            p_o = ((i_b * T + t) * H + i_h) * V + o_v
             tl.store(o + p_o, scale * tl.sum(M / I * qt[None, :], 1), mask=m_v)
             if OUTPUT_VAR:
                 tl.store(var + p_o, scale * scale * tl.sum((qt * qt)[None, :] / I, 1), mask=m_v)
@@ -94,13 +117,16 @@ def _pv_fwd_kernel(q, k, bv, b, g, ip, M0, J0, o, var, ck_M, ck_J, MT, JT, scale
 
 
 @triton.jit
-def _pv_bwd_kernel(q, k, bv, b, g, ip, ck_M, ck_J, do, dvar, dMT, dJT, dq, dk, dbv, db, dg, dM0, dJ0, scale, T, NS,
-                   K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, C: tl.constexpr,
-                   CS: tl.constexpr, B_PER_V: tl.constexpr, HAS_G: tl.constexpr, HAS_DVAR: tl.constexpr,
+def _pv_bwd_kernel(q, k, v, beta, b, g, ip, ck_M, ck_J, do, dvar, dMT, dJT, dq, dk, dbv, db, dg, dM0, dJ0, scale, T,
+                   NS, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, C: tl.constexpr,
+                   CS: tl.constexpr, HAS_BETA: tl.constexpr, BETA_PER_V: tl.constexpr, B_PER_V: tl.constexpr,
+                   HAS_G: tl.constexpr, HAS_DVAR: tl.constexpr,
                    HAS_DFINAL: tl.constexpr, PRECISION: tl.constexpr, DTYPE: tl.constexpr):
-    """Grid ``(NK, NV, BH)``. Writes partials ``dq, dk [NV,BH,T,K]``, ``dbv [NK,BH,T,V]``,
-    ``db [NK,BH,T,V|1]``, ``dg [NK·NV,BH,T]`` and the initial state's cotangents ``dM0, dJ0 [BH,V,K]``."""
+    """Grid ``(NK, NV, B·H)``, layouts as the forward's. Writes partials ``dq, dk [NV,B,T,H,K]``,
+    ``d(βv) [NK,B,T,H,V]``, ``db [NK,B,T,H,V]`` (or ``[NK·NV,B,T,H]`` for a head-shared b), ``dg [NK·NV,B,T,H]``
+    and the initial state's cotangents ``dM0, dJ0 [B·H,V,K]``."""
     i_k, i_v, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
+    i_b, i_h = i_bh // H, i_bh % H
     NK = tl.num_programs(0)
     NV = tl.num_programs(1)
     BH = tl.num_programs(2)
@@ -111,7 +137,7 @@ def _pv_bwd_kernel(q, k, bv, b, g, ip, ck_M, ck_J, do, dvar, dMT, dJT, dq, dk, d
     m_v = o_v < V
     m_vk = m_v[:, None] & m_k[None, :]
     p_s = i_bh * V * K + o_v[:, None] * K + o_k[None, :]
-    ipv = tl.load(ip + i_bh).to(DTYPE)
+    ipv = tl.load(ip + i_h).to(DTYPE)
     causal = o_c[:, None] >= o_c[None, :]
     dM = tl.zeros([BV, BK], dtype=DTYPE)  # cotangent of the state after the current position
     dJ = tl.zeros([BV, BK], dtype=DTYPE)
@@ -135,18 +161,17 @@ def _pv_bwd_kernel(q, k, bv, b, g, ip, ck_M, ck_J, do, dvar, dMT, dJT, dq, dk, d
                     m_w = tw < T
                     gw = tl.zeros([CS], dtype=DTYPE)
                     if HAS_G:
-                        gw = tl.load(g + i_bh * T + tw, mask=m_w, other=0.).to(DTYPE)
+                        gw = tl.load(g + (i_b * T + tw) * H + i_h, mask=m_w, other=0.).to(DTYPE)
                     Gw = tl.cumsum(gw, 0)
                     Gl = tl.sum(gw, 0)
-                    kw = tl.load(k + (i_bh * T + tw[:, None]) * K + o_k[None, :], mask=m_w[:, None] & m_k[None, :],
+                    kw = tl.load(k + ((i_b * T + tw[:, None]) * H + i_h) * K + o_k[None, :], mask=m_w[:, None] & m_k[None, :],
                                  other=0.).to(DTYPE)
-                    bvw = tl.load(bv + (i_bh * T + tw[:, None]) * V + o_v[None, :],
-                                  mask=m_w[:, None] & m_v[None, :], other=0.).to(DTYPE)
+                    bvw = _load_bv(v, beta, i_b, i_h, tw, o_v, m_w, m_v, T, H, V, CS, BV, HAS_BETA, BETA_PER_V, DTYPE)
                     if B_PER_V:
-                        bw = tl.load(b + (i_bh * T + tw[:, None]) * V + o_v[None, :],
+                        bw = tl.load(b + ((i_b * T + tw[:, None]) * H + i_h) * V + o_v[None, :],
                                      mask=m_w[:, None] & m_v[None, :], other=0.).to(DTYPE)
                     else:
-                        bw = tl.zeros([CS, BV], dtype=DTYPE) + tl.load(b + i_bh * T + tw, mask=m_w,
+                        bw = tl.zeros([CS, BV], dtype=DTYPE) + tl.load(b + (i_b * T + tw) * H + i_h, mask=m_w,
                                                                        other=0.).to(DTYPE)[:, None]
                     wt = tl.exp(Gl - Gw)[:, None]
                     Mu = tl.exp(Gl) * Mu + tl.sum((bvw * wt)[:, :, None] * kw[:, None, :], 0)
@@ -158,19 +183,19 @@ def _pv_bwd_kernel(q, k, bv, b, g, ip, ck_M, ck_J, do, dvar, dMT, dJT, dq, dk, d
                 m_tv = m_t[:, None] & m_v[None, :]
                 gu = tl.zeros([CS], dtype=DTYPE)
                 if HAS_G:
-                    gu = tl.load(g + i_bh * T + t, mask=m_t, other=0.).to(DTYPE)
+                    gu = tl.load(g + (i_b * T + t) * H + i_h, mask=m_t, other=0.).to(DTYPE)
                 G = tl.cumsum(gu, 0)
                 Gl = tl.sum(gu, 0)
                 D = tl.exp(tl.where(causal, G[:, None] - G[None, :], float("-inf")))
-                qu = tl.load(q + (i_bh * T + t[:, None]) * K + o_k[None, :], mask=m_tk, other=0.).to(DTYPE)
-                ku = tl.load(k + (i_bh * T + t[:, None]) * K + o_k[None, :], mask=m_tk, other=0.).to(DTYPE)
-                bvu = tl.load(bv + (i_bh * T + t[:, None]) * V + o_v[None, :], mask=m_tv, other=0.).to(DTYPE)
+                qu = tl.load(q + ((i_b * T + t[:, None]) * H + i_h) * K + o_k[None, :], mask=m_tk, other=0.).to(DTYPE)
+                ku = tl.load(k + ((i_b * T + t[:, None]) * H + i_h) * K + o_k[None, :], mask=m_tk, other=0.).to(DTYPE)
+                bvu = _load_bv(v, beta, i_b, i_h, t, o_v, m_t, m_v, T, H, V, CS, BV, HAS_BETA, BETA_PER_V, DTYPE)
                 if B_PER_V:
-                    bu = tl.load(b + (i_bh * T + t[:, None]) * V + o_v[None, :], mask=m_tv, other=0.).to(DTYPE)
+                    bu = tl.load(b + ((i_b * T + t[:, None]) * H + i_h) * V + o_v[None, :], mask=m_tv, other=0.).to(DTYPE)
                 else:
-                    bu = tl.zeros([CS, BV], dtype=DTYPE) + tl.load(b + i_bh * T + t, mask=m_t,
+                    bu = tl.zeros([CS, BV], dtype=DTYPE) + tl.load(b + (i_b * T + t) * H + i_h, mask=m_t,
                                                                    other=0.).to(DTYPE)[:, None]
-                dou = tl.load(do + (i_bh * T + t[:, None]) * V + o_v[None, :], mask=m_tv, other=0.).to(DTYPE)
+                dou = tl.load(do + ((i_b * T + t[:, None]) * H + i_h) * V + o_v[None, :], mask=m_tv, other=0.).to(DTYPE)
                 k2 = ku * ku
                 XM = bvu[:, :, None] * ku[:, None, :]
                 XJ = bu[:, :, None] * k2[:, None, :]
@@ -186,7 +211,7 @@ def _pv_bwd_kernel(q, k, bv, b, g, ip, ck_M, ck_J, do, dvar, dMT, dJT, dq, dk, d
                 LM = (scale * dou)[:, :, None] * qu[:, None, :] * invI
                 LJ = -LM * mu
                 if HAS_DVAR:
-                    dvu = tl.load(dvar + (i_bh * T + t[:, None]) * V + o_v[None, :], mask=m_tv,
+                    dvu = tl.load(dvar + ((i_b * T + t[:, None]) * H + i_h) * V + o_v[None, :], mask=m_tv,
                                   other=0.).to(DTYPE)
                     dq_t += 2. * scale * scale * qu * tl.sum(dvu[:, :, None] * invI, 1)
                     LJ -= (scale * scale * dvu)[:, :, None] * (qu * qu)[:, None, :] * invI * invI
@@ -203,15 +228,15 @@ def _pv_bwd_kernel(q, k, bv, b, g, ip, ck_M, ck_J, do, dvar, dMT, dJT, dq, dk, d
                 db_t = tl.sum(HJ * k2[:, None, :], 2)
                 dk_t = tl.sum(HM * bvu[:, :, None], 1) + 2. * ku * tl.sum(HJ * bu[:, :, None], 1)
                 dg_t = tl.sum(tl.sum(HM * (Mall - XM) + HJ * (Jall - XJ), 2), 1)
-                p_tk = ((i_v * BH + i_bh) * T + t[:, None]) * K + o_k[None, :]
+                p_tk = (i_v * BH * T + (i_b * T + t[:, None]) * H + i_h) * K + o_k[None, :]
                 tl.store(dq + p_tk, dq_t, mask=m_tk)
                 tl.store(dk + p_tk, dk_t, mask=m_tk)
-                tl.store(dbv + ((i_k * BH + i_bh) * T + t[:, None]) * V + o_v[None, :], dbv_t, mask=m_tv)
+                tl.store(dbv + (i_k * BH * T + (i_b * T + t[:, None]) * H + i_h) * V + o_v[None, :], dbv_t, mask=m_tv)
                 if B_PER_V:
-                    tl.store(db + ((i_k * BH + i_bh) * T + t[:, None]) * V + o_v[None, :], db_t, mask=m_tv)
+                    tl.store(db + (i_k * BH * T + (i_b * T + t[:, None]) * H + i_h) * V + o_v[None, :], db_t, mask=m_tv)
                 else:
-                    tl.store(db + ((i_k * NV + i_v) * BH + i_bh) * T + t, tl.sum(db_t, 1), mask=m_t)
-                tl.store(dg + ((i_k * NV + i_v) * BH + i_bh) * T + t, dg_t, mask=m_t)
+                    tl.store(db + (i_k * NV + i_v) * BH * T + (i_b * T + t) * H + i_h, tl.sum(db_t, 1), mask=m_t)
+                tl.store(dg + (i_k * NV + i_v) * BH * T + (i_b * T + t) * H + i_h, dg_t, mask=m_t)
     tl.store(dM0 + p_s, dM, mask=m_vk)
     tl.store(dJ0 + p_s, dJ, mask=m_vk)
 
@@ -226,66 +251,76 @@ def _blocks(K: int, V: int, block_k: Optional[int], block_v: Optional[int]):
 
 
 class PerValuePalimpsa(torch.autograd.Function):
-    """``(q, k, bv, b, g, M0, J0, ip)`` in ``[BH, T, ·]`` layouts (``b [BH,T,V]`` or ``[BH,T,1]``, ``g [BH,T]``
-    or None, ``M0, J0 [BH,V,K]``, ``ip [BH]``) -> ``o, var [BH,T,V]``, ``M_T, J_T [BH,V,K]`` (compute dtype)."""
+    """``q, k [B,T,H,K]``, ``v [B,T,H,V]``, ``beta`` (None, ``[B,T,H]`` or ``[B,T,H,V]``), ``b [B,T,H(,V)]``,
+    ``g [B,T,H]`` or None, ``M0, J0 [B·H,V,K]``, ``ip [H]`` -> ``o, var [B,T,H,V]``, ``M_T, J_T [B·H,V,K]``
+    (compute dtype ``M0.dtype``). Saves the inputs themselves and the states every ``C`` tokens."""
 
     @staticmethod
-    def forward(ctx, q, k, bv, b, g, M0, J0, ip, scale: float, with_var: bool, C: int, CS: int,
+    def forward(ctx, q, k, v, beta, b, g, M0, J0, ip, scale: float, with_var: bool, C: int, CS: int,
                 blocks: tuple):
-        BH, T, K = q.shape
-        V = bv.shape[-1]
+        B, T, H, K = q.shape
+        V = v.shape[-1]
         dt = M0.dtype
         NS = triton.cdiv(T, C)
         BK_all, BV_fwd, _, _ = blocks
-        o = torch.empty(BH, T, V, dtype=dt, device=q.device)
-        var = torch.empty(BH, T, V, dtype=dt, device=q.device) if with_var else o
-        ck_M = torch.empty(BH, NS, V, K, dtype=dt, device=q.device)
+        dev = q.device
+        o = torch.empty(B, T, H, V, dtype=dt, device=dev)
+        var = torch.empty(B, T, H, V, dtype=dt, device=dev) if with_var else o
+        ck_M = torch.empty(B * H, NS, V, K, dtype=dt, device=dev)
         ck_J = torch.empty_like(ck_M)
         M_T, J_T = torch.empty_like(M0), torch.empty_like(M0)
-        _pv_fwd_kernel[(triton.cdiv(V, BV_fwd), BH)](
-            q, k, bv, b, q if g is None else g, ip, M0, J0, o, var, ck_M, ck_J, M_T, J_T, float(scale), T, NS,
-            K=K, V=V, BK=BK_all, BV=BV_fwd, C=C, B_PER_V=b.shape[-1] > 1,
-            HAS_G=g is not None, HAS_INIT=True, OUTPUT_VAR=with_var, SAVE=True, STORE_FINAL=True,
+        _pv_fwd_kernel[(triton.cdiv(V, BV_fwd), B * H)](
+            q, k, v, q if beta is None else beta, b, q if g is None else g, ip, M0, J0, o, var, ck_M, ck_J, M_T, J_T,
+            float(scale), T, NS, H=H, K=K, V=V, BK=BK_all, BV=BV_fwd, C=C, HAS_BETA=beta is not None,
+            BETA_PER_V=beta is not None and beta.dim() == 4, B_PER_V=b.dim() == 4, HAS_G=g is not None,
+            HAS_INIT=True, OUTPUT_VAR=with_var, SAVE=True, STORE_FINAL=True,
             DTYPE=tl.float64 if dt == torch.float64 else tl.float32)
-        ctx.save_for_backward(q, k, bv, b, g, ip, ck_M, ck_J)
+        ctx.save_for_backward(q, k, v, beta, b, g, ip, ck_M, ck_J)
         ctx.meta = (float(scale), with_var, C, CS, blocks)
         return o, (var if with_var else None), M_T, J_T
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, do, dvar, dM_T, dJ_T):
-        q, k, bv, b, g, ip, ck_M, ck_J = ctx.saved_tensors
+        q, k, v, beta, b, g, ip, ck_M, ck_J = ctx.saved_tensors
         scale, with_var, C, CS, blocks = ctx.meta
-        BH, T, K = q.shape
-        V = bv.shape[-1]
+        B, T, H, K = q.shape
+        V = v.shape[-1]
+        BH = B * H
         dt = ck_M.dtype
         NS = ck_M.shape[1]
         _, _, BK, BV = blocks
         NK, NV = triton.cdiv(K, BK), triton.cdiv(V, BV)
         dev = q.device
-        per_v = b.shape[-1] > 1
-        do = torch.zeros(BH, T, V, dtype=dt, device=dev) if do is None else do.to(dt).contiguous()
+        per_v = b.dim() == 4
+        do = torch.zeros(B, T, H, V, dtype=dt, device=dev) if do is None else do.contiguous()
         has_dvar = with_var and dvar is not None
         has_dfinal = dM_T is not None or dJ_T is not None
         if has_dfinal:
             dM_T = torch.zeros(BH, V, K, dtype=dt, device=dev) if dM_T is None else dM_T.to(dt).contiguous()
             dJ_T = torch.zeros(BH, V, K, dtype=dt, device=dev) if dJ_T is None else dJ_T.to(dt).contiguous()
-        dq = torch.empty(NV, BH, T, K, dtype=dt, device=dev)
-        dk = torch.empty(NV, BH, T, K, dtype=dt, device=dev)
-        dbv = torch.empty(NK, BH, T, V, dtype=dt, device=dev)
-        db = torch.empty(NK, BH, T, V, dtype=dt, device=dev) if per_v else torch.empty(NK, NV, BH, T, dtype=dt,
-                                                                                         device=dev)
-        dg = torch.empty(NK, NV, BH, T, dtype=dt, device=dev)
+        dq = torch.empty(NV, B, T, H, K, dtype=dt, device=dev)
+        dk = torch.empty(NV, B, T, H, K, dtype=dt, device=dev)
+        dbv = torch.empty(NK, B, T, H, V, dtype=dt, device=dev)
+        db = torch.empty(*((NK, B, T, H, V) if per_v else (NK * NV, B, T, H)), dtype=dt, device=dev)
+        dg = torch.empty(NK * NV, B, T, H, dtype=dt, device=dev)
         dM0, dJ0 = torch.empty(BH, V, K, dtype=dt, device=dev), torch.empty(BH, V, K, dtype=dt, device=dev)
         precision = "ieee" if (dt == torch.float64 or not q.is_cuda) else "tf32x3"
         _pv_bwd_kernel[(NK, NV, BH)](
-            q, k, bv, b, q if g is None else g, ip, ck_M, ck_J, do, dvar.to(dt).contiguous() if has_dvar else do,
-            dM_T if has_dfinal else do, dJ_T if has_dfinal else do, dq, dk, dbv, db, dg, dM0, dJ0, scale, T, NS,
-            K=K, V=V, BK=BK, BV=BV, C=C, CS=CS, B_PER_V=per_v, HAS_G=g is not None, HAS_DVAR=has_dvar,
-            HAS_DFINAL=has_dfinal, PRECISION=precision, DTYPE=tl.float64 if dt == torch.float64 else tl.float32)
-        db = db.sum(0) if per_v else db.sum((0, 1))[..., None]
-        dgs = None if g is None else dg.sum((0, 1)).view(g.shape).to(g.dtype)
-        return (dq.sum(0).to(q.dtype), dk.sum(0).to(k.dtype), dbv.sum(0).to(bv.dtype), db.to(b.dtype), dgs,
+            q, k, v, q if beta is None else beta, b, q if g is None else g, ip, ck_M, ck_J, do,
+            dvar.contiguous() if has_dvar else do, dM_T if has_dfinal else do, dJ_T if has_dfinal else do,
+            dq, dk, dbv, db, dg, dM0, dJ0, scale, T, NS, H=H, K=K, V=V, BK=BK, BV=BV, C=C, CS=CS,
+            HAS_BETA=beta is not None, BETA_PER_V=beta is not None and beta.dim() == 4, B_PER_V=per_v,
+            HAS_G=g is not None, HAS_DVAR=has_dvar, HAS_DFINAL=has_dfinal, PRECISION=precision,
+            DTYPE=tl.float64 if dt == torch.float64 else tl.float32)
+        dbv = dbv.sum(0)  # d(β v)
+        dv = dbv if beta is None else dbv * (beta if beta.dim() == 4 else beta[..., None])
+        dbeta = None
+        if beta is not None:
+            dbeta = dbv * v if beta.dim() == 4 else (dbv * v).sum(-1)
+            dbeta = dbeta.to(beta.dtype)
+        dgs = None if g is None else dg.sum(0).to(g.dtype)
+        return (dq.sum(0).to(q.dtype), dk.sum(0).to(k.dtype), dv.to(v.dtype), dbeta, db.sum(0).to(b.dtype), dgs,
                 dM0, dJ0, None, None, None, None, None, None)
 
 
@@ -293,7 +328,7 @@ def per_value_run(call: ScanCall, segment: int = SEGMENT, sub_chunk: int = SUB_C
                   block_k: Optional[int] = None, block_v: Optional[int] = None) -> ScanResult:
     """Palimpsa (``dot_diag`` / diagonal, scalar or no forgetting) with any ``b`` by the per-value Triton
     kernels (a validated :class:`~metaplastic.kernels.entry.ScanCall`). ``segment``: tokens between the
-    saved states (a multiple of ``sub_chunk``, a power of two ≥ 16 on a GPU)."""
+    saved states (a multiple of ``sub_chunk``; on a GPU ``sub_chunk`` ≥ 16, a power of two)."""
     reason = per_value_reason(call.objective) or triton_unavailable_reason(call.q.device)
     if reason is not None:
         raise ValueError(reason)
@@ -308,28 +343,20 @@ def per_value_run(call: ScanCall, segment: int = SEGMENT, sub_chunk: int = SUB_C
 def _dense(c: ScanCall, C: int, CS: int, block_k, block_v) -> ScanResult:
     B, T, H, K, V = c.shape
     dt = c.dtype
-
-    def heads_first(x: Tensor) -> Tensor:
-        """``[B,T,H(,D)] -> [B·H, T, D or 1]`` in the compute dtype."""
-        x = x.to(dt).transpose(1, 2)
-        return x.reshape(B * H, T, x.shape[3] if x.dim() == 4 else 1).contiguous()
-
-    q, k, v = heads_first(c.q), heads_first(c.k), heads_first(c.v)
-    bv = v if c.beta is None else v * heads_first(c.beta)
-    b = q.new_zeros(B * H, T, 1) if c.b is None else heads_first(c.b)
-    g = None if c.log_decay is None else heads_first(c.log_decay)
+    q, k, v = (x.contiguous() for x in (c.q, c.k, c.v))
+    beta = None if c.beta is None else c.beta.contiguous()
+    b = q.new_zeros(B, T, H) if c.b is None else c.b.contiguous()
+    g = None if c.log_decay is None else c.log_decay.contiguous()
     Ip = c.prior_precision.view(1, H, 1, 1)
     if c.initial_state is None:
-        M0 = q.new_zeros(B * H, V, K)
-        J0 = q.new_zeros(B * H, V, K)
+        M0 = torch.zeros(B * H, V, K, dtype=dt, device=q.device)
+        J0 = torch.zeros(B * H, V, K, dtype=dt, device=q.device)
     else:
         I0 = c.initial_state["I"].to(dt)
-        M0 = (I0 * c.initial_state["mu"].to(dt)).reshape(B * H, V, K)
-        J0 = (I0 - Ip).reshape(B * H, V, K)
-    ip = c.prior_precision.detach().view(1, H).expand(B, H).reshape(B * H).contiguous()
-    o, var, M_T, J_T = PerValuePalimpsa.apply(q, k, bv, b, g, M0.contiguous(), J0.contiguous(), ip, c.scale,
-                                              c.output_variance, C, CS, _blocks(K, V, block_k, block_v))
+        M0 = (I0 * c.initial_state["mu"].to(dt)).reshape(B * H, V, K).contiguous()
+        J0 = (I0 - Ip).reshape(B * H, V, K).contiguous()
+    ip = c.prior_precision.detach().contiguous()
+    o, var, M_T, J_T = PerValuePalimpsa.apply(q, k, v, beta, b, g, M0, J0, ip, c.scale, c.output_variance, C, CS,
+                                              _blocks(K, V, block_k, block_v))
     I_T = J_T.view(B, H, V, K) + Ip
-    output = o.view(B, H, T, V).transpose(1, 2)
-    variance = None if var is None else var.view(B, H, T, V).transpose(1, 2)
-    return ScanResult(output, {"mu": M_T.view(B, H, V, K) / I_T, "I": I_T}, variance)
+    return ScanResult(o, {"mu": M_T.view(B, H, V, K) / I_T, "I": I_T}, var)
