@@ -129,3 +129,22 @@ def test_bench_kernels_cli(tmp_path, capsys):
     if not torch.cuda.is_available():
         assert main(["bench", "kernels", "--device", "cuda"]) == 2
     assert "error:" in capsys.readouterr().err
+
+
+def test_bench_kernels_groups_dtype_targets(tmp_path):
+    """`bench kernels` with grouped b, bf16 inputs, a backend filter and the target summary (tiny, CPU)."""
+    import json
+
+    from metaplastic.cli import main
+    out, tgt = tmp_path / "bench.json", tmp_path / "targets.json"
+    rc = main(["bench", "kernels", "--device", "cpu", "--models", "mamba2", "palimpsa", "--shape", "1,9,1,4,4",
+               "--reps", "1", "--threads", "1", "--groups", "2", "--dtype", "bfloat16", "--backends", "chunk",
+               "--json", str(out), "--targets", str(tgt)])
+    assert rc == 0
+    records = json.loads(out.read_text())
+    assert {(r["model"], r["b"], r["backend"]) for r in records} == {
+        ("mamba2", "-", "chunk"), ("palimpsa", "H", "chunk"), ("palimpsa", "G2", "chunk"), ("palimpsa", "V", "chunk")}
+    assert all(r["dtype"] == "bfloat16" and r["error"] is None for r in records)
+    names = [t["name"] for t in json.loads(tgt.read_text())]
+    assert any("per-value" in n for n in names) and any("fla" in n for n in names)
+    assert main(["bench", "kernels", "--device", "cpu", "--shape", "1,9,1,4,4", "--groups", "3"]) == 2
