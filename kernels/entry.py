@@ -167,9 +167,10 @@ def prepare(objective: Objective, q: Tensor, k: Tensor, v: Tensor, *, log_decay:
 def by_sequence(call: ScanCall, run_dense: Callable[[ScanCall], ScanResult]) -> ScanResult:
     """Run ``run_dense`` on each packed sequence of ``call`` (or once on a dense batch) and assemble the
     :class:`ScanResult` (output in q's dtype; final states in the compute dtype, an empty sequence keeping its
-    initial state). ``run_dense`` gets dense calls (``bounds`` None) and must return final states."""
+    initial state). ``run_dense`` gets dense calls (``bounds`` None) and returns the final state when the call
+    asks for it (packed sequences always ask)."""
     if call.bounds is None:
-        res = run_dense(replace(call, output_final_state=True) if not call.output_final_state else call)
+        res = run_dense(call)
         return ScanResult(res.output.to(call.q.dtype), res.final_state if call.output_final_state else None,
                           res.variance)
     B, T, H, K, V = call.shape

@@ -358,5 +358,8 @@ def _dense(c: ScanCall, C: int, CS: int, block_k, block_v) -> ScanResult:
     ip = c.prior_precision.detach().contiguous()
     o, var, M_T, J_T = PerValuePalimpsa.apply(q, k, v, beta, b, g, M0, J0, ip, c.scale, c.output_variance, C, CS,
                                               _blocks(K, V, block_k, block_v))
-    I_T = J_T.view(B, H, V, K) + Ip
-    return ScanResult(o, {"mu": M_T.view(B, H, V, K) / I_T, "I": I_T}, var)
+    final = None
+    if c.output_final_state:
+        I_T = J_T.view(B, H, V, K) + Ip
+        final = {"mu": M_T.view(B, H, V, K) / I_T, "I": I_T}
+    return ScanResult(o, final, var)
