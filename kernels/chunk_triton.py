@@ -1,23 +1,24 @@
-"""The chunked path with a Triton forward, for the GPU (``dot``; ``dot_diag`` with a head-shared ``b``).
+"""The chunked path on Triton, forward and backward, for the GPU (``dot``; ``dot_diag`` with ``b`` head-shared
+``[B,T,H]`` or grouped ``[B,T,H,G]``; scalar or no forgetting). See docs/gpu_kernels.md.
 
-Two kernels compute the gated linear-attention read of :class:`metaplastic.kernels.chunk.ChunkDot`
-(``S_t = exp(g_t) S_{t-1} + v_t ⊗ k_t``, ``o_t = scale · S_t q_t``, one decay per head and token):
+Gated linear attention ``S_t = exp(g_t) S_{t-1} + v_t ⊗ k_t``, ``o_t = scale · S_t q_t`` (one decay per head
+and token) in chunks of ``C`` tokens, with ``G`` the log-decay cumulated inside a chunk and the masked decay
+matrix ``D[t, s] = exp(G_t − G_s)`` (``s ≤ t``; the mask is applied before the exponential):
 
-1. ``_chunk_states_kernel``, one program per (key tile, value tile, sequence·head): walks the chunks in
-   order and writes the state at every chunk boundary, ``S ← exp(G_C) S + vᵀ (k ∘ exp(G_C − G))``;
-2. ``_chunk_output_kernel``, one program per (chunk, sequence·head, value tile), all in parallel:
-   ``o = scale · [(q ∘ exp(G)) S_startᵀ + ((q kᵀ) ∘ D) v]`` with ``D[t, s] = exp(G_t − G_s)`` for ``s ≤ t``
-   (the key dimension in tiles, accumulated).
+Forward. ``_chunk_states_kernel`` (grid key tile × value tile × sequence·head) walks the chunks and writes
+the state at every chunk boundary, ``S ← exp(G_C) S + vᵀ (k ∘ exp(G_C − G))`` (the only thing saved besides
+the inputs); ``_chunk_output_kernel`` (grid chunk × sequence·head × value tile) computes
+``o = scale · [(q ∘ exp(G)) S_startᵀ + ((q kᵀ) ∘ D) v]``.
 
-Palimpsa with a head-shared ``b`` is this read with the query ``q ⊘ I_t`` (THEORY.md limit 7); ``I_t``
-(``[B,H,T,K]``) comes from the torch :class:`~metaplastic.kernels.chunk.DecayedScan`. Everything around
-the read (``β v``, ``q ⊘ I``, the variance) is the torch glue of :mod:`metaplastic.kernels.chunk`.
+Backward. ``_chunk_dstates_kernel`` runs the state's cotangent backwards over the chunk boundaries;
+``_chunk_bwd_dv_kernel`` and ``_chunk_bwd_dqk_kernel`` compute a chunk's ``dv`` and ``dq, dk`` and the
+cumulated log-decay's cotangent from its start state, its end-state cotangent and its own tokens.
 
-Backward: the hand-written torch backward of ``ChunkDot`` (chunked matmuls, runs on the GPU), fed with the
-boundary states the forward kernel saved. Not covered (use the fused recurrent kernel): vector forgetting
-(GLA), ``b`` per value channel, likelihoods other than ``dot`` / ``dot_diag``. The kernels compute in
-float32 (``tl.dot`` uses TF32 when ``torch.backends.cuda.matmul.allow_tf32`` is set); fp16/bf16/fp64
-inputs are converted.
+Groups. The query may be one per group of ``V/NG`` contiguous value rows (``[B,H,T,NG,K]``): a value tile
+never straddles two groups. Palimpsa with ``b`` head-shared (THEORY.md limit 7) or grouped (limit 8) is this
+read of the numerator ``M`` with the query ``q ⊘ I⁽ᵍ⁾_t``; the group precisions come from the torch
+:class:`~metaplastic.kernels.chunk.DecayedScan` (width ``NG``). The kernels compute in float32 (``tl.dot``
+uses TF32 when ``torch.backends.cuda.matmul.allow_tf32`` is set), in float64 for float64 inputs.
 """
 from __future__ import annotations
 
@@ -30,7 +31,7 @@ import triton.language as tl
 from metaplastic.objective import Objective
 from metaplastic.scan import ScanResult
 
-from .chunk import DecayedScan, chunk_run
+from .chunk import DecayedScan, _heads_first, chunk_run
 from .dispatch import triton_chunk_reason
 from .entry import ScanCall, by_sequence, prepare, triton_unavailable_reason
 
@@ -392,14 +393,6 @@ def chunk_triton_run(call: ScanCall, chunk_size: int = 64) -> ScanResult:
         raise ValueError(f"chunk_size must be a positive integer, got {chunk_size!r}")
     C = min(chunk_size, call.shape[1]) if call.bounds is None else chunk_size
     return by_sequence(call, lambda c: _grouped_dense(c, C))
-
-
-def _heads_first(x: Optional[Tensor], dtype: torch.dtype) -> Optional[Tensor]:
-    """``[B, T, H, ...] -> [B, H, T, ...]`` in ``dtype``; a ``[B, T, H]`` gate gets a trailing 1."""
-    if x is None:
-        return None
-    x = x.to(dtype)
-    return (x[..., None] if x.dim() == 3 else x).transpose(1, 2)
 
 
 def _grouped_dense(c: ScanCall, C: int) -> ScanResult:
