@@ -186,7 +186,7 @@ def _backends(name: str, device: str, b_kind: str, reference: bool, V: int) -> L
     if unsupported_reason(obj) is None:
         out.append("chunk")
     if device == "cuda":
-        b = None if b_kind == "H" else torch.empty(1, 1, 1, V if b_kind == "V" else int(b_kind[1:]))
+        b = None if b_kind in ("H", "-") else torch.empty(1, 1, 1, V if b_kind == "V" else int(b_kind[1:]))
         if triton_chunk_reason(obj, b, None, V=V) is None:
             out.append("triton_chunk")
         elif b_kind == "V" and per_value_reason(obj) is None:
