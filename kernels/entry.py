@@ -128,8 +128,6 @@ def prepare(objective: Objective, q: Tensor, k: Tensor, v: Tensor, *, log_decay:
             check_values: Optional[bool] = None) -> ScanCall:
     """Validate the arguments of :func:`metaplastic.scan` once (``ValueError`` naming the argument) and
     return them as a :class:`ScanCall`. See the module docstring for which value checks run where."""
-    if isinstance(q, ScanCall):
-        return q
     if not isinstance(q, Tensor):
         raise ValueError(f"q must be a tensor [B, T, H, K], got {type(q).__name__}")
     ip_check: Union[float, Tensor] = prior_precision
@@ -144,6 +142,8 @@ def prepare(objective: Objective, q: Tensor, k: Tensor, v: Tensor, *, log_decay:
     if cu_seqlens is not None and isinstance(cu_seqlens, Tensor):
         bounds = [int(x) for x in cu_seqlens.tolist()]  # one copy to the host: the split needs it
         cu_check = torch.tensor(bounds, dtype=torch.int64) if cu_seqlens.dim() == 1 else cu_seqlens
+    if isinstance(b, Tensor) and b.dim() == 4 and b.shape[-1] == 1 and v.shape[-1] > 1:
+        b = b[..., 0]  # one importance group: head-shared
     b_check = b
     if isinstance(b, Tensor) and b.dim() == 4 and b.shape[:3] == q.shape[:3]:
         G, V = b.shape[-1], v.shape[-1]
@@ -156,8 +156,7 @@ def prepare(objective: Objective, q: Tensor, k: Tensor, v: Tensor, *, log_decay:
         raise ValueError("output_variance=True needs posterior='diagonal' or 'full'; 'point' has no variance")
     dtype = compute_dtype(q, k, v)
     H = q.shape[2]
-    ip = torch.as_tensor(prior_precision, device=q.device)
-    ip = ip.to(dtype) if ip.is_floating_point() else ip.to(dtype)
+    ip = torch.as_tensor(prior_precision, device=q.device).to(dtype)
     ip = ip.expand(H) if ip.dim() == 0 else ip
     return ScanCall(objective, q, k, v, log_decay, beta, b, ip, lam, float(scale), initial_state,
                     bool(output_final_state), bool(output_variance), bounds, dtype, check_values,
