@@ -7,7 +7,7 @@ set -u
 OUTDIR=${1:-${OUT:-gpu_out}}
 mkdir -p "$OUTDIR"
 export PYTHONUNBUFFERED=1 PY=${PY:-python3}
-STEPS=${STEPS:-tests_new,bench,tests_recurrent}  # which steps to run (comma-separated names)
+STEPS=${STEPS:-tests_new,bench,tests_recurrent,tests_models}  # which steps to run (comma-separated names)
 run() {  # run SECONDS NAME CMD...: time-limited, output to OUTDIR/NAME.log, tail shown
   local limit=$1 name=$2; shift 2
   case ",$STEPS," in *",$name,"*) ;; *) echo "== $name: skipped"; return 0 ;; esac
@@ -43,8 +43,10 @@ TAILN=8 run ${LIMIT_TESTS:-180} tests_new $PY -m pytest -q -p no:cacheprovider -
 TAILN=30 run 200 bench $PY -m metaplastic bench kernels --device cuda --reps 5 --tf32 --dtype bfloat16 \
   --groups 8 --models mamba2 simple_gla palimpsa --backends triton_chunk triton_per_value \
   --json "$OUTDIR/bench_cuda.json" --targets "$OUTDIR/targets.json"
-# 3. the fused recurrent kernel, with what time is left
+# 3. the fused recurrent kernel and the model-level GPU tests, with what time is left
 TAILN=6 run 60 tests_recurrent $PY -m pytest -q -x -p no:cacheprovider --junitxml="$OUTDIR/tests_recurrent.xml" \
   tests/kernels/test_fused_recurrent.py -k "forward_float64 or gradients_float64 or float32 or varlen"
+TAILN=6 run 70 tests_models $PY -m pytest -q -p no:cacheprovider --junitxml="$OUTDIR/tests_models.xml" \
+  tests/models/test_mamba2.py tests/models/test_mixers.py tests/models/test_convert_gdn.py -k gpu
 [ -f "$OUTDIR/steps.txt" ] && cat "$OUTDIR/steps.txt"
 exit 0
