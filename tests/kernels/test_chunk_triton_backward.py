@@ -10,8 +10,8 @@ import pytest
 import torch
 
 import metaplastic
+from helpers import assert_close
 from metaplastic.kernels import scan as dispatch_scan
-from metaplastic.oracles import relative_error
 
 ON_GPU = torch.cuda.is_available()
 DEVICE = "cuda" if ON_GPU else "cpu"
@@ -90,11 +90,11 @@ def _check(name, x, groups=None, cu_seqlens=None, chunk_size=16, **kw):
     got_x = _to(_leaves(x), DTYPE, DEVICE)
     got = dispatch_scan(obj, **got_x, **kw, cu_seqlens=None if cu_seqlens is None else cu_seqlens.to(DEVICE),
                         backend="triton_chunk", chunk_size=chunk_size)
-    assert relative_error(got.output.cpu(), ref.output) <= TOL
+    assert_close(got.output.cpu(), ref.output, rtol=TOL)
     for key in ref.final_state:
-        assert relative_error(got.final_state[key].cpu(), ref.final_state[key]) <= TOL, key
+        assert_close(got.final_state[key].cpu(), ref.final_state[key], rtol=TOL, msg=str(key))
     if ref.variance is not None:
-        assert relative_error(got.variance.cpu(), ref.variance) <= TOL
+        assert_close(got.variance.cpu(), ref.variance, rtol=TOL)
     gen = torch.Generator().manual_seed(1)
     weights = [torch.randn(ref.output.shape, generator=gen, dtype=torch.float64)]
     weights += [torch.randn(ref.final_state[key].shape, generator=gen, dtype=torch.float64)
@@ -105,7 +105,7 @@ def _check(name, x, groups=None, cu_seqlens=None, chunk_size=16, **kw):
     g_got = torch.autograd.grad(_loss(got, weights), _flat(got_x))
     for a, b in zip(g_ref, g_got):
         assert torch.isfinite(b).all()
-        assert relative_error(b.cpu(), a) <= TOL
+        assert_close(b.cpu(), a, rtol=TOL)
 
 
 @pytest.mark.parametrize("name,shape,init", [
@@ -149,7 +149,7 @@ def test_triton_chunk_backward_tiles():
     _, states = chunk_dot_triton_forward(*dev[:5], 0.3, 16, block_k=16, block_v=16)
     got = chunk_dot_triton_backward(*dev[:4], states, dev[5], dev[6], 0.3, 16, block_k=16, block_v=16)
     for a, b in zip(expected, got):
-        assert relative_error(b.cpu(), a) <= TOL
+        assert_close(b.cpu(), a, rtol=TOL)
 
 
 @pytest.mark.parametrize("later_log_decay", [-math.inf, -1e4])
@@ -167,7 +167,7 @@ def test_triton_chunk_masks_later_tokens(later_log_decay):
     leaves = {key: val.clone().requires_grad_() for key, val in bad.items()}
     out = dispatch_scan(obj, **leaves, backend="triton_chunk", chunk_size=16).output
     assert torch.isfinite(out[:, :10]).all()
-    assert relative_error(out[:, :10], base[:, :10]) <= TOL
+    assert_close(out[:, :10], base[:, :10], rtol=TOL)
     if math.isfinite(later_log_decay):
         out[:, :10].sum().backward()
         for key, leaf in leaves.items():
