@@ -425,7 +425,8 @@ def fused_recurrent_run(call: ScanCall, cg_steps: Optional[int] = None, checkpoi
     call = call.with_b_per_value()  # grouped b: one rate per value row
     objective, q, k, v = call.objective, call.q, call.k, call.v
     log_decay, beta, b, lam = call.log_decay, call.beta, call.b, call.lam
-    initial_state, output_final_state, output_variance = call.initial_state, call.output_final_state, call.output_variance
+    initial_state, output_final_state = call.initial_state, call.output_final_state
+    output_variance = call.output_variance
     needs_grad = call.needs_grad()
     if needs_grad and (objective.posterior == "full" or call.ip_requires_grad):
         return reference_scan(objective, q, k, v, **call.kwargs())

@@ -118,10 +118,10 @@ def _pv_fwd_kernel(q, k, v, beta, b, g, ip, M0, J0, o, var, ck_M, ck_J, MT, JT, 
 
 @triton.jit
 def _pv_bwd_kernel(q, k, v, beta, b, g, ip, ck_M, ck_J, do, dvar, dMT, dJT, dq, dk, dbv, db, dg, dM0, dJ0, scale, T,
-                   NS, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, C: tl.constexpr,
-                   CS: tl.constexpr, HAS_BETA: tl.constexpr, BETA_PER_V: tl.constexpr, B_PER_V: tl.constexpr,
-                   HAS_G: tl.constexpr, HAS_DVAR: tl.constexpr,
-                   HAS_DFINAL: tl.constexpr, PRECISION: tl.constexpr, DTYPE: tl.constexpr):
+                   NS, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+                   C: tl.constexpr, CS: tl.constexpr, HAS_BETA: tl.constexpr, BETA_PER_V: tl.constexpr,
+                   B_PER_V: tl.constexpr, HAS_G: tl.constexpr, HAS_DVAR: tl.constexpr, HAS_DFINAL: tl.constexpr,
+                   PRECISION: tl.constexpr, DTYPE: tl.constexpr):
     """Grid ``(NK, NV, B·H)``, layouts as the forward's. Writes partials ``dq, dk [NV,B,T,H,K]``,
     ``d(βv) [NK,B,T,H,V]``, ``db [NK,B,T,H,V]`` (or ``[NK·NV,B,T,H]`` for a head-shared b), ``dg [NK·NV,B,T,H]``
     and the initial state's cotangents ``dM0, dJ0 [B·H,V,K]``."""
@@ -164,8 +164,8 @@ def _pv_bwd_kernel(q, k, v, beta, b, g, ip, ck_M, ck_J, do, dvar, dMT, dJT, dq, 
                         gw = tl.load(g + (i_b * T + tw) * H + i_h, mask=m_w, other=0.).to(DTYPE)
                     Gw = tl.cumsum(gw, 0)
                     Gl = tl.sum(gw, 0)
-                    kw = tl.load(k + ((i_b * T + tw[:, None]) * H + i_h) * K + o_k[None, :], mask=m_w[:, None] & m_k[None, :],
-                                 other=0.).to(DTYPE)
+                    kw = tl.load(k + ((i_b * T + tw[:, None]) * H + i_h) * K + o_k[None, :],
+                                 mask=m_w[:, None] & m_k[None, :], other=0.).to(DTYPE)
                     bvw = _load_bv(v, beta, i_b, i_h, tw, o_v, m_w, m_v, T, H, V, CS, BV, HAS_BETA, BETA_PER_V, DTYPE)
                     if B_PER_V:
                         bw = tl.load(b + ((i_b * T + tw[:, None]) * H + i_h) * V + o_v[None, :],
@@ -191,7 +191,8 @@ def _pv_bwd_kernel(q, k, v, beta, b, g, ip, ck_M, ck_J, do, dvar, dMT, dJT, dq, 
                 ku = tl.load(k + ((i_b * T + t[:, None]) * H + i_h) * K + o_k[None, :], mask=m_tk, other=0.).to(DTYPE)
                 bvu = _load_bv(v, beta, i_b, i_h, t, o_v, m_t, m_v, T, H, V, CS, BV, HAS_BETA, BETA_PER_V, DTYPE)
                 if B_PER_V:
-                    bu = tl.load(b + ((i_b * T + t[:, None]) * H + i_h) * V + o_v[None, :], mask=m_tv, other=0.).to(DTYPE)
+                    bu = tl.load(b + ((i_b * T + t[:, None]) * H + i_h) * V + o_v[None, :], mask=m_tv,
+                                 other=0.).to(DTYPE)
                 else:
                     bu = tl.zeros([CS, BV], dtype=DTYPE) + tl.load(b + (i_b * T + t) * H + i_h, mask=m_t,
                                                                    other=0.).to(DTYPE)[:, None]
