@@ -8,7 +8,8 @@ token-by-token recurrence makes non-finite are set to NaN:
 - ``q_t`` non-finite: the output of token t (all value rows);
 - ``k_t`` (or a vector log-decay) non-finite in key channel j: column j of every later state, so every
   later output;
-- ``v_t``, a per-value ``beta_t`` or ``b_t`` non-finite in value row i: row i of every later state and output;
+- ``v_t``, a per-value ``beta_t`` or ``b_t`` non-finite in value row i: row i of every later state and output
+  (a grouped ``b_t [G]``: the rows of its group);
 - a scalar log-decay that is NaN or ``+inf``, a head-shared ``beta_t`` or ``b_t``: everything after;
 - a non-finite initial-state entry: that entry of every state, its row of every output.
 
@@ -89,6 +90,8 @@ def sanitize(objective: Objective, q: Tensor, k: Tensor, v: Tensor, log_decay: O
 
     g_all, g_col = split(g_bad) if objective.forgetting != "vector" else (None, g_bad)
     beta_all, beta_row = split(beta_bad)
+    if b_bad is not None and b_bad.dim() == 4 and b_bad.shape[-1] != v.shape[-1]:  # grouped: G rows each
+        b_bad = b_bad.repeat_interleave(v.shape[-1] // b_bad.shape[-1], -1)
     b_all, b_row = split(b_bad)
     col = _so_far(_or(k_bad, g_col))  # [B,T,H,K]
     shared = _so_far(_or(g_all, col.any(-1, keepdim=True)))  # [B,T,H,1]: key columns reach every row
