@@ -377,7 +377,9 @@ def _chunk_dense(objective: Objective, q, k, v, log_decay, beta, b, Ip: Tensor, 
     dot = ChunkDot.apply if dot is None else dot
     qh, kh, vh = (_heads_first(x, dtype) for x in (q, k, v))  # [B,H,T,D]
     g = _heads_first(log_decay, dtype)
-    g = qh.new_zeros(B, H, T, 1) if g is None else g  # [B,H,T,Kg]
+    # [B,H,T,Kg]; a log-decay at or below the floor is exactly a reset (α = 0) for every primitive below,
+    # the Triton one included (-inf would give -inf - -inf = NaN inside a chunk)
+    g = qh.new_zeros(B, H, T, 1) if g is None else g.clamp(min=LOG_DECAY_FLOOR)
     beta_h = _heads_first(beta, dtype)  # [B,H,T,1|V]
     Ip4 = Ip.view(1, H, 1, 1)
     init = None if initial_state is None else {key: x.to(dtype) for key, x in initial_state.items()}
