@@ -11,6 +11,8 @@ import importlib
 import sys
 from typing import List, Optional, Sequence
 
+from .errors import UserError  # noqa: F401  (re-exported: commands raise it)
+
 # command -> (module, one-line help)
 COMMANDS = {
     "registry": ("metaplastic.registry_cli", "list the models of the registry and their objective settings"),
@@ -27,10 +29,6 @@ BENCHES = {
     "kernels": ("metaplastic.kernels.bench", "time forward and forward+backward of every backend"),
     "convert": ("metaplastic.models.bench", "time a conversion at mamba2-130m shapes against load+save"),
 }
-
-
-class UserError(Exception):
-    """Bad input from the user: printed as one line, exit code 2."""
 
 
 def _add_module_parser(subparsers, name: str, module: str, help_: str) -> None:
@@ -81,6 +79,10 @@ def main(argv: Optional[List[str]] = None) -> int:
         return int(run(args) or 0)
     except UserError as exc:
         print(f"metaplastic {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:  # a write that failed (disk full, read-only, permissions): one line, not a traceback
+        from .safe_io import describe
+        print(f"metaplastic {args.command}: error: {describe(exc)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130
