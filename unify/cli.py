@@ -11,7 +11,7 @@ import importlib
 import sys
 from typing import List, Optional, Sequence
 
-from .errors import UserError  # noqa: F401  (re-exported: commands raise it)
+from metaplastic.errors import UserError
 
 # command -> (module, one-line help)
 COMMANDS = {

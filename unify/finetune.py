@@ -46,7 +46,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from .errors import UserError
+from metaplastic.errors import UserError
 from .finetune_data import DTYPES, DataError, PackedSequences, load_tokens
 from .models.importance import project_importance_
 from .safe_io import (DirLock, atomic_dir, atomic_write, check_output_location, clean_stale_in, describe,

@@ -323,7 +323,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..errors import UserError
+    from metaplastic.errors import UserError
     from ..safe_io import check_output_location
     check_output_location(args.out, what="--out", kind="dir")
     if not math.isfinite(args.power):

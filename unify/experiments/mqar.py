@@ -324,7 +324,7 @@ def config_from_args(args: argparse.Namespace) -> MQARConfig:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..errors import UserError
+    from metaplastic.errors import UserError
     from ..safe_io import check_output_location
     check_output_location(args.out, what="--out", kind="dir")
     try:
