@@ -69,16 +69,17 @@ def _gate(name: str, x, shapes: str) -> None:
 
 
 def _check_values(name: str, x: Tensor, rule: str) -> None:
-    """``rule``: 'nonpositive' (g ≤ 0), 'nonnegative' (≥ 0) or 'positive' (> 0); non-finite always refused."""
+    """``rule``: 'nonpositive' (``g ≤ 0``; +inf refused, NaN – e.g. from a diverged training step – passes and
+    shows in the output) or 'positive' (finite and ``> 0``)."""
     if not values_checked(x):
         return
     with torch.no_grad():
-        _check(bool(torch.isfinite(x).all()), f"{name} has non-finite values (NaN or inf)")
-        bad = {"nonpositive": x > 0, "nonnegative": x < 0, "positive": x <= 0}[rule]
+        if rule == "positive":
+            _check(bool(torch.isfinite(x).all()), f"{name} has non-finite values (NaN or inf)")
+        bad = x > 0 if rule == "nonpositive" else x <= 0
         if bool(bad.any()):
             worst = x[bad].flatten()[0].item()
-            want = {"nonpositive": "≤ 0 (a decay α = exp(g) ≤ 1; a positive value is growth)",
-                    "nonnegative": "≥ 0", "positive": "> 0"}[rule]
+            want = "≤ 0 (a decay α = exp(g) ≤ 1; a positive value is growth)" if rule == "nonpositive" else "> 0"
             raise ValueError(f"{name} must be {want}, got {worst:g}")
 
 
@@ -87,8 +88,8 @@ def validate_inputs(objective: Objective, q: Tensor, k: Tensor, v: Tensor, log_d
                     initial_state: Optional[Dict[str, Tensor]], cu_seqlens: Optional[Tensor] = None) -> None:
     """Raise ``ValueError`` naming the argument for every shape or setting the scan cannot handle.
 
-    Shapes, dtypes and Python numbers are always checked. The values of the gates (``log_decay ≤ 0``,
-    ``beta, b ≥ 0``, ``prior_precision, lam > 0``, all finite) are checked for CPU tensors; for tensors on an
+    Shapes, dtypes and Python numbers are always checked. The values of the gates (``log_decay ≤ 0``;
+    ``prior_precision`` and ``lam`` finite and ``> 0``) are checked for CPU tensors; for tensors on an
     accelerator only when the environment sets ``METAPLASTIC_CHECK_VALUES=1`` (a check waits for the device)."""
     if not isinstance(objective, Objective):
         raise TypeError(f"objective must be a metaplastic.Objective, got {type(objective).__name__}")
@@ -113,7 +114,6 @@ def validate_inputs(objective: Objective, q: Tensor, k: Tensor, v: Tensor, log_d
         _check_values("log_decay", log_decay, "nonpositive")
     if beta is not None:
         _gate("beta", beta, "[B,T,H] or [B,T,H,V]")
-        _check_values("beta", beta, "nonnegative")
         _check(tuple(beta.shape) in ((B, T, H), (B, T, H, V)),
                f"beta must be [B,T,H] or [B,T,H,V] = {[B, T, H]} or {[B, T, H, V]}, got {list(beta.shape)}")
         _check(not (objective.posterior == "full" and beta.dim() == 4),
@@ -124,7 +124,6 @@ def validate_inputs(objective: Objective, q: Tensor, k: Tensor, v: Tensor, log_d
         _gate("b", b, "[B,T,H] or [B,T,H,V]")
         _check(tuple(b.shape) in ((B, T, H), (B, T, H, V)),
                f"b must be [B,T,H] or [B,T,H,V] = {[B, T, H]} or {[B, T, H, V]}, got {list(b.shape)}")
-        _check_values("b", b, "nonnegative")
     if isinstance(prior_precision, Tensor):
         _check(tuple(prior_precision.shape) in ((), (H,)), f"prior_precision must be a float or [H] = [{H}], "
                f"got {list(prior_precision.shape)}")
