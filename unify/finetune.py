@@ -241,14 +241,22 @@ def _run_meta(cfg: FinetuneConfig, data: PackedSequences, dev: Dist, model_confi
             "num_sequences": data.num_sequences, "world_size": dev.world, "steps": cfg.steps, "model": model}
 
 
-def _dcp_error(exc: BaseException) -> Optional[OSError]:
-    """The ``OSError`` behind a DCP ``CheckpointException`` (a failed write on some rank), if any."""
-    if isinstance(exc, OSError):
-        return exc
-    for failure in (getattr(exc, "failures", None) or {}).values():
-        inner = failure[0] if isinstance(failure, tuple) else failure
-        if isinstance(inner, OSError):
-            return inner
+def _save_failure(exc: BaseException, where: Path) -> Optional[str]:
+    """One line for a failed DCP save (None for an interruption, which is re-raised as it is). DCP wraps each
+    rank's error in a ``CheckpointException``; torch's zip writer reports a full disk as a ``RuntimeError``."""
+    if isinstance(exc, (KeyboardInterrupt, SystemExit)):
+        return None
+    inner = [exc] + [f[0] if isinstance(f, tuple) else f for f in (getattr(exc, "failures", None) or {}).values()]
+    for err in inner:
+        if isinstance(err, OSError):
+            return describe(err)
+    for err in inner:
+        if isinstance(err, Exception):
+            try:
+                full = shutil.disk_usage(where).free < 2 ** 20
+            except OSError:
+                full = False
+            return "no space left on device" if full else (str(err).strip().splitlines() or [type(err).__name__])[0]
     return None
 
 
@@ -270,15 +278,15 @@ def save_checkpoint(root: Path, step: int, model, optimizer, scheduler, meta: Di
     torch.save({"step": step, "samples_seen": step * int(meta["global_batch"]), "scheduler": scheduler.state_dict(),
                 "rng": rngs, "meta": meta}, blob)
     blob.seek(0)
-    failed: Optional[BaseException] = None
+    failed: Optional[str] = None
     try:
         dcp.save({"model": model_sd, "optim": optim_sd, "trainer": blob}, checkpoint_id=str(tmp))
     except BaseException as exc:  # DCP's CheckpointException is a BaseException
-        if _dcp_error(exc) is None:
-            raise
-        failed = exc
+        failed = _save_failure(exc, root)
+        if failed is None:
+            raise  # interrupted: the temporary directory stays for the next run to remove
     failures: List[object] = [None] * dev.world
-    dist.all_gather_object(failures, None if failed is None else describe(_dcp_error(failed)))
+    dist.all_gather_object(failures, failed)
     if any(failures):
         if dev.rank == 0:
             shutil.rmtree(tmp, ignore_errors=True)
