@@ -194,23 +194,42 @@ def test_full_disk_is_refused_up_front_and_mid_write(capsys, src, tmp_path, monk
 
 # --- kills and concurrent writers (subprocesses) -------------------------------------------------------
 
+def build_big(path: Path) -> Path:
+    from transformers import Mamba2Config, Mamba2ForCausalLM
+    from metaplastic.demo import TINY_MAMBA2
+    torch.manual_seed(0)
+    cfg = {**TINY_MAMBA2, "vocab_size": 8192, "hidden_size": 128, "num_heads": 8, "head_dim": 32,
+           "num_hidden_layers": 4}
+    Mamba2ForCausalLM(Mamba2Config(**cfg)).save_pretrained(path)
+    return path
+
+
+def wait_for_writing(proc, directory: Path, timeout: float = 120.0) -> None:
+    """Return once ``proc`` has started writing in ``directory`` (a temporary name appears) or has ended."""
+    end = time.monotonic() + timeout
+    while time.monotonic() < end and proc.poll() is None and not temp_names(directory):
+        time.sleep(0.01)
+
+
 @pytest.mark.slow
 def test_kill_a_conversion_at_random_moments_then_rerun(src, tmp_path):
     """SIGKILL / SIGTERM at a seeded random moment; DST is either absent or complete, SRC intact, and a
     rerun (with --force when DST is complete) succeeds and leaves no debris."""
     from metaplastic.models import MetaplasticForCausalLM
     rng = random.Random(1234)
-    before = digest(src)
+    big = build_big(tmp_path / "big")  # ~10 MB of weights: writing takes long enough to be interrupted
+    before = digest(big)
     dst = tmp_path / "dst"
-    for sig in (signal.SIGKILL, signal.SIGTERM, signal.SIGKILL):
-        proc = spawn(["convert", src, dst, "--no-progress", "--force"])
-        time.sleep(rng.uniform(2.0, 9.0))
+    for sig in (signal.SIGKILL, signal.SIGTERM, signal.SIGKILL, signal.SIGKILL):
+        proc = spawn(["convert", big, dst, "--no-progress", "--force", "--verify"])
+        wait_for_writing(proc, tmp_path)
+        time.sleep(rng.uniform(0.0, 1.0))
         proc.send_signal(sig)
         proc.communicate(timeout=120)
-        assert digest(src) == before
+        assert digest(big) == before
         if dst.exists():
             MetaplasticForCausalLM.from_pretrained(str(dst))  # complete, or not there at all
-    proc = spawn(["convert", src, dst, "--no-progress", "--force"])
+    proc = spawn(["convert", big, dst, "--no-progress", "--force"])
     _, err = proc.communicate(timeout=300)
     assert proc.returncode == 0, err
     MetaplasticForCausalLM.from_pretrained(str(dst))

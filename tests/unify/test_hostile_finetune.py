@@ -192,7 +192,10 @@ def test_kill_finetune_at_random_moments_then_resume(work, tmp_path):
             "--steps", "12", "--save-every", "1", "--keep-checkpoints", "3"]
     for i, sig in enumerate((signal.SIGKILL, signal.SIGTERM, signal.SIGKILL)):
         proc = spawn(argv + (["--resume"] if i else []))
-        time.sleep(rng.uniform(8.0, 20.0))
+        end = time.monotonic() + 300
+        while time.monotonic() < end and proc.poll() is None and not (out / "checkpoints" / "latest").exists():
+            time.sleep(0.01)  # training has started and saved once
+        time.sleep(rng.uniform(0.0, 2.0))
         proc.send_signal(sig)
         proc.communicate(timeout=120)
         root = out / "checkpoints"
