@@ -314,7 +314,7 @@ def config_from_args(args: argparse.Namespace) -> MQARConfig:
         overrides["seeds"] = tuple(args.seeds)
     if args.lrs:
         if not all(lr > 0 and math.isfinite(lr) for lr in args.lrs):
-            raise ValueError(f"learning rates must be positive and finite, got {args.lrs}")
+            raise ValueError(f"--lrs must be positive and finite, got {args.lrs}")
         overrides["lrs"] = tuple(args.lrs)
     if args.epochs is not None:
         if args.epochs < 1:
