@@ -139,6 +139,7 @@ def atomic_file(path: PathLike) -> Iterator[Path]:
     On any error the temporary file is removed and ``path`` is untouched; ``OSError`` becomes UserError."""
     path = Path(path)
     tmp = temp_path(path)
+    clean_stale(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         yield tmp
