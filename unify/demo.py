@@ -110,6 +110,9 @@ def run_demo(out: Path, steps: Optional[Sequence[str]] = None) -> List[StepResul
         started = time.perf_counter()
         try:
             ok, outputs, note = fn()
+        except OSError as exc:  # a write that failed (disk full, read-only): one line, the tour goes on
+            from .safe_io import describe
+            ok, outputs, note = False, [], f"cannot write: {describe(exc)}"
         except Exception as exc:  # a failing step is reported, the tour goes on
             traceback.print_exc()
             ok, outputs, note = False, [], f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
