@@ -207,3 +207,18 @@ def test_kill_finetune_at_random_moments_then_resume(work, tmp_path):
     assert proc.returncode == 0, err
     assert (out / "model" / "config.json").is_file()
     assert temp_names(out / "checkpoints") == [] and temp_names(out) == []
+
+
+@pytest.mark.parametrize("change, word", [({"hidden_size": 0}, "hidden_size"),
+                                          ({"num_hidden_layers": 10 ** 9}, "num_hidden_layers"),
+                                          ({"layer_norm_epsilon": [1e-5]}, "layer_norm_epsilon"),
+                                          ({"vocab_size": 2 ** 24, "hidden_size": 2 ** 20}, "parameters")])
+def test_a_model_config_of_the_wrong_type_or_range_is_named(capsys, work, tmp_path, change, word):
+    model = Path(shutil.copytree(work / "model", tmp_path / "model"))
+    cfg = json.loads((model / "config.json").read_text())
+    (model / "config.json").write_text(json.dumps({**cfg, **change}))
+    started = time.perf_counter()
+    rc, err = finetune(capsys, work, tmp_path / "out", model=model)
+    assert rc == 2
+    one_line_error(err, word)
+    assert time.perf_counter() - started < 20  # refused before allocating anything
