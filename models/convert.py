@@ -117,11 +117,17 @@ def check_source_tensor(name: str, tensor: torch.Tensor) -> None:
         raise CheckpointError(f"tensor {name!r} has dtype {tensor.dtype}, not a floating-point weight type")
     if tensor.numel() == 0:
         return
-    amax = tensor.detach().abs().amax().item()
+    amax = _largest_magnitude(tensor)
     if not math.isfinite(amax):
         raise CheckpointError(f"tensor {name!r} has non-finite values (NaN or inf)")
     if amax > torch.finfo(torch.float32).max:
         raise CheckpointError(f"tensor {name!r} has values beyond float32's range (max |x| = {amax:.3g})")
+
+
+def _largest_magnitude(tensor: torch.Tensor) -> float:
+    """``max |x|`` in one pass without a temporary copy (NaN if any element is NaN)."""
+    low, high = torch.aminmax(tensor.detach())
+    return max(abs(float(low)), abs(float(high)))
 
 
 def check_fits(name: str, tensor: torch.Tensor, dtype: torch.dtype) -> None:
@@ -130,7 +136,7 @@ def check_fits(name: str, tensor: torch.Tensor, dtype: torch.dtype) -> None:
         return
     if torch.finfo(dtype).max >= torch.finfo(tensor.dtype).max:
         return
-    amax = tensor.detach().abs().amax().item()
+    amax = _largest_magnitude(tensor)
     if not math.isfinite(amax) or amax > torch.finfo(dtype).max:
         raise CheckpointError(f"tensor {name!r} does not fit --dtype {str(dtype).split('.')[-1]}: max |x| = "
                               f"{amax:.4g} > {torch.finfo(dtype).max:.4g} (it would become inf)")
