@@ -354,7 +354,7 @@ def resolve_resume(resume: Optional[str], out: Path) -> Optional[Path]:
         return path
     path = Path(resume)
     if not is_complete(path):
-        raise UserError(f"--resume {path} is not a complete DCP checkpoint directory (no .metadata)")
+        raise UserError(f"--resume {path} is not a DCP checkpoint directory (no complete .metadata)")
     return path
 
 
