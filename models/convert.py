@@ -97,11 +97,12 @@ class SourceCheckpoint:
         return ARCHITECTURES[self.format]
 
     def tensor(self, key: str) -> torch.Tensor:
-        """The tensor of our key ``key``: floating-point, finite and within float32's range (else
-        :class:`CheckpointError` naming it)."""
+        """The tensor of our key ``key``, of a floating-point type (else :class:`CheckpointError` naming it;
+        its values are checked as it is written: :func:`check_values`)."""
         name = self.source_key(key)
         tensor = self.store.get(name)
-        check_source_tensor(name, tensor)
+        if tensor.dtype not in SOURCE_DTYPES:
+            raise CheckpointError(f"tensor {name!r} has dtype {tensor.dtype}, not a floating-point weight type")
         return tensor
 
     def mixer_tensors(self, layer: int) -> Dict[str, torch.Tensor]:
@@ -111,33 +112,22 @@ class SourceCheckpoint:
                 if key.startswith(prefix)}
 
 
-def check_source_tensor(name: str, tensor: torch.Tensor) -> None:
-    """A source weight must be floating-point, finite, and representable in float32 (the conversion's type)."""
-    if tensor.dtype not in SOURCE_DTYPES:
-        raise CheckpointError(f"tensor {name!r} has dtype {tensor.dtype}, not a floating-point weight type")
-    if tensor.numel() == 0:
-        return
-    amax = _largest_magnitude(tensor)
-    if not math.isfinite(amax):
-        raise CheckpointError(f"tensor {name!r} has non-finite values (NaN or inf)")
-    if amax > torch.finfo(torch.float32).max:
-        raise CheckpointError(f"tensor {name!r} has values beyond float32's range (max |x| = {amax:.3g})")
-
-
 def _largest_magnitude(tensor: torch.Tensor) -> float:
     """``max |x|`` in one pass without a temporary copy (NaN if any element is NaN)."""
     low, high = torch.aminmax(tensor.detach())
     return max(abs(float(low)), abs(float(high)))
 
 
-def check_fits(name: str, tensor: torch.Tensor, dtype: torch.dtype) -> None:
-    """``tensor`` cast to ``dtype`` must stay finite (refuse, naming it, what ``--dtype`` would turn into inf)."""
-    if tensor.dtype == dtype or not dtype.is_floating_point or tensor.numel() == 0:
-        return
-    if torch.finfo(dtype).max >= torch.finfo(tensor.dtype).max:
+def check_values(name: str, tensor: torch.Tensor, dtype: torch.dtype) -> None:
+    """A weight must be finite and fit ``dtype`` (``--dtype float16`` would turn larger values into inf);
+    :class:`CheckpointError` naming it otherwise. Run on each tensor just after it is written (its pages are
+    then mapped: one pass over the weights, no extra reads from disk)."""
+    if tensor.numel() == 0:
         return
     amax = _largest_magnitude(tensor)
-    if not math.isfinite(amax) or amax > torch.finfo(dtype).max:
+    if not math.isfinite(amax):
+        raise CheckpointError(f"tensor {name!r} has non-finite values (NaN or inf)")
+    if amax > torch.finfo(dtype).max:
         raise CheckpointError(f"tensor {name!r} does not fit --dtype {str(dtype).split('.')[-1]}: max |x| = "
                               f"{amax:.4g} > {torch.finfo(dtype).max:.4g} (it would become inf)")
 
@@ -299,8 +289,8 @@ def convert_checkpoint(src, dst, *, init: str = "identity", dtype: str = "float3
                 with StreamingSafetensorsWriter(tmp / "model.safetensors", layout) as writer, \
                         tqdm(total=total, unit="B", unit_scale=True, desc="convert", disable=not progress) as bar:
                     for name, tensor in _dst_tensors(ckpt, layout, init, rank):
-                        check_fits(name, tensor, torch_dtype)
                         writer.write(name, tensor)
+                        check_values(ckpt.source_key(name), tensor, torch_dtype)
                         bar.update(tensor.numel() * torch.empty((), dtype=torch_dtype).element_size())
                 config.save_pretrained(tmp)
                 for name in TOKENIZER_FILES:
