@@ -26,8 +26,9 @@ The models (THEORY.md §2), selected by the objective's settings:
     ``o = scale · M_t (q ⊘ I_t)``: a :class:`DecayedScan` of width 1 for ``I`` and one :class:`ChunkDot`
     read with the rescaled query. Cost as simple GLA.
   * ``b`` per value channel (``[B,T,H,V]``), or any other initial precision: ``Σ_j M_ij q_j / I_ij`` does
-    not factor; :class:`DiagonalScan` materialises ``M_t, I_t`` one block of ``DIAGONAL_CHUNK`` tokens at a
-    time: ``O(T·V·K)`` flops, ``O(DIAGONAL_CHUNK·V·K)`` working memory per head.
+    not factor. :func:`metaplastic.kernels.chunk_per_value.per_value_scan`: by default :class:`DiagonalScan`,
+    which materialises ``M_t, I_t`` one block of ``DIAGONAL_CHUNK`` tokens at a time, on a capped number of
+    threads; with scalar decay also a batched-matrix-product form. ``O(T·V·K)`` work, ``O(C·V·K)`` memory.
 
 Elementwise glue (``β v``, ``b k²``, ``q ⊘ I``, the variance) runs through autograd.
 """
@@ -39,7 +40,12 @@ from typing import Callable, Dict, Optional, Tuple, Union
 import torch
 
 from metaplastic.objective import Objective
-from metaplastic.scan import ScanResult, validate_inputs, zero_state
+from metaplastic.scan import ScanResult
+
+from .entry import ScanCall, by_sequence, prepare, rows_constant
+
+from . import nonfinite
+from .chunk_per_value import LOG_DECAY_FLOOR, per_value_scan
 
 Tensor = torch.Tensor
 VECTOR_CHUNK = 8  # chunk cap with vector decay: the [C, C, K] decay tensor costs C·K per token
@@ -74,14 +80,30 @@ def _causal(C: int, device: torch.device) -> Tensor:
     return torch.ones(C, C, dtype=torch.bool, device=device).tril()
 
 
-def _decay_matrix(G: Tensor, mask: Tensor) -> Tensor:
-    """``exp(G_t - G_s)`` for ``s ≤ t``, else 0. ``G [..., C, Kg]`` -> ``[..., C, C]`` (Kg = 1) or
-    ``[..., C, C, K]`` (vector decay)."""
+def _cumulated(gc: Tensor) -> Tensor:
+    """The cumulative log-decay inside each chunk, ``gc [..., C, Kg]`` -> float64 ``G``. Each log-decay is
+    clamped at ``LOG_DECAY_FLOOR`` (``exp`` of it is exactly 0: a reset stays a reset, and ``-inf - -inf``
+    never appears), and the sum is float64 so that ``G_t - G_s`` is exact even next to a ``-1e6``."""
+    return gc.to(torch.float64).clamp(min=LOG_DECAY_FLOOR).cumsum(-2)
+
+
+def _exp(x: Tensor, dtype: torch.dtype) -> Tensor:
+    return x.exp().to(dtype)
+
+
+def _decay_matrix(G: Tensor, mask: Tensor, dtype: torch.dtype) -> Tensor:
+    """``exp(G_t - G_s)`` for ``s ≤ t``, else 0 (by ``torch.where``, never by a product). ``G [..., C, Kg]``
+    (float64) -> ``[..., C, C]`` (Kg = 1) or ``[..., C, C, K]`` (vector decay), in ``dtype``."""
     if G.shape[-1] == 1:
         diff = G[..., :, None, 0] - G[..., None, :, 0]
-        return diff.masked_fill(~mask, float("-inf")).exp()
+        return torch.where(mask, diff, float("-inf")).exp().to(dtype)
     diff = G[..., :, None, :] - G[..., None, :, :]
-    return diff.masked_fill(~mask[..., None], float("-inf")).exp()
+    return torch.where(mask[..., None], diff, float("-inf")).exp().to(dtype)
+
+
+def _decay_grad(dg: Tensor, g: Tensor) -> Tensor:
+    """No gradient reaches a log-decay below the floor (it was clamped: ``α`` is exactly 0 there)."""
+    return torch.where(g > LOG_DECAY_FLOOR, dg, torch.zeros_like(dg))
 
 
 def _reverse_cumsum(x: Tensor, dim: int) -> Tensor:
@@ -92,8 +114,11 @@ def _reverse_cumsum(x: Tensor, dim: int) -> Tensor:
 def _scores(qc: Tensor, kc: Tensor, D: Tensor) -> Tensor:
     """Intra-chunk ``A[t, s] = Σ_k q_tk k_sk exp(G_tk - G_sk)`` (masked), ``[..., C, C]``."""
     if D.dim() == qc.dim():  # scalar decay: D [..., C, C]
-        return (qc @ kc.transpose(-1, -2)) * D
-    return ((qc[..., :, None, :] * kc[..., None, :, :]) * D).sum(-1)
+        A = (qc @ kc.transpose(-1, -2)) * D
+    else:
+        A = ((qc[..., :, None, :] * kc[..., None, :, :]) * D).sum(-1)
+    C = A.shape[-1]
+    return torch.where(_causal(C, A.device), A, torch.zeros((), dtype=A.dtype, device=A.device))
 
 
 def chunk_dot_forward(q: Tensor, k: Tensor, v: Tensor, g: Tensor, S0: Tensor, scale: float,
@@ -105,17 +130,17 @@ def chunk_dot_forward(q: Tensor, k: Tensor, v: Tensor, g: Tensor, S0: Tensor, sc
     """
     T = q.shape[2]
     qc, kc, vc, gc = (_pad_chunks(x, C) for x in (q, k, v, g))
-    G = gc.cumsum(-2)  # [B,H,N,C,Kg]
+    G = _cumulated(gc)  # [B,H,N,C,Kg], float64
     G_last = G[..., -1:, :]
-    k_to_end = kc * (G_last - G).exp()
+    k_to_end = kc * _exp(G_last - G, q.dtype)
     U = vc.transpose(-1, -2) @ k_to_end  # [B,H,N,V,K]: what a chunk writes, seen at its end
-    chunk_decay = G_last.exp()  # [B,H,N,1,Kg]
+    chunk_decay = _exp(G_last, q.dtype)  # [B,H,N,1,Kg]
     states = [S0]
     for n in range(qc.shape[2]):
         states.append(states[-1] * chunk_decay[:, :, n] + U[:, :, n])
     S_all = torch.stack(states, 2)
-    D = _decay_matrix(G, _causal(C, q.device))
-    o = (qc * G.exp()) @ S_all[:, :, :-1].transpose(-1, -2) + _scores(qc, kc, D) @ vc
+    D = _decay_matrix(G, _causal(C, q.device), q.dtype)
+    o = (qc * _exp(G, q.dtype)) @ S_all[:, :, :-1].transpose(-1, -2) + _scores(qc, kc, D) @ vc
     return _unchunk(o * scale, T), S_all
 
 
@@ -141,11 +166,11 @@ class ChunkDot(torch.autograd.Function):
         T = q.shape[2]
         qc, kc, vc, gc, doc = (_pad_chunks(x, C) for x in (q, k, v, g, do))
         N = qc.shape[2]
-        G = gc.cumsum(-2)
-        eG = G.exp()
+        G = _cumulated(gc)
+        eG = _exp(G, q.dtype)
         G_last = G[..., -1:, :]
-        to_end = (G_last - G).exp()
-        chunk_decay = G_last.exp()
+        to_end = _exp(G_last - G, q.dtype)
+        chunk_decay = _exp(G_last, q.dtype)
         # Reverse pass over chunk boundaries: dS_end[n] is the gradient reaching chunk n's end state.
         read = scale * (doc.transpose(-1, -2) @ (qc * eG))  # [B,H,N,V,K]: what chunk n reads of its start
         dS = dS_final
@@ -157,7 +182,7 @@ class ChunkDot(torch.autograd.Function):
         dS_end = torch.stack(ends, 2)
         starts = S_all[:, :, :-1]
         # Inside the chunks.
-        D = _decay_matrix(G, _causal(C, q.device))
+        D = _decay_matrix(G, _causal(C, q.device), q.dtype)
         dA = (scale * (doc @ vc.transpose(-1, -2))).tril()  # [B,H,N,C,C] = d(o_t)/d(A_ts) summed over V
         if D.dim() == qc.dim():
             W = dA * D
@@ -175,7 +200,7 @@ class ChunkDot(torch.autograd.Function):
         dG[..., -1, :] += (dS_end * S_all[:, :, 1:]).sum(-2)
         if g.shape[-1] == 1:
             dG = dG.sum(-1, keepdim=True)
-        dg = _reverse_cumsum(dG, -2)
+        dg = _decay_grad(_reverse_cumsum(dG, -2), gc)
         return (_unchunk(dq, T), _unchunk(dk, T), _unchunk(dv, T), _unchunk(dg, T), dS0, None, None)
 
 
@@ -186,19 +211,19 @@ def decayed_scan_forward(x: Tensor, g: Tensor, h0: Optional[Tensor], C: int) -> 
     B, H, T, P, K = x.shape
     xc, gc = _pad_chunks(x, C), _pad_chunks(g, C)  # [B,H,N,C,P,K], [B,H,N,C,Kg]
     N = xc.shape[2]
-    G = gc.cumsum(-2)
-    D = _decay_matrix(G, _causal(C, x.device))
+    G = _cumulated(gc)
+    D = _decay_matrix(G, _causal(C, x.device), x.dtype)
     if D.dim() == gc.dim():  # scalar: one [C, C] matrix for all P·K features
         intra = (D @ xc.reshape(B, H, N, C, P * K)).reshape(xc.shape)
     else:  # vector: D [B,H,N,C,C,K] -> per key channel [..., K, C, C] @ [..., K, C, P]
         intra = (D.permute(0, 1, 2, 5, 3, 4) @ xc.permute(0, 1, 2, 5, 3, 4)).permute(0, 1, 2, 4, 5, 3)
-    chunk_decay = G[..., -1, None, :].exp()  # [B,H,N,1,Kg]
+    chunk_decay = _exp(G[..., -1, None, :], x.dtype)  # [B,H,N,1,Kg]
     S = x.new_zeros(B, H, P, K) if h0 is None else h0
     starts = []
     for n in range(N):
         starts.append(S)
         S = S * chunk_decay[:, :, n] + intra[:, :, n, -1]
-    h = intra + G.exp()[..., None, :] * torch.stack(starts, 2)[:, :, :, None]
+    h = intra + _exp(G, x.dtype)[..., None, :] * torch.stack(starts, 2)[:, :, :, None]
     return _unchunk(h, T)
 
 
@@ -344,7 +369,7 @@ def _heads_first(x: Optional[Tensor], dtype: torch.dtype) -> Optional[Tensor]:
 
 def _chunk_dense(objective: Objective, q, k, v, log_decay, beta, b, Ip: Tensor, scale: float,
                  initial_state: Optional[Dict[str, Tensor]], output_variance: bool, dtype: torch.dtype,
-                 C: int, dot: Optional[Callable] = None) -> ScanResult:
+                 C: int, dot: Optional[Callable] = None, check_values: Optional[bool] = None) -> ScanResult:
     """One batch of equal-length sequences. Returns output ``[B,T,H,V]`` (dtype), final state, variance.
     ``dot`` is the gated linear-attention primitive (:class:`ChunkDot`, or the Triton one)."""
     B, T, H, K = q.shape
@@ -352,7 +377,9 @@ def _chunk_dense(objective: Objective, q, k, v, log_decay, beta, b, Ip: Tensor, 
     dot = ChunkDot.apply if dot is None else dot
     qh, kh, vh = (_heads_first(x, dtype) for x in (q, k, v))  # [B,H,T,D]
     g = _heads_first(log_decay, dtype)
-    g = qh.new_zeros(B, H, T, 1) if g is None else g  # [B,H,T,Kg]
+    # [B,H,T,Kg]; a log-decay at or below the floor is exactly a reset (α = 0) for every primitive below,
+    # the Triton one included (-inf would give -inf - -inf = NaN inside a chunk)
+    g = qh.new_zeros(B, H, T, 1) if g is None else g.clamp(min=LOG_DECAY_FLOOR)
     beta_h = _heads_first(beta, dtype)  # [B,H,T,1|V]
     Ip4 = Ip.view(1, H, 1, 1)
     init = None if initial_state is None else {key: x.to(dtype) for key, x in initial_state.items()}
@@ -372,7 +399,7 @@ def _chunk_dense(objective: Objective, q, k, v, log_decay, beta, b, Ip: Tensor, 
     k2 = kh * kh
     # The fast path needs I_0 constant over value rows; it cannot give a per-row gradient of I_0.
     head_shared = ((b is None or b.dim() == 3) and not (torch.is_grad_enabled() and I0.requires_grad)
-                   and bool((I0 == I0[:, :, :1]).all()))
+                   and rows_constant(I0, check_values))
     if head_shared:  # THEORY.md limit 7: I_t over key channels only, o = scale · M_t (q ⊘ I_t)
         b_h = _heads_first(b, dtype)
         xJ = (torch.zeros_like(k2) if b_h is None else b_h * k2)[:, :, :, None, :]  # [B,H,T,1,K]
@@ -389,8 +416,7 @@ def _chunk_dense(objective: Objective, q, k, v, log_decay, beta, b, Ip: Tensor, 
     # one chunk of at most DIAGONAL_CHUNK tokens at a time.
     b_h = qh.new_zeros(B, H, T, 1) if b is None else _heads_first(b, dtype)
     Ip5 = Ip.view(1, H, 1, 1, 1)
-    o, var, M_T, J_T = DiagonalScan.apply(qh, kh, bv, b_h, g, M0, I0 - Ip4, Ip5, scale, min(C, DIAGONAL_CHUNK),
-                                          output_variance)
+    o, var, M_T, J_T = per_value_scan(qh, kh, bv, b_h, g, M0, I0 - Ip4, Ip5, scale, C, output_variance)
     I_T = J_T + Ip4
     return ScanResult(o.transpose(1, 2), {"mu": M_T / I_T, "I": I_T}, var.transpose(1, 2) if output_variance else None)
 
@@ -409,39 +435,29 @@ def chunk_scan(objective: Objective, q: Tensor, k: Tensor, v: Tensor, *, log_dec
     reason = unsupported_reason(objective)
     if reason is not None:
         raise ValueError(reason)
-    validate_inputs(objective, q, k, v, log_decay, beta, b, prior_precision, lam, initial_state, cu_seqlens)
-    if output_variance and objective.posterior == "point":
-        raise ValueError("output_variance=True needs posterior='diagonal' or 'full'; 'point' has no variance")
+    call = prepare(objective, q, k, v, log_decay=log_decay, beta=beta, b=b, prior_precision=prior_precision,
+                   lam=lam, scale=scale, initial_state=initial_state, output_final_state=output_final_state,
+                   output_variance=output_variance, cu_seqlens=cu_seqlens)
+    return chunk_run(call, chunk_size, _dot)
+
+
+def chunk_run(call: ScanCall, chunk_size: int = 64, dot: Optional[Callable] = None) -> ScanResult:
+    """:func:`chunk_scan` on a validated :class:`~metaplastic.kernels.entry.ScanCall`; ``dot`` is the gated
+    linear-attention primitive (:class:`ChunkDot` by default)."""
+    reason = unsupported_reason(call.objective)
+    if reason is not None:
+        raise ValueError(reason)
     if not (isinstance(chunk_size, int) and chunk_size >= 1):
         raise ValueError(f"chunk_size must be a positive integer, got {chunk_size!r}")
-    B, T, H, K = q.shape
-    V = v.shape[-1]
-    dtype = torch.float64 if torch.float64 in (q.dtype, k.dtype, v.dtype) else torch.float32
-    Ip = torch.as_tensor(prior_precision, dtype=dtype, device=q.device)
-    Ip = Ip.expand(H) if Ip.dim() == 0 else Ip
-    C = min(chunk_size, T) if cu_seqlens is None else chunk_size
+    C = min(chunk_size, call.shape[1]) if call.bounds is None else chunk_size
+    if dot is None:
+        call = call.with_b_per_value()
 
-    def run(sl: slice, init) -> ScanResult:
-        pick = (lambda x: None if x is None else x[:, sl])
-        return _chunk_dense(objective, q[:, sl], k[:, sl], v[:, sl], pick(log_decay), pick(beta), pick(b), Ip,
-                            scale, init, output_variance, dtype, C, _dot)
-
-    if cu_seqlens is None:
-        res = run(slice(None), initial_state)
-        return ScanResult(res.output.to(q.dtype), res.final_state if output_final_state else None, res.variance)
-    bounds = cu_seqlens.tolist()
-    outs, vars_, finals = [], [], []
-    for n, (start, end) in enumerate(zip(bounds[:-1], bounds[1:])):
-        init = None if initial_state is None else {key: x[n:n + 1] for key, x in initial_state.items()}
-        if end == start:
-            zero = zero_state(objective, 1, H, K, V, Ip, dtype, q.device)
-            finals.append(zero if init is None else {key: x.to(dtype) for key, x in init.items()})
-            continue
-        res = run(slice(start, end), init)
-        outs.append(res.output)
-        vars_.append(res.variance)
-        finals.append(res.final_state)
-    output = torch.cat(outs, 1).to(q.dtype)
-    variance = torch.cat(vars_, 1) if output_variance else None
-    final = {key: torch.cat([f[key] for f in finals], 0) for key in finals[0]} if output_final_state else None
-    return ScanResult(output, final, variance)
+    def dense(c: ScanCall) -> ScanResult:
+        # non-finite entries: zeroed before the chunked products, their reach marked NaN after (causal)
+        inputs, marks = nonfinite.sanitize(c.objective, c.q, c.k, c.v, c.log_decay, c.beta, c.b, c.initial_state)
+        q, k, v, log_decay, beta, b, init = inputs
+        res = _chunk_dense(c.objective, q, k, v, log_decay, beta, b, c.prior_precision, c.scale, init,
+                           c.output_variance, c.dtype, C, dot, c.check_values)
+        return nonfinite.poison(c.objective, res, marks)
+    return by_sequence(call, dense)
