@@ -156,3 +156,12 @@ def test_cli_quick_end_to_end(tmp_path):
 @pytest.mark.slow
 def test_cli_quick_full(tmp_path):
     assert main(["mqar", "--config", "quick", "--out", str(tmp_path)]) == 0
+
+
+def test_cli_rejects_bad_input(tmp_path, capsys):
+    pytest.importorskip("metaplastic.models")
+    from metaplastic.cli import main
+    assert main(["mqar", "--models", "nope", "--out", str(tmp_path)]) == 2
+    assert "unknown model 'nope'" in capsys.readouterr().err
+    assert main(["mqar", "--lrs", "-1", "--out", str(tmp_path)]) == 2
+    assert "--lrs must be positive" in capsys.readouterr().err

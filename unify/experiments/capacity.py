@@ -37,6 +37,7 @@ All models and grid settings see the same random keys and values (common random 
 from __future__ import annotations
 
 import argparse
+import math
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -207,6 +208,8 @@ def run_capacity(models: Sequence[str] = DEFAULT_MODELS, distributions: Sequence
             raise ValueError(f"unknown key distribution {dist!r}; known: {', '.join(DISTRIBUTIONS)}")
     if dim < 1 or trials < 1:
         raise ValueError(f"dim and trials must be positive, got dim={dim}, trials={trials}")
+    if not math.isfinite(power):
+        raise ValueError(f"power must be a finite number, got {power}")
     n_grid = sorted(set(int(n) for n in n_grid))
     if not n_grid or n_grid[0] < 1:
         raise ValueError(f"the N grid must hold positive integers, got {n_grid}")
@@ -359,6 +362,11 @@ def config_from_args(args: argparse.Namespace) -> CapacityConfig:
     """The named config with ``--set`` and the flags applied (``ValueError`` naming the bad key)."""
     from dataclasses import replace
     from .overrides import apply_overrides
+    if args.power is not None and not math.isfinite(args.power):
+        raise ValueError(f"--power must be a finite number, got {args.power}")
+    for flag, value in (("--dim", args.dim), ("--trials", args.trials), ("--importance-groups", args.importance_groups)):
+        if value is not None and value < 1:
+            raise ValueError(f"{flag} must be positive, got {value}")
     name = args.config or ("quick" if args.quick else "full")
     cfg = apply_overrides(CONFIGS[name], args.overrides)
     flags = {"models": tuple(args.models) if args.models else None, "dim": args.dim, "trials": args.trials,
@@ -367,6 +375,8 @@ def config_from_args(args: argparse.Namespace) -> CapacityConfig:
     for name_ in cfg.models:
         if name_ not in registry:
             raise ValueError(f"models: unknown model {name_!r}; known: {', '.join(registry)}")
+    if not math.isfinite(cfg.power):
+        raise ValueError(f"power must be a finite number, got {cfg.power}")
     for key in ("dim", "trials"):
         if getattr(cfg, key) < 1:
             raise ValueError(f"{key} must be positive, got {getattr(cfg, key)}")
@@ -380,6 +390,8 @@ def config_from_args(args: argparse.Namespace) -> CapacityConfig:
 
 def run(args: argparse.Namespace) -> int:
     from metaplastic.errors import UserError
+    from ..safe_io import check_output_location
+    check_output_location(args.out, what="--out", kind="dir")
     try:
         cfg = config_from_args(args)
     except ValueError as exc:

@@ -334,13 +334,20 @@ def config_from_args(args: argparse.Namespace) -> ConvertFinetuneConfig:
 
 def run(args: argparse.Namespace) -> int:
     from metaplastic.errors import UserError
+    from ..safe_io import check_output_location
+    check_output_location(args.out, what="--out", kind="dir")
     try:
         cfg = config_from_args(args)
     except ValueError as exc:
         raise UserError(str(exc)) from None
     if args.device and args.device.startswith("cuda") and not torch.cuda.is_available():
         raise UserError(f"--device {args.device} was asked for but torch sees no CUDA device")
-    result = run_convert_finetune(cfg, args.device)
+    try:
+        result = run_convert_finetune(cfg, args.device)
+    except RuntimeError as exc:  # the identity check failed: a failed check, exit 1
+        import sys
+        print(f"metaplastic convert-finetune: check failed: {exc}", file=sys.stderr)
+        return 1
     from .plotting import save_run
     save_run(result, args.out, "convert_finetune", plot_convert_finetune, summary_table)
     return 0

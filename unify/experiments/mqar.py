@@ -608,6 +608,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def config_from_args(args: argparse.Namespace) -> MQARConfig:
     """The named config with ``--set`` and the flags applied, validated (``ValueError`` naming the key)."""
     from .overrides import apply_overrides
+    if args.lrs and not all(lr > 0 and math.isfinite(lr) for lr in args.lrs):
+        raise ValueError(f"--lrs must be positive and finite, got {args.lrs}")
+    for flag, value in (("--epochs", args.epochs), ("--threads", args.threads),
+                        ("--importance-groups", args.importance_groups)):
+        if value is not None and value < 1:
+            raise ValueError(f"{flag} must be positive, got {value}")
     cfg = apply_overrides(CONFIGS[args.config], args.overrides)
     flags = {"models": tuple(args.models) if args.models else None,
              "seeds": tuple(args.seeds) if args.seeds else None,
@@ -620,6 +626,8 @@ def config_from_args(args: argparse.Namespace) -> MQARConfig:
 
 def run(args: argparse.Namespace) -> int:
     from metaplastic.errors import UserError
+    from ..safe_io import check_output_location
+    check_output_location(args.out, what="--out", kind="dir")
     try:
         cfg = config_from_args(args)
     except ImportError as exc:
