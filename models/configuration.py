@@ -41,6 +41,15 @@ class MetaplasticConfig(PretrainedConfig):
             if isinstance(value, list) and len(value) != num_hidden_layers:
                 raise ValueError(f"{name} has {len(value)} entries but num_hidden_layers={num_hidden_layers}")
 
+    @classmethod
+    def authors_preset(cls, model_type: str, **fields: Any) -> "MetaplasticConfig":
+        """The paper authors' ``model_type`` (``"palimpsa"`` or ``"meta_mamba2"``) with every mixer option set
+        to their choice; ``fields`` are their config's fields, with their names and defaults
+        (e.g. ``authors_preset("palimpsa", hidden_size=768, num_heads=16, head_dim=48, expand_v=1,
+        num_hidden_layers=19)``). See :mod:`metaplastic.models.authors_config`."""
+        from .authors_config import authors_config
+        return authors_config(model_type, **fields)
+
     def mixer_for(self, layer_idx: int) -> str:
         """The mixer name of layer ``layer_idx``."""
         return self.mixer[layer_idx] if isinstance(self.mixer, list) else self.mixer

@@ -12,7 +12,8 @@ head ``j // (num_v_heads / num_heads)`` and that head's Δ projection.
 Options that reproduce the paper authors' layer exactly (AUTHORS_FORMAT.md §3; defaults are fla's
 conventions): ``l2_norm="normalize"`` (``F.normalize``), ``bs_bias=False``, ``A_init_range=(0, 16)``, and the
 importance path's ``importance_rank="auto"``, ``importance_bias=False``, ``importance_init="paper"``.
-``use_gate=False`` drops the output gate (RMSNorm only), ``use_short_conv=False`` the convolutions (SiLU only).
+``use_gate=False`` drops the output gate (RMSNorm only), ``use_short_conv=False`` the convolutions (SiLU only),
+``use_residual=False`` the ``D · v`` skip (D is kept as a parameter, unused, as in their layer).
 """
 from __future__ import annotations
 
@@ -30,8 +31,8 @@ from .common import (L2_NORMS, NormThenGate, conv_layer, init_A_log, init_dt_bia
                      padding_mask, short_convs)
 
 # option -> today's default; an option is recorded in mixer_kwargs only when it departs from it
-_DEFAULTS = dict(expand_k=1.0, num_v_heads=None, use_gate=True, use_short_conv=True, l2_norm="rsqrt", bs_bias=True,
-                 A_init_range=(1.0, 16.0))
+_DEFAULTS = dict(expand_k=1.0, num_v_heads=None, use_gate=True, use_short_conv=True, use_residual=True,
+                 l2_norm="rsqrt", bs_bias=True, A_init_range=(1.0, 16.0))
 
 
 class Palimpsa(Mixer):
@@ -43,7 +44,7 @@ class Palimpsa(Mixer):
     def __init__(self, hidden_size: int, *, num_heads: int = 4, head_dim: Optional[int] = None,
                  expand_v: float = 1.0, expand_k: float = 1.0, num_v_heads: Optional[int] = None,
                  conv_size: int = 4, conv_bias: bool = False, use_gate: bool = True, use_short_conv: bool = True,
-                 norm_eps: float = 1e-5, l2_norm: str = "rsqrt", bs_bias: bool = True,
+                 use_residual: bool = True, norm_eps: float = 1e-5, l2_norm: str = "rsqrt", bs_bias: bool = True,
                  A_init_range: Sequence[float] = (1.0, 16.0), importance_rank: RankSpec = None,
                  importance_bias: bool = True, importance_gate: bool = False,
                  importance_init: str = "identity") -> None:
@@ -58,13 +59,14 @@ class Palimpsa(Mixer):
         if l2_norm not in L2_NORMS:
             raise ValueError(f"l2_norm must be one of {L2_NORMS}, got {l2_norm!r}")
         options = dict(expand_k=expand_k, num_v_heads=num_v_heads, use_gate=use_gate, use_short_conv=use_short_conv,
-                       l2_norm=l2_norm, bs_bias=bs_bias, A_init_range=tuple(float(a) for a in A_init_range))
+                       use_residual=use_residual, l2_norm=l2_norm, bs_bias=bs_bias, A_init_range=tuple(float(a) for a in A_init_range))
         kwargs = dict(num_heads=num_heads, head_dim=head_dim, expand_v=expand_v, conv_size=conv_size,
                       conv_bias=conv_bias, norm_eps=norm_eps)
         kwargs.update({key: (list(val) if isinstance(val, tuple) else val) for key, val in options.items()
                        if val != _DEFAULTS[key]})
         super().__init__(hidden_size, kwargs)
-        self.num_qk_heads, self.l2_norm, self.use_short_conv = num_heads, l2_norm, use_short_conv
+        self.num_qk_heads, self.l2_norm = num_heads, l2_norm
+        self.use_short_conv, self.use_residual = use_short_conv, use_residual
         self.num_heads, self.head_k_dim, self.head_v_dim = value_heads, head_k_dim, head_v_dim  # one memory per value head
         key_dim, value_dim = num_heads * head_k_dim, value_heads * head_v_dim
         self.q_proj = nn.Linear(hidden_size, key_dim, bias=False)
@@ -113,7 +115,9 @@ class Palimpsa(Mixer):
         result = scan(self.objective, q, k, v, log_decay=log_decay, beta=beta, scale=self.scale,
                       initial_state=None if entry is None else entry.get("state"),
                       output_final_state=entry is not None, **self.importance_kwargs(hidden_states, beta))
-        o = result.output.float() + self.D.float()[:, None] * v.float()
+        o = result.output.float()
+        if self.use_residual:
+            o = o + self.D.float()[:, None] * v.float()
         gate = None if self.g_proj is None else self.g_proj(hidden_states).view(B, T, H, V)
         o = self.o_norm(o, gate)
         if entry is not None:
