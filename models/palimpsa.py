@@ -25,7 +25,8 @@ from torch import nn
 
 from metaplastic.registry import registry
 
-from ._scan import scan
+from metaplastic.kernels import scan
+
 from .base import Mixer, RankSpec
 from .common import (L2_NORMS, NormThenGate, conv_layer, init_A_log, init_dt_bias, l2_normalize, layer_cache,
                      padding_mask, short_convs)
@@ -112,7 +113,7 @@ class Palimpsa(Mixer):
         if mask is not None:
             delta, beta = delta * mask.float(), beta * mask.float()
         log_decay = -delta * self.A_log.float().exp()
-        result = scan(self.objective, q, k, v, log_decay=log_decay, beta=beta, scale=self.scale,
+        result = scan(self.objective, q, k, v, backend="auto", log_decay=log_decay, beta=beta, scale=self.scale,
                       initial_state=None if entry is None else entry.get("state"),
                       output_final_state=entry is not None, **self.importance_kwargs(hidden_states, beta))
         o = result.output.float()
