@@ -412,8 +412,8 @@ def verify_conversion(ckpt: SourceCheckpoint, dst: Path, init: str, rank: int, r
         f"(source run by {description})")
     result.max_rel_diff = relative(max(result.max_abs_diff, result.max_abs_diff_reloaded), ref)
     log(f"verify: max |logit difference| source vs converted        = {result.max_abs_diff:.3e}")
-    log(f"verify: max |logit difference| source vs reloaded {dst.name} = {result.max_abs_diff_reloaded:.3e} "
-        f"(relative {result.max_rel_diff:.2e})")
+    log(f"verify: max |logit difference| source vs reloaded {dst.name} (relative to max |logit|: "
+        f"{relative(result.max_abs_diff_reloaded, ref):.2e}) = {result.max_abs_diff_reloaded:.3e}")
 
 
 # --- the command ``metaplastic convert SRC DST`` -------------------------------------------------------
