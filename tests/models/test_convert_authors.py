@@ -317,3 +317,88 @@ def test_authors_checkpoint_converts_to_the_oracle(tmp_path, case):
 def cfg_ip_log(overrides):
     """A non-zero Ip_log where it is read (metaplastic layers), so that its mapping is checked too."""
     return overrides.get("metaplasticity", True)
+
+
+# --- their surgery (AUTHORS_FORMAT.md §3–4) ----------------------------------------------------------
+
+def _std_close(x, expected, rel=0.15):
+    return abs(x.std().item() - expected) < rel * expected
+
+
+@pytest.mark.parametrize("init", ["paper", "paper-finetuning"])
+def test_surgery_drops_and_redraws_by_their_laws(tmp_path, init):
+    cfg, state, _ = source(tmp_path, "palimpsa", hidden_size=64, num_heads=4, head_dim=16, expand_v=1,
+                           num_hidden_layers=2, ip_log=True)
+    assert main(["convert", str(tmp_path / "src"), str(tmp_path / "dst"), "--init", init, "--no-progress"]) == 0
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "dst")
+    r = math.ceil(64 / 16)
+    for i, layer in enumerate(model.backbone.layers):
+        mixer, a = layer.mixer, f"model.layers.{i}.attn."
+        imp = mixer.importance
+        assert imp.gamma is None and imp.W_b2.bias is None and imp.W_b1.out_features == r
+        # kept: every key their surgery does not drop
+        for ours, theirs in (("q_proj.weight", "q_proj.weight"), ("a_proj.weight", "dt_proj.weight"),
+                             ("A_log", "A_log"), ("D", "D"), ("o_proj.weight", "o_proj.weight")):
+            assert torch.equal(mixer.state_dict()[ours], state[a + theirs]), ours
+        assert torch.equal(layer.mlp.up_proj.weight.detach(), state[f"model.layers.{i}.mlp.up_proj.weight"])
+        # dropped and drawn again
+        assert torch.equal(imp.Ip_log, torch.zeros(4)) and not torch.equal(imp.Ip_log, state[a + "Ip_log"])
+        b_scale = imp.b_scale.detach()
+        if init == "paper":
+            assert torch.equal(b_scale, torch.ones(4))  # raw 1.0 (softplus 1.313)
+        else:
+            assert bool(((b_scale >= 0.1) & (b_scale <= 1.0)).all()) and b_scale.unique().numel() == 4
+        w2, bound = imp.W_b2.weight.detach(), r ** -0.5  # U(±r^{-1/2}): 64·4 draws
+        assert w2.abs().max() <= bound and w2.abs().max() > 0.9 * bound and _std_close(w2, bound / math.sqrt(3))
+        assert _std_close(imp.W_b1.weight.detach(), 0.02)  # N(0, 0.02²), 4·64 draws
+        assert _std_close(mixer.bs_proj.weight.detach(), 0.02) and abs(mixer.bs_proj.weight.mean()) < 0.005
+    assert sorted(os.listdir(tmp_path)) == ["dst", "src"]
+
+
+def test_surgery_of_a_plain_meta_mamba2_with_a_new_rank(tmp_path, capsys):
+    cfg, state, oracle = source(tmp_path, "meta_mamba2", metaplasticity=False)
+    src, dst = str(tmp_path / "src"), str(tmp_path / "dst")
+    assert "Infinity" in (tmp_path / "src" / "config.json").read_text()
+    assert main(["convert", src, dst, "--verify", "--no-progress"]) == 0
+    assert "verify: OK" in capsys.readouterr().out
+    model = AutoModelForCausalLM.from_pretrained(dst)
+    assert all(torch.equal(layer.mixer.importance.gamma.detach(), torch.zeros(4)) for layer in model.backbone.layers)
+    assert main(["convert", src, dst, "--init", "paper", "--rank", "3", "--force", "--no-progress"]) == 0
+    model = AutoModelForCausalLM.from_pretrained(dst)
+    imp = model.backbone.layers[0].mixer.importance
+    assert imp.gamma is None and imp.W_b1.out_features == 3 and torch.equal(imp.b_scale.detach(), torch.ones(4))
+    assert model.config.mixer_kwargs["norm_per_group"] is False
+    assert relative_error(logits(model, IDS), oracle(cfg, state, IDS)) > 1e-3  # b ≠ 0: not output-preserving
+
+
+BAD = {  # name -> (kind, config overrides, weight edit, words of the one-line message)
+    "hybrid attention": ("palimpsa", dict(attn={"layers": [1], "num_heads": 2}), None, "attn="),
+    "l2 warp": ("meta_mamba2", dict(use_l2warp=True), None, "use_l2warp"),
+    "mlp activation": ("palimpsa", dict(hidden_act="gelu"), None, "hidden_act"),
+    "missing key": ("palimpsa", {}, lambda s: s.pop("model.layers.1.attn.b_scale"),
+                    "missing key 'model.layers.1.attn.b_scale'"),
+    "unexpected key": ("meta_mamba2", {}, lambda s: s.update({"backbone.layers.0.mixer.b_proj.bias": torch.zeros(32)}),
+                       "unexpected key 'backbone.layers.0.mixer.b_proj.bias'"),
+    "shape mismatch": ("palimpsa", dict(intermediate_size=64), None, "shape mismatch"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD))
+def test_unsupported_checkpoints_exit_2_naming_the_problem(case, tmp_path, capsys):
+    kind, overrides, edit, words = BAD[case]
+    cfg = palimpsa_config() if kind == "palimpsa" else meta_mamba2_config()
+    state = random_weights(palimpsa_shapes(cfg) if kind == "palimpsa" else meta_mamba2_shapes(cfg), seed=1)
+    if edit is not None:
+        edit(state)
+    write_authors(tmp_path / "src", {**cfg, **overrides}, state)
+    dst = tmp_path / "out" / "dst"
+    assert main(["convert", str(tmp_path / "src"), str(dst), "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("metaplastic convert: error:") and words in err, err
+    assert not dst.exists()
+
+
+def test_identity_keeps_the_rank(tmp_path, capsys):
+    source(tmp_path, "palimpsa")
+    assert main(["convert", str(tmp_path / "src"), str(tmp_path / "dst"), "--rank", "5", "--no-progress"]) == 2
+    assert "--rank 5 differs from the checkpoint's importance rank 2" in capsys.readouterr().err
