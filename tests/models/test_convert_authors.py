@@ -402,3 +402,17 @@ def test_identity_keeps_the_rank(tmp_path, capsys):
     source(tmp_path, "palimpsa")
     assert main(["convert", str(tmp_path / "src"), str(tmp_path / "dst"), "--rank", "5", "--no-progress"]) == 2
     assert "--rank 5 differs from the checkpoint's importance rank 2" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU (the kernels' Triton paths)")
+@pytest.mark.parametrize("case", ["palimpsa tied safetensors", "meta_mamba2 untied bin, biases, dt limit"])
+def test_converted_model_on_gpu_equals_the_oracle(tmp_path, case):
+    """The kernels' Triton scan on the authors' layers; 2e-3 relative allows for TF32 dots on the GPU."""
+    kind, fmt, overrides = CASES[case]
+    cfg, state, oracle = source(tmp_path, kind, fmt, ip_log=True, **overrides)
+    convert_checkpoint(tmp_path / "src", tmp_path / "dst", progress=False)
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "dst", dtype=torch.float32).cuda().eval()
+    ids = torch.randint(0, VOCAB, (2, 80), generator=torch.Generator().manual_seed(3))  # beyond one chunk
+    with torch.no_grad():
+        got = model(ids.cuda()).logits.float().cpu()
+    assert relative_error(got, oracle(cfg, state, ids)) < 2e-3

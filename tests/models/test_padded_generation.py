@@ -79,3 +79,16 @@ def test_a_mask_changes_the_padded_rows_only():
         plain = model(ids).logits
     assert relative_error(masked[0], plain[0]) < 1e-6  # row 0 has no padding
     assert relative_error(masked[1, -2:], plain[1, -2:]) > 1e-3
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU (the kernels' Triton paths)")
+@pytest.mark.parametrize("name", list(TINY))
+def test_left_padded_batch_on_gpu(name):
+    """On CUDA the scan runs the Triton kernels: padded tokens must leave their states unchanged too."""
+    model = tiny_lm(name).cuda()
+    ids, mask = left_pad(PROMPTS)
+    new = 5
+    alone = [model.generate(torch.tensor([p]).cuda(), max_new_tokens=new, do_sample=False)[0, -new:].tolist()
+             for p in PROMPTS]
+    batch = model.generate(ids.cuda(), attention_mask=mask.cuda(), max_new_tokens=new, do_sample=False)
+    assert batch[:, -new:].tolist() == alone
