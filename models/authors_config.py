@@ -111,7 +111,8 @@ def _lm(c: Dict[str, Any], **kwargs: Any) -> MetaplasticConfig:
 def _palimpsa(c: Dict[str, Any]) -> MetaplasticConfig:
     hidden = _int(c, "hidden_size")
     mixer = dict(num_heads=_int(c, "num_heads"), head_dim=_int(c, "head_dim"), expand_k=float(c["expand_k"]),
-                 expand_v=float(c["expand_v"]), num_v_heads=None if c["num_v_heads"] is None else _int(c, "num_v_heads"),
+                 expand_v=float(c["expand_v"]),
+                 num_v_heads=None if c["num_v_heads"] is None else _int(c, "num_v_heads"),
                  conv_size=_int(c, "conv_size"), conv_bias=False, use_gate=bool(c["use_gate"]),
                  use_short_conv=bool(c["use_short_conv"]), use_residual=bool(c["use_residual"]),
                  norm_eps=float(c["norm_eps"]), l2_norm="normalize", bs_bias=False, A_init_range=[0.0, 16.0],

@@ -89,7 +89,8 @@ def causal_conv(x: Tensor, weight: Tensor, bias: Optional[Tensor], state: Option
 
 
 def short_convs(module: nn.Module, hidden_states: Tensor, conv_state: dict,
-                names: Tuple[str, ...] = ("q", "k", "v"), mask: Optional[Tensor] = None) -> Tuple[Tuple[Tensor, ...], dict]:
+                names: Tuple[str, ...] = ("q", "k", "v"),
+                mask: Optional[Tensor] = None) -> Tuple[Tuple[Tensor, ...], dict]:
     """``causal_conv(<name>_proj(h))`` through ``<name>_conv1d`` for each name (fla's short convolutions).
 
     ``mask [B, T, 1]`` (0 at padded tokens) zeroes the convolution's input there. Returns the activations in

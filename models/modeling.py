@@ -82,7 +82,8 @@ class MetaplasticModel(nn.Module):
         self.norm_f = RMSNorm(config.hidden_size, eps=config.layer_norm_epsilon)
 
     def forward(self, input_ids: Optional[torch.LongTensor] = None, inputs_embeds: Optional[torch.Tensor] = None,
-                cache: Optional[MetaplasticCache] = None, attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+                cache: Optional[MetaplasticCache] = None,
+                attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         """``attention_mask [B, T]``: 0 marks padding, which leaves every layer's states unchanged."""
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("give exactly one of input_ids and inputs_embeds")

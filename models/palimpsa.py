@@ -60,7 +60,8 @@ class Palimpsa(Mixer):
         if l2_norm not in L2_NORMS:
             raise ValueError(f"l2_norm must be one of {L2_NORMS}, got {l2_norm!r}")
         options = dict(expand_k=expand_k, num_v_heads=num_v_heads, use_gate=use_gate, use_short_conv=use_short_conv,
-                       use_residual=use_residual, l2_norm=l2_norm, bs_bias=bs_bias, A_init_range=tuple(float(a) for a in A_init_range))
+                       use_residual=use_residual, l2_norm=l2_norm, bs_bias=bs_bias,
+                       A_init_range=tuple(float(a) for a in A_init_range))
         kwargs = dict(num_heads=num_heads, head_dim=head_dim, expand_v=expand_v, conv_size=conv_size,
                       conv_bias=conv_bias, norm_eps=norm_eps)
         kwargs.update({key: (list(val) if isinstance(val, tuple) else val) for key, val in options.items()
@@ -68,7 +69,8 @@ class Palimpsa(Mixer):
         super().__init__(hidden_size, kwargs)
         self.num_qk_heads, self.l2_norm = num_heads, l2_norm
         self.use_short_conv, self.use_residual = use_short_conv, use_residual
-        self.num_heads, self.head_k_dim, self.head_v_dim = value_heads, head_k_dim, head_v_dim  # one memory per value head
+        # one memory per value head: num_heads below counts value heads
+        self.num_heads, self.head_k_dim, self.head_v_dim = value_heads, head_k_dim, head_v_dim
         key_dim, value_dim = num_heads * head_k_dim, value_heads * head_v_dim
         self.q_proj = nn.Linear(hidden_size, key_dim, bias=False)
         self.k_proj = nn.Linear(hidden_size, key_dim, bias=False)

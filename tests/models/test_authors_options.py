@@ -39,7 +39,8 @@ def test_norm_over_whole_d_inner_equals_transformers_with_flas_ungrouped_norm(na
         for pname, p in ref.named_parameters():
             p.add_(0.3 * torch.randn(p.shape, generator=gen))
     ref.norm = WholeInnerGatedNorm(ref.norm.weight, cfg.layer_norm_epsilon)
-    kw = dict(num_heads=4, head_dim=8, state_size=6, n_groups=2, conv_kernel=4, layer_norm_epsilon=cfg.layer_norm_epsilon)
+    kw = dict(num_heads=4, head_dim=8, state_size=6, n_groups=2, conv_kernel=4,
+              layer_norm_epsilon=cfg.layer_norm_epsilon)
     ours = build_mixer(name, 16, norm_per_group=False, **kw).eval()
     per_group = build_mixer(name, 16, **kw).eval()
     for mixer in (ours, per_group):

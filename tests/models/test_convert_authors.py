@@ -7,7 +7,8 @@ expected logits come from an oracle written from AUTHORS_FORMAT.md §3 with piec
 pure-torch norms (``rms_norm_ref``; the gated one with ``norm_before_gate`` True for Palimpsa, False over
 the whole d_inner for MetaMamba2) – plus the documented steps: causal depthwise convolutions with SiLU,
 ``F.normalize`` on q and k, the gates, and the recurrence as a plain token-by-token loop:
-``M_t = f_t M_{t−1} + v_t k_tᵀ``, ``Ī_t = f_t Ī_{t−1} + b_t (k_t∘k_t)ᵀ``, ``o_t = scale · (M_t ⊘ (Ip + Ī_t)) q_t``.
+``M_t = f_t M_{t−1} + v_t k_tᵀ``, ``Ī_t = f_t Ī_{t−1} + b_t (k_t∘k_t)ᵀ``,
+``o_t = scale · (M_t ⊘ (Ip + Ī_t)) q_t``.
 """
 import json
 import math
