@@ -11,7 +11,7 @@ layer's mixer through :func:`to_metaplastic`.
 | ``hf`` | Mamba2 (transformers) | ``model_type: "mamba2"`` | :mod:`.source_mamba2` |
 | ``mamba_ssm`` | Mamba2 (original) | ``d_model`` and no ``model_type`` | :mod:`.source_mamba2` |
 | ``fla`` | Gated DeltaNet (fla) | ``model_type: "gated_deltanet"`` | :mod:`.source_fla` |
-| ``authors`` | Palimpsa, MetaMamba2 (the paper's code) | ``model_type: "palimpsa"`` / ``"meta_mamba2"`` | :mod:`.source_authors` |
+| ``authors`` | Palimpsa, MetaMamba2 (paper) | ``model_type: "palimpsa"``, ``"meta_mamba2"`` | :mod:`.source_authors` |
 
 Mamba2 -> ``meta_mamba2`` mixers; Gated DeltaNet -> ``meta_gated_deltanet`` mixers with the source's SwiGLU
 MLPs. With ``init="identity"`` (γ = 0) the converted model's logits equal the source's; ``init="paper"``
