@@ -420,3 +420,27 @@ def test_converted_model_on_gpu_equals_the_oracle(tmp_path, case, ieee_fp32):
     with torch.no_grad():
         got = model(ids.cuda()).logits.float().cpu()
     assert_close(got, oracle(cfg, state, ids), rtol=1e-5)
+
+
+def test_converted_authors_model_fine_tunes(tmp_path):
+    """`metaplastic finetune --train metaplastic` on a converted Palimpsa checkpoint (their layer, no γ): only
+    the importance path moves, and the loss on the (periodic) training stream falls."""
+    import numpy as np
+    source(tmp_path, "palimpsa", seed=4)
+    convert_checkpoint(tmp_path / "src", tmp_path / "model", progress=False)
+    (tmp_path / "model" / "tokenizer.json").unlink()  # the fake tokenizer is no tokenizer for the export
+    stream = np.tile(np.arange(VOCAB, dtype=np.int64), 12)
+    np.save(tmp_path / "tokens.npy", stream)
+    assert main(["finetune", "--model", str(tmp_path / "model"), "--data", str(tmp_path / "tokens.npy"),
+                 "--out", str(tmp_path / "run"), "--train", "metaplastic", "--steps", "8", "--seq-len", "16",
+                 "--global-batch", "4", "--micro-batch", "2", "--lr", "3e-2", "--warmup", "1"]) == 0
+    tuned = AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "model")
+    before = AutoModelForCausalLM.from_pretrained(tmp_path / "model")
+    w = "backbone.layers.0.mixer.importance.W_b2.weight"
+    assert not torch.equal(tuned.state_dict()[w], before.state_dict()[w])  # the metaplastic path trained
+    q = "backbone.layers.0.mixer.q_proj.weight"
+    assert torch.equal(tuned.state_dict()[q], before.state_dict()[q])  # --train metaplastic: the rest is frozen
+    ids = torch.from_numpy(stream[: 4 * 33].reshape(4, 33))
+    with torch.no_grad():
+        loss_before, loss_after = before(ids, labels=ids).loss.item(), tuned(ids, labels=ids).loss.item()
+    assert math.isfinite(loss_after) and loss_after < loss_before, (loss_before, loss_after)
