@@ -18,7 +18,7 @@ COMMANDS = {
     "registry": ("metaplastic.registry_cli", "list the models of the registry and their objective settings"),
     "verify": ("metaplastic.verify", "check the registry: symbolic derivations and numeric references"),
     "table1": ("metaplastic.derivations.table1", "print the paper's Table 1, computed from the registry"),
-    "convert": ("metaplastic.models.convert", "convert a Mamba2, Gated DeltaNet or Palimpsa-authors checkpoint into a metaplastic model"),
+    "convert": ("metaplastic.models.convert", "convert a Mamba2, Gated DeltaNet or paper-authors checkpoint to a metaplastic one"),
     "capacity": ("metaplastic.experiments.capacity", "memory capacity without training (recall vs N)"),
     "mqar": ("metaplastic.experiments.mqar", "multi-query associative recall: train and evaluate"),
     "demo": ("metaplastic.demo", "the tour: verification, Table 1, conversion, capacity"),
