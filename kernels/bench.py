@@ -9,9 +9,13 @@ reference (autograd through :func:`metaplastic.scan`) and, on CUDA, times relati
 ``saved B/tok/head``: bytes autograd keeps for the backward beyond the inputs, divided by ``B·T·H``
 (counted with ``torch.autograd.graph.saved_tensors_hooks``, each storage once).
 
-Models with a diagonal posterior are timed with ``b`` head-shared (``[B,T,H]``, column b = H) and per value
-channel (``[B,T,H,V]``, column b = V). The backends of one model are timed round-robin, rep by rep, so that a
-change in machine load affects them alike.
+Models with a diagonal posterior are timed with ``b`` head-shared (``[B,T,H]``, column b = H), grouped
+(``[B,T,H,G]`` for each ``--groups G``, column b = G<G>) and per value channel (``[B,T,H,V]``, column b = V).
+The backends of one model are timed round-robin, rep by rep, so that a change in machine load affects them
+alike. ``--dtype`` sets q, k, v's dtype (gates stay fp32). On a Hopper GPU with Triton ≥ 3.4 and < 3.7.1,
+fla's gated chunk backward refuses to run; the benchmark then lifts that refusal for timing only and says so
+in each fla record's ``note`` (its gradients may be wrong there; the times are of the same work).
+:func:`targets` turns one run's records into the ratios the GPU kernels aim at (``--targets FILE``).
 """
 from __future__ import annotations
 
@@ -30,7 +34,7 @@ from metaplastic.experiments._threads import torch_threads
 
 from .chunk import unsupported_reason
 from .dispatch import scan as dispatch_scan
-from .dispatch import triton_chunk_reason
+from .dispatch import per_value_reason, triton_chunk_reason
 
 SHAPES = {("cpu", False): (2, 1024, 4, 64, 64), ("cpu", True): (2, 256, 2, 32, 32),
           ("cuda", False): (8, 4096, 16, 128, 128), ("cuda", True): (2, 1024, 4, 64, 64)}
@@ -51,13 +55,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="torch CPU threads while timing (default: torch's own setting)")
     parser.add_argument("--tf32", action="store_true",
                         help="CUDA: allow TF32 matmuls (torch and the chunked Triton kernel), as fla's kernels use")
+    parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32",
+                        help="dtype of q, k, v (the gates stay float32; the kernels compute in float32)")
+    parser.add_argument("--groups", type=int, nargs="*", default=[], metavar="G",
+                        help="also time diagonal-posterior models with grouped importance b [B,T,H,G]")
+    parser.add_argument("--backends", nargs="+", metavar="NAME",
+                        help="time only these backends (default: every one that covers the settings)")
+    parser.add_argument("--targets", metavar="FILE",
+                        help="write the target ratios (per-value, grouped, Mamba2 vs fla) as JSON to FILE")
     parser.add_argument("--reference", choices=("auto", "yes", "no"), default="auto",
                         help="time the token-by-token reference (auto: on CPU, and on CUDA with --quick)")
 
 
 # ------------------------------------------------------------------------------------------- inputs
-def make_inputs(name: str, shape: Tuple[int, ...], b_per_value: bool, device: str, seed: int = 0) -> Dict:
-    """Random valid fp32 inputs for registry entry ``name`` (unit-norm q, k; decays in [0.9, 1))."""
+def make_inputs(name: str, shape: Tuple[int, ...], b_kind: str, device: str, seed: int = 0,
+                dtype: torch.dtype = torch.float32) -> Dict:
+    """Random valid inputs for registry entry ``name`` (unit-norm q, k; decays in [0.9, 1)); q, k, v in
+    ``dtype``, the gates in fp32. ``b_kind``: ``"H"`` (``b [B,T,H]``), ``"V"`` (``[B,T,H,V]``) or ``"G<n>"``
+    (``[B,T,H,n]``, grouped importance)."""
     spec = metaplastic.registry[name]
     obj = spec.objective
     B, T, H, K, V = shape
@@ -73,9 +88,11 @@ def make_inputs(name: str, shape: Tuple[int, ...], b_per_value: bool, device: st
         x["log_decay"] = torch.log(0.9 + 0.0999 * rand(*((B, T, H, K) if obj.forgetting == "vector" else (B, T, H))))
     x["beta"] = rand(B, T, H, V) if spec.beta_per_value else rand(B, T, H)
     if obj.posterior == "diagonal":
-        x["b"] = rand(B, T, H, V) if b_per_value else rand(B, T, H)
+        x["b"] = rand(B, T, H) if b_kind == "H" else rand(B, T, H, V if b_kind == "V" else int(b_kind[1:]))
     if obj.posterior == "full":
         x["lam"] = 0.25 + F.softplus(torch.randn(H, K, generator=gen))
+    for key in ("q", "k", "v"):
+        x[key] = x[key].to(dtype)
     return {key: val.to(device) for key, val in x.items()}
 
 
@@ -163,15 +180,17 @@ def _time_group(records: List[Dict], timers: List[_Timer], reps: List[int], warm
 
 
 # ------------------------------------------------------------------------------------------- backends
-def _backends(name: str, device: str, b_per_value: bool, reference: bool) -> List[str]:
+def _backends(name: str, device: str, b_kind: str, reference: bool, V: int) -> List[str]:
     obj = metaplastic.registry[name].objective
-    out = ["reference"] if reference else []
+    out = ["reference"] if reference and not b_kind.startswith("G") else []
     if unsupported_reason(obj) is None:
         out.append("chunk")
     if device == "cuda":
-        b = torch.empty(1, 1, 1, 1) if b_per_value else None
-        if triton_chunk_reason(obj, b, None) is None:
+        b = None if b_kind in ("H", "-") else torch.empty(1, 1, 1, V if b_kind == "V" else int(b_kind[1:]))
+        if triton_chunk_reason(obj, b, None, V=V) is None:
             out.append("triton_chunk")
+        elif b_kind == "V" and per_value_reason(obj) is None:
+            out.append("triton_per_value")
         out.append("triton_recurrent")
     return out
 
@@ -185,19 +204,38 @@ def _our_run(name: str, backend: str, chunk_size: int) -> Callable[[Dict], torch
     return run
 
 
-def _fla_runs(shape: Tuple[int, ...], device: str) -> List[Tuple[str, Callable[[Dict], torch.Tensor], Dict]]:
+def fla_hopper_guard_bypass() -> Optional[str]:
+    """fla 0.6 refuses its gated chunk backward on Hopper with Triton ≥ 3.4 and < 3.7.1 (a miscompile of
+    ``chunk_bwd_dqkwg``; the forward is fine). For timing only, lift that refusal (the module flag
+    ``fla.ops.common.chunk_o.TRITON_ABOVE_3_7_1``) when the installed Triton needs it, and return the note to
+    record beside the figures (None when nothing was changed)."""
+    try:
+        import fla.ops.common.chunk_o as chunk_o
+        from fla.utils import IS_NVIDIA_HOPPER, TRITON_ABOVE_3_4_0
+    except Exception:
+        return None
+    if chunk_o.TRITON_ABOVE_3_7_1 or not (IS_NVIDIA_HOPPER and TRITON_ABOVE_3_4_0):
+        return None
+    chunk_o.TRITON_ABOVE_3_7_1 = True
+    import triton
+    return (f"fla's Hopper guard lifted for timing (Triton {triton.__version__} < 3.7.1): its gated chunk "
+            "backward ran the same work with possibly wrong gradients; times only")
+
+
+def _fla_runs(shape: Tuple[int, ...], device: str, dtype: torch.dtype = torch.float32
+              ) -> List[Tuple[str, Callable[[Dict], torch.Tensor], Dict]]:
     """fla's chunk kernels (CUDA only), when importable: (label, run, inputs)."""
     runs = []
     try:
         from fla.ops.simple_gla import chunk_simple_gla
-        x = make_inputs("simple_gla", shape, False, device)
+        x = make_inputs("simple_gla", shape, "H", device, dtype=dtype)
         runs.append(("fla chunk_simple_gla", lambda x: chunk_simple_gla(x["q"], x["k"], x["v"], g=x["log_decay"])[0],
                      {key: x[key] for key in ("q", "k", "v", "log_decay")}))
     except Exception:  # pragma: no cover - needs CUDA and fla
         pass
     try:
         from fla.ops.gated_delta_rule import chunk_gated_delta_rule
-        x = make_inputs("gated_deltanet", shape, False, device)
+        x = make_inputs("gated_deltanet", shape, "H", device, dtype=dtype)
         runs.append(("fla chunk_gated_delta_rule",
                      lambda x: chunk_gated_delta_rule(x["q"], x["k"], x["v"], g=x["log_decay"], beta=x["beta"])[0],
                      {key: x[key] for key in ("q", "k", "v", "log_decay", "beta")}))
@@ -206,14 +244,14 @@ def _fla_runs(shape: Tuple[int, ...], device: str) -> List[Tuple[str, Callable[[
     return runs
 
 
-def _paper_run(shape: Tuple[int, ...], device: str):
+def _paper_run(shape: Tuple[int, ...], device: str, dtype: torch.dtype = torch.float32):
     """The paper's own Palimpsa chunk kernel, if a package providing it is importable (None otherwise)."""
     for module, attr in (("palimpsa", "chunk_palimpsa"), ("palimpsa.ops", "chunk_palimpsa")):
         try:
             fn = getattr(__import__(module, fromlist=[attr]), attr)
         except Exception:
             continue
-        x = make_inputs("palimpsa", shape, True, device)
+        x = make_inputs("palimpsa", shape, "V", device, dtype=dtype)
         return ("paper palimpsa kernel", lambda x: fn(x["q"], x["k"], x["v"], x["log_decay"], x["beta"], x["b"])[0], x)
     return None
 
@@ -255,6 +293,10 @@ def run(args: argparse.Namespace) -> int:
         models = list(metaplastic.registry)
     if args.tf32 and device == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
+    dtype = getattr(torch, args.dtype)
+    dtype_label = args.dtype
+    if any(g < 1 or shape[4] % g for g in args.groups):
+        raise UserError(f"--groups must divide V = {shape[4]}, got {args.groups}")
     reference = args.reference == "yes" or (args.reference == "auto" and (device == "cpu" or args.quick))
     if args.threads is not None and args.threads < 1:
         raise UserError(f"--threads must be positive, got {args.threads}")
@@ -266,13 +308,16 @@ def run(args: argparse.Namespace) -> int:
     jobs = []
     for name in models:
         diagonal = metaplastic.registry[name].objective.posterior == "diagonal"
-        for b_per_value in ((False, True) if diagonal else (False,)):
-            for backend in _backends(name, device, b_per_value, reference):
-                jobs.append((name, b_per_value, backend))
+        kinds = ["H"] + [f"G{n}" for n in args.groups if n > 1] + ["V"] if diagonal else ["-"]
+        for b_kind in kinds:
+            for backend in _backends(name, device, b_kind, reference, V):
+                if args.backends is None or backend in args.backends:
+                    jobs.append((name, b_kind, backend))
     externals = []
     if device == "cuda":
-        externals = _fla_runs(shape, device)
-        paper = _paper_run(shape, device)
+        fla_note = fla_hopper_guard_bypass()
+        externals = _fla_runs(shape, device, dtype)
+        paper = _paper_run(shape, device, dtype)
         if paper is not None:
             externals.append(paper)
 
@@ -281,17 +326,19 @@ def run(args: argparse.Namespace) -> int:
     with torch_threads(args.threads):
         for label, fn, x in externals:
             bar.set_postfix_str(label)
-            rec = _new_record(label, "external", "-", device, card, shape_str, B * T * H)
+            rec = _new_record(label, "external", "-", device, card, shape_str, B * T * H, dtype_label)
+            if label.startswith("fla") and fla_note:
+                rec["note"] = fla_note
             _time_group([rec], [_Timer(fn, x, device)], [reps], [1], bar)
             records.append(rec)
         groups: Dict[Tuple[str, bool], List[str]] = {}
-        for name, b_per_value, backend in jobs:
-            groups.setdefault((name, b_per_value), []).append(backend)
-        for (name, b_per_value), backends in groups.items():
-            x = make_inputs(name, shape, b_per_value, device)
-            bar.set_postfix_str(name + (f" b={'V' if b_per_value else 'H'}" if "b" in x else ""))
-            b_col = ("V" if b_per_value else "H") if "b" in x else "-"
-            recs = [_new_record(name, be, b_col, device, card, shape_str, B * T * H) for be in backends]
+        for name, b_kind, backend in jobs:
+            groups.setdefault((name, b_kind), []).append(backend)
+        for (name, b_kind), backends in groups.items():
+            x = make_inputs(name, shape, b_kind, device, dtype=dtype)
+            bar.set_postfix_str(name + (f" b={b_kind}" if "b" in x else ""))
+            b_col = b_kind if "b" in x else "-"
+            recs = [_new_record(name, be, b_col, device, card, shape_str, B * T * H, dtype_label) for be in backends]
             timers = [_Timer(_our_run(name, be, args.chunk_size), x, device) for be in backends]
             slow = [be == "reference" for be in backends]
             _time_group(recs, timers, [ref_reps if s_ else reps for s_ in slow],
@@ -299,9 +346,21 @@ def run(args: argparse.Namespace) -> int:
             records.extend(recs)
     bar.close()
     _add_ratios(records)
-    print(f"\nmetaplastic bench kernels on {card}, {shape_str}, fp32, medians of {reps} runs "
+    print(f"\nmetaplastic bench kernels on {card}, {shape_str}, {args.dtype}, medians of {reps} runs "
           f"(reference: {ref_reps})")
     print(format_table(records))
+    summary = targets(records)
+    if summary:
+        print("\ntargets:")
+        for t in summary:
+            ratio = "-" if t["value"] is None else f"{t['value']:.2f}"
+            print(f"  {t['name']:<58s} {ratio:>8s}  (target ≤ {t['target']})  {t['met']}")
+    if args.targets:
+        try:
+            with open(args.targets, "w") as fh:
+                json.dump(summary, fh, indent=1)
+        except OSError as exc:
+            raise UserError(f"cannot write --targets {args.targets}: {exc.strerror}") from None
     if args.json:
         try:
             with open(args.json, "w") as fh:
@@ -312,9 +371,10 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _new_record(model: str, backend: str, b: str, device: str, card: str, shape: str, tokens_heads: int) -> Dict:
+def _new_record(model: str, backend: str, b: str, device: str, card: str, shape: str, tokens_heads: int,
+                dtype_label: str = "float32") -> Dict:
     return {"model": model, "backend": backend, "b": b, "device": device, "card": card, "shape": shape,
-            "dtype": "float32" + ("+tf32" if device == "cuda" and torch.backends.cuda.matmul.allow_tf32 else ""),
+            "dtype": dtype_label + ("+tf32" if device == "cuda" and torch.backends.cuda.matmul.allow_tf32 else ""),
             "threads": torch.get_num_threads(), "fwd_ms": None, "fwdbwd_ms": None,
             "saved_bytes_per_token_head": None, "error": None, "_tokens_heads": tokens_heads}
 
@@ -334,6 +394,36 @@ def _add_ratios(records: List[Dict]) -> None:
         other = fla.get("fla chunk_gated_delta_rule" if obj.likelihood == delta else "fla chunk_simple_gla")
         for key in ("fwd_ms", "fwdbwd_ms"):
             r[f"vs_fla_{key[:-3]}"] = (r[key] / other[key] if other and r[key] else None)
+
+
+def targets(records: List[Dict]) -> List[Dict]:
+    """The figures the GPU kernels aim at, from one run's records: fwd+bwd time ratios (and the per-value
+    path's saved bytes per token and head), each with its target and whether it was met (None: not measured)."""
+    def find(model, backend, b="-"):
+        for r in records:
+            if r["model"] == model and r["backend"] == backend and r["b"] == b and r["error"] is None:
+                return r
+        return None
+
+    def ratio(a, b, key="fwdbwd_ms"):
+        return a[key] / b[key] if a and b and a.get(key) and b.get(key) else None
+
+    mamba2 = find("mamba2", "triton_chunk")
+    fla = find("fla chunk_simple_gla", "external")
+    per_value = find("palimpsa", "triton_per_value", "V")
+    out = [("per-value Palimpsa fwd+bwd ÷ Mamba2 chunked (ours)", ratio(per_value, mamba2), 3.0),
+           ("per-value Palimpsa saved bytes / token / head", per_value and per_value["saved_bytes_per_token_head"],
+            2048),
+           ("Mamba2 chunked fwd+bwd ÷ fla chunk_simple_gla", ratio(mamba2, fla), 1.25),
+           ("Palimpsa b [B,T,H] (G = 1) fwd+bwd ÷ Mamba2 chunked", ratio(find("palimpsa", "triton_chunk", "H"), mamba2),
+            1.3)]
+    for r in records:
+        if r["model"] == "palimpsa" and r["backend"] == "triton_chunk" and r["b"].startswith("G"):
+            out.append((f"Palimpsa grouped G = {r['b'][1:]} fwd+bwd ÷ Mamba2 chunked", ratio(r, mamba2),
+                        2.5 if r["b"] == "G8" else None))
+    return [{"name": name, "value": value, "target": target,
+             "met": None if value is None or target is None else bool(value <= target)}
+            for name, value, target in out]
 
 
 def format_table(records: List[Dict]) -> str:
