@@ -29,6 +29,8 @@ COMMANDS = {
 BENCHES = {
     "kernels": ("metaplastic.kernels.bench", "time forward and forward+backward of every backend"),
     "convert": ("metaplastic.models.bench", "time a conversion at mamba2-130m shapes against load+save"),
+    "models": ("metaplastic.models.bench_models",
+               "time transformers' Mamba2 LM, its metaplastic twin and its conversion (fwd, fwd+bwd)"),
 }
 
 
@@ -55,7 +57,7 @@ def build_parser(argv: Sequence[str]) -> argparse.ArgumentParser:
             _add_module_parser(sub, name, module, help_)
         else:
             sub.add_parser(name, help=help_)
-    bench = sub.add_parser("bench", help="benchmarks: kernels, convert")
+    bench = sub.add_parser("bench", help="benchmarks: kernels, convert, models")
     bench_sub = bench.add_subparsers(dest="bench", metavar="BENCH")
     for name, (module, help_) in BENCHES.items():
         if wanted == "bench" and (len(argv) < 2 or argv[1] == name):
@@ -80,6 +82,10 @@ def main(argv: Optional[List[str]] = None) -> int:
         return int(run(args) or 0)
     except UserError as exc:
         print(f"metaplastic {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:  # a write that failed (disk full, read-only, permissions): one line, not a traceback
+        from .safe_io import describe
+        print(f"metaplastic {args.command}: error: {describe(exc)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130
