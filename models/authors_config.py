@@ -61,9 +61,10 @@ def _int(c: Dict[str, Any], key: str) -> int:
     return int(value)
 
 
-def _rank(c: Dict[str, Any]) -> Any:
+def _rank(c: Dict[str, Any]) -> int:
+    """``beta_step_rank``: an int, or ``"auto"`` = ceil(hidden_size / 16)."""
     rank = c["beta_step_rank"]
-    return "auto" if rank in ("auto", None) else _int(c, "beta_step_rank")
+    return -(-_int(c, "hidden_size") // 16) if rank in ("auto", None) else _int(c, "beta_step_rank")
 
 
 def refusals(model_type: str, fields: Dict[str, Any]) -> None:

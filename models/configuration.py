@@ -64,8 +64,8 @@ class MetaplasticConfig(PretrainedConfig):
                     raise ValueError(f"config: {name} must be a {kind.__name__} or a list of them, got {entry!r:.60}")
         for kwargs in (self.mixer_kwargs if isinstance(self.mixer_kwargs, list) else [self.mixer_kwargs]):
             for key in SIZE_KWARGS:
-                if kwargs.get(key) is not None:
-                    _size(f"mixer_kwargs.{key}", kwargs[key], 1)
+                if kwargs.get(key) is not None and not (key == "importance_rank" and kwargs[key] == "auto"):
+                    _size(f"mixer_kwargs.{key}", kwargs[key], 1)  # importance_rank may be "auto": ceil(hidden/16)
         h = self.hidden_size
         estimate = self.vocab_size * h + layers * (h * h + 3 * h * self.intermediate_size)
         if estimate > MAX_PARAMETERS:
