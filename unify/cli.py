@@ -22,6 +22,8 @@ COMMANDS = {
                 "convert a Mamba2, Gated DeltaNet or paper-authors checkpoint to a metaplastic one"),
     "capacity": ("metaplastic.experiments.capacity", "memory capacity without training (recall vs N)"),
     "mqar": ("metaplastic.experiments.mqar", "multi-query associative recall: train and evaluate"),
+    "convert-finetune": ("metaplastic.experiments.convert_finetune",
+                         "train a Mamba2 on recall, convert it (identity), fine-tune three ways, compare recall"),
     "demo": ("metaplastic.demo", "the tour: verification, Table 1, conversion, capacity"),
     "finetune": ("metaplastic.finetune", "fine-tune a metaplastic model (single process or torchrun + FSDP2)"),
 }

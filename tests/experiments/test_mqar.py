@@ -1,104 +1,160 @@
-"""MQAR: the generator's exact structure, and the trainer end to end."""
+"""The MQAR harness: state accountings, initialisation rules, convergence flag, lr selection, end to end."""
 import json
+import math
+import sys
 
 import pytest
 import torch
 
-from metaplastic.experiments.mqar_data import IGNORE, check_setting, mqar
+from metaplastic.cli import main
+from metaplastic.experiments import mqar
 
-
-@pytest.mark.parametrize("seq_len,pairs,vocab", [(16, 4, 32), (64, 8, 64), (66, 16, 40), (32, 1, 8)])
-def test_generator_structure(seq_len, pairs, vocab):
-    inputs, labels = mqar(50, seq_len, pairs, vocab, torch.Generator().manual_seed(1))
-    assert inputs.shape == labels.shape == (50, seq_len)
-    half = vocab // 2
-    for x, y in zip(inputs.tolist(), labels.tolist()):
-        keys, values = x[0:2 * pairs:2], x[1:2 * pairs:2]
-        assert all(1 <= k < half for k in keys) and all(half <= v < vocab for v in values)
-        assert len(set(keys)) == pairs  # no key repeated within an example
-        answer = dict(zip(keys, values))
-        assert all(lab == IGNORE for lab in y[:2 * pairs])  # no loss in the context
-        query_positions = [t for t in range(2 * pairs, seq_len) if x[t] != 0]
-        assert sorted(x[t] for t in query_positions) == sorted(keys)  # every key queried exactly once
-        assert all((t - 2 * pairs) % 2 == 0 for t in query_positions)  # on the query slots
-        for t in range(2 * pairs, seq_len):
-            if x[t] == 0:
-                assert y[t] == IGNORE
-            else:
-                assert y[t] == answer[x[t]]  # the answer sits at the query position
-        # a key occurs once in the context and once as a query, nowhere else; values only in the context
-        assert all(x.count(k) == 2 for k in keys)
-        assert all(x.count(v) == 1 for v in values)
-
-
-def test_generator_is_reproducible_and_random():
-    a = mqar(8, 32, 4, 32, torch.Generator().manual_seed(3))
-    b = mqar(8, 32, 4, 32, torch.Generator().manual_seed(3))
-    c = mqar(8, 32, 4, 32, torch.Generator().manual_seed(4))
-    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
-    assert not torch.equal(a[0], c[0])
-
-
-def test_queries_favour_short_gaps():
-    """Zoology's power law: the first query slot is used far more often than the last."""
-    inputs, _ = mqar(2000, 64, 2, 64, torch.Generator().manual_seed(0))
-    first, last = (inputs[:, 4] != 0).float().mean(), (inputs[:, 62] != 0).float().mean()
-    assert first > 3 * last
-
-
-@pytest.mark.parametrize("seq_len,pairs,vocab,match", [(15, 4, 32, "seq_len=15 is too short"),
-                                                        (64, 16, 32, "vocab_size=32 has 15 keys"),
-                                                        (64, 0, 32, "num_pairs must be positive")])
-def test_bad_settings(seq_len, pairs, vocab, match):
-    with pytest.raises(ValueError, match=match):
-        check_setting(seq_len, pairs, vocab)
-
-
-# ------------------------------------------------------------------------------ training (needs models/)
 
 def _tiny(**kw):
-    from metaplastic.experiments.mqar import MQARConfig
-    base = dict(name="tiny", vocab_size=16, d_model=16, settings=((16, 2), (16, 4)), state_budget=256,
-                train_examples=64, test_examples=16, epochs=1, batch_size=16, lrs=(1e-2,), seeds=(0,),
-                models=("mamba2",))
+    base = dict(name="tiny", vocab_size=16, d_model=16, settings=((16, 2), (16, 4)), state_budget=128,
+                train_examples=32, val_examples=8, test_examples=8, epochs=1, batch_size=16, lrs=(1e-2,),
+                seeds=(0,), models=("mamba2",), smoke=True)
     base.update(kw)
-    return MQARConfig(**base)
+    return mqar.MQARConfig(**base)
 
 
-def test_models_have_matched_state_size():
-    pytest.importorskip("metaplastic.models")
-    from metaplastic.experiments.mqar import MQARModel
-    sizes = {name: MQARModel(name, 16, 32, 512).state_size() for name in ("mamba2", "meta_mamba2")}
-    assert all(256 < s <= 512 for s in sizes.values()), sizes
+# ----------------------------------------------------------------------------- state accountings
 
+def test_matched_floats_and_matched_key_width():
+    """Matched floats: state_size() (precision included) fits the budget. Matched key width: the memory
+    matrix H·K·V fits it, so the metaplastic twin has its point-posterior twin's shape and twice its floats."""
+    budget = 256
+    point = mqar.MQARModel("mamba2", 16, 32, budget)
+    floats = mqar.MQARModel("meta_mamba2", 16, 32, budget)
+    width = mqar.MQARModel("meta_mamba2@width", 16, 32, budget)
+    H, K, V = point.memory_shape()
+    assert point.state_size() == H * K * V <= budget
+    assert floats.state_size() <= budget and floats.memory_shape()[1] < K  # a smaller N pays for the precision
+    assert width.memory_shape() == (H, K, V) and width.state_size() == 2 * H * K * V
+    pal = mqar.MQARModel("palimpsa@width", 16, 32, budget)
+    h, k, v = pal.memory_shape()
+    assert h * k * v <= budget < 2 * budget and pal.state_size() == 2 * h * k * v
+
+
+# ----------------------------------------------------------------------------- initialisation rules
+
+def _decay_at_zero_input(mixer):
+    """α = exp(log_decay) that the mixer hands to its scan for a zero input, [H] (captured, not recomputed)."""
+    module = sys.modules[type(mixer).__module__]
+    if not hasattr(module, "scan"):
+        pytest.skip("the mixer's module does not call a module-level scan")
+    seen = {}
+    original = module.scan
+
+    def capture(objective, q, k, v, **kwargs):
+        seen["g"] = kwargs["log_decay"]
+        return original(objective, q, k, v, **kwargs)
+
+    module.scan = capture
+    try:
+        with torch.no_grad():
+            mixer(torch.zeros(1, 2, mixer.hidden_size))
+    finally:
+        module.scan = original
+    return seen["g"][0, 0].double().exp()
+
+
+@pytest.mark.parametrize("name", ["mamba2", "meta_mamba2", "gated_deltanet", "palimpsa", "mesanet"])
+def test_every_decay_starts_in_the_usable_range(name):
+    torch.manual_seed(0)
+    model = mqar.MQARModel(name, 16, 32, 256, decay_range=(0.9, 0.999))
+    for mixer in model.mixers:
+        alpha = _decay_at_zero_input(mixer)
+        assert bool(((alpha >= 0.9 - 1e-6) & (alpha <= 0.999 + 1e-6)).all()), alpha
+
+
+def test_mesanet_native_decay_starts_near_one_half():
+    """Without the rule MesaNet's α = σ(a_proj h) starts near σ(0) = 0.5 (PyTorch's default bias)."""
+    torch.manual_seed(0)
+    model = mqar.MQARModel("mesanet", 16, 32, 256, decay_range=None)
+    alpha = _decay_at_zero_input(model.mixers[0])
+    assert bool((alpha < 0.8).all()), alpha
+
+
+@pytest.mark.parametrize("gamma_init", [0, 1])
+def test_gamma_init(gamma_init):
+    model = mqar.MQARModel("meta_mamba2", 16, 32, 256, gamma_init=gamma_init)
+    for m in model.mixers:
+        assert torch.equal(m.importance.gamma, torch.full_like(m.importance.gamma, float(gamma_init)))
+
+
+# ----------------------------------------------------------------------------- convergence flag
+
+def test_final_loss_is_the_mean_of_the_last_tenth():
+    assert mqar.final_loss([5.0] * 90 + [0.1] * 10) == pytest.approx(0.1)
+    assert mqar.final_loss([3.0] * 18 + [1.0, 2.0]) == pytest.approx(1.5)
+    assert mqar.final_loss([0.7, 0.2]) == pytest.approx(0.2)  # at least one step
+
+
+@pytest.mark.parametrize("final,threshold,expected", [(0.05, 0.1, True), (0.1, 0.1, True), (0.1001, 0.1, False),
+                                                      (float("nan"), 0.1, False), (float("inf"), 0.1, False)])
+def test_converged_flag(final, threshold, expected):
+    assert mqar.is_converged(final, threshold) is expected
+
+
+def test_loss_curve_and_spread():
+    assert mqar.loss_curve([1, 2, 3, 4, 5, 6], 3) == [1.5, 3.5, 5.5]
+    assert mqar.loss_curve([1, 2], 50) == [1, 2]
+    s = mqar.spread([0.5, 0.7, 0.9])
+    assert s == {"mean": 0.7, "std": 0.2, "min": 0.5, "max": 0.9}
+    assert mqar.spread([0.3])["std"] == 0.0
+
+
+# ----------------------------------------------------------------------------- training and outputs
 
 def test_training_is_reproducible_from_seed():
-    pytest.importorskip("metaplastic.models")
-    from metaplastic.experiments.mqar import train_run
     cfg = _tiny()
-    a = train_run(cfg, "mamba2", 16, 1e-2, 3, torch.device("cpu"))
-    b = train_run(cfg, "mamba2", 16, 1e-2, 3, torch.device("cpu"))
-    c = train_run(cfg, "mamba2", 16, 1e-2, 4, torch.device("cpu"))
-    assert a["final_loss"] == b["final_loss"] and a["accuracy"] == b["accuracy"]
-    assert a["final_loss"] != c["final_loss"]
+    a = mqar.train_run(cfg, "mamba2", 16, 1e-2, 3, torch.device("cpu"))
+    b = mqar.train_run(cfg, "mamba2", 16, 1e-2, 3, torch.device("cpu"))
+    c = mqar.train_run(cfg, "mamba2", 16, 1e-2, 4, torch.device("cpu"))
+    assert a["loss_curve"] == b["loss_curve"] and a["val"] == b["val"]
+    assert a["loss_curve"] != c["loss_curve"]
 
 
-def test_cli_quick_writes_files(tmp_path):
-    pytest.importorskip("metaplastic.models")
-    from metaplastic.cli import main
-    rc = main(["mqar", "--config", "quick", "--models", "mamba2", "--epochs", "1", "--lrs", "1e-2",
-               "--out", str(tmp_path)])
+def test_lr_is_chosen_on_validation_and_only_the_chosen_lr_is_tested(monkeypatch):
+    """Validation accuracy is faked so that the smaller lr wins; the reported runs are all at that lr."""
+    real = mqar.train_run
+
+    def fake(cfg, entry, seq_len, lr, seed, device, data=None, bar=None):
+        out = real(cfg, entry, seq_len, lr, seed, device, data, bar)
+        out["val"] = {p: (0.9 if lr == 1e-3 else 0.1) for p in out["val"]}
+        return out
+
+    monkeypatch.setattr(mqar, "train_run", fake)
+    result = mqar.run_mqar(_tiny(lrs=(1e-2, 1e-3), seeds=(0, 1, 2)), progress=False)
+    r = result["results"]["mamba2"]
+    assert r["lr_selection"] == {"0.01": 0.1, "0.001": 0.9} and r["best_lr"] == 1e-3
+    assert [run["lr"] for run in r["runs"]] == [1e-3] * 3 and [run["seed"] for run in r["runs"]] == [0, 1, 2]
+    for s in r["settings"]:
+        assert len(s["accuracy"]) == 3 and s["mean"] == pytest.approx(sum(s["accuracy"]) / 3, abs=1e-4)
+
+
+def test_cli_quick_end_to_end(tmp_path):
+    rc = main(["mqar", "--config", "quick", "--set", "train_examples=32", "--set", "epochs=1", "--set",
+               "val_examples=8", "--set", "test_examples=16", "--set", 'models=["mamba2", "meta_mamba2@width"]',
+               "--set", "lrs=[1e-3, 3e-3]", "--out", str(tmp_path)])
     assert rc == 0
     result = json.loads((tmp_path / "mqar.json").read_text())
-    r = result["results"]["mamba2"]
-    assert r["best_lr"] == 1e-2 and [s["pairs"] for s in r["settings"]] == [2, 4, 8]
-    assert all(len(s["accuracy"]) == 1 and 0 <= s["mean"] <= 1 for s in r["settings"])
+    assert result["config"]["smoke"] is True and result["config"]["filler"] == "random"
+    for entry, accounting in (("mamba2", "matched floats"), ("meta_mamba2@width", "matched key width")):
+        r = result["results"][entry]
+        assert r["accounting"] == accounting and r["parameters"] > 0 and set(r["lr_selection"]) == {"0.001", "0.003"}
+        assert [s["pairs"] for s in r["settings"]] == [2, 4] and r["converged"] in ("0/2", "1/2", "2/2")
+        for run in r["runs"]:
+            assert len(run["loss_curve"]) == 2 and isinstance(run["converged"], bool)
+            assert all(0 <= a <= 1 for a in run["test"].values()) and math.isfinite(run["final_loss"])
+        for s in r["settings"]:
+            assert len(s["accuracy"]) == 2 and s["std"] >= 0
     assert (tmp_path / "mqar.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 @pytest.mark.slow
 def test_cli_quick_full(tmp_path):
-    from metaplastic.cli import main
     assert main(["mqar", "--config", "quick", "--out", str(tmp_path)]) == 0
 
 

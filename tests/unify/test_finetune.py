@@ -42,7 +42,7 @@ def tiny_mamba2_dir(path: Path, seed: int = 0) -> Path:
 def mqar_stream(n: int, seed: int) -> np.ndarray:
     """MQAR-style token stream: per example ``k1 v1 … kP vP`` then queries ``k_i v_i`` among fillers 0."""
     from metaplastic.experiments.mqar_data import mqar
-    inputs, labels = mqar(n, SEQ, 4, VOCAB, torch.Generator().manual_seed(seed))
+    inputs, labels = mqar(n, SEQ, 4, VOCAB, torch.Generator().manual_seed(seed), filler="zero")
     seq = inputs.clone()
     query = labels != -100
     seq[:, 1:][query[:, :-1]] = labels[query]  # the value follows its query key

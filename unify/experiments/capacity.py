@@ -310,38 +310,98 @@ def recall_at(result: Dict[str, object], dist: str, name: str, n: int) -> Option
 # --------------------------------------------------------------------------------------------- CLI
 
 
+@dataclass(frozen=True)
+class CapacityConfig:
+    """The arguments of :func:`run_capacity` as a named config; every field can be set with ``--set``."""
+
+    name: str
+    models: Tuple[str, ...] = DEFAULT_MODELS
+    distributions: Tuple[str, ...] = DISTRIBUTIONS
+    dim: int = 32
+    n_grid: Tuple[int, ...] = FULL_N
+    trials: int = 64
+    power: float = 2.0
+    seed: int = 0
+    importance_groups: Optional[int] = None  # recorded; needs mixers that take importance_groups
+    threads: Optional[int] = 1
+
+
+CONFIGS: Dict[str, CapacityConfig] = {
+    "quick": CapacityConfig("quick", n_grid=QUICK_N, trials=16),  # under a minute
+    "full": CapacityConfig("full"),
+}
+
+
+def importance_groups_supported() -> bool:
+    """Whether the mixers of this installation take ``importance_groups``."""
+    import inspect
+    from metaplastic.models import MIXERS
+    return "importance_groups" in inspect.signature(MIXERS["palimpsa"].__init__).parameters
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--models", nargs="+", default=list(DEFAULT_MODELS), metavar="NAME",
+    parser.add_argument("--config", choices=sorted(CONFIGS), default=None,
+                        help="quick (a coarse N grid, 16 trials: under a minute) or full (default)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="overrides",
+                        help="override a config field, VALUE as JSON (repeatable): --set dim=16 "
+                             "--set 'n_grid=[4, 8, 16]'")
+    parser.add_argument("--importance-groups", type=int, metavar="G",
+                        help="importance_groups of the mixers with an importance path (recorded in the outputs)")
+    parser.add_argument("--models", nargs="+", metavar="NAME",
                         help=f"registry models (default: {' '.join(DEFAULT_MODELS)})")
-    parser.add_argument("--quick", action="store_true", help="a coarse N grid and 16 trials (under a minute)")
+    parser.add_argument("--quick", action="store_true", help="the quick config (same as --config quick)")
     parser.add_argument("--out", default="capacity_out", help="output folder (default: capacity_out)")
-    parser.add_argument("--dim", type=int, default=32, help="K = V, the memory is V×K (default 32)")
+    parser.add_argument("--dim", type=int, default=None, help="K = V, the memory is V×K (default 32)")
     parser.add_argument("--trials", type=int, default=None, help="random draws per N (default 16 quick, 64 full)")
-    parser.add_argument("--power", type=float, default=2.0,
+    parser.add_argument("--power", type=float, default=None,
                         help="s of the anisotropic keys: channel j scaled by j^(-s/2) (default 2)")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=None)
+
+
+def config_from_args(args: argparse.Namespace) -> CapacityConfig:
+    """The named config with ``--set`` and the flags applied (``ValueError`` naming the bad key)."""
+    from dataclasses import replace
+    from .overrides import apply_overrides
+    if args.power is not None and not math.isfinite(args.power):
+        raise ValueError(f"--power must be a finite number, got {args.power}")
+    for flag, value in (("--dim", args.dim), ("--trials", args.trials), ("--importance-groups", args.importance_groups)):
+        if value is not None and value < 1:
+            raise ValueError(f"{flag} must be positive, got {value}")
+    name = args.config or ("quick" if args.quick else "full")
+    cfg = apply_overrides(CONFIGS[name], args.overrides)
+    flags = {"models": tuple(args.models) if args.models else None, "dim": args.dim, "trials": args.trials,
+             "power": args.power, "seed": args.seed, "importance_groups": args.importance_groups}
+    cfg = replace(cfg, **{k: v for k, v in flags.items() if v is not None})
+    for name_ in cfg.models:
+        if name_ not in registry:
+            raise ValueError(f"models: unknown model {name_!r}; known: {', '.join(registry)}")
+    if not math.isfinite(cfg.power):
+        raise ValueError(f"power must be a finite number, got {cfg.power}")
+    for key in ("dim", "trials"):
+        if getattr(cfg, key) < 1:
+            raise ValueError(f"{key} must be positive, got {getattr(cfg, key)}")
+    if cfg.importance_groups is not None:
+        if cfg.importance_groups < 1:
+            raise ValueError(f"importance_groups must be positive, got {cfg.importance_groups}")
+        if not importance_groups_supported():
+            raise ValueError("importance_groups is not supported by this installation")
+    return cfg
 
 
 def run(args: argparse.Namespace) -> int:
     from metaplastic.errors import UserError
     from ..safe_io import check_output_location
     check_output_location(args.out, what="--out", kind="dir")
-    if not math.isfinite(args.power):
-        raise UserError(f"--power must be a finite number, got {args.power}")
-    for name in args.models:
-        if name not in registry:
-            raise UserError(f"unknown model {name!r}; known: {', '.join(registry)}")
-    if args.dim < 1:
-        raise UserError(f"--dim must be positive, got {args.dim}")
-    trials = args.trials if args.trials is not None else (16 if args.quick else 64)
-    if trials < 1:
-        raise UserError(f"--trials must be positive, got {trials}")
-    n_grid = QUICK_N if args.quick else FULL_N
     try:
-        result = run_capacity(args.models, dim=args.dim, n_grid=n_grid, trials=trials, power=args.power,
-                              seed=args.seed)
+        cfg = config_from_args(args)
     except ValueError as exc:
         raise UserError(str(exc)) from None
+    try:
+        result = run_capacity(cfg.models, cfg.distributions, dim=cfg.dim, n_grid=cfg.n_grid, trials=cfg.trials,
+                              power=cfg.power, seed=cfg.seed, threads=cfg.threads)
+    except ValueError as exc:
+        raise UserError(str(exc)) from None
+    result["config"].update(name=cfg.name, importance_groups=cfg.importance_groups)
     from .plotting import save_run
     save_run(result, args.out, "capacity", plot_capacity, summary_table)
     return 0

@@ -3,19 +3,23 @@
 One example of length ``seq_len`` with ``P`` pairs and vocabulary ``vocab_size``::
 
     position  0    1    2    3   ...  2P-2  2P-1 | 2P ... seq_len-1
-    input     k_1  v_1  k_2  v_2 ...  k_P   v_P  | 0 .. k_i .. 0 .. k_j .. 0     (every key queried once)
+    input     k_1  v_1  k_2  v_2 ...  k_P   v_P  | r .. k_i .. r .. k_j .. r     (every key queried once)
     label     -100 ...                            | -100 .. v_i .. -100 .. v_j ..
 
 - keys are drawn *without replacement* from ``[1, vocab_size // 2)`` and values without replacement from
-  ``[vocab_size // 2, vocab_size)`` (disjoint halves; token 0 is the filler);
+  ``[vocab_size // 2, vocab_size)`` (disjoint halves);
 - query ``i`` (the key ``k_i``) sits at position ``2P + 2·g_i``, where the gaps ``g_i`` are distinct draws
   from ``{0, …, (seq_len − 2P) // 2 − 1}`` with probability ``∝ (g + 1)^(a − 1)`` (Zoology's power law,
   ``a = 0.01``: queries tend to come soon after the context);
 - the label *at the query position* is the value that followed that key (next-token prediction: the model
   reads ``k_i`` and must emit ``v_i``); every other label is ``-100`` (ignored by the loss and the accuracy).
 
-Difference from Zoology: non-query positions hold the filler token 0, not random tokens, so that no key
-appears twice in an example. Requires ``seq_len ≥ 4P`` and ``P < vocab_size // 2``.
+- every position after the context that holds no query holds the filler ``r``: with ``filler="random"``
+  (the default, Zoology's ``random_non_queries=True``) a token drawn uniformly from ``[0, vocab_size)``,
+  independently per position (so a filler can repeat a key or a value of the example, unlabelled); with
+  ``filler="zero"`` the token 0, which a model can learn to skip.
+
+Requires ``seq_len ≥ 4P`` and ``P < vocab_size // 2``.
 """
 from __future__ import annotations
 
@@ -24,6 +28,7 @@ from typing import Tuple
 import torch
 
 IGNORE = -100
+FILLERS = ("random", "zero")
 
 
 def check_setting(seq_len: int, num_pairs: int, vocab_size: int) -> None:
@@ -38,9 +43,11 @@ def check_setting(seq_len: int, num_pairs: int, vocab_size: int) -> None:
 
 
 def mqar(num_examples: int, seq_len: int, num_pairs: int, vocab_size: int, generator: torch.Generator,
-         power_a: float = 0.01) -> Tuple[torch.Tensor, torch.Tensor]:
+         power_a: float = 0.01, filler: str = "random") -> Tuple[torch.Tensor, torch.Tensor]:
     """``(inputs, labels)``, both ``[num_examples, seq_len]`` int64 (see the module docstring)."""
     check_setting(seq_len, num_pairs, vocab_size)
+    if filler not in FILLERS:
+        raise ValueError(f"filler must be one of {FILLERS}, got {filler!r}")
     n, P = num_examples, num_pairs
     half = vocab_size // 2
     # sampling without replacement: the first P of a random permutation (argsort of uniform noise)
@@ -56,4 +63,9 @@ def mqar(num_examples: int, seq_len: int, num_pairs: int, vocab_size: int, gener
     query_pos = 2 * P + 2 * gaps
     inputs.scatter_(1, query_pos, keys)
     labels.scatter_(1, query_pos, values)
+    if filler == "random":
+        noise = torch.randint(vocab_size, (n, seq_len), generator=generator)
+        fill = labels == IGNORE
+        fill[:, :2 * P] = False  # the context holds the pairs
+        inputs = torch.where(fill, noise, inputs)
     return inputs, labels

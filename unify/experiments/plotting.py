@@ -20,19 +20,34 @@ STYLES: Dict[str, Tuple[str, str]] = {
     "palimpsa": ("tab:orange", "--"),
 }
 
-Curve = Tuple[Sequence[float], Sequence[float]]
+# A curve: ``(x, y)``, or ``(x, y, yerr)`` drawn with error bars.
+Curve = Tuple[Sequence[float], ...]
+
+
+def style(label: str) -> Tuple[Optional[str], str]:
+    """Colour and line style of a curve: the model's; ``NAME@width`` (matched key width) dotted."""
+    name, _, accounting = label.partition("@")
+    color, line = STYLES.get(name, (None, "-"))
+    return color, (":" if accounting else line)
 
 
 def curve_panels(path: Union[str, Path], panels: Mapping[str, Mapping[str, Curve]], *, xlabel: str,
-                 ylabel: str, title: str, hline: Optional[float] = None, logx: bool = False) -> Path:
-    """Write a PNG with one panel per key of ``panels``; each panel maps a label to ``(x, y)``."""
+                 ylabel: str, title: str, hline: Optional[float] = None, logx: bool = False,
+                 extra: Optional[Tuple[str, str, Mapping[str, Curve], Optional[float]]] = None) -> Path:
+    """Write a PNG with one panel per key of ``panels``; each panel maps a label to ``(x, y[, yerr])``.
+
+    ``extra = (title, xlabel, curves, hline)``: one more panel, log-scaled y, no y limits (loss curves)."""
     path = Path(path)
-    n = max(len(panels), 1)
-    fig, axes = plt.subplots(1, n, figsize=(max(5.2 * n, 7.5), 4.0), squeeze=False)  # room for the title
+    n = max(len(panels), 1) + (extra is not None)
+    fig, axes = plt.subplots(1, n, figsize=(max(5.2 * n, 7.5), 4.2), squeeze=False)  # room for the title
     for ax, (panel, curves) in zip(axes[0], panels.items()):
-        for label, (x, y) in curves.items():
-            color, style = STYLES.get(label, (None, "-"))
-            ax.plot(list(x), list(y), style, marker="o", markersize=3, color=color, label=label)
+        for label, curve in curves.items():
+            color, line = style(label)
+            if len(curve) == 3:
+                ax.errorbar(list(curve[0]), list(curve[1]), yerr=list(curve[2]), fmt=line, marker="o",
+                            markersize=3, capsize=3, color=color, label=label)
+            else:
+                ax.plot(list(curve[0]), list(curve[1]), line, marker="o", markersize=3, color=color, label=label)
         if hline is not None:
             ax.axhline(hline, color="grey", linewidth=0.8, linestyle=":")
         if logx:
@@ -41,6 +56,18 @@ def curve_panels(path: Union[str, Path], panels: Mapping[str, Mapping[str, Curve
         ax.set_xlabel(xlabel)
         ax.set_ylabel(ylabel)
         ax.set_ylim(-0.02, 1.02)
+        ax.grid(alpha=0.3)
+    if extra is not None:
+        ax = axes[0][-1]
+        panel, xlabel_extra, curves, line_at = extra
+        for label, curve in curves.items():
+            color, line = style(label)
+            ax.plot(list(curve[0]), list(curve[1]), line, color=color, label=label)
+        if line_at is not None:
+            ax.axhline(line_at, color="grey", linewidth=0.8, linestyle=":")
+        ax.set_yscale("log")
+        ax.set_title(panel)
+        ax.set_xlabel(xlabel_extra)
         ax.grid(alpha=0.3)
     axes[0][-1].legend(fontsize=8, loc="best")
     fig.suptitle(title)

@@ -1,0 +1,93 @@
+"""``--set KEY=VALUE``: override fields of a frozen config dataclass from the command line.
+
+VALUE is parsed as JSON (``epochs=6``, ``lrs=[1e-3, 3e-3]``, ``'settings=[[64, 8], [64, 16]]'``,
+``device="cpu"``; a bare word that is not JSON is taken as a string: ``filler=zero``). The value is checked
+against the field's type annotation (int, float, str, bool, Optional[...], Tuple[..., ...] and nested
+tuples); an unknown key or a value of the wrong type raises ``ValueError`` naming the key.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import typing
+from typing import Any, Dict, Sequence, Tuple, TypeVar
+
+C = TypeVar("C")
+
+
+def parse_assignments(items: Sequence[str]) -> Dict[str, Any]:
+    """``["a=1", "b=[1, 2]"]`` -> ``{"a": 1, "b": [1, 2]}`` (JSON values; a bare word is a string)."""
+    out: Dict[str, Any] = {}
+    for item in items:
+        key, sep, text = item.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise ValueError(f"--set {item!r}: expected KEY=VALUE")
+        try:
+            value = json.loads(text)
+        except json.JSONDecodeError:
+            if not text.strip() or any(c in text for c in "[]{}\","):
+                raise ValueError(f"--set {key}: {text!r} is not valid JSON") from None
+            value = text.strip()
+        out[key] = value
+    return out
+
+
+def coerce(key: str, value: Any, annotation: Any) -> Any:
+    """``value`` as an instance of ``annotation`` (lists become tuples); ``ValueError`` naming ``key`` if not."""
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin is typing.Union:
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return coerce(key, value, arg)
+            except ValueError as exc:
+                errors.append(str(exc))
+        raise ValueError(errors[0] if errors else f"{key}: {value!r} is not allowed")
+    if origin in (tuple, Tuple):
+        if not isinstance(value, (list, tuple)):
+            raise ValueError(f"{key}: expected a list, got {value!r}")
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(coerce(key, v, args[0]) for v in value)
+        if len(value) != len(args):
+            raise ValueError(f"{key}: expected a list of {len(args)} items, got {value!r}")
+        return tuple(coerce(key, v, a) for v, a in zip(value, args))
+    if annotation is bool:
+        if not isinstance(value, bool):
+            raise ValueError(f"{key}: expected true or false, got {value!r}")
+        return value
+    if annotation is int:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or int(value) != value:
+            raise ValueError(f"{key}: expected an integer, got {value!r}")
+        return int(value)
+    if annotation is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ValueError(f"{key}: expected a number, got {value!r}")
+        return float(value)
+    if annotation is str:
+        if not isinstance(value, str):
+            raise ValueError(f"{key}: expected a string, got {value!r}")
+        return value
+    if annotation is Any:
+        return value
+    raise ValueError(f"{key}: cannot be set from the command line")
+
+
+def apply_overrides(cfg: C, items: Sequence[str], frozen: Sequence[str] = ("name",)) -> C:
+    """``cfg`` (a dataclass) with the ``KEY=VALUE`` assignments of ``items`` applied and type-checked.
+
+    Keys in ``frozen`` cannot be set. Raises ``ValueError`` naming the first bad key."""
+    values = parse_assignments(items)
+    hints = typing.get_type_hints(type(cfg))
+    fields = {f.name for f in dataclasses.fields(cfg)}
+    changes: Dict[str, Any] = {}
+    for key, value in values.items():
+        if key not in fields or key in frozen:
+            settable = ", ".join(sorted(f for f in fields if f not in frozen))
+            raise ValueError(f"--set {key}: unknown key; settable keys: {settable}")
+        changes[key] = coerce(key, value, hints[key])
+    return dataclasses.replace(cfg, **changes)
