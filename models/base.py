@@ -6,7 +6,7 @@ A mixer is an ``nn.Module`` built as ``Mixer(hidden_size, **mixer_kwargs)`` with
 """
 from __future__ import annotations
 
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Optional, Union
 
 import torch
 from torch import nn
@@ -15,6 +15,21 @@ from metaplastic.objective import Objective
 from metaplastic.registry import registry
 
 from .importance import ImportancePath
+
+
+RankSpec = Union[int, str, None]
+
+
+def resolve_rank(rank: RankSpec, hidden_size: int) -> int:
+    """The importance rank: ``rank`` itself, ``min(64, hidden_size)`` for None, ``ceil(hidden_size / 16)`` for
+    ``"auto"`` (the paper's default)."""
+    if rank is None:
+        return min(64, hidden_size)
+    if rank == "auto":
+        return -(-hidden_size // 16)
+    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
+        raise ValueError(f"importance_rank must be a positive int, None or 'auto', got {rank!r}")
+    return rank
 
 
 def memory_floats(objective: Objective, H: int, K: int, V: int) -> int:
@@ -49,11 +64,24 @@ class Mixer(nn.Module):
         """Floats in the recurrent memory per sequence (for matched-state comparisons)."""
         return memory_floats(self.objective, self.num_heads, self.head_k_dim, self.head_v_dim)
 
-    def _add_importance(self, rank: Optional[int], gated: bool = True) -> None:
-        if self.objective.uses_importance_rate:
-            rank = rank if rank is not None else min(64, self.hidden_size)
-            self.mixer_kwargs["importance_rank"] = rank
-            self.importance = ImportancePath(self.hidden_size, self.num_heads, self.head_v_dim, rank, gated=gated)
+    def _add_importance(self, rank: RankSpec, gated: bool = True, bias: bool = True, init: str = "identity",
+                        defaults: Optional[Dict[str, Any]] = None) -> None:
+        """Add the importance path when the objective uses an importance rate.
+
+        ``rank``: an int, None (``min(64, hidden_size)``) or ``"auto"`` (``ceil(hidden_size / 16)``, the paper's
+        ``beta_step_rank="auto"``). ``gated``: a per-head gate γ; ``bias``: a bias on W_b2; ``init``: the law of
+        :mod:`metaplastic.models.importance`. ``defaults``: the mixer's defaults of these three, so that only
+        departures from them are recorded in ``mixer_kwargs``.
+        """
+        if not self.objective.uses_importance_rate:
+            return
+        rank = resolve_rank(rank, self.hidden_size)
+        self.mixer_kwargs["importance_rank"] = rank
+        chosen = dict(importance_gate=gated, importance_bias=bias, importance_init=init)
+        defaults = {**dict(importance_gate=True, importance_bias=True, importance_init="identity"), **(defaults or {})}
+        self.mixer_kwargs.update({key: val for key, val in chosen.items() if val != defaults[key]})
+        self.importance = ImportancePath(self.hidden_size, self.num_heads, self.head_v_dim, rank, gated=gated,
+                                         bias=bias, init=init)
 
     def importance_kwargs(self, hidden_states: torch.Tensor, rate: torch.Tensor) -> Dict[str, torch.Tensor]:
         """``b`` and ``prior_precision`` for the scan (empty for a point posterior)."""

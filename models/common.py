@@ -89,18 +89,38 @@ def causal_conv(x: Tensor, weight: Tensor, bias: Optional[Tensor], state: Option
 
 
 def short_convs(module: nn.Module, hidden_states: Tensor, conv_state: dict,
-                names: Tuple[str, ...] = ("q", "k", "v")) -> Tuple[Tuple[Tensor, ...], dict]:
+                names: Tuple[str, ...] = ("q", "k", "v"),
+                mask: Optional[Tensor] = None) -> Tuple[Tuple[Tensor, ...], dict]:
     """``causal_conv(<name>_proj(h))`` through ``<name>_conv1d`` for each name (fla's short convolutions).
 
-    Returns the activations in the order of ``names`` and the new convolution states ``{name: state}``.
+    ``mask [B, T, 1]`` (0 at padded tokens) zeroes the convolution's input there. Returns the activations in
+    the order of ``names`` and the new convolution states ``{name: state}``.
     """
     outputs, states = [], {}
     for name in names:
         conv = getattr(module, f"{name}_conv1d")
-        x, states[name] = causal_conv(getattr(module, f"{name}_proj")(hidden_states), conv.weight, conv.bias,
-                                      conv_state.get(name))
+        x = getattr(module, f"{name}_proj")(hidden_states)
+        if mask is not None:
+            x = x * mask
+        x, states[name] = causal_conv(x, conv.weight, conv.bias, conv_state.get(name))
         outputs.append(x)
     return tuple(outputs), states
+
+
+def padding_mask(attention_mask: Optional[Tensor], hidden_states: Tensor) -> Optional[Tensor]:
+    """``attention_mask [B, T]`` (1 = token, 0 = padding) as ``[B, T, 1]`` in ``hidden_states``' dtype; None when
+    there is no mask or it has no zeros. Mixers multiply their convolution inputs and write gates by it, so
+    that a padded token leaves every state unchanged (α = 1, β = 0, b = 0, zero convolution input)."""
+    if attention_mask is None:
+        return None
+    B, T, _ = hidden_states.shape
+    if attention_mask.dim() != 2 or attention_mask.shape[0] != B or attention_mask.shape[1] < T:
+        raise ValueError(f"attention_mask must be [B, T] = [{B}, {T}] (or longer, covering earlier tokens), "
+                         f"got {list(attention_mask.shape)}")
+    attention_mask = attention_mask[:, attention_mask.shape[1] - T:]
+    if bool(attention_mask.all()):
+        return None
+    return attention_mask.to(device=hidden_states.device, dtype=hidden_states.dtype)[:, :, None]
 
 
 def conv_layer(channels: int, kernel: int, bias: bool) -> nn.Conv1d:
@@ -108,14 +128,32 @@ def conv_layer(channels: int, kernel: int, bias: bool) -> nn.Conv1d:
     return nn.Conv1d(channels, channels, kernel_size=kernel, groups=channels, padding=kernel - 1, bias=bias)
 
 
-def l2_normalize(x: Tensor, eps: float = 1e-6) -> Tensor:
-    """``x / ||x||`` over the last dimension (fla's convention: ``x · rsqrt(Σx² + eps)``)."""
+L2_NORMS = ("rsqrt", "normalize")
+
+
+def l2_normalize(x: Tensor, eps: float = 1e-6, form: str = "rsqrt") -> Tensor:
+    """``x / ||x||`` over the last dimension. ``form="rsqrt"``: fla's ``x · rsqrt(Σx² + eps)`` (eps 1e-6,
+    computed in float32); ``form="normalize"``: ``F.normalize``, ``x / max(||x||, 1e-12)`` in x's dtype (the
+    paper authors' layer)."""
+    if form == "normalize":
+        return F.normalize(x, p=2.0, dim=-1, eps=1e-12)
+    if form != "rsqrt":
+        raise ValueError(f"l2 norm form must be one of {L2_NORMS}, got {form!r}")
     return x * torch.rsqrt(x.float().pow(2).sum(-1, keepdim=True) + eps).to(x.dtype)
 
 
 def inverse_softplus(x: Tensor) -> Tensor:
     """``softplus⁻¹(x)`` for ``x > 0``."""
     return x + torch.log(-torch.expm1(-x))
+
+
+def init_A_log(num_heads: int, A_range=(1.0, 16.0)) -> Tensor:
+    """``A_log = log A`` with ``A ~ U(lo, hi)`` per head (``(1, 16)``: mamba_ssm and fla; ``(0, 16)``: the paper
+    authors')."""
+    lo, hi = (float(a) for a in A_range)
+    if not 0 <= lo < hi:
+        raise ValueError(f"A_init_range must be (lo, hi) with 0 <= lo < hi, got {tuple(A_range)}")
+    return torch.log(torch.empty(num_heads).uniform_(lo, hi))
 
 
 def init_dt_bias(num_heads: int, dt_min: float = 1e-3, dt_max: float = 0.1, floor: float = 1e-4) -> Tensor:

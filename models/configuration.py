@@ -64,13 +64,22 @@ class MetaplasticConfig(PretrainedConfig):
                     raise ValueError(f"config: {name} must be a {kind.__name__} or a list of them, got {entry!r:.60}")
         for kwargs in (self.mixer_kwargs if isinstance(self.mixer_kwargs, list) else [self.mixer_kwargs]):
             for key in SIZE_KWARGS:
-                if kwargs.get(key) is not None:
-                    _size(f"mixer_kwargs.{key}", kwargs[key], 1)
+                if kwargs.get(key) is not None and not (key == "importance_rank" and kwargs[key] == "auto"):
+                    _size(f"mixer_kwargs.{key}", kwargs[key], 1)  # importance_rank may be "auto": ceil(hidden/16)
         h = self.hidden_size
         estimate = self.vocab_size * h + layers * (h * h + 3 * h * self.intermediate_size)
         if estimate > MAX_PARAMETERS:
             raise ValueError(f"config: vocab_size={self.vocab_size}, hidden_size={h}, num_hidden_layers={layers} "
                              f"imply over {estimate:.3g} parameters (more than {MAX_PARAMETERS:.0e})")
+
+    @classmethod
+    def authors_preset(cls, model_type: str, **fields: Any) -> "MetaplasticConfig":
+        """The paper authors' ``model_type`` (``"palimpsa"`` or ``"meta_mamba2"``) with every mixer option set
+        to their choice; ``fields`` are their config's fields, with their names and defaults
+        (e.g. ``authors_preset("palimpsa", hidden_size=768, num_heads=16, head_dim=48, expand_v=1,
+        num_hidden_layers=19)``). See :mod:`metaplastic.models.authors_config`."""
+        from .authors_config import authors_config
+        return authors_config(model_type, **fields)
 
     def mixer_for(self, layer_idx: int) -> str:
         """The mixer name of layer ``layer_idx``."""

@@ -20,7 +20,7 @@ from metaplastic.registry import registry
 from metaplastic.kernels import scan
 
 from .base import Mixer
-from .common import NormThenGate, conv_layer, init_dt_bias, l2_normalize, layer_cache, short_convs
+from .common import NormThenGate, conv_layer, init_dt_bias, l2_normalize, layer_cache, padding_mask, short_convs
 
 
 class GatedDeltaNet(Mixer):
@@ -66,19 +66,24 @@ class GatedDeltaNet(Mixer):
         self.scale = registry[self.registry_name].scale_for(head_dim)
         self._add_importance(importance_rank)
 
-    def forward(self, hidden_states: torch.Tensor, cache=None, layer_idx: Optional[int] = None) -> torch.Tensor:
-        """``[B, T, hidden_size]`` -> ``[B, T, hidden_size]``."""
+    def forward(self, hidden_states: torch.Tensor, cache=None, layer_idx: Optional[int] = None,
+                attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """``[B, T, hidden_size]`` -> ``[B, T, hidden_size]``; ``attention_mask [B, T]`` (0 = padding): padded
+        tokens leave the convolution and scan states unchanged (zero conv input, α = 1, β = 0)."""
+        mask = padding_mask(attention_mask, hidden_states)
         entry = layer_cache(cache, layer_idx)
         conv = {} if entry is None else entry.get("conv", {})
         B, T, _ = hidden_states.shape
         H, K, V = self.num_heads, self.head_k_dim, self.head_v_dim
-        (q, k, v), conv_states = short_convs(self, hidden_states, conv)
+        (q, k, v), conv_states = short_convs(self, hidden_states, conv, mask=mask)
         groups = H // self.num_qk_heads  # value heads per q/k head (1 without grouped values)
         q = l2_normalize(q.view(B, T, self.num_qk_heads, K)).repeat_interleave(groups, dim=2)
         k = l2_normalize(k.view(B, T, self.num_qk_heads, K)).repeat_interleave(groups, dim=2)
         v = v.view(B, T, H, V)
         beta = torch.sigmoid(self.b_proj(hidden_states).float())
         log_decay = -self.A_log.float().exp() * F.softplus(self.a_proj(hidden_states).float() + self.dt_bias.float())
+        if mask is not None:
+            beta, log_decay = beta * mask.float(), log_decay * mask.float()
         result = scan(self.objective, q, k, v, backend="auto", log_decay=log_decay, beta=beta, scale=self.scale,
                       initial_state=None if entry is None else entry.get("state"),
                       output_final_state=entry is not None, **self.importance_kwargs(hidden_states, beta))

@@ -4,46 +4,75 @@
 
 ``rate`` is the mixer's own write-rate gate (Δ for Mamba2, β for Gated DeltaNet and LongHorn), ``γ`` a
 per-head gate (γ = 0: b ≡ 0, and the mixer is output-identical to its point-posterior source, limit 2),
-and ``Ip = exp(Ip_log)`` the prior precision of p_0, a frozen buffer (0, i.e. Ip = 1).
+and ``Ip = exp(Ip_log)`` the prior precision of p_0, a frozen buffer (0, i.e. Ip = 1). Without the gate
+(``gated=False``, the paper's own layers) γ is absent and b is the product of the other factors.
+
+Initialisation laws (:data:`INITS`):
+
+- ``identity``: W_b1, W_b2 ~ N(0, 0.02²), W_b2's bias 0, b_scale = 1 (raw), γ = 0 (output-preserving);
+- ``paper``: the paper's surgery (AUTHORS_FORMAT.md §3–4): W_b1 ~ N(0, 0.02²), W_b2 ~ U(±rank^{-1/2})
+  (PyTorch's default ``Linear`` law), bias 0, b_scale = 1 (raw, softplus 1.313), γ = 1;
+- ``paper-finetuning``: as ``paper`` with b_scale (raw) ~ U(0.1, 1) (their ``finetuning=True``).
+
+Ip_log is 0 under every law.
 """
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
 from torch import nn
 
-INITS = ("identity", "paper")
+INITS = ("identity", "paper", "paper-finetuning")
 
 
 class ImportancePath(nn.Module):
-    """``W_b1: hidden → rank``, ``W_b2: rank → H·V`` (with bias), ``b_scale [H]``, ``gamma [H]``, ``Ip_log [H]``."""
+    """``W_b1: hidden → rank``, ``W_b2: rank → H·V`` (bias optional), ``b_scale [H]``, ``gamma [H]`` (optional),
+    ``Ip_log [H]`` (a buffer). ``init`` is the law applied at construction and by transformers' weight init."""
 
-    def __init__(self, hidden_size: int, num_heads: int, head_v_dim: int, rank: int, gated: bool = True) -> None:
+    def __init__(self, hidden_size: int, num_heads: int, head_v_dim: int, rank: int, gated: bool = True,
+                 bias: bool = True, init: str = "identity") -> None:
         super().__init__()
-        self.num_heads, self.head_v_dim = num_heads, head_v_dim
+        if init not in INITS:
+            raise ValueError(f"importance init must be one of {INITS}, got {init!r}")
+        self.num_heads, self.head_v_dim, self.init = num_heads, head_v_dim, init
         self.W_b1 = nn.Linear(hidden_size, rank, bias=False)
-        self.W_b2 = nn.Linear(rank, num_heads * head_v_dim, bias=True)
+        self.W_b2 = nn.Linear(rank, num_heads * head_v_dim, bias=bias)
         self.b_scale = nn.Parameter(torch.ones(num_heads))
         self.gamma = nn.Parameter(torch.zeros(num_heads)) if gated else None
         self.register_buffer("Ip_log", torch.zeros(num_heads))
-        self.reset_parameters("identity")
+        self.reset_parameters(init)
 
     @torch.no_grad()
     def reset_parameters(self, init: str = "identity", generator: Optional[torch.Generator] = None) -> None:
-        """``identity``: γ = 0 (output-preserving). ``paper``: γ = 1, the plasticity path freshly initialised
-        (W_b1, W_b2 ~ N(0, 0.02²), bias 0, b_scale = 1), as the paper's surgery does: not output-preserving."""
+        """Draw every parameter of the path from the law ``init`` (see the module docstring)."""
         if init not in INITS:
             raise ValueError(f"init must be one of {INITS}, got {init!r}")
         if self.W_b1.weight.is_meta:  # built on the meta device: values come later (load or to_empty + reset)
             return
-        for w in (self.W_b1.weight, self.W_b2.weight):
-            w.copy_(torch.randn(w.shape, generator=generator) * 0.02)
-        self.W_b2.bias.zero_()
-        self.b_scale.fill_(1.0)
-        self.Ip_log.zero_()
+        for name, value in self.init_values(init, generator).items():
+            getattr_path(self, name).copy_(value)
+
+    def init_values(self, init: str, generator: Optional[torch.Generator] = None) -> dict:
+        """``{parameter or buffer name: value}`` drawn from the law ``init`` (float32, on the CPU)."""
+        rank = self.W_b1.out_features
+        w1 = torch.randn(self.W_b1.weight.shape, generator=generator) * 0.02
+        if init == "identity":
+            w2 = torch.randn(self.W_b2.weight.shape, generator=generator) * 0.02
+        else:
+            bound = 1.0 / math.sqrt(rank)
+            w2 = (torch.rand(self.W_b2.weight.shape, generator=generator) * 2 - 1) * bound
+        if init == "paper-finetuning":
+            b_scale = 0.1 + 0.9 * torch.rand(self.num_heads, generator=generator)
+        else:
+            b_scale = torch.ones(self.num_heads)
+        values = {"W_b1.weight": w1, "W_b2.weight": w2, "b_scale": b_scale, "Ip_log": torch.zeros(self.num_heads)}
+        if self.W_b2.bias is not None:
+            values["W_b2.bias"] = torch.zeros(self.W_b2.out_features)
         if self.gamma is not None:
-            self.gamma.fill_(0.0 if init == "identity" else 1.0)
+            values["gamma"] = torch.full((self.num_heads,), 0.0 if init == "identity" else 1.0)
+        return values
 
     @torch.no_grad()
     def project_(self) -> None:
@@ -68,6 +97,13 @@ class ImportancePath(nn.Module):
         if rate.dim() == 3:
             rate = rate[..., None]
         return per_head[:, None] * rate * s
+
+
+def getattr_path(module: nn.Module, name: str) -> torch.Tensor:
+    """``module.a.b`` for ``name = "a.b"``."""
+    for part in name.split("."):
+        module = getattr(module, part)
+    return module
 
 
 def project_importance_(model: nn.Module) -> None:

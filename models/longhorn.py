@@ -18,7 +18,7 @@ from torch import nn
 from metaplastic.kernels import scan
 
 from .base import Mixer
-from .common import causal_conv, conv_layer, layer_cache
+from .common import causal_conv, conv_layer, layer_cache, padding_mask
 
 
 class LongHorn(Mixer):
@@ -43,15 +43,22 @@ class LongHorn(Mixer):
         self.out_proj = nn.Linear(d_inner, hidden_size, bias=use_bias)
         self._add_importance(importance_rank)
 
-    def forward(self, hidden_states: torch.Tensor, cache=None, layer_idx: Optional[int] = None) -> torch.Tensor:
-        """``[B, T, hidden_size]`` -> ``[B, T, hidden_size]``."""
+    def forward(self, hidden_states: torch.Tensor, cache=None, layer_idx: Optional[int] = None,
+                attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """``[B, T, hidden_size]`` -> ``[B, T, hidden_size]``; ``attention_mask [B, T]`` (0 = padding): padded
+        tokens leave the convolution and scan states unchanged (zero conv input, β = 0)."""
+        mask = padding_mask(attention_mask, hidden_states)
         entry = layer_cache(cache, layer_idx)
         B, T, _ = hidden_states.shape
         N = self.head_k_dim
         x, z = self.in_proj(hidden_states).chunk(2, dim=-1)
+        if mask is not None:
+            x = x * mask
         x, conv_state = causal_conv(x, self.conv1d.weight, self.conv1d.bias, None if entry is None else entry.get("conv"))
         dt_low, Bm, Cm = self.x_proj(x).split([self.dt_rank, N, N], dim=-1)
         beta = torch.sigmoid(self.dt_proj(dt_low).float())[:, :, None, :]  # [B, T, 1, d_inner]
+        if mask is not None:
+            beta = beta * mask.float()[:, :, :, None]
         result = scan(self.objective, Cm[:, :, None, :], Bm[:, :, None, :], x[:, :, None, :], backend="auto",
                       beta=beta, scale=1.0,
                       initial_state=None if entry is None else entry.get("state"),

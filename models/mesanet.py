@@ -17,7 +17,7 @@ from torch import nn
 from metaplastic.kernels import scan
 
 from .base import Mixer
-from .common import NormThenGate, conv_layer, inverse_softplus, l2_normalize, layer_cache, short_convs
+from .common import NormThenGate, conv_layer, inverse_softplus, l2_normalize, layer_cache, padding_mask, short_convs
 
 
 class MesaNet(Mixer):
@@ -49,17 +49,22 @@ class MesaNet(Mixer):
         self.o_norm = NormThenGate(head_dim, eps=norm_eps)
         self.o_proj = nn.Linear(dim, hidden_size, bias=False)
 
-    def forward(self, hidden_states: torch.Tensor, cache=None, layer_idx: Optional[int] = None) -> torch.Tensor:
-        """``[B, T, hidden_size]`` -> ``[B, T, hidden_size]``."""
+    def forward(self, hidden_states: torch.Tensor, cache=None, layer_idx: Optional[int] = None,
+                attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """``[B, T, hidden_size]`` -> ``[B, T, hidden_size]``; ``attention_mask [B, T]`` (0 = padding): padded
+        tokens leave the convolution and scan states unchanged (zero conv input, α = 1, β = 0)."""
+        mask = padding_mask(attention_mask, hidden_states)
         entry = layer_cache(cache, layer_idx)
         conv = {} if entry is None else entry.get("conv", {})
         B, T, _ = hidden_states.shape
         H, K = self.num_heads, self.head_k_dim
-        (q, k), conv_states = short_convs(self, hidden_states, conv, ("q", "k"))
+        (q, k), conv_states = short_convs(self, hidden_states, conv, ("q", "k"), mask=mask)
         q, k = l2_normalize(q.view(B, T, H, K)), l2_normalize(k.view(B, T, H, K))
         v = self.v_proj(hidden_states).view(B, T, H, K)
         beta = torch.sigmoid(self.b_proj(hidden_states).float())
         log_decay = F.logsigmoid(self.a_proj(hidden_states).float())
+        if mask is not None:
+            beta, log_decay = beta * mask.float(), log_decay * mask.float()
         lam = (F.softplus(self.lambda_params.float()) + self.lambda_lower_bound).view(H, K)
         result = scan(self.objective, q, k, v, backend="auto", log_decay=log_decay, beta=beta, lam=lam, scale=1.0,
                       initial_state=None if entry is None else entry.get("state"),

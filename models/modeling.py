@@ -3,7 +3,8 @@
 The state-dict layout is Hugging Face Mamba2's (``backbone.embeddings.weight``, ``backbone.layers.{i}.norm.weight``,
 ``backbone.layers.{i}.mixer.*``, ``backbone.norm_f.weight``, ``lm_head.weight``), so converting a Mamba2
 checkpoint is a copy plus the new keys of the metaplastic path. ``generate()`` decodes token by token
-through :class:`MetaplasticCache`.
+through :class:`MetaplasticCache`; a left-padded batch (``attention_mask`` with zeros) decodes each row as
+that prompt alone, because every mixer leaves its states unchanged at padded tokens.
 """
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ from transformers.utils import ModelOutput
 from .cache import MetaplasticCache
 from .common import RMSNorm
 from .configuration import MetaplasticConfig
+from .importance import ImportancePath, getattr_path
 from .mixers import build_mixer
 
 
@@ -59,9 +61,11 @@ class MetaplasticBlock(nn.Module):
             self.mlp_norm = RMSNorm(config.hidden_size, eps=config.layer_norm_epsilon)
             self.mlp = GatedMLP(config.hidden_size, config.intermediate_size)
 
-    def forward(self, hidden_states: torch.Tensor, cache: Optional[MetaplasticCache] = None) -> torch.Tensor:
+    def forward(self, hidden_states: torch.Tensor, cache: Optional[MetaplasticCache] = None,
+                attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         residual = hidden_states.float() if self.residual_in_fp32 else hidden_states
-        mixed = self.mixer(self.norm(hidden_states.to(self.norm.weight.dtype)), cache=cache, layer_idx=self.layer_idx)
+        mixed = self.mixer(self.norm(hidden_states.to(self.norm.weight.dtype)), cache=cache, layer_idx=self.layer_idx,
+                           attention_mask=attention_mask)
         hidden_states = residual + mixed
         if self.mlp is not None:
             hidden_states = hidden_states + self.mlp(self.mlp_norm(hidden_states.to(self.mlp_norm.weight.dtype)))
@@ -78,12 +82,14 @@ class MetaplasticModel(nn.Module):
         self.norm_f = RMSNorm(config.hidden_size, eps=config.layer_norm_epsilon)
 
     def forward(self, input_ids: Optional[torch.LongTensor] = None, inputs_embeds: Optional[torch.Tensor] = None,
-                cache: Optional[MetaplasticCache] = None) -> torch.Tensor:
+                cache: Optional[MetaplasticCache] = None,
+                attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """``attention_mask [B, T]``: 0 marks padding, which leaves every layer's states unchanged."""
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("give exactly one of input_ids and inputs_embeds")
         hidden_states = self.embeddings(input_ids) if inputs_embeds is None else inputs_embeds
         for layer in self.layers:
-            hidden_states = layer(hidden_states, cache=cache)
+            hidden_states = layer(hidden_states, cache=cache, attention_mask=attention_mask)
         return self.norm_f(hidden_states)
 
 
@@ -97,6 +103,15 @@ class MetaplasticPreTrainedModel(PreTrainedModel):
     _no_split_modules = ["MetaplasticBlock"]
     _is_stateful = True
     supports_gradient_checkpointing = False
+
+    def _init_weights(self, module: nn.Module) -> None:
+        """transformers' default, then each importance path redrawn from its own law (children are visited
+        first, so this wins over the default ``Linear`` init; loaded tensors are left alone)."""
+        super()._init_weights(module)
+        if isinstance(module, ImportancePath):
+            from transformers import initialization as init
+            for name, value in module.init_values(module.init).items():
+                init.copy_(getattr_path(module, name), value.to(getattr_path(module, name).dtype))
 
 
 class MetaplasticForCausalLM(MetaplasticPreTrainedModel, GenerationMixin):
@@ -134,14 +149,14 @@ class MetaplasticForCausalLM(MetaplasticPreTrainedModel, GenerationMixin):
                 use_cache: Optional[bool] = None, attention_mask: Optional[torch.Tensor] = None,
                 return_dict: Optional[bool] = None, logits_to_keep: int = 0, **kwargs) -> MetaplasticCausalLMOutput:
         """``input_ids [B, T]`` -> logits ``[B, T, vocab_size]``; with ``use_cache`` the state comes back in
-        ``cache``. ``labels`` gives the shifted next-token cross-entropy.
-        ``attention_mask`` must be all ones (left padding is not supported by a recurrent state)."""
-        if attention_mask is not None and not bool(attention_mask.all()):
-            raise ValueError("attention_mask with zeros (padding) is not supported: run unpadded sequences")
+        ``cache``. ``labels`` gives the shifted next-token cross-entropy. ``attention_mask [B, T]`` (or longer:
+        its last T columns are used): a 0 marks a padded token, which leaves every state unchanged, so each row
+        of a left-padded batch computes what that row alone computes (logits at padded positions mean nothing)."""
         use_cache = use_cache if use_cache is not None else (self.config.use_cache and not self.training)
         if use_cache and cache is None:
             cache = MetaplasticCache()
-        hidden_states = self.backbone(input_ids, inputs_embeds, cache=cache if use_cache else None)
+        hidden_states = self.backbone(input_ids, inputs_embeds, cache=cache if use_cache else None,
+                                      attention_mask=attention_mask)
         if use_cache:
             cache.seen_tokens += hidden_states.shape[1]
         if logits_to_keep:

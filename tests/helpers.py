@@ -210,3 +210,15 @@ def tiny_gated_deltanet(seed: int = 0, *, tie: bool = True, num_v_heads: Optiona
         else:
             p.copy_(0.4 * torch.randn(p.shape, generator=gen))
     return model
+
+
+def skip_unless_grouped(n_groups: int) -> None:
+    """Skip a comparison with transformers' Mamba2 at ``n_groups > 1`` when the installed transformers is older
+    than 5.23.0: before it, its gated RMSNorm ran over the whole d_inner instead of per group (mamba_ssm)."""
+    import pytest
+    import transformers
+
+    from metaplastic.oracles import transformers_mamba2_is_grouped
+    if n_groups > 1 and not transformers_mamba2_is_grouped():
+        pytest.skip(f"transformers {transformers.__version__} < 5.23 normalises Mamba2's gated output over the "
+                    "whole d_inner, not per group as mamba_ssm: not a reference at n_groups > 1")

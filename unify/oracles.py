@@ -275,3 +275,19 @@ ORACLES: Tuple[Oracle, ...] = (
 def scan_kwargs(inputs: Inputs) -> Inputs:
     """The inputs an oracle built, minus its private entries (``_*``), ready for ``metaplastic.scan``."""
     return {key: val for key, val in inputs.items() if not key.startswith("_")}
+
+
+# transformers' Mamba2 follows mamba_ssm for n_groups > 1 (heads read their group's B, C in contiguous blocks,
+# and the gated RMSNorm runs within each group) from this version on; before it, its gated RMSNorm ran over
+# the whole d_inner (the paper authors' convention), which gives other logits whenever n_groups > 1.
+TRANSFORMERS_MAMBA2_GROUPED_NORM = (5, 23, 0)
+
+
+def transformers_mamba2_is_grouped(version: Optional[str] = None) -> bool:
+    """True when the installed (or the given) transformers normalises Mamba2's gated output per group, as
+    mamba_ssm does; only then is it a reference for Mamba2 at ``n_groups > 1``."""
+    from packaging.version import Version
+    if version is None:
+        import transformers
+        version = transformers.__version__
+    return Version(version).release >= TRANSFORMERS_MAMBA2_GROUPED_NORM

@@ -16,7 +16,7 @@ from transformers import AutoModelForCausalLM  # noqa: E402
 
 from metaplastic.models import MetaplasticForCausalLM, convert_mamba2  # noqa: E402
 
-from helpers import assert_close, tiny_mamba2, write_hf, write_mamba_ssm  # noqa: E402
+from helpers import assert_close, skip_unless_grouped, tiny_mamba2, write_hf, write_mamba_ssm  # noqa: E402
 
 
 def logits(model, ids):
@@ -29,6 +29,7 @@ IDS = torch.randint(0, 37, (2, 12), generator=torch.Generator().manual_seed(0))
 
 @pytest.mark.parametrize("tie,shard,n_groups", [(True, False, 2), (False, True, 1)])
 def test_hf_checkpoint_converts_output_identical(tmp_path, tie, shard, n_groups):
+    skip_unless_grouped(n_groups)
     source = tiny_mamba2(tie_word_embeddings=tie, n_groups=n_groups)
     write_hf(source, tmp_path / "src", shard=shard)
     if shard:
@@ -48,6 +49,7 @@ def test_hf_checkpoint_converts_output_identical(tmp_path, tie, shard, n_groups)
 @pytest.mark.parametrize("weights", ["bin", "safetensors"])
 def test_mamba_ssm_checkpoint_converts_output_identical(tmp_path, weights):
     # vocabulary 45 padded to 48: the checkpoint's embedding has 48 rows, as mamba_ssm writes it
+    skip_unless_grouped(2)
     source = tiny_mamba2(3, vocab_size=48, tie_word_embeddings=True, n_groups=2)
     write_mamba_ssm(source, tmp_path / "src", weights=weights, unpadded_vocab=45)
     lines = []
@@ -63,6 +65,7 @@ def test_mamba_ssm_checkpoint_converts_output_identical(tmp_path, weights):
 
 
 def test_cli_verify_prints_differences_and_force_replaces(tmp_path, capsys):
+    skip_unless_grouped(2)
     write_hf(tiny_mamba2(), tmp_path / "src")
     dst = tmp_path / "dst"
     assert main(["convert", str(tmp_path / "src"), str(dst), "--verify", "--no-progress"]) == 0

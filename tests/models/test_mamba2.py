@@ -10,7 +10,7 @@ transformers = pytest.importorskip("transformers")
 from transformers import Mamba2ForCausalLM  # noqa: E402
 from transformers.models.mamba2.modeling_mamba2 import Mamba2Mixer  # noqa: E402
 
-from helpers import assert_close, mamba2_config, perturb_  # noqa: E402
+from helpers import assert_close, mamba2_config, perturb_, skip_unless_grouped  # noqa: E402
 
 CONFIGS = [  # (hidden, heads, head_dim, state, groups, conv, use_bias, conv_bias, time_step_limit)
     dict(hidden_size=16, num_heads=4, head_dim=8, state_size=8, n_groups=1, conv_kernel=4),
@@ -37,6 +37,7 @@ def our_config(cfg, mixer="mamba2"):
 @pytest.mark.parametrize("kw", CONFIGS)
 def test_mixer_equals_transformers_mamba2_mixer(kw):
     cfg = mamba2_config(tie_word_embeddings=False, **kw)
+    skip_unless_grouped(cfg.n_groups)
     ref = Mamba2Mixer(cfg, layer_idx=0).eval()
     perturb_(ref)
     ours = build_mixer("mamba2", cfg.hidden_size, **mixer_kwargs(cfg)).eval()
@@ -49,6 +50,7 @@ def test_mixer_equals_transformers_mamba2_mixer(kw):
 @pytest.mark.parametrize("kw,tie,vocab", [(CONFIGS[0], True, 37), (CONFIGS[1], False, 50), (CONFIGS[2], True, 29)])
 def test_lm_logits_equal_transformers(kw, tie, vocab):
     cfg = mamba2_config(vocab_size=vocab, tie_word_embeddings=tie, **kw)
+    skip_unless_grouped(cfg.n_groups)
     torch.manual_seed(0)
     ref = Mamba2ForCausalLM(cfg).eval()
     perturb_(ref)
@@ -65,6 +67,7 @@ def test_lm_logits_equal_transformers(kw, tie, vocab):
 
 def test_greedy_generate_cache_equals_full_forwards_and_transformers():
     cfg = mamba2_config(vocab_size=41, tie_word_embeddings=True, **CONFIGS[1])
+    skip_unless_grouped(cfg.n_groups)
     torch.manual_seed(0)
     ref = Mamba2ForCausalLM(cfg).eval()
     perturb_(ref, seed=3)
@@ -101,6 +104,7 @@ def test_cache_state_in_pieces_equals_whole():
 
 def test_to_metaplastic_identity_then_gamma_opens_the_path():
     cfg = mamba2_config(tie_word_embeddings=False, **CONFIGS[1])
+    skip_unless_grouped(cfg.n_groups)
     ref = Mamba2Mixer(cfg, layer_idx=0).eval()
     perturb_(ref, seed=7)
     mixer = build_mixer("mamba2", cfg.hidden_size, **mixer_kwargs(cfg))
@@ -145,7 +149,9 @@ def test_lm_on_gpu_equals_transformers(mixer, ieee_fp32):
     ``torch.backends.cuda.matmul.allow_tf32`` is set, and the ``ieee_fp32`` fixture turns TF32 off for torch's
     matmuls and cuDNN's convolutions. float32 rounds at 6e-8; the two sides sum in different orders over
     T = 96 tokens and two layers, which leaves ~1e-6 relative on the logits, hence the CPU tests' 1e-5."""
-    cfg = mamba2_config(vocab_size=101, tie_word_embeddings=True, hidden_size=64, num_heads=4, head_dim=32, state_size=16, n_groups=2)
+    cfg = mamba2_config(vocab_size=101, tie_word_embeddings=True, hidden_size=64, num_heads=4, head_dim=32,
+                        state_size=16, n_groups=2)
+    skip_unless_grouped(cfg.n_groups)
     torch.manual_seed(0)
     ref = Mamba2ForCausalLM(cfg).eval()
     perturb_(ref, seed=9)

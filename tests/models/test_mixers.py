@@ -129,18 +129,6 @@ def test_layers_equal_fla_on_gpu(name, tol, ieee_fp32):
     assert_close(got, expected, rtol=tol)
 
 
-def test_padding_mask_is_refused_not_ignored():
-    config = MetaplasticConfig(vocab_size=20, hidden_size=16, num_hidden_layers=1, mixer="mamba2",
-                               mixer_kwargs=TINY["mamba2"])
-    model = MetaplasticForCausalLM(config).eval()
-    ids = torch.randint(0, 20, (2, 5), generator=torch.Generator().manual_seed(0))
-    mask = torch.ones_like(ids)
-    mask[0, 0] = 0
-    with pytest.raises(ValueError, match="padding"):
-        model.generate(ids, attention_mask=mask, max_new_tokens=2)
-    assert model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=2, do_sample=False).shape == (2, 7)
-
-
 def test_importance_projection_keeps_gamma_non_negative():
     """After an optimizer step that pushes γ below zero, project_importance_ cuts it back to 0 (b ≥ 0)."""
     from metaplastic.models import project_importance_
