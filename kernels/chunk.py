@@ -39,7 +39,7 @@ from typing import Callable, Dict, Optional, Tuple, Union
 import torch
 
 from metaplastic.objective import Objective
-from metaplastic.scan import ScanResult, validate_inputs, zero_state
+from metaplastic.scan import ScanResult, expand_groups, validate_inputs, zero_state
 
 Tensor = torch.Tensor
 VECTOR_CHUNK = 8  # chunk cap with vector decay: the [C, C, K] decay tensor costs C·K per token
@@ -332,6 +332,18 @@ class DiagonalScan(torch.autograd.Function):
 
 
 # ------------------------------------------------------------------------------------------ the models
+def grouped_applies(groups: int, V: int, I0: Tensor) -> bool:
+    """Whether the grouped path (:mod:`.chunk_grouped`) runs ``groups`` importance groups: fewer groups than
+    value rows (``G = V`` is the per-value path), and an initial precision ``I0 [B,H,V,K]`` constant within
+    each group that needs no gradient (the grouped path has no per-row gradient of ``I0``)."""
+    if not (groups == 1 or groups < V):
+        return False
+    if torch.is_grad_enabled() and I0.requires_grad:
+        return False
+    I0g = I0.unflatten(2, (groups, V // groups))
+    return bool((I0g == I0g[:, :, :, :1]).all())
+
+
 def _heads_first(x: Optional[Tensor], dtype: torch.dtype) -> Optional[Tensor]:
     """``[B, T, H, ...] -> [B, H, T, ...]`` in ``dtype``; a ``[B, T, H]`` gate gets a trailing 1."""
     if x is None:
@@ -349,6 +361,7 @@ def _chunk_dense(objective: Objective, q, k, v, log_decay, beta, b, Ip: Tensor, 
     ``dot`` is the gated linear-attention primitive (:class:`ChunkDot`, or the Triton one)."""
     B, T, H, K = q.shape
     V = v.shape[-1]
+    torch_read = dot is None
     dot = ChunkDot.apply if dot is None else dot
     qh, kh, vh = (_heads_first(x, dtype) for x in (q, k, v))  # [B,H,T,D]
     g = _heads_first(log_decay, dtype)
@@ -368,12 +381,21 @@ def _chunk_dense(objective: Objective, q, k, v, log_decay, beta, b, Ip: Tensor, 
         I0, M0 = Ip4.expand(B, H, V, K), qh.new_zeros(B, H, V, K)
     else:
         I0, M0 = init["I"], init["I"] * init["mu"]
+    groups = 1 if (b is None or b.dim() == 3) else b.shape[-1]
+    if torch_read and grouped_applies(groups, V, I0):
+        # THEORY.md limits 7-8: G simple-GLA reads sharing keys, values, decays and M (chunk_grouped.py)
+        b_h = qh.new_zeros(B, H, T, 1) if b is None else _heads_first(b, dtype)
+        J0 = I0[:, :, ::V // groups] - Ip4
+        o, var, M_T, J_T = grouped_diagonal(qh, kh, vh, beta_h, b_h, g, M0, J0, Ip, scale, C, output_variance)
+        I_T = (J_T + Ip4).repeat_interleave(V // groups, dim=2)
+        return ScanResult(o.transpose(1, 2), {"mu": M_T / I_T, "I": I_T},
+                          None if var is None else var.transpose(1, 2))
     bv = vh if beta_h is None else beta_h * vh
     k2 = kh * kh
     # The fast path needs I_0 constant over value rows; it cannot give a per-row gradient of I_0.
     head_shared = ((b is None or b.dim() == 3) and not (torch.is_grad_enabled() and I0.requires_grad)
                    and bool((I0 == I0[:, :, :1]).all()))
-    if head_shared:  # THEORY.md limit 7: I_t over key channels only, o = scale · M_t (q ⊘ I_t)
+    if head_shared:  # THEORY.md limit 7 with another read primitive: o = scale · M_t (q ⊘ I_t)
         b_h = _heads_first(b, dtype)
         xJ = (torch.zeros_like(k2) if b_h is None else b_h * k2)[:, :, :, None, :]  # [B,H,T,1,K]
         J = DecayedScan.apply(xJ, g, (I0 - Ip4)[:, :, :1], C)[:, :, :, 0]
@@ -385,9 +407,9 @@ def _chunk_dense(objective: Objective, q, k, v, log_decay, beta, b, Ip: Tensor, 
         I_T = I[:, :, -1, None, :].expand(B, H, V, K)
         return ScanResult(o.transpose(1, 2), {"mu": M_T / I_T, "I": I_T}, var)
 
-    # b per value row (or an initial precision that varies over value rows): materialise M_t and I_t,
+    # b per value row (or an initial precision that varies within a group): materialise M_t and I_t,
     # one chunk of at most DIAGONAL_CHUNK tokens at a time.
-    b_h = qh.new_zeros(B, H, T, 1) if b is None else _heads_first(b, dtype)
+    b_h = qh.new_zeros(B, H, T, 1) if b is None else _heads_first(expand_groups(b, V), dtype)
     Ip5 = Ip.view(1, H, 1, 1, 1)
     o, var, M_T, J_T = DiagonalScan.apply(qh, kh, bv, b_h, g, M0, I0 - Ip4, Ip5, scale, min(C, DIAGONAL_CHUNK),
                                           output_variance)
@@ -445,3 +467,6 @@ def chunk_scan(objective: Objective, q: Tensor, k: Tensor, v: Tensor, *, log_dec
     variance = torch.cat(vars_, 1) if output_variance else None
     final = {key: torch.cat([f[key] for f in finals], 0) for key in finals[0]} if output_final_state else None
     return ScanResult(output, final, variance)
+
+
+from .chunk_grouped import grouped_diagonal  # noqa: E402  (it imports this module's helpers)

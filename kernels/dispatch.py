@@ -6,7 +6,8 @@ Backends:
 - ``chunk``:            :func:`metaplastic.kernels.chunk.chunk_scan`, torch, likelihood ``dot`` / ``dot_diag``;
 - ``triton_chunk``:     :func:`metaplastic.kernels.chunk_triton.chunk_triton_scan`, Triton forward of the
                         chunked path (``dot``; ``dot_diag`` with a head-shared ``b``; scalar or no forgetting);
-- ``triton_recurrent``: :func:`metaplastic.kernels.fused_recurrent.fused_recurrent_scan`, every objective;
+- ``triton_recurrent``: :func:`metaplastic.kernels.fused_recurrent.fused_recurrent_scan`, every objective
+                        (grouped importance ``b [B,T,H,G]`` is expanded to one rate per value row);
 - ``triton``:           ``triton_chunk`` where it covers the settings, else ``triton_recurrent``;
 - ``auto``:             ``triton`` on CUDA tensors; on other devices ``chunk`` where it covers the
                         likelihood, else ``reference``.
@@ -21,7 +22,7 @@ from typing import Dict, Optional, Union
 import torch
 
 from metaplastic.objective import Objective
-from metaplastic.scan import ScanResult
+from metaplastic.scan import ScanResult, expand_groups, validate_inputs
 from metaplastic.scan import scan as reference_scan
 
 from . import chunk as _chunk
@@ -49,9 +50,9 @@ def triton_chunk_reason(objective: Objective, b: Optional[Tensor], initial_state
     if objective.forgetting == "vector":
         return "the chunked Triton path supports forgetting 'none' or 'scalar', not 'vector' (GLA)"
     if objective.likelihood == "dot_diag":
-        if b is not None and b.dim() == 4:
+        if b is not None and b.dim() == 4 and b.shape[-1] != 1:
             return ("the chunked Triton path needs a head-shared importance rate b [B,T,H] (THEORY.md limit 7); "
-                    "b is per value channel [B,T,H,V]")
+                    f"b has {b.shape[-1]} importance groups [B,T,H,G]")
         I0 = None if initial_state is None else initial_state.get("I")
         if isinstance(I0, Tensor) and I0.dim() >= 3:
             if not bool((I0 == I0[:, :, :1]).all()):
@@ -107,6 +108,8 @@ def scan(objective: Objective, q: Tensor, k: Tensor, v: Tensor, *, log_decay: Op
                   output_variance=output_variance, cu_seqlens=cu_seqlens)
     if not isinstance(q, Tensor):
         raise ValueError(f"q must be a tensor [B, T, H, K], got {type(q).__name__}")
+    if isinstance(b, Tensor) and b.dim() == 4 and b.shape[-1] == 1:  # one importance group: head-shared
+        b = kwargs["b"] = b[..., 0]
     chosen = select_backend(objective, q.device, backend, b, initial_state)
     if chosen == "reference":
         return reference_scan(objective, q, k, v, **kwargs)
@@ -116,4 +119,7 @@ def scan(objective: Objective, q: Tensor, k: Tensor, v: Tensor, *, log_decay: Op
         from .chunk_triton import chunk_triton_scan
         return chunk_triton_scan(objective, q, k, v, chunk_size=chunk_size, **kwargs)
     from .fused_recurrent import fused_recurrent_scan
+    if isinstance(b, Tensor) and isinstance(v, Tensor) and b.dim() == 4:  # groups -> one rate per value row
+        validate_inputs(objective, q, k, v, log_decay, beta, b, prior_precision, lam, initial_state, cu_seqlens)
+        kwargs["b"] = expand_groups(b, v.shape[-1])
     return fused_recurrent_scan(objective, q, k, v, **kwargs)
