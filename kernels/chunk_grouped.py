@@ -124,7 +124,7 @@ class GroupedDiagonal(torch.autograd.Function):
         ctx.scale, ctx.C, ctx.with_var = scale, C, with_var
         T = q.shape[2]
         var = _unchunk(f.var, T) if with_var else q.new_zeros(b.shape)
-        return _unchunk(f.o, T), var, f.M_starts[:, :, -1], f.J_starts[:, :, -1]
+        return _unchunk(f.o, T), var, f.M_starts[:, :, -1].clone(), f.J_starts[:, :, -1].clone()
 
     @staticmethod
     def backward(ctx, do, dvar, dM_T, dJ_T):
