@@ -52,7 +52,7 @@ def triton_chunk_reason(objective: Objective, b: Optional[Tensor], initial_state
     if objective.likelihood == "dot_diag":
         if b is not None and b.dim() == 4 and b.shape[-1] != 1:
             return ("the chunked Triton path needs a head-shared importance rate b [B,T,H] (THEORY.md limit 7); "
-                    f"b has {b.shape[-1]} importance groups [B,T,H,G]")
+                    f"b has G = {b.shape[-1]} importance groups [B,T,H,G] (G = V: per value channel)")
         I0 = None if initial_state is None else initial_state.get("I")
         if isinstance(I0, Tensor) and I0.dim() >= 3:
             if not bool((I0 == I0[:, :, :1]).all()):

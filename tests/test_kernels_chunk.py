@@ -9,6 +9,7 @@ import torch
 
 import metaplastic
 from metaplastic.kernels.chunk import ChunkDot, DecayedScan, DiagonalScan, chunk_scan
+from metaplastic.kernels.chunk_grouped import GroupedDiagonal
 from metaplastic.oracles import ORACLES, relative_error, scan_kwargs
 
 CHUNK_MODELS = [name for name, spec in metaplastic.registry.items()
@@ -218,11 +219,11 @@ def test_chunk_rejects_bad_arguments():
 
 
 @pytest.mark.parametrize("b_per_value,init,expected", [
-    (False, None, {"DecayedScan P=1", "ChunkDot"}), (False, "shared", {"DecayedScan P=1", "ChunkDot"}),
+    (False, None, {"GroupedDiagonal"}), (False, "shared", {"GroupedDiagonal"}),
     (True, None, {"DiagonalScan"}), (False, "random", {"DiagonalScan"})])
 def test_chunk_takes_the_limit7_fast_path(monkeypatch, b_per_value, init, expected):
-    """Head-shared b with a row-constant I_0: the precision is scanned at width 1 and read through ChunkDot
-    with q ⊘ I (THEORY.md limit 7); otherwise the per-value path materialises M and I chunk by chunk."""
+    """Head-shared b with a row-constant I_0: the precision is a K-vector, read as simple GLA with q ⊘ I
+    (THEORY.md limit 7, the grouped path with G = 1); otherwise the per-value path materialises M and I."""
     used = set()
 
     def spy(cls, label):
@@ -236,6 +237,7 @@ def test_chunk_takes_the_limit7_fast_path(monkeypatch, b_per_value, init, expect
     spy(DecayedScan, lambda a: f"DecayedScan P={a[0].shape[3]}")
     spy(ChunkDot, lambda a: "ChunkDot")
     spy(DiagonalScan, lambda a: "DiagonalScan")
+    spy(GroupedDiagonal, lambda a: "GroupedDiagonal")
     obj, x = make_inputs("palimpsa", 1, 6, 1, 2, 3, b_per_value=b_per_value, init=init)
     chunk_scan(obj, **x)
     assert used == expected
