@@ -49,11 +49,16 @@ class Mixer(nn.Module):
         """Floats in the recurrent memory per sequence (for matched-state comparisons)."""
         return memory_floats(self.objective, self.num_heads, self.head_k_dim, self.head_v_dim)
 
-    def _add_importance(self, rank: Optional[int], gated: bool = True) -> None:
+    def _add_importance(self, rank: Optional[int], gated: bool = True, groups: Optional[int] = None) -> None:
+        """The importance path, for a diagonal posterior. ``groups``: importance groups per head (None: one
+        rate per value channel; recorded in ``mixer_kwargs`` only when set, so default configs are unchanged)."""
         if self.objective.uses_importance_rate:
             rank = rank if rank is not None else min(64, self.hidden_size)
             self.mixer_kwargs["importance_rank"] = rank
-            self.importance = ImportancePath(self.hidden_size, self.num_heads, self.head_v_dim, rank, gated=gated)
+            self.importance = ImportancePath(self.hidden_size, self.num_heads, self.head_v_dim, rank, gated=gated,
+                                             groups=groups)
+            if groups is not None:
+                self.mixer_kwargs["importance_groups"] = groups
 
     def importance_kwargs(self, hidden_states: torch.Tensor, rate: torch.Tensor) -> Dict[str, torch.Tensor]:
         """``b`` and ``prior_precision`` for the scan (empty for a point posterior)."""

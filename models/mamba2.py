@@ -32,7 +32,7 @@ class Mamba2(Mixer):
                  state_size: int = 128, expand: int = 2, n_groups: int = 1, conv_kernel: int = 4,
                  use_bias: bool = False, use_conv_bias: bool = True,
                  time_step_limit: Sequence[float] = (0.0, math.inf), layer_norm_epsilon: float = 1e-5,
-                 importance_rank: Optional[int] = None) -> None:
+                 importance_rank: Optional[int] = None, importance_groups: Optional[int] = None) -> None:
         d_inner = expand * hidden_size
         if head_dim is None:
             head_dim = d_inner // num_heads if num_heads else min(64, d_inner)
@@ -59,7 +59,7 @@ class Mamba2(Mixer):
         self.D = nn.Parameter(torch.ones(num_heads))
         self.norm = GroupedGatedRMSNorm(d_inner, n_groups, eps=layer_norm_epsilon)
         self.out_proj = nn.Linear(d_inner, hidden_size, bias=use_bias)
-        self._add_importance(importance_rank)
+        self._add_importance(importance_rank, groups=importance_groups)
 
     def forward(self, hidden_states: torch.Tensor, cache=None, layer_idx: Optional[int] = None) -> torch.Tensor:
         """``hidden_states [B, T, hidden_size]`` -> ``[B, T, hidden_size]``; reads and updates ``cache``."""

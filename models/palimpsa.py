@@ -2,7 +2,8 @@
 
     q, k, v = SiLU(conv(proj h)),  q, k L2-normalised per head
     Δ = softplus(a_proj h + dt_bias),  log α = −Δ · exp(A_log),  β = σ(bs_proj h)
-    b = σ(W_b2 W_b1 h) · softplus(b_scale) · β      (one rate per value channel; Ip = exp(Ip_log) = 1, frozen)
+    b = σ(W_b2 W_b1 h) · softplus(b_scale) · β      (one rate per value channel, or per group of value rows
+                                                     with importance_groups; Ip = exp(Ip_log) = 1, frozen)
     o = scan(palimpsa; scale K^-1/2) + D · v,   out = o_proj(RMSNorm(o) ∘ silu(g_proj h))
 """
 from __future__ import annotations
@@ -28,7 +29,7 @@ class Palimpsa(Mixer):
 
     def __init__(self, hidden_size: int, *, num_heads: int = 4, head_dim: Optional[int] = None,
                  expand_v: float = 1.0, conv_size: int = 4, conv_bias: bool = False, norm_eps: float = 1e-5,
-                 importance_rank: Optional[int] = None) -> None:
+                 importance_rank: Optional[int] = None, importance_groups: Optional[int] = None) -> None:
         head_dim = head_dim if head_dim is not None else hidden_size // num_heads
         head_v_dim = int(head_dim * expand_v)
         if head_dim < 1 or head_v_dim != head_dim * expand_v:
@@ -52,7 +53,7 @@ class Palimpsa(Mixer):
         self.o_norm = NormThenGate(head_v_dim, eps=norm_eps)
         self.o_proj = nn.Linear(value_dim, hidden_size, bias=False)
         self.scale = registry[self.registry_name].scale_for(head_dim)
-        self._add_importance(importance_rank, gated=False)
+        self._add_importance(importance_rank, gated=False, groups=importance_groups)
 
     def forward(self, hidden_states: torch.Tensor, cache=None, layer_idx: Optional[int] = None) -> torch.Tensor:
         """``[B, T, hidden_size]`` -> ``[B, T, hidden_size]``."""
