@@ -24,7 +24,6 @@ from metaplastic.registry import registry
 
 FORMATS = ("markdown", "latex", "csv", "json")
 STATE_TEXT = {"point": "S: V×K", "diagonal": "μ, I: V×K", "full": "G: V×K, H: K×K"}
-STATE_LATEX = {"point": "S", "diagonal": r"\mu", "full": "G"}
 COLUMNS = ("model", "likelihood", "posterior", "solver", "transition", "forgetting", "state", "prior", "update",
            "relation", "verified")
 HEADERS = ("model", "likelihood", "posterior", "solver", "transition", "forgetting", "state", "prior p_t",
@@ -168,7 +167,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from metaplastic.cli import UserError
+    from metaplastic.errors import UserError
 
     if args.out:
         import os

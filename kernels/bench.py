@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 import metaplastic
-from metaplastic.cli import UserError
+from metaplastic.errors import UserError
 from metaplastic.experiments._threads import torch_threads
 
 from .chunk import unsupported_reason

@@ -19,10 +19,10 @@ if ! $PY -m pip install -q --no-deps --no-build-isolation --no-index -e . >/dev/
 fi
 $PY -c "import torch, triton, metaplastic; print('torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name())"
 run() { echo "== $*"; "$@" 2>&1 | tail -${TAILN:-6}; }
-TAILN=8 run timeout 130 $PY -m pytest -q -x -p no:cacheprovider tests/test_kernels_recurrent.py \
+TAILN=8 run timeout 130 $PY -m pytest -q -x -p no:cacheprovider tests/kernels/test_fused_recurrent.py \
   -k "forward_float64 or gradients_float64 or float32 or varlen"
-run timeout 70 $PY -m pytest -q -p no:cacheprovider tests/test_kernels_chunk.py tests/test_dispatch.py -k "triton or cuda"
-run timeout 70 $PY -m pytest -q -p no:cacheprovider tests/test_models_mamba2.py tests/test_models_mixers.py \
-  tests/test_convert_gdn.py -k gpu
+run timeout 70 $PY -m pytest -q -p no:cacheprovider tests/kernels/test_chunk.py tests/kernels/test_dispatch.py -k "triton or cuda"
+run timeout 70 $PY -m pytest -q -p no:cacheprovider tests/models/test_mamba2.py tests/models/test_mixers.py \
+  tests/models/test_convert_gdn.py -k gpu
 TAILN=40 run timeout 200 $PY -m metaplastic bench kernels --device cuda --reps 3 --tf32 \
   --models mamba2 simple_gla palimpsa meta_mamba2 gated_deltanet --json "$OUTDIR/bench_cuda.json"

@@ -5,7 +5,7 @@
 """
 from .cache import MetaplasticCache
 from .configuration import MetaplasticConfig
-from .converter import convert_checkpoint, convert_mamba2
+from .convert import convert_checkpoint, convert_mamba2
 from .gated_deltanet import GatedDeltaNet, MetaGatedDeltaNet
 from .importance import ImportancePath, project_importance_
 from .longhorn import LongHorn, MetaLongHorn

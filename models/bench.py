@@ -57,13 +57,14 @@ def build_checkpoint(path: Path, seed: int = 0, shapes: Dict[str, object] = MAMB
     weight bytes."""
     from transformers import Mamba2Config
 
-    from .checkpoints import Mamba2Arch, expected_shapes
-    from .safetensors_stream import StreamingSafetensorsWriter
+    from .checkpoint_io import StreamingSafetensorsWriter
+    from .convert import lm_shapes
+    from .source_mamba2 import Mamba2Arch, point_config
     path.mkdir(parents=True, exist_ok=True)
     Mamba2Config(**shapes, pad_token_id=0, bos_token_id=0, eos_token_id=0).save_pretrained(path)
     arch = Mamba2Arch(**shapes, use_bias=False, use_conv_bias=True,
                       time_step_limit=(0.0, float("inf")), layer_norm_epsilon=1e-5, residual_in_fp32=True)
-    layout = [(name, shape, torch.float32) for name, shape in expected_shapes(arch).items()]
+    layout = [(name, shape, torch.float32) for name, shape in lm_shapes(point_config(arch)).items()]
     gen = torch.Generator().manual_seed(seed)
     with StreamingSafetensorsWriter(path / "model.safetensors", layout) as writer:
         for name, shape, _ in tqdm(layout, desc="build checkpoint", leave=False):
@@ -125,7 +126,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from metaplastic.cli import UserError
+    from metaplastic.errors import UserError
     if args.repeats < 1:
         raise UserError(f"--repeats must be positive, got {args.repeats}")
     if args.workdir:

@@ -1,14 +1,367 @@
-"""``metaplastic convert SRC DST``: a Mamba2 or Gated DeltaNet checkpoint becomes a metaplastic model directory.
+"""A checkpoint -> ``MetaplasticForCausalLM`` with metaplastic mixers (THEORY.md §5), and the command
+``metaplastic convert SRC DST``.
 
-The format is detected from SRC's ``config.json``: Mamba2 (Hugging Face or mamba_ssm) -> ``meta_mamba2``
-mixers; Gated DeltaNet (fla) -> ``meta_gated_deltanet`` mixers with the source's SwiGLU MLPs.
+One mechanism for every source format: :func:`open_checkpoint` reads ``config.json`` and describes the
+source as a :class:`SourceCheckpoint`, a point-posterior ``MetaplasticForCausalLM`` config plus a key map
+(our state-dict key -> the checkpoint's key); :func:`convert_checkpoint` copies every tensor and passes each
+layer's mixer through :func:`to_metaplastic`.
+
+| format | architecture | detected by | module |
+|---|---|---|---|
+| ``hf`` | Mamba2 (transformers) | ``model_type: "mamba2"`` | :mod:`.source_mamba2` |
+| ``mamba_ssm`` | Mamba2 (original) | ``d_model`` and no ``model_type`` | :mod:`.source_mamba2` |
+| ``fla`` | Gated DeltaNet (fla) | ``model_type: "gated_deltanet"`` | :mod:`.source_fla` |
+
+Mamba2 -> ``meta_mamba2`` mixers; Gated DeltaNet -> ``meta_gated_deltanet`` mixers with the source's SwiGLU
+MLPs. With ``init="identity"`` (γ = 0) the converted model's logits equal the source's; ``init="paper"``
+initialises the plasticity path as the paper's surgery does (γ = 1, fresh W_b1/W_b2, b_scale = 1): not
+output-preserving.
+
+Tensors move one at a time (memory-mapped source, streaming safetensors writer), and the result is
+written to a temporary directory beside ``dst`` that is renamed at the end, so a failure leaves no ``dst``.
 """
 from __future__ import annotations
 
 import argparse
+import copy
+import os
+import re
+import shutil
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
-from .converter import DTYPES
+import torch
+from tqdm.auto import tqdm
 
+from metaplastic.errors import UserError
+
+from . import source_fla, source_mamba2
+from .checkpoint_io import (CheckpointError, StreamingSafetensorsWriter, TensorStore, compare_keys, nbytes, open_store,
+                            read_config)
+from .configuration import MetaplasticConfig
+from .importance import INITS
+from .twins import to_metaplastic, twin_name
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt",
+                   "tokenizer.model", "added_tokens.json", "vocab.txt")
+SEED = 0  # the importance path's initialisation is deterministic: generator seeded SEED + layer index
+_MIXER_KEY = re.compile(r"^backbone\.layers\.(\d+)\.mixer\.(.+)$")
+ARCHITECTURES = {"hf": "Mamba2", "mamba_ssm": "Mamba2", "fla": "Gated DeltaNet"}
+
+
+class ConversionError(ValueError):
+    """Bad input to the converter (one-line message)."""
+
+
+@dataclass
+class ConversionResult:
+    dst: Path
+    source_format: str
+    num_tensors: int
+    bytes_written: int
+    architecture: str = "Mamba2"
+    max_abs_diff: Optional[float] = None  # source vs in-memory converted model (verify)
+    max_abs_diff_reloaded: Optional[float] = None  # source vs the model reloaded from dst (verify)
+    reference: Optional[str] = None  # what the logits were compared with (verify)
+
+
+# --- sources ---------------------------------------------------------------------------------------
+
+@dataclass
+class SourceCheckpoint:
+    """A checkpoint to convert: its format, its architecture object, the equivalent point-posterior config,
+    its tensors and the key map from our names to its names."""
+
+    path: Path
+    format: str
+    arch: object  # Mamba2Arch or GatedDeltaNetArch
+    config: MetaplasticConfig
+    store: TensorStore
+    source_key: Callable[[str], str]
+    extra_keys: List[str] = field(default_factory=list)  # present but redundant (a tied lm_head)
+
+    @property
+    def architecture(self) -> str:
+        return ARCHITECTURES[self.format]
+
+    def tensor(self, key: str) -> torch.Tensor:
+        """The tensor of our key ``key``."""
+        return self.store.get(self.source_key(key))
+
+    def mixer_tensors(self, layer: int) -> Dict[str, torch.Tensor]:
+        """``{name within the mixer: tensor}`` of layer ``layer``."""
+        prefix = f"backbone.layers.{layer}.mixer."
+        return {key[len(prefix):]: self.tensor(key) for key in lm_shapes(self.config, layers=[layer])
+                if key.startswith(prefix)}
+
+
+def lm_shapes(config: MetaplasticConfig, layers=None) -> Dict[str, Tuple[int, ...]]:
+    """``{key: shape}`` of ``MetaplasticForCausalLM(config)``'s state dict, in its order (no ``lm_head`` when
+    tied), built on the meta device. ``layers``: only those blocks (and nothing outside the blocks)."""
+    from .modeling import MetaplasticBlock
+    shapes: Dict[str, Tuple[int, ...]] = {}
+    if layers is None:
+        shapes["backbone.embeddings.weight"] = (config.vocab_size, config.hidden_size)
+    with torch.device("meta"):
+        for i in (range(config.num_hidden_layers) if layers is None else layers):
+            for name, t in MetaplasticBlock(config, i).state_dict().items():
+                shapes[f"backbone.layers.{i}.{name}"] = tuple(t.shape)
+    if layers is None:
+        shapes["backbone.norm_f.weight"] = (config.hidden_size,)
+        if not config.tie_word_embeddings:
+            shapes["lm_head.weight"] = (config.vocab_size, config.hidden_size)
+    return shapes
+
+
+def check_keys(ckpt: SourceCheckpoint) -> None:
+    """Every key the config implies is present with its shape, nothing else is (a tied head saved twice is
+    recorded in ``extra_keys``)."""
+    want = {ckpt.source_key(key): shape for key, shape in lm_shapes(ckpt.config).items()}
+    have = ckpt.store.shapes
+    head = ckpt.source_key("lm_head.weight")
+    if ckpt.config.tie_word_embeddings and head in have:
+        ckpt.extra_keys.append("lm_head.weight")
+        want[head] = want[ckpt.source_key("backbone.embeddings.weight")]
+    compare_keys(want, have)
+
+
+def _open_mamba2(directory: Path, cfg: dict) -> SourceCheckpoint:
+    fmt, arch = source_mamba2.arch_from_config(cfg)  # refuses every other model_type by name
+    store = open_store(directory)
+    source_mamba2.adapt_store(store)
+    ckpt = SourceCheckpoint(directory, fmt, arch, source_mamba2.point_config(arch), store, source_mamba2.source_key)
+    check_keys(ckpt)
+    return ckpt
+
+
+def _open_fla_gdn(directory: Path, cfg: dict) -> SourceCheckpoint:
+    try:
+        arch = source_fla.arch_from_fla(cfg)
+        ckpt = SourceCheckpoint(directory, "fla", arch, source_fla.point_config(arch), open_store(directory),
+                                source_fla.source_key)
+        check_keys(ckpt)
+    except CheckpointError as exc:
+        raise CheckpointError(f"Gated DeltaNet checkpoint: {exc}") from None
+    return ckpt
+
+
+def open_checkpoint(path) -> SourceCheckpoint:
+    """Open a checkpoint directory of any supported format; validate config, keys and shapes (no data read)."""
+    directory, cfg = read_config(path)
+    if cfg.get("model_type") == "gated_deltanet":
+        return _open_fla_gdn(directory, cfg)
+    return _open_mamba2(directory, cfg)  # Mamba2 of either format; refuses every other model_type by name
+
+
+# --- conversion ------------------------------------------------------------------------------------
+
+def twin_config(config: MetaplasticConfig, dtype: torch.dtype = torch.float32,
+                importance_rank: Optional[int] = None) -> MetaplasticConfig:
+    """``config`` with every point-posterior mixer replaced by its metaplastic twin (importance rank added)."""
+    rank = importance_rank if importance_rank is not None else min(64, config.hidden_size)
+    names = [twin_name(config.mixer_for(i)) for i in range(config.num_hidden_layers)]
+    kwargs = [{**config.mixer_kwargs_for(i), "importance_rank": rank} for i in range(config.num_hidden_layers)]
+    out = copy.deepcopy(config)
+    out.mixer = names[0] if isinstance(config.mixer, str) else names
+    out.mixer_kwargs = kwargs[0] if isinstance(config.mixer_kwargs, dict) else kwargs
+    out.dtype = dtype
+    return out
+
+
+def convert_layer(config: MetaplasticConfig, tensors: Dict[str, torch.Tensor], layer: int, init: str,
+                  importance_rank: Optional[int]) -> Dict[str, torch.Tensor]:
+    """One layer's point-posterior mixer tensors (``config``'s mixer) -> its twin's state dict (via
+    :func:`to_metaplastic`; the importance path seeded ``SEED + layer``)."""
+    from .mixers import MIXERS
+    with torch.device("meta"):
+        mixer = MIXERS[config.mixer_for(layer)](config.hidden_size, **config.mixer_kwargs_for(layer))
+    mixer.load_state_dict({k: v.to(torch.float32) for k, v in tensors.items()}, strict=True, assign=True)
+    generator = torch.Generator().manual_seed(SEED + layer)
+    twin = to_metaplastic(mixer, init=init, rank=importance_rank, generator=generator, copy=False)
+    return twin.state_dict()
+
+
+def _dst_layout(config: MetaplasticConfig, dtype: torch.dtype) -> List[Tuple[str, Tuple[int, ...], torch.dtype]]:
+    """``(key, shape, dtype)`` of every tensor of the converted model, in writing order."""
+    return [(key, shape, dtype) for key, shape in lm_shapes(config).items()]
+
+
+def _dst_tensors(ckpt: SourceCheckpoint, layout, init: str, rank: Optional[int]) -> Iterator[Tuple[str, torch.Tensor]]:
+    """The converted model's tensors in writing order, one layer in memory at a time."""
+    layer, twin = None, {}
+    for key, _, _ in layout:
+        match = _MIXER_KEY.match(key)
+        if match is None:
+            yield key, ckpt.tensor(key)
+            continue
+        if int(match[1]) != layer:
+            layer = int(match[1])
+            twin = convert_layer(ckpt.config, ckpt.mixer_tensors(layer), layer, init, rank)
+        yield key, twin[match[2]]
+
+
+def _check_tied_head(ckpt: SourceCheckpoint) -> None:
+    if "lm_head.weight" in ckpt.extra_keys:
+        if not torch.equal(ckpt.tensor("lm_head.weight"), ckpt.tensor("backbone.embeddings.weight")):
+            raise CheckpointError("the config ties the embeddings but lm_head.weight differs from the embedding")
+
+
+def convert_checkpoint(src, dst, *, init: str = "identity", dtype: str = "float32", force: bool = False,
+                       verify: bool = False, importance_rank: Optional[int] = None, progress: bool = True,
+                       verify_tokens: int = 16, log=print) -> ConversionResult:
+    """Convert the checkpoint directory ``src`` (Mamba2 in the Hugging Face or mamba_ssm format, Gated DeltaNet
+    in fla's) into a metaplastic model directory ``dst``.
+
+    Raises :class:`ConversionError` / :class:`CheckpointError` (both ``ValueError``) for bad input; ``dst``
+    then does not exist (or, with ``force``, still holds what it held before).
+    """
+    if init not in INITS:
+        raise ConversionError(f"--init must be one of {INITS}, got {init!r}")
+    if dtype not in DTYPES:
+        raise ConversionError(f"--dtype must be one of {tuple(DTYPES)}, got {dtype!r}")
+    if importance_rank is not None and importance_rank < 1:
+        raise ConversionError(f"--rank must be positive, got {importance_rank}")
+    torch_dtype = DTYPES[dtype]
+    src, dst = Path(src), Path(dst)
+    if dst.exists() and not force:
+        raise ConversionError(f"{dst} already exists (use --force to replace it)")
+    if dst.exists() and not dst.is_dir():
+        raise ConversionError(f"{dst} exists and is not a directory")
+    if dst.resolve() == src.resolve():
+        raise ConversionError("DST must differ from SRC")
+    ckpt = open_checkpoint(src)
+    _check_tied_head(ckpt)
+    config = twin_config(ckpt.config, torch_dtype, importance_rank)
+    rank = config.mixer_kwargs_for(0)["importance_rank"]
+    layout = _dst_layout(config, torch_dtype)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dst.parent / f".{dst.name}.partial-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the work is copying: one thread avoids OpenMP start-up on every small op
+    try:
+        total = sum(nbytes(shape, dt) for _, shape, dt in layout)
+        with StreamingSafetensorsWriter(tmp / "model.safetensors", layout) as writer, \
+                tqdm(total=total, unit="B", unit_scale=True, desc="convert", disable=not progress) as bar:
+            for name, tensor in _dst_tensors(ckpt, layout, init, rank):
+                writer.write(name, tensor)
+                bar.update(tensor.numel() * torch.empty((), dtype=torch_dtype).element_size())
+        config.save_pretrained(tmp)
+        for name in TOKENIZER_FILES:
+            if (src / name).is_file():
+                shutil.copy2(src / name, tmp / name)
+        _replace(tmp, dst)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    finally:
+        torch.set_num_threads(threads)
+    result = ConversionResult(dst, ckpt.format, len(layout), total, architecture=ckpt.architecture)
+    if verify:
+        verify_conversion(ckpt, dst, init, rank, result, tokens=verify_tokens, log=log)
+    return result
+
+
+convert_mamba2 = convert_checkpoint  # the name of the first converter (it reads every supported format)
+
+
+def _replace(tmp: Path, dst: Path) -> None:
+    """Rename ``tmp`` to ``dst``; an existing ``dst`` (``--force``) is moved aside first, then removed."""
+    old = None
+    if dst.exists():
+        old = dst.parent / f".{dst.name}.old-{uuid.uuid4().hex[:8]}"
+        os.replace(dst, old)
+    os.replace(tmp, dst)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+# --- verification ----------------------------------------------------------------------------------
+
+def point_model(ckpt: SourceCheckpoint):
+    """The source's weights in a point-posterior ``MetaplasticForCausalLM`` (float32)."""
+    from .modeling import MetaplasticForCausalLM
+    model = MetaplasticForCausalLM(ckpt.config)
+    state = {key: ckpt.tensor(key).float() for key in lm_shapes(ckpt.config)}
+    model.load_state_dict(state, strict=not ckpt.config.tie_word_embeddings)
+    return model.eval()
+
+
+def load_source_model(ckpt: SourceCheckpoint) -> Tuple[Any, str]:
+    """``(model, description)``: the source run by code nobody here wrote where that runs on this machine
+    (transformers' ``Mamba2ForCausalLM``; fla's ``GatedDeltaNetForCausalLM`` on a GPU), else :func:`point_model`."""
+    if ckpt.format == "hf":
+        from transformers import Mamba2ForCausalLM
+        model = Mamba2ForCausalLM.from_pretrained(str(ckpt.path), dtype=torch.float32).eval()
+        return model, "transformers Mamba2ForCausalLM"
+    if ckpt.format == "mamba_ssm":
+        return _transformers_mamba2(ckpt), "transformers Mamba2ForCausalLM (renamed mamba_ssm weights)"
+    if ckpt.format == "fla" and torch.cuda.is_available():
+        try:
+            from fla.models import GatedDeltaNetForCausalLM
+        except ImportError:
+            pass
+        else:
+            model = GatedDeltaNetForCausalLM.from_pretrained(str(ckpt.path), dtype=torch.float32).cuda().eval()
+            return model, "fla GatedDeltaNetForCausalLM (GPU)"
+    return point_model(ckpt), f"{ckpt.config.mixer_for(0)} mixers holding the source weights"
+
+
+def _transformers_mamba2(ckpt: SourceCheckpoint):
+    from transformers import Mamba2Config, Mamba2ForCausalLM
+    a = ckpt.arch
+    cfg = Mamba2Config(vocab_size=a.vocab_size, hidden_size=a.hidden_size, num_hidden_layers=a.num_hidden_layers,
+                       num_heads=a.num_heads, head_dim=a.head_dim, state_size=a.state_size, expand=a.expand,
+                       n_groups=a.n_groups, conv_kernel=a.conv_kernel, use_bias=a.use_bias,
+                       use_conv_bias=a.use_conv_bias, time_step_limit=tuple(a.time_step_limit),
+                       layer_norm_epsilon=a.layer_norm_epsilon, residual_in_fp32=a.residual_in_fp32,
+                       tie_word_embeddings=a.tie_word_embeddings, pad_token_id=None, bos_token_id=None,
+                       eos_token_id=None)
+    model = Mamba2ForCausalLM(cfg)
+    state = {key: ckpt.tensor(key).float() for key in lm_shapes(ckpt.config)}
+    model.load_state_dict(state, strict=not a.tie_word_embeddings)
+    if a.tie_word_embeddings:
+        model.tie_weights()
+    return model.eval()
+
+
+def converted_model(ckpt: SourceCheckpoint, init: str, rank: int):
+    """The converted model built in memory from ``ckpt`` (the same tensors the converter writes)."""
+    from .modeling import MetaplasticForCausalLM
+    config = twin_config(ckpt.config, torch.float32, rank)
+    model = MetaplasticForCausalLM(config)
+    state = dict(_dst_tensors(ckpt, _dst_layout(config, torch.float32), init, rank))
+    model.load_state_dict({k: v.float() for k, v in state.items()}, strict=not config.tie_word_embeddings)
+    return model.eval()
+
+
+@torch.no_grad()
+def verify_conversion(ckpt: SourceCheckpoint, dst: Path, init: str, rank: int, result: ConversionResult,
+                      tokens: int = 16, log=print) -> None:
+    """Largest |logit difference| on random tokens: source vs converted, and source vs ``dst`` reloaded."""
+    from transformers import AutoModelForCausalLM
+    source, description = load_source_model(ckpt)
+    device = next(source.parameters()).device
+    vocab = getattr(ckpt.arch, "unpadded_vocab_size", None) or ckpt.config.vocab_size
+    ids = torch.randint(0, vocab, (2, tokens), generator=torch.Generator().manual_seed(0))
+    ref = source(ids.to(device)).logits.float().cpu()
+    del source
+    converted = converted_model(ckpt, init, rank)
+    result.max_abs_diff = (converted(ids).logits.float() - ref).abs().max().item()
+    del converted
+    reloaded = AutoModelForCausalLM.from_pretrained(str(dst), dtype=torch.float32).eval()
+    result.max_abs_diff_reloaded = (reloaded(ids).logits.float() - ref).abs().max().item()
+    result.reference = description
+    log(f"verify: {tokens} random tokens x 2 sequences, max |logit| of source {ref.abs().max().item():.3g} "
+        f"(source run by {description})")
+    log(f"verify: max |logit difference| source vs converted        = {result.max_abs_diff:.3e}")
+    log(f"verify: max |logit difference| source vs reloaded {dst.name} = {result.max_abs_diff_reloaded:.3e}")
+
+
+# --- the command ``metaplastic convert SRC DST`` -------------------------------------------------------
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("src", metavar="SRC", help="checkpoint directory: Mamba2 (Hugging Face or mamba_ssm format) or Gated DeltaNet (fla format)")
@@ -25,9 +378,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from metaplastic.cli import UserError
-
-    from .converter import convert_checkpoint
     if args.rank is not None and args.rank < 1:
         raise UserError(f"--rank must be positive, got {args.rank}")
     try:

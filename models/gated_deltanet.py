@@ -17,7 +17,8 @@ from torch import nn
 
 from metaplastic.registry import registry
 
-from ._scan import scan
+from metaplastic.kernels import scan
+
 from .base import Mixer
 from .common import NormThenGate, conv_layer, init_dt_bias, l2_normalize, layer_cache, short_convs
 
@@ -78,7 +79,7 @@ class GatedDeltaNet(Mixer):
         v = v.view(B, T, H, V)
         beta = torch.sigmoid(self.b_proj(hidden_states).float())
         log_decay = -self.A_log.float().exp() * F.softplus(self.a_proj(hidden_states).float() + self.dt_bias.float())
-        result = scan(self.objective, q, k, v, log_decay=log_decay, beta=beta, scale=self.scale,
+        result = scan(self.objective, q, k, v, backend="auto", log_decay=log_decay, beta=beta, scale=self.scale,
                       initial_state=None if entry is None else entry.get("state"),
                       output_final_state=entry is not None, **self.importance_kwargs(hidden_states, beta))
         gate = None if self.g_proj is None else self.g_proj(hidden_states).view(B, T, H, V)

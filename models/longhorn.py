@@ -15,7 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ._scan import scan
+from metaplastic.kernels import scan
+
 from .base import Mixer
 from .common import causal_conv, conv_layer, layer_cache
 
@@ -54,7 +55,8 @@ class LongHorn(Mixer):
         x, conv_state = causal_conv(x, self.conv1d.weight, self.conv1d.bias, None if entry is None else entry.get("conv"))
         dt_low, Bm, Cm = self.x_proj(x).split([self.dt_rank, N, N], dim=-1)
         beta = torch.sigmoid(self.dt_proj(dt_low).float())[:, :, None, :]  # [B, T, 1, d_inner]
-        result = scan(self.objective, Cm[:, :, None, :], Bm[:, :, None, :], x[:, :, None, :], beta=beta, scale=1.0,
+        result = scan(self.objective, Cm[:, :, None, :], Bm[:, :, None, :], x[:, :, None, :], backend="auto",
+                      beta=beta, scale=1.0,
                       initial_state=None if entry is None else entry.get("state"),
                       output_final_state=entry is not None, **self.importance_kwargs(hidden_states, beta))
         y = (result.output[:, :, 0].float() + self.D.float() * x.float()) * F.silu(z.float())

@@ -18,7 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ._scan import scan
+from metaplastic.kernels import scan
+
 from .base import Mixer
 from .common import GroupedGatedRMSNorm, causal_conv, conv_layer, init_dt_bias, layer_cache
 
@@ -75,7 +76,7 @@ class Mamba2(Mixer):
         q = Cm.reshape(Bsz, T, G, N).repeat_interleave(H // G, dim=2)
         k = Bm.reshape(Bsz, T, G, N).repeat_interleave(H // G, dim=2)
         v = x.reshape(Bsz, T, H, P)
-        result = scan(self.objective, q, k, v, log_decay=dt * A, beta=dt, scale=1.0,
+        result = scan(self.objective, q, k, v, backend="auto", log_decay=dt * A, beta=dt, scale=1.0,
                       initial_state=None if entry is None else entry.get("state"),
                       output_final_state=entry is not None, **self.importance_kwargs(hidden_states, dt))
         y = result.output.float() + self.D.float()[:, None] * v.float()

@@ -14,7 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ._scan import scan
+from metaplastic.kernels import scan
+
 from .base import Mixer
 from .common import NormThenGate, conv_layer, inverse_softplus, l2_normalize, layer_cache, short_convs
 
@@ -60,7 +61,7 @@ class MesaNet(Mixer):
         beta = torch.sigmoid(self.b_proj(hidden_states).float())
         log_decay = F.logsigmoid(self.a_proj(hidden_states).float())
         lam = (F.softplus(self.lambda_params.float()) + self.lambda_lower_bound).view(H, K)
-        result = scan(self.objective, q, k, v, log_decay=log_decay, beta=beta, lam=lam, scale=1.0,
+        result = scan(self.objective, q, k, v, backend="auto", log_decay=log_decay, beta=beta, lam=lam, scale=1.0,
                       initial_state=None if entry is None else entry.get("state"),
                       output_final_state=entry is not None)
         gate = None if self.g_proj is None else self.g_proj(hidden_states).view(B, T, H, K)

@@ -16,7 +16,8 @@ from torch import nn
 
 from metaplastic.registry import registry
 
-from ._scan import scan
+from metaplastic.kernels import scan
+
 from .base import Mixer
 from .common import NormThenGate, conv_layer, init_dt_bias, l2_normalize, layer_cache, short_convs
 
@@ -67,7 +68,7 @@ class Palimpsa(Mixer):
         delta = F.softplus(self.a_proj(hidden_states).float() + self.dt_bias.float())
         log_decay = -delta * self.A_log.float().exp()
         beta = torch.sigmoid(self.bs_proj(hidden_states).float())
-        result = scan(self.objective, q, k, v, log_decay=log_decay, beta=beta, scale=self.scale,
+        result = scan(self.objective, q, k, v, backend="auto", log_decay=log_decay, beta=beta, scale=self.scale,
                       initial_state=None if entry is None else entry.get("state"),
                       output_final_state=entry is not None, **self.importance_kwargs(hidden_states, beta))
         o = result.output.float() + self.D.float()[:, None] * v.float()

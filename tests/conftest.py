@@ -1,5 +1,10 @@
-"""Test set-up: Triton runs through its interpreter on machines without a GPU (that is how CI tests it)."""
+"""Test set-up: ``tests/`` on ``sys.path`` (``from helpers import ...`` in every folder); Triton runs through its
+interpreter on machines without a GPU (that is how CI tests it)."""
 import os
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 try:  # must happen before triton is imported anywhere
     import torch

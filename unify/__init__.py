@@ -4,20 +4,14 @@
 >>> spec = metaplastic.registry["palimpsa"]
 >>> result = metaplastic.scan(spec.objective, q, k, v, log_decay=g, beta=beta, b=b)
 """
+from .errors import UserError
 from .objective import Objective, metaplastic
 from .registry import ModelSpec, registry
 from .scan import ScanResult, scan
 
-__all__ = ["Objective", "metaplastic", "registry", "ModelSpec", "scan", "ScanResult"]
+__all__ = ["UserError", "Objective", "metaplastic", "registry", "ModelSpec", "scan", "ScanResult"]
 __version__ = "0.1.0"
 
 
-def _register_auto_classes() -> None:
-    """Register MetaplasticConfig / MetaplasticForCausalLM with transformers' Auto classes, if available."""
-    try:
-        from .models import register_auto  # noqa: F401  (models/ registers on import)
-    except ImportError:
-        pass
-
-
-_register_auto_classes()
+# Registers MetaplasticConfig / MetaplasticForCausalLM with transformers' Auto classes (as ``import fla`` does).
+from .models import register_auto  # noqa: E402,F401

@@ -11,6 +11,8 @@ import importlib
 import sys
 from typing import List, Optional, Sequence
 
+from metaplastic.errors import UserError
+
 # command -> (module, one-line help)
 COMMANDS = {
     "registry": ("metaplastic.registry_cli", "list the models of the registry and their objective settings"),
@@ -27,10 +29,6 @@ BENCHES = {
     "kernels": ("metaplastic.kernels.bench", "time forward and forward+backward of every backend"),
     "convert": ("metaplastic.models.bench", "time a conversion at mamba2-130m shapes against load+save"),
 }
-
-
-class UserError(Exception):
-    """Bad input from the user: printed as one line, exit code 2."""
 
 
 def _add_module_parser(subparsers, name: str, module: str, help_: str) -> None:

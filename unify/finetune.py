@@ -41,7 +41,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from .cli import UserError
+from metaplastic.errors import UserError
 from .finetune_data import DTYPES, DataError, PackedSequences, load_tokens
 from .models.importance import project_importance_
 

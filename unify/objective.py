@@ -66,12 +66,6 @@ class Objective:
             raise ValueError("transition='diagonal' applies to the exact regression step with a point or diagonal "
                              "posterior only (LongHorn and its metaplastic twin)")
 
-    # Convenience predicates used by the scan, the kernels and the derivations.
-    @property
-    def has_precision_state(self) -> bool:
-        """True when the posterior carries a precision that evolves (diagonal or full)."""
-        return self.posterior != "point"
-
     @property
     def uses_importance_rate(self) -> bool:
         """True when the importance rate ``b`` enters the update (the diagonal posterior)."""

@@ -7,7 +7,7 @@ THEORY.md §3 relates it to Palimpsa, how the model parameterises its gates).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Iterator, Mapping, Tuple, Union
 
 from .objective import Objective, metaplastic
@@ -28,7 +28,6 @@ class ModelSpec:
     gates: str = ""  # THEORY.md §4: how the model's layer produces α, β, b
     beta_per_value: bool = False  # β is [B,T,H,V] (one rate per value row) in the model
     base: str = ""  # for a diagonal-posterior entry: the point-posterior model it reduces to at b ≡ 0
-    tags: Tuple[str, ...] = field(default=())
 
     def scale_for(self, K: int) -> float:
         """The default read-out scale for key size ``K``."""

@@ -320,7 +320,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..cli import UserError
+    from metaplastic.errors import UserError
     for name in args.models:
         if name not in registry:
             raise UserError(f"unknown model {name!r}; known: {', '.join(registry)}")

@@ -324,7 +324,7 @@ def config_from_args(args: argparse.Namespace) -> MQARConfig:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..cli import UserError
+    from metaplastic.errors import UserError
     try:
         cfg = config_from_args(args)
         from metaplastic.models import build_mixer  # noqa: F401

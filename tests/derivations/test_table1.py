@@ -19,7 +19,7 @@ from metaplastic.derivations import TheoremRecord, theorem_names
 from metaplastic.derivations import table1
 from metaplastic.derivations import proofs as theorems_module
 
-GOLDEN = Path(__file__).parent / "golden" / "table1.md"
+GOLDEN = Path(__file__).resolve().parents[1] / "golden" / "table1.md"
 REGENERATE = "metaplastic table1 --format markdown --out tests/golden/table1.md"
 
 

@@ -18,7 +18,7 @@ import re
 from dataclasses import dataclass
 from typing import Dict, Optional
 
-from .checkpoints import CheckpointError, _get_int
+from .checkpoint_io import CheckpointError, get_int
 from .configuration import MetaplasticConfig
 
 # fla's GatedDeltaNetConfig defaults (used when config.json omits a field)
@@ -71,10 +71,10 @@ def arch_from_fla(cfg: dict) -> GatedDeltaNetArch:
     for key, bad, why in refused:
         if bad:
             raise CheckpointError(f"{key}={c[key]!r} ({why}) is not supported")
-    hidden = _get_int(c, "hidden_size")
-    num_heads = _get_int(c, "num_heads")
-    head_dim = _get_int(c, "head_dim")
-    num_v_heads = None if c["num_v_heads"] is None else _get_int(c, "num_v_heads")
+    hidden = get_int(c, "hidden_size")
+    num_heads = get_int(c, "num_heads")
+    head_dim = get_int(c, "head_dim")
+    num_v_heads = None if c["num_v_heads"] is None else get_int(c, "num_v_heads")
     if num_heads < 1 or head_dim < 1:
         raise CheckpointError(f"num_heads={num_heads} and head_dim={head_dim} must be positive")
     if num_v_heads is not None and (num_v_heads < num_heads or num_v_heads % num_heads):
@@ -92,15 +92,15 @@ def arch_from_fla(cfg: dict) -> GatedDeltaNetArch:
         intermediate = int(hidden * ratio * 2 / 3)
         intermediate = 256 * ((intermediate + 255) // 256)
     else:
-        intermediate = _get_int(c, "intermediate_size")
+        intermediate = get_int(c, "intermediate_size")
     try:
         eps = float(c["norm_eps"])
     except (TypeError, ValueError):
         raise CheckpointError(f"config.json: norm_eps={c['norm_eps']!r} is not a number")
     return GatedDeltaNetArch(
-        vocab_size=_get_int(c, "vocab_size"), hidden_size=hidden, num_hidden_layers=_get_int(c, "num_hidden_layers"),
+        vocab_size=get_int(c, "vocab_size"), hidden_size=hidden, num_hidden_layers=get_int(c, "num_hidden_layers"),
         num_heads=num_heads, num_v_heads=num_v_heads, head_dim=head_dim, expand_v=expand_v,
-        conv_size=_get_int(c, "conv_size"), use_gate=bool(c["use_gate"]), norm_eps=eps,
+        conv_size=get_int(c, "conv_size"), use_gate=bool(c["use_gate"]), norm_eps=eps,
         intermediate_size=intermediate, tie_word_embeddings=bool(c["tie_word_embeddings"]),
         pad_token_id=c.get("pad_token_id"), bos_token_id=c.get("bos_token_id"), eos_token_id=c.get("eos_token_id"))
 

@@ -17,7 +17,7 @@ def test_tiny_checkpoint_is_reproducible(tmp_path):
 
 
 def test_checkpoint_and_conversion_steps(tmp_path):
-    pytest.importorskip("metaplastic.models.converter")
+    pytest.importorskip("metaplastic.models.convert")
     results = demo.run_demo(tmp_path, steps=[CHECKPOINT, CONVERT])
     assert [r.ok for r in results] == [True, True], results
     assert (tmp_path / "meta_mamba2_tiny" / "config.json").exists()

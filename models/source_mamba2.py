@@ -1,0 +1,171 @@
+"""Mamba2 checkpoints in either format of REFERENCES.md: architecture, key map and point-posterior config.
+
+- Hugging Face: ``config.json`` with ``model_type: "mamba2"``; the key names are ours.
+- original mamba_ssm: ``config.json`` with ``d_model`` / ``n_layer`` / ``ssm_cfg``. The embedding is
+  ``backbone.embedding.weight`` (renamed by :func:`adapt_store`), its rows are the vocabulary padded to
+  ``pad_vocab_size_multiple``, and ``ngroups`` lives inside ``ssm_cfg``.
+
+:func:`arch_from_config` detects the format and reads the architecture (:class:`Mamba2Arch`), refusing
+other model types and unsupported options by name (:class:`CheckpointError`); :func:`point_config` is the
+``MetaplasticConfig`` with ``mamba2`` mixers computing the same function.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Dict, Optional, Tuple
+
+from .checkpoint_io import CheckpointError, TensorStore, get_int
+from .configuration import MetaplasticConfig
+
+
+@dataclass(frozen=True)
+class Mamba2Arch:
+    """A Mamba2 language model's architecture, in transformers' ``Mamba2Config`` vocabulary."""
+
+    vocab_size: int  # rows of the embedding (the padded vocabulary for mamba_ssm checkpoints)
+    hidden_size: int
+    num_hidden_layers: int
+    num_heads: int
+    head_dim: int
+    state_size: int
+    expand: int
+    n_groups: int
+    conv_kernel: int
+    use_bias: bool
+    use_conv_bias: bool
+    time_step_limit: Tuple[float, float]
+    layer_norm_epsilon: float
+    residual_in_fp32: bool
+    tie_word_embeddings: bool
+    pad_token_id: Optional[int] = None
+    bos_token_id: Optional[int] = None
+    eos_token_id: Optional[int] = None
+    unpadded_vocab_size: Optional[int] = None
+
+    def mixer_kwargs(self) -> Dict[str, object]:
+        """Keyword arguments of :class:`metaplastic.models.Mamba2`."""
+        return dict(num_heads=self.num_heads, head_dim=self.head_dim, state_size=self.state_size, expand=self.expand,
+                    n_groups=self.n_groups, conv_kernel=self.conv_kernel, use_bias=self.use_bias,
+                    use_conv_bias=self.use_conv_bias, time_step_limit=list(self.time_step_limit),
+                    layer_norm_epsilon=self.layer_norm_epsilon)
+
+
+_NOT_MAMBA2 = {  # refused by name (Gated DeltaNet is read by source_fla, not here)
+    "mamba": "a Mamba (v1) checkpoint",
+    "gated_deltanet": "a Gated DeltaNet checkpoint (convert it with metaplastic.models.convert_checkpoint)",
+    "mesa_net": "a MesaNet checkpoint (not supported: its full posterior has no point-posterior source)",
+}
+
+
+def _arch_from_hf(cfg: dict) -> Mamba2Arch:
+    hidden = get_int(cfg, "hidden_size")
+    expand = get_int(cfg, "expand", 2)
+    head_dim = get_int(cfg, "head_dim", 64)
+    num_heads = get_int(cfg, "num_heads", hidden * expand // head_dim)
+    limit = _limit(cfg.get("time_step_limit", (0.0, math.inf)), "time_step_limit")
+    return Mamba2Arch(
+        vocab_size=get_int(cfg, "vocab_size"), hidden_size=hidden, num_hidden_layers=get_int(cfg, "num_hidden_layers"),
+        num_heads=num_heads, head_dim=head_dim, state_size=get_int(cfg, "state_size", 128), expand=expand,
+        n_groups=get_int(cfg, "n_groups", 8), conv_kernel=get_int(cfg, "conv_kernel", 4),
+        use_bias=bool(cfg.get("use_bias", False)), use_conv_bias=bool(cfg.get("use_conv_bias", True)),
+        time_step_limit=limit,
+        layer_norm_epsilon=float(cfg.get("layer_norm_epsilon", 1e-5)),
+        residual_in_fp32=bool(cfg.get("residual_in_fp32", True)),
+        tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+        pad_token_id=cfg.get("pad_token_id"), bos_token_id=cfg.get("bos_token_id"), eos_token_id=cfg.get("eos_token_id"))
+
+
+def _arch_from_mamba_ssm(cfg: dict) -> Mamba2Arch:
+    if int(cfg.get("d_intermediate", 0) or 0) > 0:
+        raise CheckpointError(f"d_intermediate={cfg['d_intermediate']} (an MLP in every block) is not supported: "
+                              "only pure Mamba2 stacks convert")
+    if cfg.get("attn_layer_idx"):
+        raise CheckpointError(f"attention layers (attn_layer_idx={cfg['attn_layer_idx']}) are not supported: "
+                              "only pure Mamba2 stacks convert")
+    if not cfg.get("rms_norm", True):
+        raise CheckpointError("rms_norm=false (LayerNorm blocks) is not supported")
+    ssm = cfg.get("ssm_cfg") or {}
+    if not isinstance(ssm, dict):
+        raise CheckpointError("ssm_cfg must be a JSON object")
+    layer = ssm.get("layer", "Mamba1")
+    if layer != "Mamba2":
+        raise CheckpointError(f"ssm_cfg.layer is {layer!r} (mamba_ssm's default is Mamba1): not a Mamba2 checkpoint")
+    for key, ok, why in (("D_has_hdim", False, "a D per channel"), ("norm_before_gate", False, "norm before gate"),
+                         ("rmsnorm", True, "no gated norm")):
+        if ssm.get(key, ok) != ok:
+            raise CheckpointError(f"ssm_cfg.{key}={ssm[key]} ({why}) is not supported")
+    hidden = get_int(cfg, "d_model")
+    expand = get_int(ssm, "expand", 2)
+    d_inner = expand * hidden
+    if ssm.get("d_ssm") not in (None, d_inner):
+        raise CheckpointError(f"ssm_cfg.d_ssm={ssm['d_ssm']} (a partial SSM) is not supported")
+    head_dim = get_int(ssm, "headdim", 64)
+    if d_inner % head_dim:
+        raise CheckpointError(f"expand·d_model = {d_inner} is not divisible by headdim = {head_dim}")
+    vocab = get_int(cfg, "vocab_size")
+    multiple = get_int(cfg, "pad_vocab_size_multiple", 1)
+    padded = vocab + (-vocab % multiple) if multiple > 1 else vocab
+    limit = _limit(ssm.get("dt_limit", (0.0, math.inf)), "ssm_cfg.dt_limit")
+    return Mamba2Arch(
+        vocab_size=padded, hidden_size=hidden, num_hidden_layers=get_int(cfg, "n_layer"), num_heads=d_inner // head_dim,
+        head_dim=head_dim, state_size=get_int(ssm, "d_state", 128), expand=expand, n_groups=get_int(ssm, "ngroups", 1),
+        conv_kernel=get_int(ssm, "d_conv", 4), use_bias=bool(ssm.get("bias", False)),
+        use_conv_bias=bool(ssm.get("conv_bias", True)), time_step_limit=limit,
+        layer_norm_epsilon=float(cfg.get("norm_epsilon", 1e-5)), residual_in_fp32=bool(cfg.get("residual_in_fp32", True)),
+        tie_word_embeddings=bool(cfg.get("tie_embeddings", True)), unpadded_vocab_size=vocab)
+
+
+def _limit(value, key: str) -> Tuple[float, float]:
+    try:
+        low, high = (float(v) for v in value)
+    except (TypeError, ValueError):
+        raise CheckpointError(f"config.json: {key}={value!r} is not a pair of numbers")
+    return low, high
+
+
+def arch_from_config(cfg: dict) -> Tuple[str, Mamba2Arch]:
+    """``(format, architecture)`` of a Mamba2 ``config.json`` (format ``"hf"`` or ``"mamba_ssm"``); every other
+    model type and every unsupported option raises :class:`CheckpointError` naming it."""
+    model_type = cfg.get("model_type")
+    if model_type == "mamba2":
+        fmt, arch = "hf", _arch_from_hf(cfg)
+    elif model_type is None and "d_model" in cfg:
+        fmt, arch = "mamba_ssm", _arch_from_mamba_ssm(cfg)
+    elif model_type in _NOT_MAMBA2:
+        raise CheckpointError(f"model_type {model_type!r} is {_NOT_MAMBA2[model_type]}, not Mamba2 or Gated DeltaNet")
+    elif "num_attention_heads" in cfg or "n_head" in cfg:
+        raise CheckpointError(f"model_type {model_type!r} is a Transformer checkpoint (attention layers): only "
+                              "Mamba2 and Gated DeltaNet checkpoints convert")
+    elif model_type is None:
+        raise CheckpointError("config.json has neither 'model_type' (Hugging Face) nor 'd_model' (mamba_ssm)")
+    else:
+        raise CheckpointError(f"unknown model_type {model_type!r}: only Mamba2 (Hugging Face, mamba_ssm) and "
+                              "Gated DeltaNet (fla) checkpoints convert")
+    if arch.num_heads * arch.head_dim != arch.expand * arch.hidden_size:
+        raise CheckpointError(f"num_heads·head_dim = {arch.num_heads}·{arch.head_dim} differs from "
+                              f"expand·hidden_size = {arch.expand}·{arch.hidden_size}")
+    if arch.n_groups < 1 or arch.num_heads % arch.n_groups:
+        raise CheckpointError(f"num_heads={arch.num_heads} is not divisible by n_groups={arch.n_groups}")
+    return fmt, arch
+
+
+def adapt_store(store: TensorStore) -> None:
+    """Give a mamba_ssm checkpoint's embedding its Hugging Face name (``backbone.embeddings.weight``)."""
+    if "backbone.embedding.weight" in store.shapes and "backbone.embeddings.weight" not in store.shapes:
+        store.rename("backbone.embedding.weight", "backbone.embeddings.weight")
+
+
+def source_key(key: str) -> str:
+    """The checkpoint's name of our key ``key`` (the same, once :func:`adapt_store` renamed the embedding)."""
+    return key
+
+
+def point_config(arch: Mamba2Arch) -> MetaplasticConfig:
+    """The ``MetaplasticConfig`` computing the same function as the Mamba2 model ``arch`` (``mamba2`` mixers)."""
+    return MetaplasticConfig(vocab_size=arch.vocab_size, hidden_size=arch.hidden_size,
+                             num_hidden_layers=arch.num_hidden_layers, mixer="mamba2", mixer_kwargs=arch.mixer_kwargs(),
+                             intermediate_size=0, layer_norm_epsilon=arch.layer_norm_epsilon,
+                             residual_in_fp32=arch.residual_in_fp32, tie_word_embeddings=arch.tie_word_embeddings,
+                             pad_token_id=arch.pad_token_id, bos_token_id=arch.bos_token_id,
+                             eos_token_id=arch.eos_token_id)
