@@ -9,14 +9,18 @@ reference (autograd through :func:`metaplastic.scan`) and, on CUDA, times relati
 ``saved B/tok/head``: bytes autograd keeps for the backward beyond the inputs, divided by ``B·T·H``
 (counted with ``torch.autograd.graph.saved_tensors_hooks``, each storage once).
 
-Models with a diagonal posterior are timed with ``b`` head-shared (``[B,T,H]``, column b = H) and per value
-channel (``[B,T,H,V]``, column b = V). The backends of one model are timed round-robin, rep by rep, so that a
+Models with a diagonal posterior are timed for each importance-group count of ``--groups`` (default
+``1,4,16,V``): ``b`` head-shared ``[B,T,H]`` (G = 1, THEORY.md limit 7), shared within G groups of value rows
+``[B,T,H,G]`` (limit 8), or per value channel ``[B,T,H,V]``; column b and the record's ``groups`` give G.
+Every record also carries the date, the machine, torch's version and the thread count. The backends of one model are timed round-robin, rep by rep, so that a
 change in machine load affects them alike.
 """
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
+import platform
 import statistics
 import time
 from typing import Callable, Dict, List, Optional, Tuple
@@ -53,11 +57,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="CUDA: allow TF32 matmuls (torch and the chunked Triton kernel), as fla's kernels use")
     parser.add_argument("--reference", choices=("auto", "yes", "no"), default="auto",
                         help="time the token-by-token reference (auto: on CPU, and on CUDA with --quick)")
+    parser.add_argument("--groups", default=None, metavar="G,...",
+                        help="importance-group counts for the diagonal-posterior models, each dividing V "
+                             "(V: one rate per value channel; default 1,4,16,V, those that divide V)")
 
 
 # ------------------------------------------------------------------------------------------- inputs
-def make_inputs(name: str, shape: Tuple[int, ...], b_per_value: bool, device: str, seed: int = 0) -> Dict:
-    """Random valid fp32 inputs for registry entry ``name`` (unit-norm q, k; decays in [0.9, 1))."""
+def make_inputs(name: str, shape: Tuple[int, ...], groups: Optional[int], device: str, seed: int = 0) -> Dict:
+    """Random valid fp32 inputs for registry entry ``name`` (unit-norm q, k; decays in [0.9, 1)); ``b`` with
+    ``groups`` importance groups (None or 1: head-shared ``[B,T,H]``; else ``[B,T,H,groups]``)."""
     spec = metaplastic.registry[name]
     obj = spec.objective
     B, T, H, K, V = shape
@@ -73,7 +81,7 @@ def make_inputs(name: str, shape: Tuple[int, ...], b_per_value: bool, device: st
         x["log_decay"] = torch.log(0.9 + 0.0999 * rand(*((B, T, H, K) if obj.forgetting == "vector" else (B, T, H))))
     x["beta"] = rand(B, T, H, V) if spec.beta_per_value else rand(B, T, H)
     if obj.posterior == "diagonal":
-        x["b"] = rand(B, T, H, V) if b_per_value else rand(B, T, H)
+        x["b"] = rand(B, T, H) if groups in (None, 1) else rand(B, T, H, groups)
     if obj.posterior == "full":
         x["lam"] = 0.25 + F.softplus(torch.randn(H, K, generator=gen))
     return {key: val.to(device) for key, val in x.items()}
@@ -163,13 +171,13 @@ def _time_group(records: List[Dict], timers: List[_Timer], reps: List[int], warm
 
 
 # ------------------------------------------------------------------------------------------- backends
-def _backends(name: str, device: str, b_per_value: bool, reference: bool) -> List[str]:
+def _backends(name: str, device: str, groups: Optional[int], reference: bool) -> List[str]:
     obj = metaplastic.registry[name].objective
     out = ["reference"] if reference else []
     if unsupported_reason(obj) is None:
         out.append("chunk")
     if device == "cuda":
-        b = torch.empty(1, 1, 1, 1) if b_per_value else None
+        b = torch.empty(1, 1, 1, groups) if groups not in (None, 1) else None
         if triton_chunk_reason(obj, b, None) is None:
             out.append("triton_chunk")
         out.append("triton_recurrent")
@@ -190,14 +198,14 @@ def _fla_runs(shape: Tuple[int, ...], device: str) -> List[Tuple[str, Callable[[
     runs = []
     try:
         from fla.ops.simple_gla import chunk_simple_gla
-        x = make_inputs("simple_gla", shape, False, device)
+        x = make_inputs("simple_gla", shape, None, device)
         runs.append(("fla chunk_simple_gla", lambda x: chunk_simple_gla(x["q"], x["k"], x["v"], g=x["log_decay"])[0],
                      {key: x[key] for key in ("q", "k", "v", "log_decay")}))
     except Exception:  # pragma: no cover - needs CUDA and fla
         pass
     try:
         from fla.ops.gated_delta_rule import chunk_gated_delta_rule
-        x = make_inputs("gated_deltanet", shape, False, device)
+        x = make_inputs("gated_deltanet", shape, None, device)
         runs.append(("fla chunk_gated_delta_rule",
                      lambda x: chunk_gated_delta_rule(x["q"], x["k"], x["v"], g=x["log_decay"], beta=x["beta"])[0],
                      {key: x[key] for key in ("q", "k", "v", "log_decay", "beta")}))
@@ -213,7 +221,7 @@ def _paper_run(shape: Tuple[int, ...], device: str):
             fn = getattr(__import__(module, fromlist=[attr]), attr)
         except Exception:
             continue
-        x = make_inputs("palimpsa", shape, True, device)
+        x = make_inputs("palimpsa", shape, shape[-1], device)
         return ("paper palimpsa kernel", lambda x: fn(x["q"], x["k"], x["v"], x["log_decay"], x["beta"], x["b"])[0], x)
     return None
 
@@ -229,6 +237,34 @@ def _parse_shape(text: Optional[str], device: str, quick: bool) -> Tuple[int, ..
     if len(shape) != 5 or min(shape) < 1:
         raise UserError(f"--shape must be five positive integers B,T,H,K,V, got {text!r}")
     return shape
+
+
+def _parse_groups(text: str, V: int) -> List[int]:
+    """``"1,4,16,V"`` -> ``[1, 4, 16, V]``; every count must divide V (``UserError`` naming it)."""
+    out = []
+    for item in text.split(","):
+        item = item.strip()
+        try:
+            G = V if item in ("V", "v") else int(item)
+        except ValueError:
+            raise UserError(f"--groups must be integers or V separated by commas, got {text!r}") from None
+        if G < 1 or V % G:
+            raise UserError(f"--groups: G = {G} does not divide the value width V = {V}")
+        if G not in out:
+            out.append(G)
+    return out
+
+
+def _machine() -> str:
+    """The CPU model (Linux) and architecture, for the records."""
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.startswith("model name"):
+                    return f"{line.split(':', 1)[1].strip()} ({platform.machine()})"
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def run(args: argparse.Namespace) -> int:
@@ -262,13 +298,18 @@ def run(args: argparse.Namespace) -> int:
     card = torch.cuda.get_device_name() if device == "cuda" else f"cpu ({threads} torch threads)"
     B, T, H, K, V = shape
     shape_str = f"B={B},T={T},H={H},K={K},V={V}"
+    if args.groups is None:
+        group_counts = [G for G in _parse_groups("1,V", V) + [4, 16] if V % G == 0]
+        group_counts = sorted(set(group_counts))
+    else:
+        group_counts = _parse_groups(args.groups, V)
 
     jobs = []
     for name in models:
         diagonal = metaplastic.registry[name].objective.posterior == "diagonal"
-        for b_per_value in ((False, True) if diagonal else (False,)):
-            for backend in _backends(name, device, b_per_value, reference):
-                jobs.append((name, b_per_value, backend))
+        for G in (group_counts if diagonal else (None,)):
+            for backend in _backends(name, device, G, reference):
+                jobs.append((name, G, backend))
     externals = []
     if device == "cuda":
         externals = _fla_runs(shape, device)
@@ -281,17 +322,18 @@ def run(args: argparse.Namespace) -> int:
     with torch_threads(args.threads):
         for label, fn, x in externals:
             bar.set_postfix_str(label)
-            rec = _new_record(label, "external", "-", device, card, shape_str, B * T * H)
+            rec = _new_record(label, "external", "-", device, card, shape_str, B * T * H,
+                              V if label.startswith("paper") else None)
             _time_group([rec], [_Timer(fn, x, device)], [reps], [1], bar)
             records.append(rec)
-        groups: Dict[Tuple[str, bool], List[str]] = {}
-        for name, b_per_value, backend in jobs:
-            groups.setdefault((name, b_per_value), []).append(backend)
-        for (name, b_per_value), backends in groups.items():
-            x = make_inputs(name, shape, b_per_value, device)
-            bar.set_postfix_str(name + (f" b={'V' if b_per_value else 'H'}" if "b" in x else ""))
-            b_col = ("V" if b_per_value else "H") if "b" in x else "-"
-            recs = [_new_record(name, be, b_col, device, card, shape_str, B * T * H) for be in backends]
+        batches: Dict[Tuple[str, Optional[int]], List[str]] = {}
+        for name, G, backend in jobs:
+            batches.setdefault((name, G), []).append(backend)
+        for (name, G), backends in batches.items():
+            x = make_inputs(name, shape, G, device)
+            b_col = ("V" if G == V else str(G)) if G is not None else "-"
+            bar.set_postfix_str(name + (f" G={b_col}" if G is not None else ""))
+            recs = [_new_record(name, be, b_col, device, card, shape_str, B * T * H, G) for be in backends]
             timers = [_Timer(_our_run(name, be, args.chunk_size), x, device) for be in backends]
             slow = [be == "reference" for be in backends]
             _time_group(recs, timers, [ref_reps if s_ else reps for s_ in slow],
@@ -312,8 +354,11 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _new_record(model: str, backend: str, b: str, device: str, card: str, shape: str, tokens_heads: int) -> Dict:
-    return {"model": model, "backend": backend, "b": b, "device": device, "card": card, "shape": shape,
+def _new_record(model: str, backend: str, b: str, device: str, card: str, shape: str, tokens_heads: int,
+                groups: Optional[int] = None) -> Dict:
+    return {"model": model, "backend": backend, "b": b, "groups": groups, "device": device, "card": card,
+            "shape": shape, "machine": _machine(), "torch": torch.__version__,
+            "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
             "dtype": "float32" + ("+tf32" if device == "cuda" and torch.backends.cuda.matmul.allow_tf32 else ""),
             "threads": torch.get_num_threads(), "fwd_ms": None, "fwdbwd_ms": None,
             "saved_bytes_per_token_head": None, "error": None, "_tokens_heads": tokens_heads}
@@ -338,7 +383,7 @@ def _add_ratios(records: List[Dict]) -> None:
 
 def format_table(records: List[Dict]) -> str:
     """The records as a fixed-width text table."""
-    cols = [("model", 20), ("b", 2), ("backend", 17), ("fwd ms", 9), ("fwd+bwd ms", 11), ("fwd ×ref", 9),
+    cols = [("model", 20), ("b", 3), ("backend", 17), ("fwd ms", 9), ("fwd+bwd ms", 11), ("fwd ×ref", 9),
             ("f+b ×ref", 9), ("÷fla f+b", 9), ("saved B/tok/head", 17)]
 
     def fmt(x, digits=1):

@@ -51,156 +51,153 @@ def _ungroup(x: Tensor) -> Tensor:
 
 
 def _intra(D: Tensor, x: Tensor) -> Tensor:
-    """``Σ_s D[t, s] ∘ x_s`` inside each chunk: ``x [B,H,N,C,P,K]``; ``D [B,H,N,C,C]`` (scalar decay) or
-    ``[B,H,N,C,C,K]`` (vector) -> ``[B,H,N,C,P,K]``."""
-    B, H, N, C, P, K = x.shape
-    if D.dim() == 5:
-        return (D @ x.reshape(B, H, N, C, P * K)).reshape(x.shape)
-    return (D.permute(0, 1, 2, 5, 3, 4) @ x.permute(0, 1, 2, 5, 3, 4)).permute(0, 1, 2, 4, 5, 3)
+    """``Σ_s D[t, s] ∘ x_s`` inside a chunk: ``x [B,H,C,P,K]``; ``D [B,H,C,C]`` (scalar decay) or
+    ``[B,H,C,C,K]`` (vector) -> ``[B,H,C,P,K]``."""
+    B, H, C, P, K = x.shape
+    if D.dim() == 4:
+        return (D @ x.reshape(B, H, C, P * K)).reshape(x.shape)
+    return (D.permute(0, 1, 4, 2, 3) @ x.permute(0, 1, 4, 2, 3)).permute(0, 1, 3, 4, 2)
 
 
-class _Forward:
-    """The forward's intermediates, chunk-parallel (recomputed by the backward). Shapes ``[B,H,N,C,...]``."""
+class _Chunk:
+    """One chunk's intermediates ``[B,H,C,...]`` from the chunk-start states ``M_start [B,H,V,K]`` and
+    ``J_start [B,H,G,K]`` (computed by the forward, recomputed by the backward). ``output``: also the chunk's
+    output ``o`` and end state ``M_end`` (the forward's; the backward has the boundary states already)."""
 
-    def __init__(self, q, k, v, beta, b, g, M0, J0, Ip, scale: float, C: int, with_var: bool) -> None:
-        B, H, T, K = q.shape
-        V, G = v.shape[-1], b.shape[-1]
-        self.T, self.G, self.C = T, G, C
-        w = v if beta is None else v * beta  # β v
-        self.qc, self.kc, self.wc, self.bc, gc = (_pad_chunks(x, C) for x in (q, k, w, b, g))
-        N = self.qc.shape[2]
-        Gc = gc.cumsum(-2)  # [B,H,N,C,Kg]
-        self.Gc = Gc
-        G_last = Gc[..., -1:, :]
+    def __init__(self, q, k, w, b, g, M_start, J_start, Ip, mask, scale: float, output: bool) -> None:
+        B, H, C, K = q.shape
+        V, G = w.shape[-1], b.shape[-1]
+        self.q, self.k, self.w, self.b = q, k, w, b
+        Gc = g.cumsum(-2)  # [B,H,C,Kg]
+        G_last = Gc[:, :, -1:]
         self.eG = Gc.exp()
         self.to_end = (G_last - Gc).exp()
-        self.chunk_decay = G_last.exp()  # [B,H,N,1,Kg]
-        self.D = _decay_matrix(Gc, _causal(C, q.device))
-        # J, one K-vector per group: intra-chunk part, then the chunk recurrence of its boundary values
-        self.k2 = self.kc * self.kc
-        self.xJ = self.bc[..., :, None] * self.k2[..., None, :]  # [B,H,N,C,G,K]
-        intraJ = _intra(self.D, self.xJ)
-        Js = [J0]
-        for n in range(N):
-            Js.append(Js[-1] * self.chunk_decay[:, :, n] + intraJ[:, :, n, -1])
-        self.J_starts = torch.stack(Js, 2)  # [B,H,N+1,G,K]
-        self.J = intraJ + self.eG[..., None, :] * self.J_starts[:, :, :-1, None]  # [B,H,N,C,G,K]
+        self.decay = G_last.exp()  # [B,H,1,Kg], the whole chunk's decay
+        self.D = _decay_matrix(Gc, mask)  # [B,H,C,C] or [B,H,C,C,K]
+        self.k2 = k * k
+        self.xJ = b[..., :, None] * self.k2[..., None, :]  # b[g] k², [B,H,C,G,K]
+        self.J = _intra(self.D, self.xJ) + self.eG[..., None, :] * J_start[:, :, None]  # J^{(g)}_t
         self.I = self.J + Ip
-        self.r = self.qc[..., None, :] / self.I  # q ⊘ I^{(g)}, [B,H,N,C,G,K]
-        # M at the chunk boundaries, shared by the groups
-        U = self.wc.transpose(-1, -2) @ (self.kc * self.to_end)  # [B,H,N,V,K]
-        Ms = [M0]
-        for n in range(N):
-            Ms.append(Ms[-1] * self.chunk_decay[:, :, n] + U[:, :, n])
-        self.M_starts = torch.stack(Ms, 2)  # [B,H,N+1,V,K]
-        # per group: the intra-chunk matrix (r kᵀ) ∘ D and the read of the chunk-start state
-        rg = self.r.movedim(-2, -3)  # [B,H,N,G,C,K]
-        self.rg = rg
-        if self.D.dim() == 5:
-            self.A = (rg @ self.kc[:, :, :, None].transpose(-1, -2)) * self.D[:, :, :, None]  # [B,H,N,G,C,C]
+        self.r = q[..., None, :] / self.I  # q ⊘ I^{(g)}, [B,H,C,G,K]
+        self.rg = self.r.transpose(2, 3)  # [B,H,G,C,K]
+        self.Mg = M_start.unflatten(-2, (G, V // G))  # [B,H,G,R,K]
+        if self.D.dim() == 4:
+            self.A = (self.rg @ k[:, :, None].transpose(-1, -2)) * self.D[:, :, None]  # [B,H,G,C,C]
         else:
-            self.A = torch.einsum("bhngtk,bhnsk,bhntsk->bhngts", rg, self.kc, self.D)
-        Mg = self.M_starts[:, :, :-1].unflatten(-2, (G, V // G))  # [B,H,N,G,R,K]
-        inter = (rg * self.eG[:, :, :, None]) @ Mg.transpose(-1, -2)  # [B,H,N,G,C,R]
-        self.o = scale * _ungroup(inter + self.A @ _group(self.wc, G))  # [B,H,N,C,V]
-        self.var = None
-        if with_var:
-            self.var = scale * scale * (self.qc[..., None, :] * self.r).sum(-1)  # [B,H,N,C,G]
+            self.A = torch.einsum("bhgtk,bhsk,bhtsk->bhgts", self.rg, k, self.D)
+        if not output:
+            return
+        self.M_end = M_start * self.decay + w.transpose(-1, -2) @ (k * self.to_end)
+        inter = (self.rg * self.eG[:, :, None]) @ self.Mg.transpose(-1, -2)  # [B,H,G,C,R]
+        self.o = scale * _ungroup(inter + self.A @ _group(w, G))  # [B,H,C,V]
+
+
+def _boundaries(k, w, b, g, M0, J0, C: int):
+    """``M`` and ``J`` at every chunk start (and the end): ``[B,H,N+1,V,K]``, ``[B,H,N+1,G,K]``. Inputs are
+    chunked ``[B,H,N,C,...]``."""
+    Gc = g.cumsum(-2)
+    to_end = (Gc[..., -1:, :] - Gc).exp()
+    decay = Gc[..., -1:, :].exp()
+    U = w.transpose(-1, -2) @ (k * to_end)  # [B,H,N,V,K]: what a chunk writes, seen at its end
+    UJ = b.transpose(-1, -2) @ (to_end * k * k)  # [B,H,N,G,K]: Σ_s e^{G_C − G_s} b_s[g] k_s²
+    Ms, Js = [M0], [J0]
+    for n in range(k.shape[2]):
+        Ms.append(Ms[-1] * decay[:, :, n] + U[:, :, n])
+        Js.append(Js[-1] * decay[:, :, n] + UJ[:, :, n])
+    return torch.stack(Ms, 2), torch.stack(Js, 2)
 
 
 class GroupedDiagonal(torch.autograd.Function):
-    """Palimpsa with ``b`` shared in G groups of value rows, forward and hand-written backward.
+    """Palimpsa with ``b`` shared in G groups of value rows, forward and hand-written backward, one chunk
+    at a time (the working set stays ``O(C·G·K + C²·G + V·K)`` per head).
 
     Inputs ``[B,H,T,...]``: ``q, k [K]``, ``v [V]``, ``beta [1|V]`` or None, ``b [G]``, ``g [Kg]`` (log-decay,
     Kg = 1 or K, already clamped below); ``M0 [B,H,V,K]`` (``I ∘ μ`` before the first token),
-    ``J0 [B,H,G,K]`` (``I − Ip`` per group); ``Ip [1,H,1,1,1,1]``. Returns ``o [B,H,T,V]``, ``var [B,H,T,G]``
+    ``J0 [B,H,G,K]`` (``I − Ip`` per group); ``Ip [1,H,1,1,1]``. Returns ``o [B,H,T,V]``, ``var [B,H,T,G]``
     (zeros unless ``with_var``), ``M_T [B,H,V,K]``, ``J_T [B,H,G,K]``.
     """
 
     @staticmethod
     def forward(ctx, q, k, v, beta, b, g, M0, J0, Ip, scale: float, C: int, with_var: bool):
-        f = _Forward(q, k, v, beta, b, g, M0, J0, Ip, scale, C, with_var)
+        T = q.shape[2]
+        w = v if beta is None else v * beta  # β v
+        qc, kc, wc, bc, gc = (_pad_chunks(x, C) for x in (q, k, w, b, g))
+        mask = _causal(C, q.device)
+        o = q.new_empty(wc.shape)
+        var = q.new_zeros(bc.shape)
+        M, J = M0, J0
+        for n in range(qc.shape[2]):
+            ch = _Chunk(qc[:, :, n], kc[:, :, n], wc[:, :, n], bc[:, :, n], gc[:, :, n], M, J, Ip, mask, scale, True)
+            o[:, :, n] = ch.o
+            if with_var:
+                var[:, :, n] = scale * scale * (qc[:, :, n, :, None, :] * ch.r).sum(-1)
+            M, J = ch.M_end, ch.J[:, :, -1]
         ctx.save_for_backward(q, k, v, beta, b, g, M0, J0, Ip)
         ctx.scale, ctx.C, ctx.with_var = scale, C, with_var
-        T = q.shape[2]
-        var = _unchunk(f.var, T) if with_var else q.new_zeros(b.shape)
-        return _unchunk(f.o, T), var, f.M_starts[:, :, -1].clone(), f.J_starts[:, :, -1].clone()
+        return _unchunk(o, T), _unchunk(var, T), M, J.clone()
 
     @staticmethod
     def backward(ctx, do, dvar, dM_T, dJ_T):
         q, k, v, beta, b, g, M0, J0, Ip = ctx.saved_tensors
         scale, C, with_var = ctx.scale, ctx.C, ctx.with_var
-        f = _Forward(q, k, v, beta, b, g, M0, J0, Ip, scale, C, False)
-        T, G = f.T, f.G
-        N = f.qc.shape[2]
-        scalar = f.D.dim() == 5
-        doc = _pad_chunks(do, C)  # [B,H,N,C,V]
-        dog = _group(doc, G)  # [B,H,N,G,C,R]
-        wg = _group(f.wc, G)
-        rt = f.rg * f.eG[:, :, :, None]  # r ∘ e^{G}, [B,H,N,G,C,K]
-        # --- M: gradient reaching each chunk's end state, reverse over chunks
-        read = scale * (dog.transpose(-1, -2) @ rt).flatten(-3, -2)  # what chunk n reads of its start, [B,H,N,V,K]
-        dS = dM_T
-        ends = [None] * N
+        T, V, G = q.shape[2], v.shape[-1], b.shape[-1]
+        w = v if beta is None else v * beta
+        qc, kc, wc, bc, gc, doc = (_pad_chunks(x, C) for x in (q, k, w, b, g, do))
+        dvc = _pad_chunks(dvar, C) if with_var else None
+        N = qc.shape[2]
+        mask = _causal(C, q.device)
+        M_starts, J_starts = _boundaries(kc, wc, bc, gc, M0, J0, C)
+        dq, dk, dw, db, dg = (torch.zeros_like(x) for x in (qc, kc, wc, bc, gc))
+        dIp = torch.zeros_like(Ip)
+        dM, dJ = dM_T, dJ_T  # gradients reaching the end of the chunk being processed
         for n in reversed(range(N)):
-            ends[n] = dS
-            dS = dS * f.chunk_decay[:, :, n] + read[:, :, n]
-        dM0 = dS
-        dS_end = torch.stack(ends, 2)  # [B,H,N,V,K]
-        # --- M: inside the chunks
-        dA = (scale * (dog @ wg.transpose(-1, -2))).tril()  # [B,H,N,G,C,C]
-        Mg = f.M_starts[:, :, :-1].unflatten(-2, (G, dM0.shape[-2] // G))  # [B,H,N,G,R,K]
-        if scalar:
-            W = dA * f.D[:, :, :, None]
-            dr = W @ f.kc[:, :, :, None]  # [B,H,N,G,C,K]
-            dk = (W.transpose(-1, -2) @ f.rg).sum(3)  # [B,H,N,C,K]
-        else:
-            W = dA[..., None] * f.D[:, :, :, None]  # [B,H,N,G,C,C,K]
-            dr = (W * f.kc[:, :, :, None, None]).sum(-2)
-            dk = (W * f.rg[..., :, None, :]).sum((3, -3))
-        dr = dr + scale * (dog @ Mg) * f.eG[:, :, :, None]
-        dk = dk + (f.wc @ dS_end) * f.to_end
-        dw = scale * _ungroup(f.A.transpose(-1, -2) @ dog) + (f.kc * f.to_end) @ dS_end.transpose(-1, -2)
-        # log-decay through M: e^{G_t} scales r_t, e^{-G_s} scales k_s, e^{G_last} the chunk's end state
-        dGc = (f.rg * dr).sum(3) - f.kc * dk
-        dGc[..., -1, :] += (dS_end * f.M_starts[:, :, 1:]).sum(-2)
-        # --- r = q ⊘ I (and the variance) -> q and I
-        drI = dr.movedim(-3, -2) / f.I  # [B,H,N,C,G,K]
-        dq = drI.sum(-2)
-        dI = -drI * f.r
-        if with_var:
-            dvc = _pad_chunks(dvar, C)[..., None]  # [B,H,N,C,G,1]
-            s2 = scale * scale
-            dq = dq + 2 * s2 * (dvc * f.r).sum(-2)
-            dI = dI - s2 * dvc * f.r * f.r
-        dIp = dI.sum((0, 2, 3, 4, 5)).view(Ip.shape)
-        # --- J: adjoint Ĵ_t = dJ_t + α_{t+1} Ĵ_{t+1}, chunk boundaries first, then inside the chunks
-        dJ_in = (f.eG[..., None, :] * dI).sum(3)  # what each chunk's start state receives from its tokens
-        dJ = dJ_T
-        J_ends = [None] * N
-        for n in reversed(range(N)):
-            J_ends[n] = dJ
-            dJ = dJ * f.chunk_decay[:, :, n] + dJ_in[:, :, n]
-        dJ0 = dJ
-        J_end = torch.stack(J_ends, 2)  # [B,H,N,G,K]
-        Dt = f.D.transpose(3, 4)
-        Jhat = _intra(Dt, dI) + f.to_end[..., None, :] * J_end[:, :, :, None]  # [B,H,N,C,G,K]
-        db = (Jhat * f.k2[..., None, :]).sum(-1)  # [B,H,N,C,G]
-        dk = dk + 2 * f.kc * (Jhat * f.bc[..., None]).sum(-2)
-        dgJ = (Jhat * (f.J - f.xJ)).sum(-2)  # Σ_g Ĵ_t ∘ α_t J_{t-1}, [B,H,N,C,K]
-        # --- assemble
-        dg = dGc.flip(-2).cumsum(-2).flip(-2)
-        if scalar:
-            dg = dg.sum(-1, keepdim=True) + dgJ.sum(-1, keepdim=True)
-        else:
-            dg = dg + dgJ
+            ch = _Chunk(qc[:, :, n], kc[:, :, n], wc[:, :, n], bc[:, :, n], gc[:, :, n], M_starts[:, :, n],
+                        J_starts[:, :, n], Ip, mask, scale, False)
+            kn, rg, eG, to_end = ch.k, ch.rg, ch.eG, ch.to_end
+            dog = _group(doc[:, :, n], G)  # [B,H,G,C,R]
+            # --- M: the read of the chunk-start state and the intra-chunk matrix A = (r kᵀ) ∘ D, per group
+            dA = (scale * (dog @ _group(ch.w, G).transpose(-1, -2))).tril()  # [B,H,G,C,C]
+            if ch.D.dim() == 4:
+                W = dA * ch.D[:, :, None]
+                dr = W @ kn[:, :, None]  # [B,H,G,C,K]
+                dk_n = (W.permute(0, 1, 4, 2, 3).flatten(-2) @ rg.flatten(2, 3))  # Σ_g Wᵀ r, [B,H,C,K]
+            else:
+                W = dA[..., None] * ch.D[:, :, None]  # [B,H,G,C,C,K]
+                dr = (W * kn[:, :, None, None]).sum(-2)
+                dk_n = (W * rg[..., :, None, :]).sum((2, -3))
+            dr = dr + scale * (dog @ ch.Mg) * eG[:, :, None]
+            dk_n = dk_n + (ch.w @ dM) * to_end
+            dw[:, :, n] = scale * _ungroup(ch.A.transpose(-1, -2) @ dog) + (kn * to_end) @ dM.transpose(-1, -2)
+            # log-decay through M: e^{G_t} scales r_t, e^{-G_s} scales k_s, e^{G_last} the chunk's end state
+            dGc = (rg * dr).sum(2) - kn * dk_n
+            dGc[:, :, -1] += (dM * M_starts[:, :, n + 1]).sum(-2)
+            dM = dM * ch.decay + scale * (dog.transpose(-1, -2) @ (rg * eG[:, :, None])).flatten(2, 3)
+            # --- r = q ⊘ I (and the variance) -> q and I
+            drI = dr.transpose(2, 3) / ch.I  # [B,H,C,G,K]
+            dq_n = drI.sum(-2)
+            dI = -drI * ch.r
+            if with_var:
+                dv_n = dvc[:, :, n, :, :, None]  # [B,H,C,G,1]
+                s2 = scale * scale
+                dq_n = dq_n + 2 * s2 * (dv_n * ch.r).sum(-2)
+                dI = dI - s2 * dv_n * ch.r * ch.r
+            dIp += dI.sum((0, 2, 3, 4)).view(Ip.shape)
+            # --- J: adjoint Ĵ_t = dI_t + α_{t+1} Ĵ_{t+1} inside the chunk, from the gradient at its end
+            Jhat = _intra(ch.D.transpose(2, 3), dI) + to_end[..., None, :] * dJ[:, :, None]  # [B,H,C,G,K]
+            dJ = dJ * ch.decay + (eG[..., None, :] * dI).sum(2)
+            db[:, :, n] = (Jhat * ch.k2[..., None, :]).sum(-1)
+            dk[:, :, n] = dk_n + 2 * kn * (Jhat * ch.b[..., None]).sum(-2)
+            dgJ = (Jhat * (ch.J - ch.xJ)).sum(-2)  # Σ_g Ĵ_t ∘ α_t J_{t-1}, [B,H,C,K]
+            dg_n = dGc.flip(-2).cumsum(-2).flip(-2)
+            dg[:, :, n] = (dg_n + dgJ).sum(-1, keepdim=True) if gc.shape[-1] == 1 else dg_n + dgJ
+            dq[:, :, n] = dq_n
         dw = _unchunk(dw, T)
         dv = dw if beta is None else dw * beta
         dbeta = None
         if beta is not None:
             dbeta = dw * v
             dbeta = dbeta.sum(-1, keepdim=True) if beta.shape[-1] == 1 else dbeta
-        return (_unchunk(dq, T), _unchunk(dk, T), dv, dbeta, _unchunk(db, T), _unchunk(dg, T), dM0, dJ0, dIp,
+        return (_unchunk(dq, T), _unchunk(dk, T), dv, dbeta, _unchunk(db, T), _unchunk(dg, T), dM, dJ, dIp,
                 None, None, None)
 
 
@@ -238,8 +235,8 @@ def grouped_diagonal(q: Tensor, k: Tensor, v: Tensor, beta: Optional[Tensor], b:
             beta = torch.where(torch.isfinite(beta), beta, zero)
         g = torch.where(g_bad, zero, g)
     g = g.clamp(min=floor)
-    Ip6 = Ip.view(1, H, 1, 1, 1, 1)
-    o, var, M_T, J_T = GroupedDiagonal.apply(q, k, v, beta, b, g, M0, J0, Ip6, scale, C, with_var)
+    Ip5 = Ip.view(1, H, 1, 1, 1)
+    o, var, M_T, J_T = GroupedDiagonal.apply(q, k, v, beta, b, g, M0, J0, Ip5, scale, C, with_var)
     if with_var:
         var = var[..., None].expand(B, H, T, G, V // G).reshape(B, H, T, V)
     else:

@@ -40,10 +40,10 @@ def test_auto_on_cuda(name):
     chunked = obj.likelihood in ("dot", "dot_diag") and obj.forgetting != "vector"
     assert select_backend(obj, CUDA, "auto") == ("triton_chunk" if chunked else "triton_recurrent")
     if obj.likelihood == "dot_diag":
-        b_per_value = torch.zeros(1, 1, 1, 1)
-        assert select_backend(obj, CUDA, "auto", b=b_per_value) == "triton_recurrent"
-        with pytest.raises(ValueError, match=r"per value channel|vector"):
-            select_backend(obj, CUDA, "triton_chunk", b=b_per_value)
+        b_grouped = torch.zeros(1, 1, 1, 2)  # two importance groups (or per value channel, V = 2)
+        assert select_backend(obj, CUDA, "auto", b=b_grouped) == "triton_recurrent"
+        with pytest.raises(ValueError, match=r"importance groups|vector"):
+            select_backend(obj, CUDA, "triton_chunk", b=b_grouped)
 
 
 @pytest.mark.parametrize("name", ["deltanet", "gated_deltanet", "longhorn", "mesanet", "meta_gated_deltanet"])
@@ -117,8 +117,9 @@ def test_bench_kernels_cli(tmp_path, capsys):
     assert rc == 0
     records = json.loads(out.read_text())
     assert {(r["model"], r["b"], r["backend"]) for r in records} == {
-        ("mamba2", "-", "reference"), ("mamba2", "-", "chunk"), ("palimpsa", "H", "reference"),
-        ("palimpsa", "H", "chunk"), ("palimpsa", "V", "reference"), ("palimpsa", "V", "chunk")}
+        ("mamba2", "-", "reference"), ("mamba2", "-", "chunk"), ("palimpsa", "1", "reference"),
+        ("palimpsa", "1", "chunk"), ("palimpsa", "V", "reference"), ("palimpsa", "V", "chunk")}
+    assert {r["groups"] for r in records if r["model"] == "palimpsa"} == {1, 4}  # default 1,4,16,V dividing V = 4
     for r in records:
         assert r["error"] is None and r["device"] == "cpu" and r["shape"] == "B=1,T=9,H=1,K=4,V=4"
         assert r["fwd_ms"] > 0 and r["fwdbwd_ms"] > 0 and r["saved_bytes_per_token_head"] > 0
