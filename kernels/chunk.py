@@ -21,10 +21,13 @@ The models (THEORY.md §2), selected by the objective's settings:
 - ``dot_diag`` / diagonal (Palimpsa, meta_mamba2, meta_gla): ``M_t = α M_{t-1} + β v ⊗ k`` and
   ``I_t − Ip = α (I_{t-1} − Ip) + b ⊗ k²``; ``o = scale · (M/I) q``.
 
-  * head-shared ``b`` (``[B,T,H]``) and an initial precision constant over value rows (and not requiring
-    a gradient, which would be per row): ``I_t`` depends on the key channel only (THEORY.md limit 7), so
-    ``o = scale · M_t (q ⊘ I_t)``: a :class:`DecayedScan` of width 1 for ``I`` and one :class:`ChunkDot`
-    read with the rescaled query. Cost as simple GLA.
+  * ``b`` head-shared (``[B,T,H]``) or shared within G < V groups of value rows (``[B,T,H,G]``), and an
+    initial precision constant within each group (and not requiring a gradient, which would be per row):
+    the precision of group g is a K-vector (THEORY.md limits 7 and 8), so the rows of group g read
+    ``scale · M_t (q ⊘ I^{(g)}_t)``: :class:`~metaplastic.kernels.chunk_grouped.GroupedDiagonal`, G simple-GLA
+    reads sharing keys, values, decays and ``M``. Cost as simple GLA plus the per-group ``[C, C]`` products.
+    (With another read primitive, the chunked Triton path, G = 1 is a :class:`DecayedScan` of width 1 for
+    ``I`` and one read with the rescaled query.)
   * ``b`` per value channel (``[B,T,H,V]``), or any other initial precision: ``Σ_j M_ij q_j / I_ij`` does
     not factor; :class:`DiagonalScan` materialises ``M_t, I_t`` one block of ``DIAGONAL_CHUNK`` tokens at a
     time: ``O(T·V·K)`` flops, ``O(DIAGONAL_CHUNK·V·K)`` working memory per head.

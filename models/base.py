@@ -17,12 +17,14 @@ from metaplastic.registry import registry
 from .importance import ImportancePath
 
 
-def memory_floats(objective: Objective, H: int, K: int, V: int) -> int:
-    """Floats in the recurrent memory of one sequence: ``S``; ``mu`` and ``I``; or ``G`` and ``H``."""
+def memory_floats(objective: Objective, H: int, K: int, V: int, groups: Optional[int] = None) -> int:
+    """Floats in the recurrent memory of one sequence: ``S``; ``mu`` and ``I``; or ``G`` and ``H``. With
+    ``groups`` importance groups (diagonal posterior, G < V) the precision is one K-vector per group
+    (THEORY.md limit 8): ``V·K + G·K`` per head."""
     if objective.posterior == "point":
         return H * V * K
     if objective.posterior == "diagonal":
-        return 2 * H * V * K
+        return H * (V * K + (V if groups is None else min(groups, V)) * K)
     return H * (V * K + K * K)
 
 
@@ -47,7 +49,8 @@ class Mixer(nn.Module):
 
     def state_size(self) -> int:
         """Floats in the recurrent memory per sequence (for matched-state comparisons)."""
-        return memory_floats(self.objective, self.num_heads, self.head_k_dim, self.head_v_dim)
+        groups = None if self.importance is None else self.importance.groups
+        return memory_floats(self.objective, self.num_heads, self.head_k_dim, self.head_v_dim, groups)
 
     def _add_importance(self, rank: Optional[int], gated: bool = True, groups: Optional[int] = None) -> None:
         """The importance path, for a diagonal posterior. ``groups``: importance groups per head (None: one

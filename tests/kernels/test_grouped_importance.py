@@ -211,3 +211,20 @@ def test_saved_state_is_at_most_2kb_per_token_and_head(G):
     """K = V = 128, float32: everything saved for the backward, sequence-level states included (T = 1024)."""
     per_token = _saved_bytes_per_token(G, 1024)
     assert per_token <= 2048, f"G = {G}: {per_token:.0f} bytes saved per token and head"
+
+
+def test_initial_precision_varying_within_a_group_takes_the_per_value_path():
+    """I_0 that differs between rows of one group (or needs a gradient) does not factor per group: the chunked
+    path expands b to one rate per row and still matches the reference, gradients included."""
+    B, T, H, K, V, G = 1, 7, 2, 3, 4, 2
+    x = inputs(B, T, H, K, V, G)
+    gen = torch.Generator().manual_seed(9)
+    init = {"mu": torch.randn(B, H, V, K, dtype=torch.float64, generator=gen),
+            "I": 0.5 + torch.rand(B, H, V, K, dtype=torch.float64, generator=gen)}
+    leaves = [t.requires_grad_() for t in list(x.values()) + list(init.values())]
+    ref = metaplastic.scan(PALIMPSA, **x, initial_state=init, output_final_state=True)
+    got = chunk_scan(PALIMPSA, **x, initial_state=init, output_final_state=True, chunk_size=4)
+    assert_close(got.output, ref.output, TOL)
+    loss = lambda r: r.output.sum() + r.final_state["I"].sum()  # noqa: E731
+    for a, e in zip(torch.autograd.grad(loss(got), leaves), torch.autograd.grad(loss(ref), leaves)):
+        assert_close(a, e, TOL)

@@ -103,3 +103,11 @@ def test_cached_greedy_generation_equals_full_forward_with_two_groups(name):
     inc = torch.cat(steps, 1)
     # the mixers compute their gates and read-out in float32 (as the paper's layers): float32 rounding
     assert (inc - full).abs().max() <= 1e-5 * full.abs().max()
+
+
+def test_state_size_counts_one_precision_vector_per_group():
+    """M is V·K floats per head; the precision is G·K (one K-vector per group) for G < V, V·K per value row."""
+    per_value = build_mixer("palimpsa", 16, num_heads=2, head_dim=8)
+    grouped = build_mixer("palimpsa", 16, num_heads=2, head_dim=8, importance_groups=2)
+    assert per_value.state_size() == 2 * (8 * 8 + 8 * 8)
+    assert grouped.state_size() == 2 * (8 * 8 + 2 * 8)
