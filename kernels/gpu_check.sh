@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One prepared GPU check (issue 4's device part): compiled-Triton correctness, then the kernel benchmark.
+# One prepared GPU check: compiled-Triton correctness, then the kernel benchmark.
 # Usage: bash kernels/gpu_check.sh [OUTDIR]   (uses `python3`, which must hold a CUDA torch and triton;
 # fla wheels in .whl/ are installed to /tmp/site when present, for the fla comparisons).
 set -u

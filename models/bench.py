@@ -10,7 +10,7 @@ fresh process so that its peak resident memory is its own:
 Reported: wall time of the work (imports excluded; the best of the repeats, which alternate the order of
 the two, since disk and page-cache noise dominate on a shared machine), peak RSS (``ru_maxrss``, the largest
 over the repeats) and RSS after the imports.
-Targets (issue 5): convert time ≤ 2 × load+save, convert peak RSS ≤ 2.5 × the checkpoint size.
+Targets: convert time ≤ 2 × load+save, convert peak RSS ≤ 2.5 × the checkpoint size.
 """
 from __future__ import annotations
 

@@ -17,3 +17,16 @@ except ImportError:  # pragma: no cover
 import warnings
 
 warnings.filterwarnings("ignore", message="Triton is not supported on current platform")
+
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture
+def ieee_fp32():
+    """float32 matmuls and convolutions in IEEE precision on CUDA (no TF32) for the test, restored after."""
+    import torch
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    yield
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved

@@ -220,7 +220,16 @@ def _run_gated_deltanet_transformers(x: Inputs):
 
 
 def _run_longhorn(x: Inputs):
-    """LongHorn = GLA with one head per value channel (REFERENCES.md)."""
+    """LongHorn = fla's ``naive_recurrent_gla`` with one head per value channel (the mapping of REFERENCES.md).
+
+    This oracle restates the formula it checks: the mapping writes LongHorn's ``ε = β / (1 + β‖k‖²)`` and its
+    decay ``log1p(−ε k²)`` out by hand, the same closed form as ``unify/closed_forms.py``, so an error in that
+    formula shared by both sides would pass here. What it checks independently is the recurrence around it
+    (decay before update, read-out, scale, layouts, initial and final states), with fla doing the arithmetic.
+    The closed form itself is checked by the sympy theorem ``longhorn_is_diagonal_proximal`` (limit 4: ε is the
+    exact Sherman–Morrison solution of the regression step with a diagonal transition, derived from the
+    objective, not restated) and by its mutation test in ``tests/derivations/test_derivations.py``.
+    """
     from fla.ops.gla.naive import naive_recurrent_gla
     q, k, v, beta = x["q"], x["k"], x["v"], x["beta"]
     B, T, H, K = q.shape

@@ -10,7 +10,9 @@ import torch
 import metaplastic
 from metaplastic.kernels.chunk import ChunkDot, DecayedScan, DiagonalScan, chunk_scan
 from metaplastic.kernels.chunk_grouped import GroupedDiagonal
-from metaplastic.oracles import ORACLES, relative_error, scan_kwargs
+from metaplastic.oracles import ORACLES, scan_kwargs
+
+from helpers import assert_close, random_inputs
 
 CHUNK_MODELS = [name for name, spec in metaplastic.registry.items()
                 if spec.objective.likelihood in ("dot", "dot_diag")]
@@ -21,26 +23,10 @@ SHAPES = [(2, 1, 2, 5, 3, 4), (1, 13, 3, 5, 3, 4), (2, 9, 2, 4, 6, 16)]
 
 
 def make_inputs(name, B, T, H, K, V, *, b_per_value=False, init=None, seed=0, N=None):
-    """float64 inputs for registry entry ``name``; ``init`` None, "random", or "shared" (I constant over V)."""
-    gen = torch.Generator().manual_seed(seed)
-    obj = metaplastic.registry[name].objective
-    d = dict(dtype=torch.float64, generator=gen)
-    x = {"q": torch.randn(B, T, H, K, **d), "k": torch.randn(B, T, H, K, **d), "v": torch.randn(B, T, H, V, **d)}
-    if obj.forgetting != "none":
-        shape = (B, T, H, K) if obj.forgetting == "vector" else (B, T, H)
-        x["log_decay"] = torch.log(0.5 + 0.5 * torch.rand(*shape, **d))
-    x["beta"] = torch.rand(B, T, H, V, **d) if metaplastic.registry[name].beta_per_value else torch.rand(B, T, H, **d)
-    if obj.posterior == "diagonal":
-        x["b"] = torch.rand(*((B, T, H, V) if b_per_value else (B, T, H)), **d)
-        x["prior_precision"] = 0.5 + torch.rand(H, **d)
-    N = B if N is None else N
-    if init is not None:
-        if obj.posterior == "point":
-            x["initial_state"] = {"S": torch.randn(N, H, V, K, **d)}
-        else:
-            I0 = 0.5 + torch.rand(N, H, V if init == "random" else 1, K, **d)
-            x["initial_state"] = {"mu": torch.randn(N, H, V, K, **d), "I": I0.expand(N, H, V, K).clone()}
-    return obj, x
+    """float64 inputs for registry entry ``name`` (keys not normalised, b head-shared unless ``b_per_value``);
+    ``init`` None, "random", or "shared" (I constant over V)."""
+    x = random_inputs(name, B, T, H, K, V, seed=seed, keys=1.0, b_per_value=b_per_value, init=init, N=N)
+    return metaplastic.registry[name].objective, x
 
 
 def _leaves(x, initial_precision_grad=True):
@@ -68,13 +54,13 @@ def _compare(obj, x, *, cu_seqlens=None, chunk_size=4, initial_precision_grad=Tr
     ref = metaplastic.scan(obj, **x, **kw)
     got = chunk_scan(obj, **x, **kw, chunk_size=chunk_size)
     assert got.output.shape == ref.output.shape and got.output.dtype == ref.output.dtype
-    assert relative_error(got.output, ref.output) <= TOL
+    assert_close(got.output, ref.output, rtol=TOL)
     assert set(got.final_state) == set(ref.final_state)
     for key in ref.final_state:
         assert got.final_state[key].shape == ref.final_state[key].shape
-        assert relative_error(got.final_state[key], ref.final_state[key]) <= TOL, key
+        assert_close(got.final_state[key], ref.final_state[key], rtol=TOL, msg=str(key))
     if ref.variance is not None:
-        assert relative_error(got.variance, ref.variance) <= TOL
+        assert_close(got.variance, ref.variance, rtol=TOL)
     g_ref = torch.autograd.grad(_loss(ref), leaves)
     g_got = torch.autograd.grad(_loss(got), leaves)
     # with T = 1 and a zero initial state the decay multiplies nothing: its gradient is truly 0
@@ -84,7 +70,7 @@ def _compare(obj, x, *, cu_seqlens=None, chunk_size=4, initial_precision_grad=Tr
             assert (b - a).abs().max() <= 1e-12
             continue
         assert a.abs().max() > 0, "a gradient that is zero everywhere cannot test anything"
-        assert relative_error(b, a) <= TOL, tuple(leaf.shape)
+        assert_close(b, a, rtol=TOL, msg=str(tuple(leaf.shape)))
 
 
 def _cases():
@@ -130,9 +116,9 @@ def test_chunk_matches_independent_reference(name):
         ref_out, ref_state = oracle.reference(x)
         res = chunk_scan(spec.objective, **scan_kwargs(x), scale=spec.scale_for(6), output_final_state=True,
                          chunk_size=4)
-        assert relative_error(res.output, ref_out) <= 1e-6
+        assert_close(res.output, ref_out, rtol=1e-6)
         for key, val in ref_state.items():
-            assert relative_error(res.final_state[key], val) <= 1e-6
+            assert_close(res.final_state[key], val, rtol=1e-6)
 
 
 @pytest.mark.parametrize("vector", [False, True])
@@ -181,13 +167,13 @@ def test_chunk_float32_and_bfloat16_inputs():
     x32 = {key: val.float() for key, val in x.items()}
     got = chunk_scan(obj, **x32, scale=0.5, output_variance=True, chunk_size=8)
     assert got.output.dtype == torch.float32
-    assert relative_error(got.output, ref.output) <= 1e-4
-    assert relative_error(got.variance, ref.variance) <= 1e-4
+    assert_close(got.output, ref.output, rtol=1e-4)
+    assert_close(got.variance, ref.variance, rtol=1e-4)
     xb = dict(x32, q=x32["q"].bfloat16(), k=x32["k"].bfloat16(), v=x32["v"].bfloat16())
     ref_b = metaplastic.scan(obj, **xb, scale=0.5)
     got_b = chunk_scan(obj, **xb, scale=0.5, chunk_size=8)
     assert got_b.output.dtype == torch.bfloat16
-    assert relative_error(got_b.output.float(), ref_b.output.float()) <= 1e-2
+    assert_close(got_b.output.float(), ref_b.output.float(), rtol=1e-2)
 
 
 def test_chunk_strong_decay_is_finite():
@@ -198,7 +184,7 @@ def test_chunk_strong_decay_is_finite():
     got = chunk_scan(obj, **x32, chunk_size=64)
     ref = metaplastic.scan(obj, **x)
     assert torch.isfinite(got.output).all()
-    assert relative_error(got.output, ref.output) <= 1e-5
+    assert_close(got.output, ref.output, rtol=1e-5)
 
 
 @pytest.mark.parametrize("name,message", [("deltanet", "regression"), ("mesanet", "regression")])
@@ -276,15 +262,15 @@ def test_triton_chunk_matches_reference(name, shape, init):
     leaves32 = _leaves(x32, initial_precision_grad=False)
     got = chunk_triton_scan(obj, **x32, **kw, chunk_size=C)
     assert got.output.dtype == torch.float32
-    assert relative_error(got.output.cpu(), ref.output) <= 1e-4
+    assert_close(got.output.cpu(), ref.output, rtol=1e-4)
     for key in ref.final_state:
-        assert relative_error(got.final_state[key].cpu(), ref.final_state[key]) <= 1e-4, key
+        assert_close(got.final_state[key].cpu(), ref.final_state[key], rtol=1e-4, msg=str(key))
     if ref.variance is not None:
-        assert relative_error(got.variance.cpu(), ref.variance) <= 1e-4
+        assert_close(got.variance.cpu(), ref.variance, rtol=1e-4)
     g_ref = torch.autograd.grad(_loss(ref), leaves)
     g_got = torch.autograd.grad(_loss(got), leaves32)
     for a, b in zip(g_ref, g_got):
-        assert relative_error(b.cpu(), a) <= 1e-4
+        assert_close(b.cpu(), a, rtol=1e-4)
 
 
 def test_triton_chunk_varlen():
@@ -294,10 +280,10 @@ def test_triton_chunk_varlen():
     kw = dict(scale=0.5, output_final_state=True, output_variance=True, cu_seqlens=cu)
     ref = metaplastic.scan(obj, **x, **kw)
     got = chunk_triton_scan(obj, **_to_device32(x), **dict(kw, cu_seqlens=cu.to(DEVICE)), chunk_size=16)
-    assert relative_error(got.output.cpu(), ref.output) <= 1e-4
-    assert relative_error(got.variance.cpu(), ref.variance) <= 1e-4
+    assert_close(got.output.cpu(), ref.output, rtol=1e-4)
+    assert_close(got.variance.cpu(), ref.variance, rtol=1e-4)
     for key in ref.final_state:
-        assert relative_error(got.final_state[key].cpu(), ref.final_state[key]) <= 1e-4
+        assert_close(got.final_state[key].cpu(), ref.final_state[key], rtol=1e-4)
 
 
 @pytest.mark.parametrize("name,b_per_value,message", [("gla", False, "vector"), ("palimpsa", True, "per value"),
@@ -320,5 +306,5 @@ def test_triton_chunk_kernel_tiles():
                                          heads_first["log_decay"][..., None],
                                          x["initial_state"]["S"].float().to(DEVICE),
                                          0.3, 16, block_k=16, block_v=16)
-    assert relative_error(o.transpose(1, 2).cpu(), ref.output) <= 1e-4
-    assert relative_error(states[:, :, -1].cpu(), ref.final_state["S"]) <= 1e-4
+    assert_close(o.transpose(1, 2).cpu(), ref.output, rtol=1e-4)
+    assert_close(states[:, :, -1].cpu(), ref.final_state["S"], rtol=1e-4)

@@ -4,26 +4,16 @@ import torch
 
 import metaplastic
 from metaplastic.kernels import BACKENDS, scan, select_backend
-from metaplastic.oracles import relative_error
+
+from helpers import assert_close, random_inputs
 
 CPU, CUDA = torch.device("cpu"), torch.device("cuda")
 
 
 def _inputs(name, B=1, T=6, H=2, K=3, V=2, b_per_value=False, seed=0):
-    gen = torch.Generator().manual_seed(seed)
-    obj = metaplastic.registry[name].objective
-    d = dict(dtype=torch.float64, generator=gen)
-    x = {"q": torch.randn(B, T, H, K, **d), "k": torch.nn.functional.normalize(torch.randn(B, T, H, K, **d), dim=-1),
-         "v": torch.randn(B, T, H, V, **d)}
-    if obj.forgetting != "none":
-        shape = (B, T, H, K) if obj.forgetting == "vector" else (B, T, H)
-        x["log_decay"] = torch.log(0.6 + 0.4 * torch.rand(*shape, **d))
-    x["beta"] = torch.rand(B, T, H, **d)
-    if obj.posterior == "diagonal":
-        x["b"] = torch.rand(*((B, T, H, V) if b_per_value else (B, T, H)), **d)
-    if obj.posterior == "full":
-        x["lam"] = 0.5 + torch.rand(H, K, **d)
-    return obj, x
+    x = random_inputs(name, B, T, H, K, V, seed=seed, beta_per_value=False, b_per_value=b_per_value,
+                      prior_precision=False, decay_min=0.6)
+    return metaplastic.registry[name].objective, x
 
 
 @pytest.mark.parametrize("name", list(metaplastic.registry))
@@ -81,11 +71,11 @@ def test_dispatch_results_equal_the_reference(name, b_per_value):
     for backend in backends:
         got = scan(obj, **x, **kw, backend=backend, chunk_size=4)
         assert isinstance(got, metaplastic.ScanResult)
-        assert relative_error(got.output, ref.output) <= 1e-10, backend
+        assert_close(got.output, ref.output, rtol=1e-10, msg=str(backend))
         for key in ref.final_state:
-            assert relative_error(got.final_state[key], ref.final_state[key]) <= 1e-10, (backend, key)
+            assert_close(got.final_state[key], ref.final_state[key], rtol=1e-10, msg=str((backend, key)))
         if ref.variance is not None:
-            assert relative_error(got.variance, ref.variance) <= 1e-10, backend
+            assert_close(got.variance, ref.variance, rtol=1e-10, msg=str(backend))
 
 
 @pytest.mark.parametrize("backend,name", [("triton", "mamba2"), ("triton", "gated_deltanet")])
@@ -103,7 +93,7 @@ def test_dispatch_triton_in_the_interpreter(backend, name):
     x32 = {key: val.float().to(device) for key, val in x.items()}
     ref = metaplastic.scan(obj, **x, scale=0.5)
     got = scan(obj, **x32, scale=0.5, backend=backend, chunk_size=16)
-    assert relative_error(got.output.cpu(), ref.output) <= 1e-4
+    assert_close(got.output.cpu(), ref.output, rtol=1e-4)
 
 
 def test_bench_kernels_cli(tmp_path, capsys):

@@ -8,6 +8,8 @@ varlen batches with an empty and a one-token sequence; several value blocks per 
 """
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -15,6 +17,9 @@ import metaplastic
 from metaplastic import Objective, registry
 from metaplastic.kernels.flags import kernel_flags
 from metaplastic.kernels.fused_recurrent import fused_recurrent_scan
+from metaplastic.oracles import relative_error
+
+from helpers import assert_close, random_inputs
 
 # compiled Triton on a GPU machine, the interpreter (tests/conftest.py) on a CPU one
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -23,47 +28,17 @@ ROWWISE = [n for n in NAMES if registry[n].objective.posterior != "full"]
 F64 = torch.float64
 
 
-def rel_err(x: torch.Tensor, ref: torch.Tensor) -> float:
-    """max|x − ref| / max|ref| (the issue's measure)."""
-    return ((x.double() - ref.double()).abs().max() / ref.double().abs().max().clamp_min(1e-30)).item()
-
-
 def make_inputs(objective: Objective, B: int, T: int, H: int, K: int, V: int, *, beta_per_v: bool = False,
                 b_per_v: bool = True, init: bool = True, N: int = None, seed: int = 0, dtype=F64):
-    """Random inputs for ``objective`` as float64 leaves (decays in (0.37, 1), β in (0, 1), b in (0, 1))."""
-    gen = torch.Generator().manual_seed(seed)
-
-    def r(*shape):
-        return torch.randn(*shape, generator=gen, dtype=F64)
-
-    def u(*shape):
-        return torch.rand(*shape, generator=gen, dtype=F64)
-
-    N = B if N is None else N
-    x = {"q": r(B, T, H, K), "k": r(B, T, H, K) / 2, "v": r(B, T, H, V)}
-    kw = {}
-    if objective.forgetting == "scalar":
-        kw["log_decay"] = -u(B, T, H)
-    elif objective.forgetting == "vector":
-        kw["log_decay"] = -u(B, T, H, K)
-    kw["beta"] = u(B, T, H, V) if beta_per_v else u(B, T, H)
-    if objective.posterior == "diagonal":
-        kw["b"] = u(B, T, H, V) if b_per_v else u(B, T, H)
-    if objective.posterior == "full":
-        kw["lam"] = u(H, K) + 0.25
-    state = None
-    if init:
-        if objective.posterior == "point":
-            state = {"S": r(N, H, V, K)}
-        elif objective.posterior == "diagonal":
-            state = {"mu": r(N, H, V, K), "I": 0.5 + u(N, H, V, K)}
-        else:
-            kk = r(N, H, 4, K) / 2
-            state = {"G": r(N, H, V, K), "H": kk.transpose(-1, -2) @ kk}
-    x = {key: t.to(DEVICE, dtype) for key, t in x.items()}
-    kw = {key: t.to(DEVICE, dtype if key != "lam" else F64) for key, t in kw.items()}
+    """Random inputs for ``objective`` split as ``(q/k/v, gates, initial state)`` on DEVICE (decays in (0.37, 1),
+    β and b in (0, 1), keys N(0, 1/4)); q, k, v and the gates in ``dtype``, ``lam`` and the state in float64."""
+    x = random_inputs(objective, B, T, H, K, V, seed=seed, beta_per_value=beta_per_v, b_per_value=b_per_v,
+                      prior_precision=False, keys=0.5, decay_min=math.exp(-1), init="random" if init else None, N=N)
+    state = x.pop("initial_state", None)
+    qkv = {key: x.pop(key).to(DEVICE, dtype) for key in ("q", "k", "v")}
+    kw = {key: t.to(DEVICE, dtype if key != "lam" else F64) for key, t in x.items()}
     state = None if state is None else {key: t.to(DEVICE) for key, t in state.items()}
-    return x, kw, state
+    return qkv, kw, state
 
 
 def model_inputs(name: str, B=2, T=7, H=2, K=5, V=3, **kwargs):
@@ -129,24 +104,21 @@ def run_both(objective, x, kw, state, *, grad: bool, cu_seqlens=None, **kernel_k
     return results, grads
 
 
-def assert_close(results, grads, tol: float, grad_tol: float = None):
+def assert_results_close(results, grads, tol: float, grad_tol: float = None):
+    """Kernel (second) against reference (first): output, final states, variance and every gradient."""
     ref, ker = results
-    assert ker.output.shape == ref.output.shape
-    assert rel_err(ker.output, ref.output) <= tol, ("output", rel_err(ker.output, ref.output))
+    assert_close(ker.output, ref.output, rtol=tol, msg="output")
     assert set(ker.final_state) == set(ref.final_state)
     for key in ref.final_state:
-        assert ker.final_state[key].shape == ref.final_state[key].shape
-        err = rel_err(ker.final_state[key], ref.final_state[key])
-        assert err <= tol, ("final_state", key, err)
+        assert_close(ker.final_state[key], ref.final_state[key], rtol=tol, msg=f"final_state {key}")
     if ref.variance is not None:
-        assert rel_err(ker.variance, ref.variance) <= tol, ("variance", rel_err(ker.variance, ref.variance))
+        assert_close(ker.variance, ref.variance, rtol=tol, msg="variance")
     if grads:
         g_ref, g_ker = grads
         assert set(g_ref) == set(g_ker)
         for name in g_ref:
             assert g_ker[name] is not None and g_ker[name].shape == g_ref[name].shape, name
-            err = rel_err(g_ker[name], g_ref[name])
-            assert err <= (grad_tol or tol), ("grad", name, err)
+            assert_close(g_ker[name], g_ref[name], rtol=grad_tol or tol, msg=f"grad {name}")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -157,7 +129,7 @@ def assert_close(results, grads, tol: float, grad_tol: float = None):
 def test_forward_float64(name):
     objective, x, kw, state = model_inputs(name)
     results, _ = run_both(objective, x, kw, state, grad=False, checkpoint_every=3)
-    assert_close(results, None, 1e-10)
+    assert_results_close(results, None, 1e-10)
 
 
 @pytest.mark.parametrize("name", ROWWISE)
@@ -165,7 +137,7 @@ def test_gradients_float64(name):
     """Hand-written backward vs autograd through the reference; T = 7 with checkpoints every 3 tokens."""
     objective, x, kw, state = model_inputs(name)
     results, grads = run_both(objective, x, kw, state, grad=True, checkpoint_every=3)
-    assert_close(results, grads, 1e-10)
+    assert_results_close(results, grads, 1e-10)
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -175,7 +147,7 @@ def test_float32_against_float64_reference(name):
     kw32 = {key: t.float() if isinstance(t, torch.Tensor) else t for key, t in kw.items()}
     state32 = {key: t.float() for key, t in state.items()}
     results, _ = run_both(objective, x32, kw32, state32, grad=False, checkpoint_every=4)
-    assert_close(results, None, 1e-4)
+    assert_results_close(results, None, 1e-4)
     assert results[1].output.dtype == torch.float32
 
 
@@ -186,7 +158,7 @@ def test_gradients_float32_against_float64_reference(name):
     kw32 = {key: t.float() if isinstance(t, torch.Tensor) else t for key, t in kw.items()}
     state32 = {key: t.float() for key, t in state.items()}
     results, grads = run_both(objective, x32, kw32, state32, grad=True, checkpoint_every=4)
-    assert_close(results, grads, 1e-4)
+    assert_results_close(results, grads, 1e-4)
     assert all(g.dtype == torch.float32 for g in grads[1].values())
 
 
@@ -197,14 +169,14 @@ def test_varlen_batches(name):
     objective, x, kw, state = model_inputs(name, B=1, T=9, N=4, seed=3)
     grad = objective.posterior != "full"
     results, grads = run_both(objective, x, kw, state, grad=grad, cu_seqlens=cu, checkpoint_every=2)
-    assert_close(results, grads, 1e-10)
+    assert_results_close(results, grads, 1e-10)
 
 
 @pytest.mark.parametrize("name", ["mamba2", "palimpsa", "gated_deltanet", "meta_longhorn", "mesanet"])
 def test_single_token_no_initial_state(name):
     objective, x, kw, state = model_inputs(name, B=2, T=1, H=1, init=False)
     results, grads = run_both(objective, x, kw, None, grad=objective.posterior != "full")
-    assert_close(results, grads, 1e-10)
+    assert_results_close(results, grads, 1e-10)
 
 
 @pytest.mark.parametrize("name", ["palimpsa", "gla", "meta_gated_deltanet", "longhorn", "meta_longhorn"])
@@ -212,7 +184,7 @@ def test_several_value_blocks(name):
     """block_v = 2 with V = 3: two programs per head, the second half-masked; partial sums over blocks."""
     objective, x, kw, state = model_inputs(name, T=5, seed=4)
     results, grads = run_both(objective, x, kw, state, grad=True, checkpoint_every=2, block_v=2)
-    assert_close(results, grads, 1e-10)
+    assert_results_close(results, grads, 1e-10)
 
 
 @pytest.mark.parametrize("name", ["palimpsa", "gated_deltanet"])
@@ -236,7 +208,7 @@ def test_default_blocks_differ_between_forward_and_backward():
     """K = 64, V = 20: the forward runs one 32-row block per head, the backward two 16-row blocks."""
     objective, x, kw, state = model_inputs("palimpsa", B=1, T=3, H=1, K=64, V=20, seed=11)
     results, grads = run_both(objective, x, kw, state, grad=True, checkpoint_every=2)
-    assert_close(results, grads, 1e-10)
+    assert_results_close(results, grads, 1e-10)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -266,7 +238,7 @@ def test_other_objectives_and_gate_shapes(objective, beta_per_v, b_per_v):
     kw["scale"] = 0.7
     kw["prior_precision"] = torch.tensor([1.5, 0.8], dtype=F64, device=DEVICE)
     results, grads = run_both(objective, x, kw, state, grad=True, checkpoint_every=4)
-    assert_close(results, grads, 1e-10)
+    assert_results_close(results, grads, 1e-10)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
@@ -281,13 +253,13 @@ def test_half_precision_inputs(name, dtype):
     ref, ker = results
     eps = torch.finfo(dtype).eps
     assert ker.output.dtype == dtype
-    assert rel_err(ker.output, ref.output) <= eps
+    assert_close(ker.output, ref.output, rtol=eps, msg="output")
     for key in ref.final_state:
         assert ker.final_state[key].dtype == torch.float32
-        assert rel_err(ker.final_state[key], ref.final_state[key]) <= 1e-4
+        assert_close(ker.final_state[key], ref.final_state[key], rtol=1e-4, msg=key)
     for name_, g in grads[0].items():
         assert grads[1][name_].dtype == (dtype if name_ in x or name_ in kw else torch.float32)
-        assert rel_err(grads[1][name_], g) <= eps, name_
+        assert_close(grads[1][name_], g, rtol=eps, msg=name_)
 
 
 @pytest.mark.parametrize("name,fast", [("palimpsa", True), ("gated_deltanet", True), ("meta_longhorn", True)] + [
@@ -323,7 +295,7 @@ def test_full_posterior_cg_steps():
     errs = []
     for steps in (1, 3, None):
         out = fused_recurrent_scan(objective, x["q"], x["k"], x["v"], **kw, initial_state=state, cg_steps=steps)
-        errs.append(rel_err(out.output, ref.output))
+        errs.append(relative_error(out.output, ref.output))
     assert errs[2] <= 1e-10
     assert errs[0] > errs[2]
 
@@ -332,7 +304,7 @@ def test_full_posterior_gradients_fall_back_to_reference():
     """The full posterior's gradients are autograd through metaplastic.scan (documented fallback)."""
     objective, x, kw, state = model_inputs("mesanet", T=5, seed=9)
     results, grads = run_both(objective, x, kw, state, grad=True)
-    assert_close(results, grads, 1e-12)
+    assert_results_close(results, grads, 1e-12)
     assert set(grads[1]) >= {"q", "k", "v", "log_decay", "beta", "lam", "init.G", "init.H"}
 
 
@@ -343,7 +315,8 @@ def test_prior_precision_gradient_falls_back_to_reference():
     outs = [fn(objective, x["q"], x["k"], x["v"], **kw, prior_precision=p, initial_state=state).output
             for fn, p in zip((metaplastic.scan, fused_recurrent_scan), ip)]
     grads = [torch.autograd.grad(o.square().sum(), p)[0] for o, p in zip(outs, ip)]
-    assert rel_err(grads[1], grads[0]) <= 1e-12 and grads[0].abs().max() > 0
+    assert grads[0].abs().max() > 0
+    assert_close(grads[1], grads[0], rtol=1e-12)
 
 
 def test_checkpoints_fit_two_kilobytes_per_token_and_head():

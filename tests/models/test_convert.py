@@ -2,7 +2,6 @@
 
 The reference is always transformers' Mamba2ForCausalLM holding the source weights.
 """
-import json
 import math
 import os
 
@@ -13,63 +12,11 @@ from metaplastic.cli import main
 from metaplastic.oracles import relative_error
 
 transformers = pytest.importorskip("transformers")
-from transformers import AutoModelForCausalLM, Mamba2Config, Mamba2ForCausalLM  # noqa: E402
+from transformers import AutoModelForCausalLM  # noqa: E402
 
 from metaplastic.models import MetaplasticForCausalLM, convert_mamba2  # noqa: E402
 
-
-def tiny_hf_model(vocab=37, tie=True, n_groups=2, layers=2, seed=0):
-    cfg = Mamba2Config(vocab_size=vocab, hidden_size=16, num_hidden_layers=layers, num_heads=4, head_dim=8,
-                       state_size=6, n_groups=n_groups, expand=2, conv_kernel=4, chunk_size=4,
-                       tie_word_embeddings=tie, pad_token_id=None, bos_token_id=None, eos_token_id=None)
-    torch.manual_seed(seed)
-    model = Mamba2ForCausalLM(cfg).eval()
-    gen = torch.Generator().manual_seed(seed + 1)
-    with torch.no_grad():  # move every weight off its default (ones, zeros, arange)
-        for name, p in model.named_parameters():
-            if name.endswith("A_log"):
-                p.copy_(torch.log(0.5 + 4 * torch.rand(p.shape, generator=gen)))
-            elif name.endswith("dt_bias"):
-                p.copy_(-2.0 + torch.randn(p.shape, generator=gen))
-            else:
-                p.add_(0.3 * torch.randn(p.shape, generator=gen))
-    return model
-
-
-def write_hf(model, path, shard=False):
-    model.save_pretrained(path, max_shard_size="20KB" if shard else "5GB")
-    (path / "tokenizer.json").write_text('{"tiny": true}')
-
-
-def write_mamba_ssm(model, path, weights="bin", pad_multiple=16, unpadded_vocab=None):
-    """A directory in the original mamba_ssm layout (REFERENCES.md): config with d_model / ssm_cfg, the
-    singular ``backbone.embedding.weight``, ``ngroups`` inside ``ssm_cfg``, a padded vocabulary."""
-    c = model.config
-    path.mkdir(parents=True, exist_ok=True)
-    config = {"d_model": c.hidden_size, "d_intermediate": 0, "n_layer": c.num_hidden_layers,
-              "vocab_size": unpadded_vocab or c.vocab_size,
-              "ssm_cfg": {"layer": "Mamba2", "d_state": c.state_size, "d_conv": c.conv_kernel, "expand": c.expand,
-                          "headdim": c.head_dim, "ngroups": c.n_groups},
-              "attn_layer_idx": [], "attn_cfg": {}, "rms_norm": True, "residual_in_fp32": True,
-              "fused_add_norm": True, "pad_vocab_size_multiple": pad_multiple,
-              "tie_embeddings": c.tie_word_embeddings}
-    (path / "config.json").write_text(json.dumps(config))
-    state = {}
-    for i in range(c.num_hidden_layers):
-        p = f"backbone.layers.{i}."
-        for key in ("norm.weight", "mixer.in_proj.weight", "mixer.conv1d.weight", "mixer.conv1d.bias",
-                    "mixer.dt_bias", "mixer.A_log", "mixer.D", "mixer.norm.weight", "mixer.out_proj.weight"):
-            state[p + key] = model.state_dict()[p + key].clone()
-    state["backbone.embedding.weight"] = model.backbone.embeddings.weight.detach().clone()
-    state["backbone.norm_f.weight"] = model.backbone.norm_f.weight.detach().clone()
-    state["lm_head.weight"] = model.lm_head.weight.detach().clone()  # mamba_ssm saves the tied head too
-    if weights == "bin":
-        torch.save(state, path / "pytorch_model.bin")
-    else:
-        from safetensors.torch import save_file
-        state.pop("lm_head.weight") if c.tie_word_embeddings else None
-        save_file(state, str(path / "model.safetensors"))
-    return path
+from helpers import assert_close, tiny_mamba2, write_hf, write_mamba_ssm  # noqa: E402
 
 
 def logits(model, ids):
@@ -82,7 +29,7 @@ IDS = torch.randint(0, 37, (2, 12), generator=torch.Generator().manual_seed(0))
 
 @pytest.mark.parametrize("tie,shard,n_groups", [(True, False, 2), (False, True, 1)])
 def test_hf_checkpoint_converts_output_identical(tmp_path, tie, shard, n_groups):
-    source = tiny_hf_model(tie=tie, n_groups=n_groups)
+    source = tiny_mamba2(tie_word_embeddings=tie, n_groups=n_groups)
     write_hf(source, tmp_path / "src", shard=shard)
     if shard:
         assert (tmp_path / "src" / "model.safetensors.index.json").exists()
@@ -92,7 +39,7 @@ def test_hf_checkpoint_converts_output_identical(tmp_path, tie, shard, n_groups)
     assert isinstance(model, MetaplasticForCausalLM)
     assert model.config.mixer == "meta_mamba2" and model.config.tie_word_embeddings == tie
     assert (tmp_path / "dst" / "tokenizer.json").read_text() == '{"tiny": true}'
-    assert relative_error(logits(model, IDS), logits(source, IDS)) < 1e-5
+    assert_close(logits(model, IDS), logits(source, IDS), rtol=1e-5)
     prompt = IDS[:, :4]
     assert model.generate(prompt, max_new_tokens=6, do_sample=False).tolist() == \
         source.generate(prompt, max_new_tokens=6, do_sample=False).tolist()
@@ -101,7 +48,7 @@ def test_hf_checkpoint_converts_output_identical(tmp_path, tie, shard, n_groups)
 @pytest.mark.parametrize("weights", ["bin", "safetensors"])
 def test_mamba_ssm_checkpoint_converts_output_identical(tmp_path, weights):
     # vocabulary 45 padded to 48: the checkpoint's embedding has 48 rows, as mamba_ssm writes it
-    source = tiny_hf_model(vocab=48, tie=True, n_groups=2, seed=3)
+    source = tiny_mamba2(3, vocab_size=48, tie_word_embeddings=True, n_groups=2)
     write_mamba_ssm(source, tmp_path / "src", weights=weights, unpadded_vocab=45)
     lines = []
     result = convert_mamba2(tmp_path / "src", tmp_path / "dst", progress=False, verify=True, log=lines.append)
@@ -110,13 +57,13 @@ def test_mamba_ssm_checkpoint_converts_output_identical(tmp_path, weights):
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "dst")
     assert model.config.vocab_size == 48 and model.config.mixer_kwargs["n_groups"] == 2
     ids = IDS % 45
-    assert relative_error(logits(model, ids), logits(source, ids)) < 1e-5
+    assert_close(logits(model, ids), logits(source, ids), rtol=1e-5)
     assert model.generate(ids[:, :4], max_new_tokens=5, do_sample=False).tolist() == \
         source.generate(ids[:, :4], max_new_tokens=5, do_sample=False).tolist()
 
 
 def test_cli_verify_prints_differences_and_force_replaces(tmp_path, capsys):
-    write_hf(tiny_hf_model(), tmp_path / "src")
+    write_hf(tiny_mamba2(), tmp_path / "src")
     dst = tmp_path / "dst"
     assert main(["convert", str(tmp_path / "src"), str(dst), "--verify", "--no-progress"]) == 0
     out = capsys.readouterr().out
@@ -130,7 +77,7 @@ def test_cli_verify_prints_differences_and_force_replaces(tmp_path, capsys):
 
 
 def test_paper_init_is_not_output_preserving(tmp_path):
-    source = tiny_hf_model()
+    source = tiny_mamba2()
     write_hf(source, tmp_path / "src")
     convert_mamba2(tmp_path / "src", tmp_path / "dst", init="paper", progress=False)
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "dst")
@@ -140,7 +87,7 @@ def test_paper_init_is_not_output_preserving(tmp_path):
 
 
 def test_bfloat16_weights_are_the_source_rounded(tmp_path):
-    source = tiny_hf_model(tie=False)
+    source = tiny_mamba2(tie_word_embeddings=False)
     write_hf(source, tmp_path / "src")
     convert_mamba2(tmp_path / "src", tmp_path / "dst", dtype="bfloat16", progress=False)
     from safetensors.torch import load_file
@@ -153,7 +100,7 @@ def test_bfloat16_weights_are_the_source_rounded(tmp_path):
 
 
 def test_finetuning_a_converted_model_opens_gamma_and_lowers_the_loss(tmp_path):
-    write_hf(tiny_hf_model(), tmp_path / "src")
+    write_hf(tiny_mamba2(), tmp_path / "src")
     convert_mamba2(tmp_path / "src", tmp_path / "dst", progress=False)
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "dst").train()
     ids = torch.randint(0, 37, (4, 16), generator=torch.Generator().manual_seed(1))

@@ -10,20 +10,20 @@ import torch
 from metaplastic.cli import main
 
 pytest.importorskip("transformers")
-from test_convert import tiny_hf_model, write_hf, write_mamba_ssm  # noqa: E402
+from helpers import tiny_mamba2, write_hf, write_mamba_ssm  # noqa: E402
 
 
 @pytest.fixture(scope="module")
 def hf_src(tmp_path_factory):
     path = tmp_path_factory.mktemp("hf") / "src"
-    write_hf(tiny_hf_model(tie=False), path)
+    write_hf(tiny_mamba2(tie_word_embeddings=False), path)
     return path
 
 
 @pytest.fixture(scope="module")
 def ssm_src(tmp_path_factory):
     path = tmp_path_factory.mktemp("ssm") / "src"
-    write_mamba_ssm(tiny_hf_model(vocab=48), path, weights="safetensors", unpadded_vocab=45)
+    write_mamba_ssm(tiny_mamba2(vocab_size=48), path, weights="safetensors", unpadded_vocab=45)
     return path
 
 

@@ -9,6 +9,8 @@ from metaplastic import metaplastic, registry
 from metaplastic.models import MetaplasticConfig, MetaplasticForCausalLM, build_mixer, to_metaplastic
 from metaplastic.oracles import relative_error
 
+from helpers import assert_close
+
 HIDDEN = 16
 MIXERS = {  # id -> (point-posterior mixer name, kwargs)
     "mamba2": ("mamba2", dict(num_heads=4, head_dim=8, state_size=4, n_groups=2)),
@@ -45,13 +47,13 @@ def test_identity_twin_equals_the_mixer_and_survives_a_round_trip(case, tmp_path
     for key, value in mixer.state_dict().items():  # every original weight kept
         assert torch.equal(twin.state_dict()[key], value), key
     expected = outputs(mixer, h)
-    assert relative_error(outputs(twin, h), expected) < 1e-5
+    assert_close(outputs(twin, h), expected, rtol=1e-5)
 
     # save/load round trip through safetensors + the recorded kwargs
     save_file({k: v.contiguous() for k, v in twin.state_dict().items()}, str(tmp_path / "twin.safetensors"))
     reloaded = build_mixer(twin.registry_name, HIDDEN, **twin.mixer_kwargs).eval()
     reloaded.load_state_dict(load_file(str(tmp_path / "twin.safetensors")), strict=True)
-    assert relative_error(outputs(reloaded, h), expected) < 1e-5
+    assert_close(outputs(reloaded, h), expected, rtol=1e-5)
 
     # the importance path is live: opening γ moves the outputs, and the round trip keeps that too
     with torch.no_grad():
@@ -86,7 +88,7 @@ def test_lm_of_twins_equals_lm_of_sources_after_save_pretrained(case, tmp_path):
     target.save_pretrained(tmp_path / "twin")
     reloaded = MetaplasticForCausalLM.from_pretrained(tmp_path / "twin").eval()
     with torch.no_grad():
-        assert relative_error(reloaded(ids).logits, expected) < 1e-5
+        assert_close(reloaded(ids).logits, expected, rtol=1e-5)
 
 
 def test_refusals():

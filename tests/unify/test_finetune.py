@@ -17,12 +17,14 @@ import torch
 import torch.nn.functional as F
 
 transformers = pytest.importorskip("transformers")
-from transformers import AutoModelForCausalLM, Mamba2Config, Mamba2ForCausalLM  # noqa: E402
+from transformers import AutoModelForCausalLM, Mamba2ForCausalLM  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
 
 import metaplastic  # noqa: E402,F401  (registers the Auto classes)
 from metaplastic.cli import main  # noqa: E402
 from metaplastic.models import MetaplasticForCausalLM, convert_mamba2  # noqa: E402
+
+from helpers import tiny_mamba2  # noqa: E402
 
 VOCAB, SEQ = 32, 32
 # 6 steps of a global batch of 4: the one-process run accumulates 2 micro-batches of 2, the two-process
@@ -31,23 +33,9 @@ COMMON = ["--train", "all", "--steps", "6", "--seq-len", str(SEQ), "--global-bat
           "--warmup", "2", "--save-every", "3", "--log-every", "3"]
 
 
-def tiny_mamba2(path: Path, seed: int = 0) -> Path:
-    """A transformers Mamba2ForCausalLM with every weight moved off its default init, saved to ``path``."""
-    cfg = Mamba2Config(vocab_size=VOCAB, hidden_size=16, num_hidden_layers=2, num_heads=4, head_dim=8,
-                       state_size=8, n_groups=1, expand=2, conv_kernel=4, chunk_size=8, tie_word_embeddings=True,
-                       pad_token_id=None, bos_token_id=None, eos_token_id=None)
-    torch.manual_seed(seed)
-    model = Mamba2ForCausalLM(cfg)
-    gen = torch.Generator().manual_seed(seed + 1)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("A_log"):
-                p.copy_(torch.log(0.5 + 4 * torch.rand(p.shape, generator=gen)))
-            elif name.endswith("dt_bias"):
-                p.copy_(-1.0 + torch.randn(p.shape, generator=gen))
-            else:
-                p.add_(0.3 * torch.randn(p.shape, generator=gen))
-    model.save_pretrained(path)
+def tiny_mamba2_dir(path: Path, seed: int = 0) -> Path:
+    """:func:`helpers.tiny_mamba2` (state 8, one group, VOCAB tokens) saved to ``path``."""
+    tiny_mamba2(seed, dt_bias=-1.0, vocab_size=VOCAB, state_size=8, n_groups=1, chunk_size=8).save_pretrained(path)
     return path
 
 
@@ -73,7 +61,7 @@ def one_thread():
 @pytest.fixture(scope="module")
 def work(tmp_path_factory):
     root = tmp_path_factory.mktemp("finetune")
-    convert_mamba2(tiny_mamba2(root / "mamba2"), root / "model", init="identity", progress=False)
+    convert_mamba2(tiny_mamba2_dir(root / "mamba2"), root / "model", init="identity", progress=False)
     np.save(root / "tokens.npy", mqar_stream(48, seed=2))
     return root
 
@@ -211,7 +199,7 @@ def test_sigkill_and_resume_under_torchrun(work):
             break
         time.sleep(0.05)
     assert job.poll() is None, "the run finished before it could be killed"
-    workers = descendants(job.pid)  # torchrun starts its workers in sessions of their own
+    workers = descendants(job.pid)  # every process below torchrun (its workers and their helpers)
     assert len(workers) >= 2, workers
     for pid in [job.pid, *workers]:
         os.kill(pid, signal.SIGKILL)

@@ -9,6 +9,8 @@ import metaplastic
 from metaplastic import Objective, registry, scan
 from metaplastic.objective import FORGETTINGS, LIKELIHOODS, POSTERIORS, SOLVERS, TRANSITIONS
 
+from helpers import random_inputs
+
 
 def test_every_combination_is_valid_or_named():
     valid = 0
@@ -61,7 +63,8 @@ def test_registry_contents_and_unknown_names():
 
 
 def _inputs(B=1, T=3, H=2, K=4, V=3):
-    return torch.randn(B, T, H, K), torch.randn(B, T, H, K), torch.randn(B, T, H, V)
+    x = random_inputs("linear_attention", B, T, H, K, V, dtype=torch.float32)
+    return x["q"], x["k"], x["v"]
 
 
 @pytest.mark.parametrize("name,kwargs,word", [
