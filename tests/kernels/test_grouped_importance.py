@@ -16,19 +16,11 @@ import metaplastic
 from metaplastic.kernels import scan as kernel_scan
 from metaplastic.kernels.chunk import chunk_scan
 
+from helpers import assert_close
+
 PALIMPSA = metaplastic.registry["palimpsa"].objective
 META_GLA = metaplastic.registry["meta_gla"].objective  # vector (per key channel) forgetting
 TOL = 1e-10
-
-
-def assert_close(actual, expected, rtol, atol=0.0, what=""):
-    """``|a − e| ≤ atol + rtol · max|e|`` entrywise, and both finite where expected is."""
-    actual, expected = actual.detach().double(), expected.detach().double()
-    assert actual.shape == expected.shape, f"{what}: shape {tuple(actual.shape)} vs {tuple(expected.shape)}"
-    assert torch.isfinite(expected).all() and torch.isfinite(actual).all(), f"{what}: non-finite values"
-    err = (actual - expected).abs().max().item()
-    bound = atol + rtol * max(expected.abs().max().item(), 1e-300)
-    assert err <= bound, f"{what}: max error {err:.3e} > {bound:.3e}"
 
 
 def inputs(B, T, H, K, V, G, *, vector=False, beta_per_value=False, seed=0, dtype=torch.float64):
@@ -67,14 +59,14 @@ def limit8_by_hand(q, k, v, log_decay, beta, b, prior_precision, scale):
 def test_reference_scan_with_groups_is_limit8_written_out(G):
     x = inputs(2, 6, 2, 3, 4, G)
     res = metaplastic.scan(PALIMPSA, scale=0.7, **x)
-    assert_close(res.output, limit8_by_hand(scale=0.7, **x), TOL, what="output")
+    assert_close(res.output, limit8_by_hand(scale=0.7, **x), rtol=TOL, msg="output")
 
 
 def test_one_group_is_head_shared_and_all_groups_are_per_value():
     x = inputs(1, 5, 2, 3, 4, 1)
     shared = metaplastic.scan(PALIMPSA, **{**x, "b": x["b"][..., 0]}).output
-    assert_close(metaplastic.scan(PALIMPSA, **x).output, shared, TOL)
-    assert_close(kernel_scan(PALIMPSA, **x, backend="chunk").output, shared, TOL)
+    assert_close(metaplastic.scan(PALIMPSA, **x).output, shared, rtol=TOL)
+    assert_close(kernel_scan(PALIMPSA, **x, backend="chunk").output, shared, rtol=TOL)
 
 
 @pytest.mark.parametrize("backend", ["reference", "chunk"])
@@ -106,13 +98,13 @@ def test_chunk_matches_reference_with_every_gradient(G, vector, beta_per_value, 
     kw = dict(scale=0.6, initial_state={"mu": mu0, "I": I0}, output_final_state=True, output_variance=True)
     ref = metaplastic.scan(obj, **x, **kw)
     got = chunk_scan(obj, **x, chunk_size=C, **kw)
-    assert_close(got.output, ref.output, TOL, what="output")
-    assert_close(got.variance, ref.variance, TOL, what="variance")
+    assert_close(got.output, ref.output, rtol=TOL, msg="output")
+    assert_close(got.variance, ref.variance, rtol=TOL, msg="variance")
     for key in ("mu", "I"):
-        assert_close(got.final_state[key], ref.final_state[key], TOL, what=key)
+        assert_close(got.final_state[key], ref.final_state[key], rtol=TOL, msg=key)
     names = list(x) + ["mu0"]
     for name, a, e in zip(names, torch.autograd.grad(_loss(got, V), leaves), torch.autograd.grad(_loss(ref, V), leaves)):
-        assert_close(a, e, TOL, what=f"d{name}")
+        assert_close(a, e, rtol=TOL, msg=f"d{name}")
 
 
 @pytest.mark.parametrize("G", [1, 2])
@@ -136,7 +128,7 @@ def test_chunk_equals_fla_simple_gla_read_with_rescaled_query(G):
     expected = torch.cat([naive_recurrent_simple_gla(x["q"] / Is[g], x["k"], w[..., g * R:(g + 1) * R],
                                                      x["log_decay"], scale=0.5)[0] for g in range(G)], -1)
     got = chunk_scan(PALIMPSA, **x, scale=0.5, chunk_size=4).output
-    assert_close(got, expected, 1e-5, what="output vs fla (fla computes in float32)")
+    assert_close(got, expected, rtol=1e-5, msg="output vs fla (fla computes in float32)")
 
 
 # --- non-finite inputs, α = 0, extreme decays ---------------------------------------------------------
@@ -150,8 +142,8 @@ def test_non_finite_input_does_not_touch_earlier_outputs(name, bad):
     x[name] = x[name].clone()
     x[name][0, t, 0] = bad  # (a log-decay of -inf is valid: α = 0; +inf and NaN are not)
     got = chunk_scan(PALIMPSA, **x, chunk_size=8).output  # t and the earlier tokens share a chunk
-    assert_close(got[:, :t], clean[:, :t], TOL, what="outputs before the non-finite token")
-    assert_close(got[:, :, 1], clean[:, :, 1], TOL, what="the other head")
+    assert_close(got[:, :t], clean[:, :t], rtol=TOL, msg="outputs before the non-finite token")
+    assert_close(got[:, :, 1], clean[:, :, 1], rtol=TOL, msg="the other head")
     assert torch.isnan(got[0, t, 0]).all(), "the output at the non-finite token must not look valid"
 
 
@@ -166,14 +158,14 @@ def test_zero_decay_resets_and_extreme_decays_stay_finite(vector):
     leaves = [t.requires_grad_() for t in x.values()]
     ref = metaplastic.scan(obj, **x, output_final_state=True)
     got = chunk_scan(obj, **x, chunk_size=8, output_final_state=True)
-    assert_close(got.output, ref.output, TOL, what="output")
-    assert_close(got.final_state["mu"], ref.final_state["mu"], TOL, what="mu")
+    assert_close(got.output, ref.output, rtol=TOL, msg="output")
+    assert_close(got.final_state["mu"], ref.final_state["mu"], rtol=TOL, msg="mu")
     after = metaplastic.scan(obj, **{n: (val[:, 4:] if val.dim() >= 3 and val.shape[1] == T else val)
                                      for n, val in x.items()})
-    assert_close(got.output[:, 4:], after.output, TOL, what="output after α = 0 equals a fresh start")
+    assert_close(got.output[:, 4:], after.output, rtol=TOL, msg="output after α = 0 equals a fresh start")
     for name, a, e in zip(x, torch.autograd.grad(got.output.sum(), leaves),
                           torch.autograd.grad(ref.output.sum(), leaves)):
-        assert_close(a, e, TOL, what=f"d{name}")
+        assert_close(a, e, rtol=TOL, msg=f"d{name}")
 
 
 # --- packing, dispatch, memory ------------------------------------------------------------------------
@@ -183,8 +175,8 @@ def test_packed_sequences_with_groups():
     cu = torch.tensor([0, 3, 3, 10])
     ref = metaplastic.scan(PALIMPSA, **x, cu_seqlens=cu, output_final_state=True)
     got = kernel_scan(PALIMPSA, **x, cu_seqlens=cu, output_final_state=True, backend="chunk", chunk_size=4)
-    assert_close(got.output, ref.output, TOL)
-    assert_close(got.final_state["I"], ref.final_state["I"], TOL)
+    assert_close(got.output, ref.output, rtol=TOL)
+    assert_close(got.final_state["I"], ref.final_state["I"], rtol=TOL)
 
 
 def _saved_bytes_per_token(G, T, B=1, H=1, K=128, V=128):
@@ -224,7 +216,7 @@ def test_initial_precision_varying_within_a_group_takes_the_per_value_path():
     leaves = [t.requires_grad_() for t in list(x.values()) + list(init.values())]
     ref = metaplastic.scan(PALIMPSA, **x, initial_state=init, output_final_state=True)
     got = chunk_scan(PALIMPSA, **x, initial_state=init, output_final_state=True, chunk_size=4)
-    assert_close(got.output, ref.output, TOL)
+    assert_close(got.output, ref.output, rtol=TOL)
     loss = lambda r: r.output.sum() + r.final_state["I"].sum()  # noqa: E731
     for a, e in zip(torch.autograd.grad(loss(got), leaves), torch.autograd.grad(loss(ref), leaves)):
-        assert_close(a, e, TOL)
+        assert_close(a, e, rtol=TOL)

@@ -11,6 +11,8 @@ from metaplastic.models.configuration import MetaplasticConfig
 from metaplastic.models.mixers import build_mixer
 from metaplastic.models.modeling import MetaplasticForCausalLM
 
+from helpers import assert_close
+
 MIXERS = {"palimpsa": dict(hidden_size=16, num_heads=2, head_dim=8),
           "meta_mamba2": dict(hidden_size=8, num_heads=2, head_dim=8, state_size=8, expand=2)}
 
@@ -50,8 +52,7 @@ def test_grouped_mixer_equals_per_value_mixer_with_repeated_rates(name):
         state[key] = w.view(H, 2, *w.shape[1:]).repeat_interleave(V // 2, dim=1).reshape(H * V, *w.shape[1:])
     per_value.load_state_dict(state)
     x = torch.randn(2, 11, hidden, dtype=torch.float64)
-    a, e = grouped(x), per_value(x)
-    assert (a - e).abs().max() <= 1e-10 * e.abs().max()
+    assert_close(grouped(x), per_value(x), rtol=1e-10, msg="grouped vs per-value mixer")
     b = grouped.importance(x, torch.ones(2, 11, H, dtype=torch.float64))
     assert b.shape == (2, 11, H, 2)
 
@@ -102,7 +103,7 @@ def test_cached_greedy_generation_equals_full_forward_with_two_groups(name):
     assert torch.equal(out[:, 7:], full[:, 6:-1].argmax(-1))
     inc = torch.cat(steps, 1)
     # the mixers compute their gates and read-out in float32 (as the paper's layers): float32 rounding
-    assert (inc - full).abs().max() <= 1e-5 * full.abs().max()
+    assert_close(inc, full, rtol=1e-5, msg="cached vs full logits")
 
 
 def test_state_size_counts_one_precision_vector_per_group():
