@@ -16,10 +16,11 @@ Keys, values, decays, ``D`` and the chunk-boundary states ``M`` are computed onc
 only the ``[C, C]`` matrix ``(r^{(g)} kᵀ) ∘ D`` and the ``J`` scans (``D (b[g] k²)``) are per group, so the
 cost grows with G only there. G = 1 is limit 7 (head-shared ``b``).
 
-:class:`GroupedDiagonal` has a hand-written backward. It saves only its inputs (``q, k, v, β, b, g`` and
-the initial states): at K = V = 128, G = 16, float32 that is 1.6 KB per token and head. The backward
-recomputes the forward's intermediates chunk-parallel, then runs the adjoint chunk recurrences of ``M``
-and ``J`` backwards.
+:class:`GroupedDiagonal` works one chunk at a time and has a hand-written backward. It saves only its
+inputs (``q, k, v, β, b, g`` and the initial states): at K = V = 128, G = 16, float32 about 1.6 KB per token
+and head. The backward recomputes the chunk-boundary states of ``M`` and ``J`` (cheap), then walks the
+chunks backwards, recomputing each chunk's intermediates and running the adjoint recurrences of ``M`` and
+``J``.
 
 Non-finite inputs stay causal (:func:`grouped_diagonal`): non-finite entries are replaced by 0 with
 ``torch.where`` before any product, and outputs from the first non-finite token on are set to NaN (a
@@ -29,7 +30,7 @@ exponent stays finite and ≤ 0.
 """
 from __future__ import annotations
 
-from typing import Dict, Optional, Tuple
+from typing import Optional, Tuple
 
 import torch
 
@@ -65,7 +66,6 @@ class _Chunk:
     output ``o`` and end state ``M_end`` (the forward's; the backward has the boundary states already)."""
 
     def __init__(self, q, k, w, b, g, M_start, J_start, Ip, mask, scale: float, output: bool) -> None:
-        B, H, C, K = q.shape
         V, G = w.shape[-1], b.shape[-1]
         self.q, self.k, self.w, self.b = q, k, w, b
         Gc = g.cumsum(-2)  # [B,H,C,Kg]
@@ -140,7 +140,7 @@ class GroupedDiagonal(torch.autograd.Function):
     def backward(ctx, do, dvar, dM_T, dJ_T):
         q, k, v, beta, b, g, M0, J0, Ip = ctx.saved_tensors
         scale, C, with_var = ctx.scale, ctx.C, ctx.with_var
-        T, V, G = q.shape[2], v.shape[-1], b.shape[-1]
+        T, G = q.shape[2], b.shape[-1]
         w = v if beta is None else v * beta
         qc, kc, wc, bc, gc, doc = (_pad_chunks(x, C) for x in (q, k, w, b, g, do))
         dvc = _pad_chunks(dvar, C) if with_var else None
@@ -213,7 +213,7 @@ def grouped_diagonal(q: Tensor, k: Tensor, v: Tensor, beta: Optional[Tensor], b:
     ``beta [B,H,T,1|V]`` or None, ``b [B,H,T,G]``, ``g [B,H,T,Kg]``, ``M0 [B,H,V,K]``, ``J0 [B,H,G,K]``,
     ``Ip [H]``. Returns ``o [B,H,T,V]``, ``var [B,H,T,V]`` or None, ``M_T [B,H,V,K]``, ``J_T [B,H,G,K]``.
     """
-    B, H, T, K = q.shape
+    B, H, T = q.shape[:3]
     V, G = v.shape[-1], b.shape[-1]
     if g.shape[-1] != 1:
         C = min(C, VECTOR_CHUNK)
