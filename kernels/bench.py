@@ -9,11 +9,15 @@ reference (autograd through :func:`metaplastic.scan`) and, on CUDA, times relati
 ``saved B/tok/head``: bytes autograd keeps for the backward beyond the inputs, divided by ``B·T·H``
 (counted with ``torch.autograd.graph.saved_tensors_hooks``, each storage once).
 
-Models with a diagonal posterior are timed for each importance-group count of ``--groups`` (default
-``1,4,16,V``): ``b`` head-shared ``[B,T,H]`` (G = 1, THEORY.md limit 7), shared within G groups of value rows
-``[B,T,H,G]`` (limit 8), or per value channel ``[B,T,H,V]``; column b and the record's ``groups`` give G.
-Every record also carries the date, the machine, torch's version and the thread count. The backends of one model are timed round-robin, rep by rep, so that a
-change in machine load affects them alike.
+Models with a diagonal posterior are timed with ``b`` head-shared (``[B,T,H]``, column b = H), grouped
+(``[B,T,H,G]`` for each ``--groups G``, default 4 and 16, column b = G<G>) and per value channel
+(``[B,T,H,V]``, column b = V); every record carries its group count (``groups``: 1, G or V), the date, the
+machine, torch's version and the thread count.
+The backends of one model are timed round-robin, rep by rep, so that a change in machine load affects them
+alike. ``--dtype`` sets q, k, v's dtype (gates stay fp32). On a Hopper GPU with Triton ≥ 3.4 and < 3.7.1,
+fla's gated chunk backward refuses to run; the benchmark then lifts that refusal for timing only and says so
+in each fla record's ``note`` (its gradients may be wrong there; the times are of the same work).
+:func:`targets` turns one run's records into the ratios the GPU kernels aim at (``--targets FILE``).
 """
 from __future__ import annotations
 
@@ -34,7 +38,7 @@ from metaplastic.experiments._threads import torch_threads
 
 from .chunk import unsupported_reason
 from .dispatch import scan as dispatch_scan
-from .dispatch import triton_chunk_reason
+from .dispatch import per_value_reason, triton_chunk_reason
 
 SHAPES = {("cpu", False): (2, 1024, 4, 64, 64), ("cpu", True): (2, 256, 2, 32, 32),
           ("cuda", False): (8, 4096, 16, 128, 128), ("cuda", True): (2, 1024, 4, 64, 64)}
@@ -55,17 +59,25 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="torch CPU threads while timing (default: torch's own setting)")
     parser.add_argument("--tf32", action="store_true",
                         help="CUDA: allow TF32 matmuls (torch and the chunked Triton kernel), as fla's kernels use")
+    parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32",
+                        help="dtype of q, k, v (the gates stay float32; the kernels compute in float32)")
+    parser.add_argument("--groups", type=int, nargs="*", default=None, metavar="G",
+                        help="also time diagonal-posterior models with grouped importance b [B,T,H,G] "
+                             "(default: 4 and 16 where they divide V; G = 1 and G = V are always timed)")
+    parser.add_argument("--backends", nargs="+", metavar="NAME",
+                        help="time only these backends (default: every one that covers the settings)")
+    parser.add_argument("--targets", metavar="FILE",
+                        help="write the target ratios (per-value, grouped, Mamba2 vs fla) as JSON to FILE")
     parser.add_argument("--reference", choices=("auto", "yes", "no"), default="auto",
                         help="time the token-by-token reference (auto: on CPU, and on CUDA with --quick)")
-    parser.add_argument("--groups", default=None, metavar="G,...",
-                        help="importance-group counts for the diagonal-posterior models, each dividing V "
-                             "(V: one rate per value channel; default 1,4,16,V, those that divide V)")
 
 
 # ------------------------------------------------------------------------------------------- inputs
-def make_inputs(name: str, shape: Tuple[int, ...], groups: Optional[int], device: str, seed: int = 0) -> Dict:
-    """Random valid fp32 inputs for registry entry ``name`` (unit-norm q, k; decays in [0.9, 1)); ``b`` with
-    ``groups`` importance groups (None or 1: head-shared ``[B,T,H]``; else ``[B,T,H,groups]``)."""
+def make_inputs(name: str, shape: Tuple[int, ...], b_kind: str, device: str, seed: int = 0,
+                dtype: torch.dtype = torch.float32) -> Dict:
+    """Random valid inputs for registry entry ``name`` (unit-norm q, k; decays in [0.9, 1)); q, k, v in
+    ``dtype``, the gates in fp32. ``b_kind``: ``"H"`` (``b [B,T,H]``), ``"V"`` (``[B,T,H,V]``) or ``"G<n>"``
+    (``[B,T,H,n]``, grouped importance)."""
     spec = metaplastic.registry[name]
     obj = spec.objective
     B, T, H, K, V = shape
@@ -81,9 +93,11 @@ def make_inputs(name: str, shape: Tuple[int, ...], groups: Optional[int], device
         x["log_decay"] = torch.log(0.9 + 0.0999 * rand(*((B, T, H, K) if obj.forgetting == "vector" else (B, T, H))))
     x["beta"] = rand(B, T, H, V) if spec.beta_per_value else rand(B, T, H)
     if obj.posterior == "diagonal":
-        x["b"] = rand(B, T, H) if groups in (None, 1) else rand(B, T, H, groups)
+        x["b"] = rand(B, T, H) if b_kind == "H" else rand(B, T, H, V if b_kind == "V" else int(b_kind[1:]))
     if obj.posterior == "full":
         x["lam"] = 0.25 + F.softplus(torch.randn(H, K, generator=gen))
+    for key in ("q", "k", "v"):
+        x[key] = x[key].to(dtype)
     return {key: val.to(device) for key, val in x.items()}
 
 
@@ -171,15 +185,17 @@ def _time_group(records: List[Dict], timers: List[_Timer], reps: List[int], warm
 
 
 # ------------------------------------------------------------------------------------------- backends
-def _backends(name: str, device: str, groups: Optional[int], reference: bool) -> List[str]:
+def _backends(name: str, device: str, b_kind: str, reference: bool, V: int) -> List[str]:
     obj = metaplastic.registry[name].objective
-    out = ["reference"] if reference else []
+    out = ["reference"] if reference and (device == "cpu" or not b_kind.startswith("G")) else []
     if unsupported_reason(obj) is None:
         out.append("chunk")
     if device == "cuda":
-        b = torch.empty(1, 1, 1, groups) if groups not in (None, 1) else None
-        if triton_chunk_reason(obj, b, None) is None:
+        b = None if b_kind in ("H", "-") else torch.empty(1, 1, 1, V if b_kind == "V" else int(b_kind[1:]))
+        if triton_chunk_reason(obj, b, None, V=V) is None:
             out.append("triton_chunk")
+        elif b_kind == "V" and per_value_reason(obj) is None:
+            out.append("triton_per_value")
         out.append("triton_recurrent")
     return out
 
@@ -193,19 +209,38 @@ def _our_run(name: str, backend: str, chunk_size: int) -> Callable[[Dict], torch
     return run
 
 
-def _fla_runs(shape: Tuple[int, ...], device: str) -> List[Tuple[str, Callable[[Dict], torch.Tensor], Dict]]:
+def fla_hopper_guard_bypass() -> Optional[str]:
+    """fla 0.6 refuses its gated chunk backward on Hopper with Triton ≥ 3.4 and < 3.7.1 (a miscompile of
+    ``chunk_bwd_dqkwg``; the forward is fine). For timing only, lift that refusal (the module flag
+    ``fla.ops.common.chunk_o.TRITON_ABOVE_3_7_1``) when the installed Triton needs it, and return the note to
+    record beside the figures (None when nothing was changed)."""
+    try:
+        import fla.ops.common.chunk_o as chunk_o
+        from fla.utils import IS_NVIDIA_HOPPER, TRITON_ABOVE_3_4_0
+    except Exception:
+        return None
+    if chunk_o.TRITON_ABOVE_3_7_1 or not (IS_NVIDIA_HOPPER and TRITON_ABOVE_3_4_0):
+        return None
+    chunk_o.TRITON_ABOVE_3_7_1 = True
+    import triton
+    return (f"fla's Hopper guard lifted for timing (Triton {triton.__version__} < 3.7.1): its gated chunk "
+            "backward ran the same work with possibly wrong gradients; times only")
+
+
+def _fla_runs(shape: Tuple[int, ...], device: str, dtype: torch.dtype = torch.float32
+              ) -> List[Tuple[str, Callable[[Dict], torch.Tensor], Dict]]:
     """fla's chunk kernels (CUDA only), when importable: (label, run, inputs)."""
     runs = []
     try:
         from fla.ops.simple_gla import chunk_simple_gla
-        x = make_inputs("simple_gla", shape, None, device)
+        x = make_inputs("simple_gla", shape, "H", device, dtype=dtype)
         runs.append(("fla chunk_simple_gla", lambda x: chunk_simple_gla(x["q"], x["k"], x["v"], g=x["log_decay"])[0],
                      {key: x[key] for key in ("q", "k", "v", "log_decay")}))
     except Exception:  # pragma: no cover - needs CUDA and fla
         pass
     try:
         from fla.ops.gated_delta_rule import chunk_gated_delta_rule
-        x = make_inputs("gated_deltanet", shape, None, device)
+        x = make_inputs("gated_deltanet", shape, "H", device, dtype=dtype)
         runs.append(("fla chunk_gated_delta_rule",
                      lambda x: chunk_gated_delta_rule(x["q"], x["k"], x["v"], g=x["log_decay"], beta=x["beta"])[0],
                      {key: x[key] for key in ("q", "k", "v", "log_decay", "beta")}))
@@ -214,14 +249,14 @@ def _fla_runs(shape: Tuple[int, ...], device: str) -> List[Tuple[str, Callable[[
     return runs
 
 
-def _paper_run(shape: Tuple[int, ...], device: str):
+def _paper_run(shape: Tuple[int, ...], device: str, dtype: torch.dtype = torch.float32):
     """The paper's own Palimpsa chunk kernel, if a package providing it is importable (None otherwise)."""
     for module, attr in (("palimpsa", "chunk_palimpsa"), ("palimpsa.ops", "chunk_palimpsa")):
         try:
             fn = getattr(__import__(module, fromlist=[attr]), attr)
         except Exception:
             continue
-        x = make_inputs("palimpsa", shape, shape[-1], device)
+        x = make_inputs("palimpsa", shape, "V", device, dtype=dtype)
         return ("paper palimpsa kernel", lambda x: fn(x["q"], x["k"], x["v"], x["log_decay"], x["beta"], x["b"])[0], x)
     return None
 
@@ -237,34 +272,6 @@ def _parse_shape(text: Optional[str], device: str, quick: bool) -> Tuple[int, ..
     if len(shape) != 5 or min(shape) < 1:
         raise UserError(f"--shape must be five positive integers B,T,H,K,V, got {text!r}")
     return shape
-
-
-def _parse_groups(text: str, V: int) -> List[int]:
-    """``"1,4,16,V"`` -> ``[1, 4, 16, V]``; every count must divide V (``UserError`` naming it)."""
-    out = []
-    for item in text.split(","):
-        item = item.strip()
-        try:
-            G = V if item in ("V", "v") else int(item)
-        except ValueError:
-            raise UserError(f"--groups must be integers or V separated by commas, got {text!r}") from None
-        if G < 1 or V % G:
-            raise UserError(f"--groups: G = {G} does not divide the value width V = {V}")
-        if G not in out:
-            out.append(G)
-    return out
-
-
-def _machine() -> str:
-    """The CPU model (Linux) and architecture, for the records."""
-    try:
-        with open("/proc/cpuinfo") as fh:
-            for line in fh:
-                if line.startswith("model name"):
-                    return f"{line.split(':', 1)[1].strip()} ({platform.machine()})"
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def run(args: argparse.Namespace) -> int:
@@ -291,6 +298,12 @@ def run(args: argparse.Namespace) -> int:
         models = list(metaplastic.registry)
     if args.tf32 and device == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
+    dtype = getattr(torch, args.dtype)
+    dtype_label = args.dtype
+    if args.groups is None:
+        args.groups = [g for g in (4, 16) if shape[4] % g == 0]
+    if any(g < 1 or shape[4] % g for g in args.groups):
+        raise UserError(f"--groups must divide V = {shape[4]}, got {args.groups}")
     reference = args.reference == "yes" or (args.reference == "auto" and (device == "cpu" or args.quick))
     if args.threads is not None and args.threads < 1:
         raise UserError(f"--threads must be positive, got {args.threads}")
@@ -298,22 +311,20 @@ def run(args: argparse.Namespace) -> int:
     card = torch.cuda.get_device_name() if device == "cuda" else f"cpu ({threads} torch threads)"
     B, T, H, K, V = shape
     shape_str = f"B={B},T={T},H={H},K={K},V={V}"
-    if args.groups is None:
-        group_counts = [G for G in _parse_groups("1,V", V) + [4, 16] if V % G == 0]
-        group_counts = sorted(set(group_counts))
-    else:
-        group_counts = _parse_groups(args.groups, V)
 
     jobs = []
     for name in models:
         diagonal = metaplastic.registry[name].objective.posterior == "diagonal"
-        for G in (group_counts if diagonal else (None,)):
-            for backend in _backends(name, device, G, reference):
-                jobs.append((name, G, backend))
+        kinds = ["H"] + [f"G{n}" for n in args.groups if 1 < n < V] + ["V"] if diagonal else ["-"]
+        for b_kind in kinds:
+            for backend in _backends(name, device, b_kind, reference, V):
+                if args.backends is None or backend in args.backends:
+                    jobs.append((name, b_kind, backend))
     externals = []
     if device == "cuda":
-        externals = _fla_runs(shape, device)
-        paper = _paper_run(shape, device)
+        fla_note = fla_hopper_guard_bypass()
+        externals = _fla_runs(shape, device, dtype)
+        paper = _paper_run(shape, device, dtype)
         if paper is not None:
             externals.append(paper)
 
@@ -322,18 +333,20 @@ def run(args: argparse.Namespace) -> int:
     with torch_threads(args.threads):
         for label, fn, x in externals:
             bar.set_postfix_str(label)
-            rec = _new_record(label, "external", "-", device, card, shape_str, B * T * H,
-                              V if label.startswith("paper") else None)
+            rec = _new_record(label, "external", "-", device, card, shape_str, B * T * H, dtype_label)
+            if label.startswith("fla") and fla_note:
+                rec["note"] = fla_note
             _time_group([rec], [_Timer(fn, x, device)], [reps], [1], bar)
             records.append(rec)
-        batches: Dict[Tuple[str, Optional[int]], List[str]] = {}
-        for name, G, backend in jobs:
-            batches.setdefault((name, G), []).append(backend)
-        for (name, G), backends in batches.items():
-            x = make_inputs(name, shape, G, device)
-            b_col = ("V" if G == V else str(G)) if G is not None else "-"
-            bar.set_postfix_str(name + (f" G={b_col}" if G is not None else ""))
-            recs = [_new_record(name, be, b_col, device, card, shape_str, B * T * H, G) for be in backends]
+        groups: Dict[Tuple[str, bool], List[str]] = {}
+        for name, b_kind, backend in jobs:
+            groups.setdefault((name, b_kind), []).append(backend)
+        for (name, b_kind), backends in groups.items():
+            x = make_inputs(name, shape, b_kind, device, dtype=dtype)
+            bar.set_postfix_str(name + (f" b={b_kind}" if "b" in x else ""))
+            b_col = b_kind if "b" in x else "-"
+            recs = [_new_record(name, be, b_col, device, card, shape_str, B * T * H, dtype_label,
+                                groups_of(b_col, V)) for be in backends]
             timers = [_Timer(_our_run(name, be, args.chunk_size), x, device) for be in backends]
             slow = [be == "reference" for be in backends]
             _time_group(recs, timers, [ref_reps if s_ else reps for s_ in slow],
@@ -341,9 +354,21 @@ def run(args: argparse.Namespace) -> int:
             records.extend(recs)
     bar.close()
     _add_ratios(records)
-    print(f"\nmetaplastic bench kernels on {card}, {shape_str}, fp32, medians of {reps} runs "
+    print(f"\nmetaplastic bench kernels on {card}, {shape_str}, {args.dtype}, medians of {reps} runs "
           f"(reference: {ref_reps})")
     print(format_table(records))
+    summary = targets(records)
+    if summary:
+        print("\ntargets:")
+        for t in summary:
+            ratio = "-" if t["value"] is None else f"{t['value']:.2f}"
+            print(f"  {t['name']:<58s} {ratio:>8s}  (target ≤ {t['target']})  {t['met']}")
+    if args.targets:
+        try:
+            with open(args.targets, "w") as fh:
+                json.dump(summary, fh, indent=1)
+        except OSError as exc:
+            raise UserError(f"cannot write --targets {args.targets}: {exc.strerror}") from None
     if args.json:
         try:
             with open(args.json, "w") as fh:
@@ -354,12 +379,29 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def groups_of(b_kind: str, V: int) -> Optional[int]:
+    """The importance-group count of a ``b`` column: ``H`` 1, ``G<n>`` n, ``V`` V, ``-`` None."""
+    return {"H": 1, "V": V, "-": None}.get(b_kind, int(b_kind[1:]) if b_kind.startswith("G") else None)
+
+
+def _machine() -> str:
+    """The CPU model (Linux) and architecture, for the records."""
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.startswith("model name"):
+                    return f"{line.split(':', 1)[1].strip()} ({platform.machine()})"
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def _new_record(model: str, backend: str, b: str, device: str, card: str, shape: str, tokens_heads: int,
-                groups: Optional[int] = None) -> Dict:
+                dtype_label: str = "float32", groups: Optional[int] = None) -> Dict:
     return {"model": model, "backend": backend, "b": b, "groups": groups, "device": device, "card": card,
             "shape": shape, "machine": _machine(), "torch": torch.__version__,
             "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
-            "dtype": "float32" + ("+tf32" if device == "cuda" and torch.backends.cuda.matmul.allow_tf32 else ""),
+            "dtype": dtype_label + ("+tf32" if device == "cuda" and torch.backends.cuda.matmul.allow_tf32 else ""),
             "threads": torch.get_num_threads(), "fwd_ms": None, "fwdbwd_ms": None,
             "saved_bytes_per_token_head": None, "error": None, "_tokens_heads": tokens_heads}
 
@@ -381,9 +423,39 @@ def _add_ratios(records: List[Dict]) -> None:
             r[f"vs_fla_{key[:-3]}"] = (r[key] / other[key] if other and r[key] else None)
 
 
+def targets(records: List[Dict]) -> List[Dict]:
+    """The figures the GPU kernels aim at, from one run's records: fwd+bwd time ratios (and the per-value
+    path's saved bytes per token and head), each with its target and whether it was met (None: not measured)."""
+    def find(model, backend, b="-"):
+        for r in records:
+            if r["model"] == model and r["backend"] == backend and r["b"] == b and r["error"] is None:
+                return r
+        return None
+
+    def ratio(a, b, key="fwdbwd_ms"):
+        return a[key] / b[key] if a and b and a.get(key) and b.get(key) else None
+
+    mamba2 = find("mamba2", "triton_chunk")
+    fla = find("fla chunk_simple_gla", "external")
+    per_value = find("palimpsa", "triton_per_value", "V")
+    out = [("per-value Palimpsa fwd+bwd ÷ Mamba2 chunked (ours)", ratio(per_value, mamba2), 3.0),
+           ("per-value Palimpsa saved bytes / token / head", per_value and per_value["saved_bytes_per_token_head"],
+            2048),
+           ("Mamba2 chunked fwd+bwd ÷ fla chunk_simple_gla", ratio(mamba2, fla), 1.25),
+           ("Palimpsa b [B,T,H] (G = 1) fwd+bwd ÷ Mamba2 chunked", ratio(find("palimpsa", "triton_chunk", "H"), mamba2),
+            1.3)]
+    for r in records:
+        if r["model"] == "palimpsa" and r["backend"] == "triton_chunk" and r["b"].startswith("G"):
+            out.append((f"Palimpsa grouped G = {r['b'][1:]} fwd+bwd ÷ Mamba2 chunked", ratio(r, mamba2),
+                        2.5 if r["b"] == "G8" else None))
+    return [{"name": name, "value": value, "target": target,
+             "met": None if value is None or target is None else bool(value <= target)}
+            for name, value, target in out]
+
+
 def format_table(records: List[Dict]) -> str:
     """The records as a fixed-width text table."""
-    cols = [("model", 20), ("b", 3), ("backend", 17), ("fwd ms", 9), ("fwd+bwd ms", 11), ("fwd ×ref", 9),
+    cols = [("model", 20), ("b", 2), ("backend", 17), ("fwd ms", 9), ("fwd+bwd ms", 11), ("fwd ×ref", 9),
             ("f+b ×ref", 9), ("÷fla f+b", 9), ("saved B/tok/head", 17)]
 
     def fmt(x, digits=1):

@@ -42,7 +42,9 @@ from typing import Callable, Dict, Optional, Tuple, Union
 import torch
 
 from metaplastic.objective import Objective
-from metaplastic.scan import ScanResult, expand_groups, validate_inputs, zero_state
+from metaplastic.scan import ScanResult, expand_groups
+
+from .entry import ScanCall, by_sequence, prepare, rows_constant, rows_constant_in_groups
 
 Tensor = torch.Tensor
 VECTOR_CHUNK = 8  # chunk cap with vector decay: the [C, C, K] decay tensor costs C·K per token
@@ -335,7 +337,7 @@ class DiagonalScan(torch.autograd.Function):
 
 
 # ------------------------------------------------------------------------------------------ the models
-def grouped_applies(groups: int, V: int, I0: Tensor) -> bool:
+def grouped_applies(groups: int, V: int, I0: Tensor, check_values: Optional[bool] = None) -> bool:
     """Whether the grouped path (:mod:`.chunk_grouped`) runs ``groups`` importance groups: fewer groups than
     value rows (``G = V`` is the per-value path), and an initial precision ``I0 [B,H,V,K]`` constant within
     each group that needs no gradient (the grouped path has no per-row gradient of ``I0``)."""
@@ -343,8 +345,7 @@ def grouped_applies(groups: int, V: int, I0: Tensor) -> bool:
         return False
     if torch.is_grad_enabled() and I0.requires_grad:
         return False
-    I0g = I0.unflatten(2, (groups, V // groups))
-    return bool((I0g == I0g[:, :, :, :1]).all())
+    return rows_constant_in_groups(I0, groups, check_values)
 
 
 def _heads_first(x: Optional[Tensor], dtype: torch.dtype) -> Optional[Tensor]:
@@ -359,7 +360,7 @@ def _heads_first(x: Optional[Tensor], dtype: torch.dtype) -> Optional[Tensor]:
 
 def _chunk_dense(objective: Objective, q, k, v, log_decay, beta, b, Ip: Tensor, scale: float,
                  initial_state: Optional[Dict[str, Tensor]], output_variance: bool, dtype: torch.dtype,
-                 C: int, dot: Optional[Callable] = None) -> ScanResult:
+                 C: int, dot: Optional[Callable] = None, check_values: Optional[bool] = None) -> ScanResult:
     """One batch of equal-length sequences. Returns output ``[B,T,H,V]`` (dtype), final state, variance.
     ``dot`` is the gated linear-attention primitive (:class:`ChunkDot`, or the Triton one)."""
     B, T, H, K = q.shape
@@ -385,7 +386,7 @@ def _chunk_dense(objective: Objective, q, k, v, log_decay, beta, b, Ip: Tensor, 
     else:
         I0, M0 = init["I"], init["I"] * init["mu"]
     groups = 1 if (b is None or b.dim() == 3) else b.shape[-1]
-    if torch_read and grouped_applies(groups, V, I0):
+    if torch_read and grouped_applies(groups, V, I0, check_values):
         # THEORY.md limits 7-8: G simple-GLA reads sharing keys, values, decays and M (chunk_grouped.py)
         b_h = qh.new_zeros(B, H, T, 1) if b is None else _heads_first(b, dtype)
         J0 = I0[:, :, ::V // groups] - Ip4
@@ -397,7 +398,7 @@ def _chunk_dense(objective: Objective, q, k, v, log_decay, beta, b, Ip: Tensor, 
     k2 = kh * kh
     # The fast path needs I_0 constant over value rows; it cannot give a per-row gradient of I_0.
     head_shared = ((b is None or b.dim() == 3) and not (torch.is_grad_enabled() and I0.requires_grad)
-                   and bool((I0 == I0[:, :, :1]).all()))
+                   and rows_constant(I0, check_values))
     if head_shared:  # THEORY.md limit 7 with another read primitive: o = scale · M_t (q ⊘ I_t)
         b_h = _heads_first(b, dtype)
         xJ = (torch.zeros_like(k2) if b_h is None else b_h * k2)[:, :, :, None, :]  # [B,H,T,1,K]
@@ -434,42 +435,26 @@ def chunk_scan(objective: Objective, q: Tensor, k: Tensor, v: Tensor, *, log_dec
     reason = unsupported_reason(objective)
     if reason is not None:
         raise ValueError(reason)
-    validate_inputs(objective, q, k, v, log_decay, beta, b, prior_precision, lam, initial_state, cu_seqlens)
-    if output_variance and objective.posterior == "point":
-        raise ValueError("output_variance=True needs posterior='diagonal' or 'full'; 'point' has no variance")
+    call = prepare(objective, q, k, v, log_decay=log_decay, beta=beta, b=b, prior_precision=prior_precision,
+                   lam=lam, scale=scale, initial_state=initial_state, output_final_state=output_final_state,
+                   output_variance=output_variance, cu_seqlens=cu_seqlens)
+    return chunk_run(call, chunk_size, _dot)
+
+
+def chunk_run(call: ScanCall, chunk_size: int = 64, dot: Optional[Callable] = None) -> ScanResult:
+    """:func:`chunk_scan` on a validated :class:`~metaplastic.kernels.entry.ScanCall`; ``dot`` is the gated
+    linear-attention primitive (:class:`ChunkDot` by default)."""
+    reason = unsupported_reason(call.objective)
+    if reason is not None:
+        raise ValueError(reason)
     if not (isinstance(chunk_size, int) and chunk_size >= 1):
         raise ValueError(f"chunk_size must be a positive integer, got {chunk_size!r}")
-    B, T, H, K = q.shape
-    V = v.shape[-1]
-    dtype = torch.float64 if torch.float64 in (q.dtype, k.dtype, v.dtype) else torch.float32
-    Ip = torch.as_tensor(prior_precision, dtype=dtype, device=q.device)
-    Ip = Ip.expand(H) if Ip.dim() == 0 else Ip
-    C = min(chunk_size, T) if cu_seqlens is None else chunk_size
+    C = min(chunk_size, call.shape[1]) if call.bounds is None else chunk_size
 
-    def run(sl: slice, init) -> ScanResult:
-        pick = (lambda x: None if x is None else x[:, sl])
-        return _chunk_dense(objective, q[:, sl], k[:, sl], v[:, sl], pick(log_decay), pick(beta), pick(b), Ip,
-                            scale, init, output_variance, dtype, C, _dot)
-
-    if cu_seqlens is None:
-        res = run(slice(None), initial_state)
-        return ScanResult(res.output.to(q.dtype), res.final_state if output_final_state else None, res.variance)
-    bounds = cu_seqlens.tolist()
-    outs, vars_, finals = [], [], []
-    for n, (start, end) in enumerate(zip(bounds[:-1], bounds[1:])):
-        init = None if initial_state is None else {key: x[n:n + 1] for key, x in initial_state.items()}
-        if end == start:
-            zero = zero_state(objective, 1, H, K, V, Ip, dtype, q.device)
-            finals.append(zero if init is None else {key: x.to(dtype) for key, x in init.items()})
-            continue
-        res = run(slice(start, end), init)
-        outs.append(res.output)
-        vars_.append(res.variance)
-        finals.append(res.final_state)
-    output = torch.cat(outs, 1).to(q.dtype)
-    variance = torch.cat(vars_, 1) if output_variance else None
-    final = {key: torch.cat([f[key] for f in finals], 0) for key in finals[0]} if output_final_state else None
-    return ScanResult(output, final, variance)
+    def dense(c: ScanCall) -> ScanResult:
+        return _chunk_dense(c.objective, c.q, c.k, c.v, c.log_decay, c.beta, c.b, c.prior_precision, c.scale,
+                            c.initial_state, c.output_variance, c.dtype, C, dot, c.check_values)
+    return by_sequence(call, dense)
 
 
 from .chunk_grouped import grouped_diagonal  # noqa: E402  (it imports this module's helpers)

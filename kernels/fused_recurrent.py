@@ -37,9 +37,10 @@ import triton
 import triton.language as tl
 
 from metaplastic.objective import Objective
-from metaplastic.scan import ScanResult, validate_inputs
+from metaplastic.scan import ScanResult
 from metaplastic.scan import scan as reference_scan
 
+from .entry import ScanCall, prepare, triton_unavailable_reason
 from .flags import DIAGONAL, FULL, POINT, kernel_flags
 
 Tensor = torch.Tensor
@@ -403,42 +404,46 @@ def fused_recurrent_scan(objective: Objective, q: Tensor, k: Tensor, v: Tensor, 
     posterior, and a ``prior_precision`` tensor that requires grad. Runs on CUDA tensors, or on CPU tensors
     under ``TRITON_INTERPRET=1`` (set before triton is imported).
     """
-    validate_inputs(objective, q, k, v, log_decay, beta, b, prior_precision, lam, initial_state, cu_seqlens)
-    if output_variance and objective.posterior == "point":
-        raise ValueError("output_variance=True needs posterior='diagonal' or 'full'; 'point' has no variance")
+    call = prepare(objective, q, k, v, log_decay=log_decay, beta=beta, b=b, prior_precision=prior_precision,
+                   lam=lam, scale=scale, initial_state=initial_state, output_final_state=output_final_state,
+                   output_variance=output_variance, cu_seqlens=cu_seqlens)
+    return fused_recurrent_run(call, cg_steps, checkpoint_every, block_v)
+
+
+def fused_recurrent_run(call: ScanCall, cg_steps: Optional[int] = None, checkpoint_every: int = 64,
+                        block_v: Optional[int] = None) -> ScanResult:
+    """:func:`fused_recurrent_scan` on a validated :class:`~metaplastic.kernels.entry.ScanCall`."""
     if not (isinstance(checkpoint_every, int) and checkpoint_every >= 1):
         raise ValueError(f"checkpoint_every must be a positive int, got {checkpoint_every!r}")
     if cg_steps is not None and not (isinstance(cg_steps, int) and cg_steps >= 1):
         raise ValueError(f"cg_steps must be None or a positive int, got {cg_steps!r}")
     if block_v is not None and not (isinstance(block_v, int) and block_v >= 1 and block_v & (block_v - 1) == 0):
         raise ValueError(f"block_v must be a power of two, got {block_v!r}")
-    if not q.is_cuda and not _is_interpreted():
-        raise ValueError("the Triton kernel needs CUDA tensors, or TRITON_INTERPRET=1 set before triton is "
-                         f"imported to run on {q.device}")
-    kwargs = dict(log_decay=log_decay, beta=beta, b=b, prior_precision=prior_precision, lam=lam, scale=scale,
-                  initial_state=initial_state, output_final_state=output_final_state,
-                  output_variance=output_variance, cu_seqlens=cu_seqlens)
-    differentiable = [q, k, v, log_decay, beta, b, lam, prior_precision]
-    if initial_state is not None:
-        differentiable += list(initial_state.values())
-    needs_grad = torch.is_grad_enabled() and any(isinstance(x, Tensor) and x.requires_grad for x in differentiable)
-    ip_grad = isinstance(prior_precision, Tensor) and prior_precision.requires_grad
-    if needs_grad and (objective.posterior == "full" or ip_grad):
-        return reference_scan(objective, q, k, v, **kwargs)
+    reason = triton_unavailable_reason(call.q.device)
+    if reason is not None:
+        raise ValueError(reason)
+    call = call.with_b_per_value()  # grouped b: one rate per value row
+    objective, q, k, v = call.objective, call.q, call.k, call.v
+    log_decay, beta, b, lam = call.log_decay, call.beta, call.b, call.lam
+    initial_state, output_final_state = call.initial_state, call.output_final_state
+    output_variance = call.output_variance
+    needs_grad = call.needs_grad()
+    if needs_grad and (objective.posterior == "full" or call.ip_requires_grad):
+        return reference_scan(objective, q, k, v, **call.kwargs())
 
     flags = kernel_flags(objective)
     B, T, H, K = q.shape
     V = v.shape[-1]
-    dt = torch.float64 if torch.float64 in (q.dtype, k.dtype, v.dtype) else torch.float32
+    dt = call.dtype
     dev = q.device
     C = checkpoint_every
-    if cu_seqlens is None:
+    if call.bounds is None:
         N = B
         cu = torch.arange(0, B + 1, dtype=torch.int32, device=dev) * T
         seg_offsets = torch.arange(0, B, dtype=torch.int32, device=dev) * triton.cdiv(T, C)
         n_segments = B * triton.cdiv(T, C)
     else:
-        bounds = [int(x) for x in cu_seqlens.tolist()]
+        bounds = call.bounds
         N = len(bounds) - 1
         nseg = [triton.cdiv(e - s, C) for s, e in zip(bounds[:-1], bounds[1:])]
         offsets = [sum(nseg[:i]) for i in range(N)]
@@ -450,8 +455,8 @@ def fused_recurrent_scan(objective: Objective, q: Tensor, k: Tensor, v: Tensor, 
         flags=flags, B=B, T=T, H=H, K=K, V=V, N=N, BK=BK, BV=_block_v(flags["POSTERIOR"], BK, V, block_v),
         BV_bwd=_block_v(flags["POSTERIOR"], BK, V, block_v, backward=True), C=C,
         cg_steps=K if cg_steps is None else cg_steps, dtype=dt,
-        ip=torch.as_tensor(prior_precision, dtype=dt, device=dev).detach().expand(H).contiguous(),
-        scale=torch.tensor([float(scale)], dtype=dt, device=dev),
+        ip=call.prior_precision.detach().contiguous(),
+        scale=torch.tensor([call.scale], dtype=dt, device=dev),
         lam=None if lam is None else lam.detach().to(dt).contiguous(),
         cu_seqlens=cu, seg_offsets=seg_offsets, n_segments=max(n_segments, 1),
         output_variance=output_variance, output_final_state=output_final_state,

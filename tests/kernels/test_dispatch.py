@@ -30,10 +30,11 @@ def test_auto_on_cuda(name):
     chunked = obj.likelihood in ("dot", "dot_diag") and obj.forgetting != "vector"
     assert select_backend(obj, CUDA, "auto") == ("triton_chunk" if chunked else "triton_recurrent")
     if obj.likelihood == "dot_diag":
-        b_grouped = torch.zeros(1, 1, 1, 2)  # two importance groups (or per value channel, V = 2)
-        assert select_backend(obj, CUDA, "auto", b=b_grouped) == "triton_recurrent"
-        with pytest.raises(ValueError, match=r"importance groups|vector"):
-            select_backend(obj, CUDA, "triton_chunk", b=b_grouped)
+        b_per_value = torch.zeros(1, 1, 1, 1)
+        per_value = "triton_per_value" if obj.forgetting != "vector" else "triton_recurrent"
+        assert select_backend(obj, CUDA, "auto", b=b_per_value) == per_value
+        with pytest.raises(ValueError, match=r"per value channel|vector"):
+            select_backend(obj, CUDA, "triton_chunk", b=b_per_value)
 
 
 @pytest.mark.parametrize("name", ["deltanet", "gated_deltanet", "longhorn", "mesanet", "meta_gated_deltanet"])
@@ -48,7 +49,7 @@ def test_unknown_backend_and_missing_device(monkeypatch):
     with pytest.raises(ValueError, match="backend='cuda' is not one of"):
         scan(obj, **x, backend="cuda")
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
-    for backend in ("triton", "triton_chunk", "triton_recurrent"):
+    for backend in ("triton", "triton_chunk", "triton_per_value", "triton_recurrent"):
         with pytest.raises(ValueError, match=f"backend='{backend}'.*CUDA"):
             select_backend(obj, CPU, backend)
     assert set(BACKENDS) >= {"auto", "triton", "chunk", "reference"}
@@ -102,16 +103,20 @@ def test_bench_kernels_cli(tmp_path, capsys):
 
     from metaplastic.cli import main
     out = tmp_path / "bench.json"
-    rc = main(["bench", "kernels", "--device", "cpu", "--models", "mamba2", "palimpsa", "--shape", "1,9,1,4,4",
+    rc = main(["bench", "kernels", "--device", "cpu", "--models", "mamba2", "palimpsa", "--shape", "1,9,1,4,8",
                "--reps", "1", "--ref-reps", "1", "--threads", "1", "--json", str(out)])
     assert rc == 0
     records = json.loads(out.read_text())
     assert {(r["model"], r["b"], r["backend"]) for r in records} == {
-        ("mamba2", "-", "reference"), ("mamba2", "-", "chunk"), ("palimpsa", "1", "reference"),
-        ("palimpsa", "1", "chunk"), ("palimpsa", "V", "reference"), ("palimpsa", "V", "chunk")}
-    assert {r["groups"] for r in records if r["model"] == "palimpsa"} == {1, 4}  # default 1,4,16,V dividing V = 4
+        ("mamba2", "-", "reference"), ("mamba2", "-", "chunk"), ("palimpsa", "H", "reference"),
+        ("palimpsa", "H", "chunk"), ("palimpsa", "G4", "reference"), ("palimpsa", "G4", "chunk"),
+        ("palimpsa", "V", "reference"), ("palimpsa", "V", "chunk")}
+    # default groups: 1, V and those of 4, 16 that divide V = 8
+    assert {r["groups"] for r in records if r["model"] == "palimpsa"} == {1, 4, 8}
+    assert all(r["speedup_fwdbwd"] is not None for r in records if r["backend"] == "chunk")
     for r in records:
-        assert r["error"] is None and r["device"] == "cpu" and r["shape"] == "B=1,T=9,H=1,K=4,V=4"
+        assert r["error"] is None and r["device"] == "cpu" and r["shape"] == "B=1,T=9,H=1,K=4,V=8"
+        assert r["date"] and r["torch"] == torch.__version__ and r["machine"] and r["threads"] == 1
         assert r["fwd_ms"] > 0 and r["fwdbwd_ms"] > 0 and r["saved_bytes_per_token_head"] > 0
     assert "palimpsa" in capsys.readouterr().out
     assert main(["bench", "kernels", "--models", "nope"]) == 2
@@ -119,3 +124,22 @@ def test_bench_kernels_cli(tmp_path, capsys):
     if not torch.cuda.is_available():
         assert main(["bench", "kernels", "--device", "cuda"]) == 2
     assert "error:" in capsys.readouterr().err
+
+
+def test_bench_kernels_groups_dtype_targets(tmp_path):
+    """`bench kernels` with grouped b, bf16 inputs, a backend filter and the target summary (tiny, CPU)."""
+    import json
+
+    from metaplastic.cli import main
+    out, tgt = tmp_path / "bench.json", tmp_path / "targets.json"
+    rc = main(["bench", "kernels", "--device", "cpu", "--models", "mamba2", "palimpsa", "--shape", "1,9,1,4,4",
+               "--reps", "1", "--threads", "1", "--groups", "2", "--dtype", "bfloat16", "--backends", "chunk",
+               "--json", str(out), "--targets", str(tgt)])
+    assert rc == 0
+    records = json.loads(out.read_text())
+    assert {(r["model"], r["b"], r["backend"]) for r in records} == {
+        ("mamba2", "-", "chunk"), ("palimpsa", "H", "chunk"), ("palimpsa", "G2", "chunk"), ("palimpsa", "V", "chunk")}
+    assert all(r["dtype"] == "bfloat16" and r["error"] is None for r in records)
+    names = [t["name"] for t in json.loads(tgt.read_text())]
+    assert any("per-value" in n for n in names) and any("fla" in n for n in names)
+    assert main(["bench", "kernels", "--device", "cpu", "--shape", "1,9,1,4,4", "--groups", "3"]) == 2

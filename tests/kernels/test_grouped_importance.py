@@ -72,8 +72,10 @@ def test_one_group_is_head_shared_and_all_groups_are_per_value():
 @pytest.mark.parametrize("backend", ["reference", "chunk"])
 def test_groups_that_do_not_divide_v_are_refused_by_name(backend):
     x = inputs(1, 3, 1, 2, 4, 3)
-    with pytest.raises(ValueError, match=r"\bb\b.*G = 3.*V = 4"):
+    with pytest.raises(ValueError) as info:
         kernel_scan(PALIMPSA, **x, backend=backend)
+    message = str(info.value)
+    assert message.startswith("b ") and "G = 3" in message and "V = 4" in message, message
 
 
 # --- the chunked torch path against the reference -------------------------------------------------------
