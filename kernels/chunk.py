@@ -29,8 +29,9 @@ The models (THEORY.md §2), selected by the objective's settings:
     (With another read primitive, the chunked Triton path, G = 1 is a :class:`DecayedScan` of width 1 for
     ``I`` and one read with the rescaled query.)
   * ``b`` per value channel (``[B,T,H,V]``), or any other initial precision: ``Σ_j M_ij q_j / I_ij`` does
-    not factor; :class:`DiagonalScan` materialises ``M_t, I_t`` one block of ``DIAGONAL_CHUNK`` tokens at a
-    time: ``O(T·V·K)`` flops, ``O(DIAGONAL_CHUNK·V·K)`` working memory per head.
+    not factor. :func:`metaplastic.kernels.chunk_per_value.per_value_scan`: by default :class:`DiagonalScan`,
+    which materialises ``M_t, I_t`` one block of ``DIAGONAL_CHUNK`` tokens at a time, on a capped number of
+    threads; with scalar decay also a batched-matrix-product form. ``O(T·V·K)`` work, ``O(C·V·K)`` memory.
 
 Elementwise glue (``β v``, ``b k²``, ``q ⊘ I``, the variance) runs through autograd.
 """
@@ -45,6 +46,9 @@ from metaplastic.objective import Objective
 from metaplastic.scan import ScanResult, expand_groups
 
 from .entry import ScanCall, by_sequence, prepare, rows_constant, rows_constant_in_groups
+
+from . import nonfinite
+from .chunk_per_value import LOG_DECAY_FLOOR, per_value_scan
 
 Tensor = torch.Tensor
 VECTOR_CHUNK = 8  # chunk cap with vector decay: the [C, C, K] decay tensor costs C·K per token
@@ -79,14 +83,30 @@ def _causal(C: int, device: torch.device) -> Tensor:
     return torch.ones(C, C, dtype=torch.bool, device=device).tril()
 
 
-def _decay_matrix(G: Tensor, mask: Tensor) -> Tensor:
-    """``exp(G_t - G_s)`` for ``s ≤ t``, else 0. ``G [..., C, Kg]`` -> ``[..., C, C]`` (Kg = 1) or
-    ``[..., C, C, K]`` (vector decay)."""
+def _cumulated(gc: Tensor) -> Tensor:
+    """The cumulative log-decay inside each chunk, ``gc [..., C, Kg]`` -> float64 ``G``. Each log-decay is
+    clamped at ``LOG_DECAY_FLOOR`` (``exp`` of it is exactly 0: a reset stays a reset, and ``-inf - -inf``
+    never appears), and the sum is float64 so that ``G_t - G_s`` is exact even next to a ``-1e6``."""
+    return gc.to(torch.float64).clamp(min=LOG_DECAY_FLOOR).cumsum(-2)
+
+
+def _exp(x: Tensor, dtype: torch.dtype) -> Tensor:
+    return x.exp().to(dtype)
+
+
+def _decay_matrix(G: Tensor, mask: Tensor, dtype: torch.dtype) -> Tensor:
+    """``exp(G_t - G_s)`` for ``s ≤ t``, else 0 (by ``torch.where``, never by a product). ``G [..., C, Kg]``
+    (float64) -> ``[..., C, C]`` (Kg = 1) or ``[..., C, C, K]`` (vector decay), in ``dtype``."""
     if G.shape[-1] == 1:
         diff = G[..., :, None, 0] - G[..., None, :, 0]
-        return diff.masked_fill(~mask, float("-inf")).exp()
+        return torch.where(mask, diff, float("-inf")).exp().to(dtype)
     diff = G[..., :, None, :] - G[..., None, :, :]
-    return diff.masked_fill(~mask[..., None], float("-inf")).exp()
+    return torch.where(mask[..., None], diff, float("-inf")).exp().to(dtype)
+
+
+def _decay_grad(dg: Tensor, g: Tensor) -> Tensor:
+    """No gradient reaches a log-decay below the floor (it was clamped: ``α`` is exactly 0 there)."""
+    return torch.where(g > LOG_DECAY_FLOOR, dg, torch.zeros_like(dg))
 
 
 def _reverse_cumsum(x: Tensor, dim: int) -> Tensor:
@@ -97,8 +117,11 @@ def _reverse_cumsum(x: Tensor, dim: int) -> Tensor:
 def _scores(qc: Tensor, kc: Tensor, D: Tensor) -> Tensor:
     """Intra-chunk ``A[t, s] = Σ_k q_tk k_sk exp(G_tk - G_sk)`` (masked), ``[..., C, C]``."""
     if D.dim() == qc.dim():  # scalar decay: D [..., C, C]
-        return (qc @ kc.transpose(-1, -2)) * D
-    return ((qc[..., :, None, :] * kc[..., None, :, :]) * D).sum(-1)
+        A = (qc @ kc.transpose(-1, -2)) * D
+    else:
+        A = ((qc[..., :, None, :] * kc[..., None, :, :]) * D).sum(-1)
+    C = A.shape[-1]
+    return torch.where(_causal(C, A.device), A, torch.zeros((), dtype=A.dtype, device=A.device))
 
 
 def chunk_dot_forward(q: Tensor, k: Tensor, v: Tensor, g: Tensor, S0: Tensor, scale: float,
@@ -110,17 +133,17 @@ def chunk_dot_forward(q: Tensor, k: Tensor, v: Tensor, g: Tensor, S0: Tensor, sc
     """
     T = q.shape[2]
     qc, kc, vc, gc = (_pad_chunks(x, C) for x in (q, k, v, g))
-    G = gc.cumsum(-2)  # [B,H,N,C,Kg]
+    G = _cumulated(gc)  # [B,H,N,C,Kg], float64
     G_last = G[..., -1:, :]
-    k_to_end = kc * (G_last - G).exp()
+    k_to_end = kc * _exp(G_last - G, q.dtype)
     U = vc.transpose(-1, -2) @ k_to_end  # [B,H,N,V,K]: what a chunk writes, seen at its end
-    chunk_decay = G_last.exp()  # [B,H,N,1,Kg]
+    chunk_decay = _exp(G_last, q.dtype)  # [B,H,N,1,Kg]
     states = [S0]
     for n in range(qc.shape[2]):
         states.append(states[-1] * chunk_decay[:, :, n] + U[:, :, n])
     S_all = torch.stack(states, 2)
-    D = _decay_matrix(G, _causal(C, q.device))
-    o = (qc * G.exp()) @ S_all[:, :, :-1].transpose(-1, -2) + _scores(qc, kc, D) @ vc
+    D = _decay_matrix(G, _causal(C, q.device), q.dtype)
+    o = (qc * _exp(G, q.dtype)) @ S_all[:, :, :-1].transpose(-1, -2) + _scores(qc, kc, D) @ vc
     return _unchunk(o * scale, T), S_all
 
 
@@ -146,11 +169,11 @@ class ChunkDot(torch.autograd.Function):
         T = q.shape[2]
         qc, kc, vc, gc, doc = (_pad_chunks(x, C) for x in (q, k, v, g, do))
         N = qc.shape[2]
-        G = gc.cumsum(-2)
-        eG = G.exp()
+        G = _cumulated(gc)
+        eG = _exp(G, q.dtype)
         G_last = G[..., -1:, :]
-        to_end = (G_last - G).exp()
-        chunk_decay = G_last.exp()
+        to_end = _exp(G_last - G, q.dtype)
+        chunk_decay = _exp(G_last, q.dtype)
         # Reverse pass over chunk boundaries: dS_end[n] is the gradient reaching chunk n's end state.
         read = scale * (doc.transpose(-1, -2) @ (qc * eG))  # [B,H,N,V,K]: what chunk n reads of its start
         dS = dS_final
@@ -162,7 +185,7 @@ class ChunkDot(torch.autograd.Function):
         dS_end = torch.stack(ends, 2)
         starts = S_all[:, :, :-1]
         # Inside the chunks.
-        D = _decay_matrix(G, _causal(C, q.device))
+        D = _decay_matrix(G, _causal(C, q.device), q.dtype)
         dA = (scale * (doc @ vc.transpose(-1, -2))).tril()  # [B,H,N,C,C] = d(o_t)/d(A_ts) summed over V
         if D.dim() == qc.dim():
             W = dA * D
@@ -180,7 +203,7 @@ class ChunkDot(torch.autograd.Function):
         dG[..., -1, :] += (dS_end * S_all[:, :, 1:]).sum(-2)
         if g.shape[-1] == 1:
             dG = dG.sum(-1, keepdim=True)
-        dg = _reverse_cumsum(dG, -2)
+        dg = _decay_grad(_reverse_cumsum(dG, -2), gc)
         return (_unchunk(dq, T), _unchunk(dk, T), _unchunk(dv, T), _unchunk(dg, T), dS0, None, None)
 
 
@@ -191,19 +214,19 @@ def decayed_scan_forward(x: Tensor, g: Tensor, h0: Optional[Tensor], C: int) -> 
     B, H, T, P, K = x.shape
     xc, gc = _pad_chunks(x, C), _pad_chunks(g, C)  # [B,H,N,C,P,K], [B,H,N,C,Kg]
     N = xc.shape[2]
-    G = gc.cumsum(-2)
-    D = _decay_matrix(G, _causal(C, x.device))
+    G = _cumulated(gc)
+    D = _decay_matrix(G, _causal(C, x.device), x.dtype)
     if D.dim() == gc.dim():  # scalar: one [C, C] matrix for all P·K features
         intra = (D @ xc.reshape(B, H, N, C, P * K)).reshape(xc.shape)
     else:  # vector: D [B,H,N,C,C,K] -> per key channel [..., K, C, C] @ [..., K, C, P]
         intra = (D.permute(0, 1, 2, 5, 3, 4) @ xc.permute(0, 1, 2, 5, 3, 4)).permute(0, 1, 2, 4, 5, 3)
-    chunk_decay = G[..., -1, None, :].exp()  # [B,H,N,1,Kg]
+    chunk_decay = _exp(G[..., -1, None, :], x.dtype)  # [B,H,N,1,Kg]
     S = x.new_zeros(B, H, P, K) if h0 is None else h0
     starts = []
     for n in range(N):
         starts.append(S)
         S = S * chunk_decay[:, :, n] + intra[:, :, n, -1]
-    h = intra + G.exp()[..., None, :] * torch.stack(starts, 2)[:, :, :, None]
+    h = intra + _exp(G, x.dtype)[..., None, :] * torch.stack(starts, 2)[:, :, :, None]
     return _unchunk(h, T)
 
 
@@ -369,7 +392,9 @@ def _chunk_dense(objective: Objective, q, k, v, log_decay, beta, b, Ip: Tensor, 
     dot = ChunkDot.apply if dot is None else dot
     qh, kh, vh = (_heads_first(x, dtype) for x in (q, k, v))  # [B,H,T,D]
     g = _heads_first(log_decay, dtype)
-    g = qh.new_zeros(B, H, T, 1) if g is None else g  # [B,H,T,Kg]
+    # [B,H,T,Kg]; a log-decay at or below the floor is exactly a reset (α = 0) for every primitive below,
+    # the Triton one included (-inf would give -inf - -inf = NaN inside a chunk)
+    g = qh.new_zeros(B, H, T, 1) if g is None else g.clamp(min=LOG_DECAY_FLOOR)
     beta_h = _heads_first(beta, dtype)  # [B,H,T,1|V]
     Ip4 = Ip.view(1, H, 1, 1)
     init = None if initial_state is None else {key: x.to(dtype) for key, x in initial_state.items()}
@@ -415,8 +440,7 @@ def _chunk_dense(objective: Objective, q, k, v, log_decay, beta, b, Ip: Tensor, 
     # one chunk of at most DIAGONAL_CHUNK tokens at a time.
     b_h = qh.new_zeros(B, H, T, 1) if b is None else _heads_first(expand_groups(b, V), dtype)
     Ip5 = Ip.view(1, H, 1, 1, 1)
-    o, var, M_T, J_T = DiagonalScan.apply(qh, kh, bv, b_h, g, M0, I0 - Ip4, Ip5, scale, min(C, DIAGONAL_CHUNK),
-                                          output_variance)
+    o, var, M_T, J_T = per_value_scan(qh, kh, bv, b_h, g, M0, I0 - Ip4, Ip5, scale, C, output_variance)
     I_T = J_T + Ip4
     return ScanResult(o.transpose(1, 2), {"mu": M_T / I_T, "I": I_T}, var.transpose(1, 2) if output_variance else None)
 
@@ -452,8 +476,12 @@ def chunk_run(call: ScanCall, chunk_size: int = 64, dot: Optional[Callable] = No
     C = min(chunk_size, call.shape[1]) if call.bounds is None else chunk_size
 
     def dense(c: ScanCall) -> ScanResult:
-        return _chunk_dense(c.objective, c.q, c.k, c.v, c.log_decay, c.beta, c.b, c.prior_precision, c.scale,
-                            c.initial_state, c.output_variance, c.dtype, C, dot, c.check_values)
+        # non-finite entries: zeroed before the chunked products, their reach marked NaN after (causal)
+        inputs, marks = nonfinite.sanitize(c.objective, c.q, c.k, c.v, c.log_decay, c.beta, c.b, c.initial_state)
+        q, k, v, log_decay, beta, b, init = inputs
+        res = _chunk_dense(c.objective, q, k, v, log_decay, beta, b, c.prior_precision, c.scale, init,
+                           c.output_variance, c.dtype, C, dot, c.check_values)
+        return nonfinite.poison(c.objective, res, marks)
     return by_sequence(call, dense)
 
 

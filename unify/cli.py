@@ -28,6 +28,8 @@ COMMANDS = {
 BENCHES = {
     "kernels": ("metaplastic.kernels.bench", "time forward and forward+backward of every backend"),
     "convert": ("metaplastic.models.bench", "time a conversion at mamba2-130m shapes against load+save"),
+    "models": ("metaplastic.models.bench_models",
+               "time transformers' Mamba2 LM, its metaplastic twin and its conversion (fwd, fwd+bwd)"),
 }
 
 
@@ -54,7 +56,7 @@ def build_parser(argv: Sequence[str]) -> argparse.ArgumentParser:
             _add_module_parser(sub, name, module, help_)
         else:
             sub.add_parser(name, help=help_)
-    bench = sub.add_parser("bench", help="benchmarks: kernels, convert")
+    bench = sub.add_parser("bench", help="benchmarks: kernels, convert, models")
     bench_sub = bench.add_subparsers(dest="bench", metavar="BENCH")
     for name, (module, help_) in BENCHES.items():
         if wanted == "bench" and (len(argv) < 2 or argv[1] == name):

@@ -10,6 +10,7 @@ import torch
 import metaplastic
 from metaplastic.kernels.chunk import ChunkDot, DecayedScan, DiagonalScan, chunk_scan
 from metaplastic.kernels.chunk_grouped import GroupedDiagonal
+from metaplastic.kernels.chunk_per_value import PerValueScan
 from metaplastic.oracles import ORACLES, scan_kwargs
 
 from helpers import assert_close, random_inputs
@@ -204,12 +205,15 @@ def test_chunk_rejects_bad_arguments():
         chunk_scan(obj, **x, output_variance=True)
 
 
-@pytest.mark.parametrize("b_per_value,init,expected", [
-    (False, None, {"GroupedDiagonal"}), (False, "shared", {"GroupedDiagonal"}),
-    (True, None, {"DiagonalScan"}), (False, "random", {"DiagonalScan"})])
-def test_chunk_takes_the_limit7_fast_path(monkeypatch, b_per_value, init, expected):
+@pytest.mark.parametrize("name,b_per_value,init,expected", [
+    ("palimpsa", False, None, {"GroupedDiagonal"}),
+    ("palimpsa", False, "shared", {"GroupedDiagonal"}),
+    ("palimpsa", True, None, {"DiagonalScan"}), ("palimpsa", False, "random", {"DiagonalScan"}),
+    ("meta_gla", True, None, {"DiagonalScan"})])
+def test_chunk_takes_the_limit7_fast_path(monkeypatch, name, b_per_value, init, expected):
     """Head-shared b with a row-constant I_0: the precision is a K-vector, read as simple GLA with q ⊘ I
-    (THEORY.md limit 7, the grouped path with G = 1); otherwise the per-value path materialises M and I."""
+    (THEORY.md limit 7, the grouped path with G = 1); otherwise the per-value path materialises I chunk by
+    chunk (batched products or a token-by-token block scan: kernels/chunk_per_value.py)."""
     used = set()
 
     def spy(cls, label):
@@ -223,8 +227,9 @@ def test_chunk_takes_the_limit7_fast_path(monkeypatch, b_per_value, init, expect
     spy(DecayedScan, lambda a: f"DecayedScan P={a[0].shape[3]}")
     spy(ChunkDot, lambda a: "ChunkDot")
     spy(DiagonalScan, lambda a: "DiagonalScan")
+    spy(PerValueScan, lambda a: "PerValueScan")
     spy(GroupedDiagonal, lambda a: "GroupedDiagonal")
-    obj, x = make_inputs("palimpsa", 1, 6, 1, 2, 3, b_per_value=b_per_value, init=init)
+    obj, x = make_inputs(name, 1, 6, 1, 2, 3, b_per_value=b_per_value, init=init)
     chunk_scan(obj, **x)
     assert used == expected
 
