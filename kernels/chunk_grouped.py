@@ -25,8 +25,8 @@ chunks backwards, recomputing each chunk's intermediates and running the adjoint
 Non-finite inputs stay causal (:func:`grouped_diagonal`): non-finite entries are replaced by 0 with
 ``torch.where`` before any product, and outputs from the first non-finite token on are set to NaN (a
 non-finite ``q_t`` poisons ``o_t`` only). A log-decay of ``-inf`` (α = 0) resets the state as in the
-reference: log-decays are clamped below at :data:`LOG_DECAY_FLOOR`, where ``exp`` is exactly 0, so every
-exponent stays finite and ≤ 0.
+reference: log-decays are clamped below at ``LOG_DECAY_FLOOR`` (where ``exp`` is exactly 0) and cumulated
+in float64, so every exponent stays finite and ≤ 0 and ``G_t − G_s`` is exact next to a reset.
 """
 from __future__ import annotations
 
@@ -34,11 +34,10 @@ from typing import Optional, Tuple
 
 import torch
 
-from .chunk import VECTOR_CHUNK, _causal, _decay_matrix, _pad_chunks, _unchunk
+from .chunk import VECTOR_CHUNK, _causal, _cumulated, _decay_matrix, _exp, _pad_chunks, _unchunk
+from .chunk_per_value import LOG_DECAY_FLOOR
 
 Tensor = torch.Tensor
-# exp(x) is exactly 0 below these (float64 underflows at -745, float32 at -104)
-LOG_DECAY_FLOOR = {torch.float64: -800.0, torch.float32: -120.0}
 
 
 def _group(x: Tensor, G: int) -> Tensor:
@@ -68,12 +67,13 @@ class _Chunk:
     def __init__(self, q, k, w, b, g, M_start, J_start, Ip, mask, scale: float, output: bool) -> None:
         V, G = w.shape[-1], b.shape[-1]
         self.q, self.k, self.w, self.b = q, k, w, b
-        Gc = g.cumsum(-2)  # [B,H,C,Kg]
+        dt = q.dtype
+        Gc = _cumulated(g)  # [B,H,C,Kg], float64
         G_last = Gc[:, :, -1:]
-        self.eG = Gc.exp()
-        self.to_end = (G_last - Gc).exp()
-        self.decay = G_last.exp()  # [B,H,1,Kg], the whole chunk's decay
-        self.D = _decay_matrix(Gc, mask)  # [B,H,C,C] or [B,H,C,C,K]
+        self.eG = _exp(Gc, dt)
+        self.to_end = _exp(G_last - Gc, dt)
+        self.decay = _exp(G_last, dt)  # [B,H,1,Kg], the whole chunk's decay
+        self.D = _decay_matrix(Gc, mask, dt)  # [B,H,C,C] or [B,H,C,C,K]
         self.k2 = k * k
         self.xJ = b[..., :, None] * self.k2[..., None, :]  # b[g] k², [B,H,C,G,K]
         self.J = _intra(self.D, self.xJ) + self.eG[..., None, :] * J_start[:, :, None]  # J^{(g)}_t
@@ -95,9 +95,9 @@ class _Chunk:
 def _boundaries(k, w, b, g, M0, J0, C: int):
     """``M`` and ``J`` at every chunk start (and the end): ``[B,H,N+1,V,K]``, ``[B,H,N+1,G,K]``. Inputs are
     chunked ``[B,H,N,C,...]``."""
-    Gc = g.cumsum(-2)
-    to_end = (Gc[..., -1:, :] - Gc).exp()
-    decay = Gc[..., -1:, :].exp()
+    Gc = _cumulated(g)
+    to_end = _exp(Gc[..., -1:, :] - Gc, k.dtype)
+    decay = _exp(Gc[..., -1:, :], k.dtype)
     U = w.transpose(-1, -2) @ (k * to_end)  # [B,H,N,V,K]: what a chunk writes, seen at its end
     UJ = b.transpose(-1, -2) @ (to_end * k * k)  # [B,H,N,G,K]: Σ_s e^{G_C − G_s} b_s[g] k_s²
     Ms, Js = [M0], [J0]
@@ -217,7 +217,6 @@ def grouped_diagonal(q: Tensor, k: Tensor, v: Tensor, beta: Optional[Tensor], b:
     V, G = v.shape[-1], b.shape[-1]
     if g.shape[-1] != 1:
         C = min(C, VECTOR_CHUNK)
-    floor = LOG_DECAY_FLOOR.get(q.dtype, -120.0)
     bad_state = None
     bad_q = None
     inputs = [x for x in (q, k, v, beta, b) if x is not None]
@@ -234,7 +233,7 @@ def grouped_diagonal(q: Tensor, k: Tensor, v: Tensor, beta: Optional[Tensor], b:
         if beta is not None:
             beta = torch.where(torch.isfinite(beta), beta, zero)
         g = torch.where(g_bad, zero, g)
-    g = g.clamp(min=floor)
+    g = g.clamp(min=LOG_DECAY_FLOOR)
     Ip5 = Ip.view(1, H, 1, 1, 1)
     o, var, M_T, J_T = GroupedDiagonal.apply(q, k, v, beta, b, g, M0, J0, Ip5, scale, C, with_var)
     if with_var:
