@@ -167,18 +167,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from metaplastic.errors import UserError
+    from metaplastic.safe_io import atomic_write, check_output_location
 
     if args.out:
-        import os
-        parent = os.path.dirname(os.path.abspath(args.out))
-        if not os.path.isdir(parent):
-            raise UserError(f"--out {args.out}: directory {parent} does not exist")
+        check_output_location(args.out, what="--out", kind="file")
     table = rows(progress=True)
     text = render(table, args.format)
     if args.out:
-        with open(args.out, "w", encoding="utf-8") as fh:
-            fh.write(text)
+        atomic_write(args.out, text)
         print(f"wrote {args.out} ({len(table)} models, {args.format})", file=sys.stderr)
     else:
         sys.stdout.write(text)

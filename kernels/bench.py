@@ -307,6 +307,9 @@ def run(args: argparse.Namespace) -> int:
     reference = args.reference == "yes" or (args.reference == "auto" and (device == "cpu" or args.quick))
     if args.threads is not None and args.threads < 1:
         raise UserError(f"--threads must be positive, got {args.threads}")
+    if args.json:
+        from metaplastic.safe_io import check_output_location
+        check_output_location(args.json, what="--json", kind="file")
     threads = args.threads or torch.get_num_threads()
     card = torch.cuda.get_device_name() if device == "cuda" else f"cpu ({threads} torch threads)"
     B, T, H, K, V = shape
@@ -370,11 +373,8 @@ def run(args: argparse.Namespace) -> int:
         except OSError as exc:
             raise UserError(f"cannot write --targets {args.targets}: {exc.strerror}") from None
     if args.json:
-        try:
-            with open(args.json, "w") as fh:
-                json.dump(records, fh, indent=1)
-        except OSError as exc:
-            raise UserError(f"cannot write --json {args.json}: {exc.strerror}") from None
+        from metaplastic.safe_io import atomic_write
+        atomic_write(args.json, json.dumps(records, indent=1))
         print(f"wrote {len(records)} records to {args.json}")
     return 0
 

@@ -127,11 +127,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from metaplastic.errors import UserError
+    from metaplastic.safe_io import atomic_write, check_output_location, writing
     if args.repeats < 1:
         raise UserError(f"--repeats must be positive, got {args.repeats}")
+    if args.json:
+        check_output_location(args.json, what="--json", kind="file")
     if args.workdir:
-        Path(args.workdir).mkdir(parents=True, exist_ok=True)
-        result = benchmark(Path(args.workdir), args.repeats)
+        check_output_location(args.workdir, what="--workdir", kind="dir")
+        with writing(f"--workdir {args.workdir}"):
+            Path(args.workdir).mkdir(parents=True, exist_ok=True)
+            result = benchmark(Path(args.workdir), args.repeats)
     else:
         with tempfile.TemporaryDirectory(prefix="metaplastic-bench-") as tmp:
             result = benchmark(Path(tmp), args.repeats)
@@ -146,6 +151,6 @@ def run(args: argparse.Namespace) -> int:
     print(f"peak RSS / checkpoint size     = {result['peak_over_size']:.2f} (target <= 2.5); "
           f"above the imports: {result['peak_above_imports_over_size']:.2f}")
     if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=2))
+        atomic_write(args.json, json.dumps(result, indent=2))
     ok = result["time_ratio"] <= 2.0 and result["peak_over_size"] <= 2.5
     return 0 if ok else 1

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import struct
 from pathlib import Path
 from typing import BinaryIO, Dict, List, Optional, Sequence, Tuple
@@ -158,13 +159,54 @@ def read_config(path) -> Tuple[Path, dict]:
     return directory, cfg
 
 
-def get_int(cfg: dict, key: str, default: Optional[int] = None) -> int:
+MAX_SIZE = 2 ** 24  # the largest size field (vocabulary, width, layers, heads, ...) a config may give
+
+
+def get_int(cfg: dict, key: str, default: Optional[int] = None, minimum: int = 1, maximum: int = MAX_SIZE) -> int:
+    """``cfg[key]`` as an integer in ``[minimum, maximum]``; ``CheckpointError`` naming the key otherwise."""
     value = cfg.get(key, default)
     if value is None:
         raise CheckpointError(f"config.json has no {key!r}")
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or int(value) != value or value < 0:
-        raise CheckpointError(f"config.json: {key}={value!r} is not a non-negative integer")
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+            or int(value) != value:
+        raise CheckpointError(f"config.json: {key}={_short(value)} is not an integer")
+    if not minimum <= value <= maximum:
+        raise CheckpointError(f"config.json: {key}={int(value)} is outside [{minimum}, {maximum}]")
     return int(value)
+
+
+def get_float(cfg: dict, key: str, default: Optional[float] = None, positive: bool = True) -> float:
+    """``cfg[key]`` as a finite float (positive unless ``positive=False``); ``CheckpointError`` naming the key."""
+    value = cfg.get(key, default)
+    if value is None:
+        raise CheckpointError(f"config.json has no {key!r}")
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise CheckpointError(f"config.json: {key}={_short(value)} is not a finite number")
+    if positive and value <= 0:
+        raise CheckpointError(f"config.json: {key}={value} must be positive")
+    return float(value)
+
+
+def get_bool(cfg: dict, key: str, default: bool) -> bool:
+    """``cfg[key]`` as a bool (JSON true/false only); ``CheckpointError`` naming the key otherwise."""
+    value = cfg.get(key, default)
+    if not isinstance(value, bool):
+        raise CheckpointError(f"config.json: {key}={_short(value)} is not true or false")
+    return value
+
+
+def _short(value) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+LAYER_INDEX = re.compile(r"(?:^|\.)layers\.(\d+)\.")
+
+
+def stored_layers(names) -> int:
+    """The number of blocks a checkpoint's tensor names hold (1 + the largest ``layers.N.`` index; 0 if none)."""
+    found = [int(m[1]) for name in names if (m := LAYER_INDEX.search(name))]
+    return max(found) + 1 if found else 0
 
 
 def compare_keys(want: Dict[str, Tuple[int, ...]], have: Dict[str, Tuple[int, ...]]) -> None:

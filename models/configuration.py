@@ -1,9 +1,15 @@
 """``MetaplasticConfig``: a stack of mixers chosen per layer (model_type ``metaplastic``)."""
 from __future__ import annotations
 
+import math
 from typing import Any, Dict, List, Optional, Union
 
 from transformers import PretrainedConfig
+
+MAX_SIZE = 2 ** 24  # the largest vocabulary, width, layer count or head size a config may give
+MAX_PARAMETERS = 10 ** 12  # configs whose (lower-bound) parameter estimate exceeds this are refused
+SIZE_KWARGS = ("num_heads", "head_dim", "state_size", "expand", "n_groups", "conv_kernel", "conv_size",
+               "importance_rank", "num_v_heads")  # mixer kwargs that are sizes (positive integers)
 
 
 class MetaplasticConfig(PretrainedConfig):
@@ -47,9 +53,34 @@ class MetaplasticConfig(PretrainedConfig):
         self.importance_groups = importance_groups
         super().__init__(pad_token_id=pad_token_id, bos_token_id=bos_token_id, eos_token_id=eos_token_id,
                          tie_word_embeddings=tie_word_embeddings, **kwargs)
-        for name, value in (("mixer", self.mixer), ("mixer_kwargs", self.mixer_kwargs)):
-            if isinstance(value, list) and len(value) != num_hidden_layers:
-                raise ValueError(f"{name} has {len(value)} entries but num_hidden_layers={num_hidden_layers}")
+        self.check()
+
+    def check(self) -> None:
+        """Types and ranges of every field the model uses; ``ValueError`` naming the field. Absurd sizes are
+        refused here, before anything is allocated (see ``MAX_SIZE``, ``MAX_PARAMETERS``)."""
+        for name in ("vocab_size", "hidden_size", "num_hidden_layers"):
+            _size(name, getattr(self, name), 1)
+        _size("intermediate_size", self.intermediate_size, 0)
+        eps = self.layer_norm_epsilon
+        if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not math.isfinite(eps) or eps <= 0:
+            raise ValueError(f"config: layer_norm_epsilon={eps!r} must be a finite positive number")
+        layers = self.num_hidden_layers
+        for name, value, kind in (("mixer", self.mixer, str), ("mixer_kwargs", self.mixer_kwargs, dict)):
+            entries = value if isinstance(value, list) else [value]
+            if isinstance(value, list) and len(value) != layers:
+                raise ValueError(f"{name} has {len(value)} entries but num_hidden_layers={layers}")
+            for entry in entries:
+                if not isinstance(entry, kind):
+                    raise ValueError(f"config: {name} must be a {kind.__name__} or a list of them, got {entry!r:.60}")
+        for kwargs in (self.mixer_kwargs if isinstance(self.mixer_kwargs, list) else [self.mixer_kwargs]):
+            for key in SIZE_KWARGS:
+                if kwargs.get(key) is not None:
+                    _size(f"mixer_kwargs.{key}", kwargs[key], 1)
+        h = self.hidden_size
+        estimate = self.vocab_size * h + layers * (h * h + 3 * h * self.intermediate_size)
+        if estimate > MAX_PARAMETERS:
+            raise ValueError(f"config: vocab_size={self.vocab_size}, hidden_size={h}, num_hidden_layers={layers} "
+                             f"imply over {estimate:.3g} parameters (more than {MAX_PARAMETERS:.0e})")
 
     def mixer_for(self, layer_idx: int) -> str:
         """The mixer name of layer ``layer_idx``."""
@@ -65,3 +96,8 @@ class MetaplasticConfig(PretrainedConfig):
             if spec is not None and spec.objective.uses_importance_rate:
                 kw["importance_groups"] = groups
         return kw
+
+
+def _size(name: str, value: Any, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or not minimum <= value <= MAX_SIZE:
+        raise ValueError(f"config: {name}={value!r:.60} must be an integer in [{minimum}, {MAX_SIZE}]")

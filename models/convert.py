@@ -19,15 +19,20 @@ output-preserving.
 
 Tensors move one at a time (memory-mapped source, streaming safetensors writer), and the result is
 written to a temporary directory beside ``dst`` that is renamed at the end, so a failure leaves no ``dst``.
+
+Safety (docs/safety.md): every source tensor must be floating-point and finite, and fit the requested
+``--dtype``; ``dst`` is locked against a second writer (``.DST.lock``); ``--force`` replaces only an earlier
+output of this command (recognised by its ``config.json`` and the marker ``conversion.json``), never SRC, a
+directory containing SRC or one inside it; ``--verify`` fails on any non-finite logit difference.
 """
 from __future__ import annotations
 
 import argparse
 import copy
-import os
+import json
+import math
 import re
 import shutil
-import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
@@ -36,10 +41,11 @@ import torch
 from tqdm.auto import tqdm
 
 from metaplastic.errors import UserError
+from metaplastic.safe_io import DirLock, atomic_dir, check_output_location, clean_stale, describe_reason
 
 from . import source_fla, source_mamba2
 from .checkpoint_io import (CheckpointError, StreamingSafetensorsWriter, TensorStore, compare_keys, nbytes, open_store,
-                            read_config)
+                            read_config, stored_layers)
 from .configuration import MetaplasticConfig
 from .importance import INITS
 from .twins import to_metaplastic, twin_name
@@ -50,6 +56,9 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
 SEED = 0  # the importance path's initialisation is deterministic: generator seeded SEED + layer index
 _MIXER_KEY = re.compile(r"^backbone\.layers\.(\d+)\.mixer\.(.+)$")
 ARCHITECTURES = {"hf": "Mamba2", "mamba_ssm": "Mamba2", "fla": "Gated DeltaNet"}
+SOURCE_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+MARKER = "conversion.json"  # written into every DST: what --force may replace
+WRITTEN_BY = "metaplastic convert"
 
 
 class ConversionError(ValueError):
@@ -88,14 +97,39 @@ class SourceCheckpoint:
         return ARCHITECTURES[self.format]
 
     def tensor(self, key: str) -> torch.Tensor:
-        """The tensor of our key ``key``."""
-        return self.store.get(self.source_key(key))
+        """The tensor of our key ``key``, of a floating-point type (else :class:`CheckpointError` naming it;
+        its values are checked as it is written: :func:`check_values`)."""
+        name = self.source_key(key)
+        tensor = self.store.get(name)
+        if tensor.dtype not in SOURCE_DTYPES:
+            raise CheckpointError(f"tensor {name!r} has dtype {tensor.dtype}, not a floating-point weight type")
+        return tensor
 
     def mixer_tensors(self, layer: int) -> Dict[str, torch.Tensor]:
         """``{name within the mixer: tensor}`` of layer ``layer``."""
         prefix = f"backbone.layers.{layer}.mixer."
         return {key[len(prefix):]: self.tensor(key) for key in lm_shapes(self.config, layers=[layer])
                 if key.startswith(prefix)}
+
+
+def _largest_magnitude(tensor: torch.Tensor) -> float:
+    """``max |x|`` in one pass without a temporary copy (NaN if any element is NaN)."""
+    low, high = torch.aminmax(tensor.detach())
+    return max(abs(float(low)), abs(float(high)))
+
+
+def check_values(name: str, tensor: torch.Tensor, dtype: torch.dtype) -> None:
+    """A weight must be finite and fit ``dtype`` (``--dtype float16`` would turn larger values into inf);
+    :class:`CheckpointError` naming it otherwise. Run on each tensor just after it is written (its pages are
+    then mapped: one pass over the weights, no extra reads from disk)."""
+    if tensor.numel() == 0:
+        return
+    amax = _largest_magnitude(tensor)
+    if not math.isfinite(amax):
+        raise CheckpointError(f"tensor {name!r} has non-finite values (NaN or inf)")
+    if amax > torch.finfo(dtype).max:
+        raise CheckpointError(f"tensor {name!r} does not fit --dtype {str(dtype).split('.')[-1]}: max |x| = "
+                              f"{amax:.4g} > {torch.finfo(dtype).max:.4g} (it would become inf)")
 
 
 def lm_shapes(config: MetaplasticConfig, layers=None) -> Dict[str, Tuple[int, ...]]:
@@ -132,6 +166,7 @@ def _open_mamba2(directory: Path, cfg: dict) -> SourceCheckpoint:
     fmt, arch = source_mamba2.arch_from_config(cfg)  # refuses every other model_type by name
     store = open_store(directory)
     source_mamba2.adapt_store(store)
+    _check_layer_count(store, arch.num_hidden_layers)
     ckpt = SourceCheckpoint(directory, fmt, arch, source_mamba2.point_config(arch), store, source_mamba2.source_key)
     check_keys(ckpt)
     return ckpt
@@ -140,8 +175,9 @@ def _open_mamba2(directory: Path, cfg: dict) -> SourceCheckpoint:
 def _open_fla_gdn(directory: Path, cfg: dict) -> SourceCheckpoint:
     try:
         arch = source_fla.arch_from_fla(cfg)
-        ckpt = SourceCheckpoint(directory, "fla", arch, source_fla.point_config(arch), open_store(directory),
-                                source_fla.source_key)
+        store = open_store(directory)
+        _check_layer_count(store, arch.num_hidden_layers)
+        ckpt = SourceCheckpoint(directory, "fla", arch, source_fla.point_config(arch), store, source_fla.source_key)
         check_keys(ckpt)
     except CheckpointError as exc:
         raise CheckpointError(f"Gated DeltaNet checkpoint: {exc}") from None
@@ -154,6 +190,14 @@ def open_checkpoint(path) -> SourceCheckpoint:
     if cfg.get("model_type") == "gated_deltanet":
         return _open_fla_gdn(directory, cfg)
     return _open_mamba2(directory, cfg)  # Mamba2 of either format; refuses every other model_type by name
+
+
+def _check_layer_count(store: TensorStore, layers: int) -> None:
+    """The config's layer count must be that of the tensors on disk (checked before building any layer)."""
+    held = stored_layers(store.shapes)
+    if held != layers:
+        raise CheckpointError(f"config.json: num_hidden_layers={layers}, but the checkpoint's tensors hold {held} "
+                              "layers")
 
 
 # --- conversion ------------------------------------------------------------------------------------
@@ -235,12 +279,7 @@ def convert_checkpoint(src, dst, *, init: str = "identity", dtype: str = "float3
         raise ConversionError(f"--importance-groups must be a positive integer, got {importance_groups!r}")
     torch_dtype = DTYPES[dtype]
     src, dst = Path(src), Path(dst)
-    if dst.exists() and not force:
-        raise ConversionError(f"{dst} already exists (use --force to replace it)")
-    if dst.exists() and not dst.is_dir():
-        raise ConversionError(f"{dst} exists and is not a directory")
-    if dst.resolve() == src.resolve():
-        raise ConversionError("DST must differ from SRC")
+    check_destination(src, dst, force)
     ckpt = open_checkpoint(src)
     _check_tied_head(ckpt)
     config = twin_config(ckpt.config, torch_dtype, importance_rank, importance_groups)
@@ -251,46 +290,83 @@ def convert_checkpoint(src, dst, *, init: str = "identity", dtype: str = "float3
         if importance_groups is None or "importance_groups" not in str(exc):
             raise
         raise ConversionError(f"--importance-groups {importance_groups}: {str(exc).splitlines()[0]}") from None
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dst.parent / f".{dst.name}.partial-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # the work is copying: one thread avoids OpenMP start-up on every small op
-    try:
-        total = sum(nbytes(shape, dt) for _, shape, dt in layout)
-        with StreamingSafetensorsWriter(tmp / "model.safetensors", layout) as writer, \
-                tqdm(total=total, unit="B", unit_scale=True, desc="convert", disable=not progress) as bar:
-            for name, tensor in _dst_tensors(ckpt, layout, init, rank, importance_groups):
-                writer.write(name, tensor)
-                bar.update(tensor.numel() * torch.empty((), dtype=torch_dtype).element_size())
-        config.save_pretrained(tmp)
-        for name in TOKENIZER_FILES:
-            if (src / name).is_file():
-                shutil.copy2(src / name, tmp / name)
-        _replace(tmp, dst)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    finally:
-        torch.set_num_threads(threads)
-    result = ConversionResult(dst, ckpt.format, len(layout), total, architecture=ckpt.architecture)
-    if verify:
-        verify_conversion(ckpt, dst, init, rank, result, tokens=verify_tokens, log=log, groups=importance_groups)
+    total = sum(nbytes(shape, dt) for _, shape, dt in layout)
+    check_free_space(dst, total)
+    marker = {"written_by": WRITTEN_BY, "source": str(src.resolve()), "format": ckpt.format, "init": init,
+              "dtype": dtype, "importance_rank": rank}
+    with DirLock(dst, "DST"):
+        check_destination(src, dst, force)  # again, under the lock: another writer may have finished meanwhile
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)  # the work is copying: one thread avoids OpenMP start-up on every small op
+        try:
+            with atomic_dir(dst, replace=True) as tmp:  # replace: check_destination allowed it
+                with StreamingSafetensorsWriter(tmp / "model.safetensors", layout) as writer, \
+                        tqdm(total=total, unit="B", unit_scale=True, desc="convert", disable=not progress) as bar:
+                    for name, tensor in _dst_tensors(ckpt, layout, init, rank, importance_groups):
+                        writer.write(name, tensor)
+                        check_values(ckpt.source_key(name), tensor, torch_dtype)
+                        bar.update(tensor.numel() * torch.empty((), dtype=torch_dtype).element_size())
+                config.save_pretrained(tmp)
+                for name in TOKENIZER_FILES:
+                    if (src / name).is_file():
+                        shutil.copy2(src / name, tmp / name)
+                (tmp / MARKER).write_text(json.dumps(marker, indent=1) + "\n")
+        finally:
+            torch.set_num_threads(threads)
+        result = ConversionResult(dst, ckpt.format, len(layout), total, architecture=ckpt.architecture)
+        if verify:
+            verify_conversion(ckpt, dst, init, rank, result, tokens=verify_tokens, log=log,
+                                  groups=importance_groups)
     return result
 
 
 convert_mamba2 = convert_checkpoint  # the name of the first converter (it reads every supported format)
 
 
-def _replace(tmp: Path, dst: Path) -> None:
-    """Rename ``tmp`` to ``dst``; an existing ``dst`` (``--force``) is moved aside first, then removed."""
-    old = None
-    if dst.exists():
-        old = dst.parent / f".{dst.name}.old-{uuid.uuid4().hex[:8]}"
-        os.replace(dst, old)
-    os.replace(tmp, dst)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+def is_conversion_output(path: Path) -> bool:
+    """``path`` is a directory written by this command: a metaplastic ``config.json`` and the marker file."""
+    try:
+        marker = json.loads((path / MARKER).read_text())
+        config = json.loads((path / "config.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(marker, dict) and marker.get("written_by") == WRITTEN_BY and isinstance(config, dict) \
+        and config.get("model_type") == MetaplasticConfig.model_type
+
+
+def check_destination(src: Path, dst: Path, force: bool) -> None:
+    """Refuse a DST that would lose anything: SRC itself, a directory containing SRC or inside it, an existing
+    DST without ``--force``, and with ``--force`` anything but an earlier output of this command."""
+    s, d = src.resolve(), dst.resolve()
+    if d == s:
+        raise ConversionError("DST must differ from SRC")
+    if d in s.parents:
+        raise ConversionError(f"DST {dst} contains SRC {src}: replacing it would delete the source")
+    if s in d.parents:
+        raise ConversionError(f"DST {dst} lies inside SRC {src}: write the conversion elsewhere")
+    check_output_location(dst, what="DST", kind="dir")
+    if not dst.exists():
+        return
+    if not force:
+        raise ConversionError(f"{dst} already exists (use --force to replace an earlier conversion)")
+    if is_conversion_output(dst) or (dst.is_dir() and not any(dst.iterdir())):
+        return
+    raise ConversionError(f"--force replaces only an earlier output of metaplastic convert, and {dst} is not one "
+                          f"(no {MARKER} beside a metaplastic config.json); remove it yourself if it may go")
+
+
+def check_free_space(dst: Path, needed: int) -> None:
+    """Refuse, before any work, a file system without room for the converted weights."""
+    where = dst.absolute().parent
+    while not where.exists():
+        where = where.parent
+    try:
+        free = shutil.disk_usage(where).free
+    except OSError:
+        return
+    if needed > free:
+        raise ConversionError(f"DST {dst}: the converted weights need {needed / 2**20:.1f} MiB, "
+                              f"{where} has {free / 2**20:.1f} MiB free")
 
 
 # --- verification ----------------------------------------------------------------------------------
@@ -407,6 +483,11 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(str(exc).splitlines()[0]) from None
     print(f"converted {args.src} ({result.architecture}, {result.source_format} format) -> {result.dst}: "
           f"{result.num_tensors} tensors, {result.bytes_written / 1e6:.1f} MB, init={args.init}, dtype={args.dtype}")
+    if args.verify:
+        diffs = (result.max_abs_diff, result.max_abs_diff_reloaded)
+        if not all(d is not None and math.isfinite(d) for d in diffs):
+            print(f"verify: FAILED, non-finite logit differences {diffs} (NaN or inf in the outputs)")
+            return 1
     if args.verify and args.init == "identity" and args.dtype == "float32":
         worst = max(result.max_abs_diff, result.max_abs_diff_reloaded)
         if worst > 1e-4:

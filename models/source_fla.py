@@ -18,7 +18,7 @@ import re
 from dataclasses import dataclass
 from typing import Dict, Optional
 
-from .checkpoint_io import CheckpointError, get_int
+from .checkpoint_io import CheckpointError, get_bool, get_float, get_int
 from .configuration import MetaplasticConfig
 
 # fla's GatedDeltaNetConfig defaults (used when config.json omits a field)
@@ -79,29 +79,23 @@ def arch_from_fla(cfg: dict) -> GatedDeltaNetArch:
         raise CheckpointError(f"num_heads={num_heads} and head_dim={head_dim} must be positive")
     if num_v_heads is not None and (num_v_heads < num_heads or num_v_heads % num_heads):
         raise CheckpointError(f"num_v_heads={num_v_heads} is not a multiple of num_heads={num_heads}")
-    try:
-        expand_v = float(c["expand_v"])
-    except (TypeError, ValueError):
-        raise CheckpointError(f"config.json: expand_v={c['expand_v']!r} is not a number")
+    expand_v = get_float(c, "expand_v")
     if expand_v <= 0 or head_dim * expand_v != int(head_dim * expand_v):
         raise CheckpointError(f"head_dim·expand_v = {head_dim}·{expand_v} is not a positive integer")
     if c["intermediate_size"] is None:  # fla's GatedMLP: 2/3 · ratio · hidden, rounded up to a multiple of 256
         ratio = 4 if c["hidden_ratio"] is None else c["hidden_ratio"]
-        if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or ratio <= 0:
+        if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 < ratio < 1e4:
             raise CheckpointError(f"config.json: hidden_ratio={ratio!r} is not a positive number")
         intermediate = int(hidden * ratio * 2 / 3)
         intermediate = 256 * ((intermediate + 255) // 256)
     else:
         intermediate = get_int(c, "intermediate_size")
-    try:
-        eps = float(c["norm_eps"])
-    except (TypeError, ValueError):
-        raise CheckpointError(f"config.json: norm_eps={c['norm_eps']!r} is not a number")
+    eps = get_float(c, "norm_eps")
     return GatedDeltaNetArch(
         vocab_size=get_int(c, "vocab_size"), hidden_size=hidden, num_hidden_layers=get_int(c, "num_hidden_layers"),
         num_heads=num_heads, num_v_heads=num_v_heads, head_dim=head_dim, expand_v=expand_v,
-        conv_size=get_int(c, "conv_size"), use_gate=bool(c["use_gate"]), norm_eps=eps,
-        intermediate_size=intermediate, tie_word_embeddings=bool(c["tie_word_embeddings"]),
+        conv_size=get_int(c, "conv_size"), use_gate=get_bool(c, "use_gate", True), norm_eps=eps,
+        intermediate_size=intermediate, tie_word_embeddings=get_bool(c, "tie_word_embeddings", False),
         pad_token_id=c.get("pad_token_id"), bos_token_id=c.get("bos_token_id"), eos_token_id=c.get("eos_token_id"))
 
 

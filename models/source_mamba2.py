@@ -15,7 +15,7 @@ import math
 from dataclasses import dataclass
 from typing import Dict, Optional, Tuple
 
-from .checkpoint_io import CheckpointError, TensorStore, get_int
+from .checkpoint_io import CheckpointError, TensorStore, get_bool, get_float, get_int
 from .configuration import MetaplasticConfig
 
 
@@ -68,16 +68,16 @@ def _arch_from_hf(cfg: dict) -> Mamba2Arch:
         vocab_size=get_int(cfg, "vocab_size"), hidden_size=hidden, num_hidden_layers=get_int(cfg, "num_hidden_layers"),
         num_heads=num_heads, head_dim=head_dim, state_size=get_int(cfg, "state_size", 128), expand=expand,
         n_groups=get_int(cfg, "n_groups", 8), conv_kernel=get_int(cfg, "conv_kernel", 4),
-        use_bias=bool(cfg.get("use_bias", False)), use_conv_bias=bool(cfg.get("use_conv_bias", True)),
+        use_bias=get_bool(cfg, "use_bias", False), use_conv_bias=get_bool(cfg, "use_conv_bias", True),
         time_step_limit=limit,
-        layer_norm_epsilon=float(cfg.get("layer_norm_epsilon", 1e-5)),
-        residual_in_fp32=bool(cfg.get("residual_in_fp32", True)),
-        tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+        layer_norm_epsilon=get_float(cfg, "layer_norm_epsilon", 1e-5),
+        residual_in_fp32=get_bool(cfg, "residual_in_fp32", True),
+        tie_word_embeddings=get_bool(cfg, "tie_word_embeddings", False),
         pad_token_id=cfg.get("pad_token_id"), bos_token_id=cfg.get("bos_token_id"), eos_token_id=cfg.get("eos_token_id"))
 
 
 def _arch_from_mamba_ssm(cfg: dict) -> Mamba2Arch:
-    if int(cfg.get("d_intermediate", 0) or 0) > 0:
+    if get_int(cfg, "d_intermediate", 0, minimum=0) > 0:
         raise CheckpointError(f"d_intermediate={cfg['d_intermediate']} (an MLP in every block) is not supported: "
                               "only pure Mamba2 stacks convert")
     if cfg.get("attn_layer_idx"):
@@ -110,10 +110,10 @@ def _arch_from_mamba_ssm(cfg: dict) -> Mamba2Arch:
     return Mamba2Arch(
         vocab_size=padded, hidden_size=hidden, num_hidden_layers=get_int(cfg, "n_layer"), num_heads=d_inner // head_dim,
         head_dim=head_dim, state_size=get_int(ssm, "d_state", 128), expand=expand, n_groups=get_int(ssm, "ngroups", 1),
-        conv_kernel=get_int(ssm, "d_conv", 4), use_bias=bool(ssm.get("bias", False)),
-        use_conv_bias=bool(ssm.get("conv_bias", True)), time_step_limit=limit,
-        layer_norm_epsilon=float(cfg.get("norm_epsilon", 1e-5)), residual_in_fp32=bool(cfg.get("residual_in_fp32", True)),
-        tie_word_embeddings=bool(cfg.get("tie_embeddings", True)), unpadded_vocab_size=vocab)
+        conv_kernel=get_int(ssm, "d_conv", 4), use_bias=get_bool(ssm, "bias", False),
+        use_conv_bias=get_bool(ssm, "conv_bias", True), time_step_limit=limit,
+        layer_norm_epsilon=get_float(cfg, "norm_epsilon", 1e-5), residual_in_fp32=get_bool(cfg, "residual_in_fp32", True),
+        tie_word_embeddings=get_bool(cfg, "tie_embeddings", True), unpadded_vocab_size=vocab)
 
 
 def _limit(value, key: str) -> Tuple[float, float]:
@@ -121,6 +121,8 @@ def _limit(value, key: str) -> Tuple[float, float]:
         low, high = (float(v) for v in value)
     except (TypeError, ValueError):
         raise CheckpointError(f"config.json: {key}={value!r} is not a pair of numbers")
+    if math.isnan(low) or math.isnan(high) or not 0 <= low <= high:
+        raise CheckpointError(f"config.json: {key}={value!r} must be a pair 0 <= low <= high")
     return low, high
 
 

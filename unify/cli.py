@@ -82,6 +82,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     except UserError as exc:
         print(f"metaplastic {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:  # a write that failed (disk full, read-only, permissions): one line, not a traceback
+        from .safe_io import describe
+        print(f"metaplastic {args.command}: error: {describe(exc)}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         return 130
 

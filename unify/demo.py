@@ -110,6 +110,9 @@ def run_demo(out: Path, steps: Optional[Sequence[str]] = None) -> List[StepResul
         started = time.perf_counter()
         try:
             ok, outputs, note = fn()
+        except OSError as exc:  # a write that failed (disk full, read-only): one line, the tour goes on
+            from .safe_io import describe
+            ok, outputs, note = False, [], f"cannot write: {describe(exc)}"
         except Exception as exc:  # a failing step is reported, the tour goes on
             traceback.print_exc()
             ok, outputs, note = False, [], f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
@@ -139,9 +142,8 @@ def write_summary(out: Path, results: Sequence[StepResult]) -> Path:
                   f"K = V = {result['config']['K']}, {result['config']['trials']} trials, recall ≥ "
                   f"{result['config']['threshold']} (anisotropic keys: s = {result['config']['power_s']:g}).", "",
                   summary_table(result), "", "![capacity](capacity/capacity.png)"]
-    path = out / "summary.md"
-    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
-    return path
+    from .safe_io import atomic_write
+    return atomic_write(out / "summary.md", "\n".join(lines) + "\n")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -149,10 +151,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from metaplastic.errors import UserError
-    out = Path(args.out)
-    if out.exists() and not out.is_dir():
-        raise UserError(f"--out {out} exists and is not a directory")
+    from .safe_io import check_output_location
+    out = check_output_location(args.out, what="--out", kind="dir")
     started = time.perf_counter()
     results = run_demo(out)
     failed = [r.name for r in results if not r.ok]

@@ -19,6 +19,10 @@ process runs the same FSDP2 model, the same DCP checkpoints and the same data ru
   optimizer, and a ``trainer`` blob with step, data position, scheduler and every rank's RNG states),
   ``checkpoints/latest`` (the name of the last complete checkpoint), ``model/`` (the final Hugging Face
   export, loadable with ``AutoModelForCausalLM.from_pretrained`` after ``import metaplastic``).
+- Safety (:mod:`metaplastic.safe_io`): a checkpoint and the export are written beside their place and renamed
+  in (a complete checkpoint is never written in place); ``latest`` is read defensively (falls back to the
+  newest complete checkpoint); one run at a time per ``--out`` (a lock beside it); a fresh run into an
+  ``--out`` that holds a run is refused unless ``--resume`` or ``--overwrite``.
 """
 from __future__ import annotations
 
@@ -28,6 +32,7 @@ import json
 import math
 import os
 import random
+import re
 import shutil
 import sys
 import time
@@ -44,6 +49,8 @@ from torch import nn
 from metaplastic.errors import UserError
 from .finetune_data import DTYPES, DataError, PackedSequences, load_tokens
 from .models.importance import project_importance_
+from .safe_io import (DirLock, atomic_dir, atomic_write, check_output_location, clean_stale_in, describe,
+                      replace_dir, temp_path, writing)
 
 TRAIN_CHOICES = ("metaplastic", "all")
 
@@ -74,6 +81,7 @@ class FinetuneConfig:
     precision: str = "auto"
     data_dtype: str = "uint16"
     stop_after: Optional[int] = None
+    overwrite: bool = False
 
 
 # ----------------------------------------------------------------------------------------------- processes
@@ -222,10 +230,34 @@ def _set_rng_state(state: Dict[str, object], dev: Dist) -> None:
         torch.cuda.set_rng_state(state["cuda"], dev.device)
 
 
-def _run_meta(cfg: FinetuneConfig, data: PackedSequences, dev: Dist) -> Dict[str, object]:
+MODEL_FIELDS = ("vocab_size", "hidden_size", "num_hidden_layers", "mixer", "intermediate_size")
+CHECKPOINT_NAME = re.compile(r"^step_\d{7}$")
+
+
+def _run_meta(cfg: FinetuneConfig, data: PackedSequences, dev: Dist, model_config=None) -> Dict[str, object]:
     """What a checkpoint must agree on to continue the same run."""
+    model = {k: getattr(model_config, k, None) for k in MODEL_FIELDS} if model_config is not None else None
     return {"train": cfg.train, "seq_len": cfg.seq_len, "global_batch": cfg.global_batch, "seed": cfg.seed,
-            "num_sequences": data.num_sequences, "world_size": dev.world, "steps": cfg.steps}
+            "num_sequences": data.num_sequences, "world_size": dev.world, "steps": cfg.steps, "model": model}
+
+
+def _save_failure(exc: BaseException, where: Path) -> Optional[str]:
+    """One line for a failed DCP save (None for an interruption, which is re-raised as it is). DCP wraps each
+    rank's error in a ``CheckpointException``; torch's zip writer reports a full disk as a ``RuntimeError``."""
+    if isinstance(exc, (KeyboardInterrupt, SystemExit)):
+        return None
+    inner = [exc] + [f[0] if isinstance(f, tuple) else f for f in (getattr(exc, "failures", None) or {}).values()]
+    for err in inner:
+        if isinstance(err, OSError):
+            return describe(err)
+    for err in inner:
+        if isinstance(err, Exception):
+            try:
+                full = shutil.disk_usage(where).free < 2 ** 20
+            except OSError:
+                full = False
+            return "no space left on device" if full else (str(err).strip().splitlines() or [type(err).__name__])[0]
+    return None
 
 
 def save_checkpoint(root: Path, step: int, model, optimizer, scheduler, meta: Dict[str, object],
@@ -234,6 +266,11 @@ def save_checkpoint(root: Path, step: int, model, optimizer, scheduler, meta: Di
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict
     path = root / f"step_{step:07d}"
+    # Every rank writes into the same temporary directory beside `path` (named by rank 0); rank 0 renames it
+    # into place once complete, so an existing complete checkpoint is never written in place.
+    names = [temp_path(path).name if dev.rank == 0 else None]
+    dist.broadcast_object_list(names, src=0)
+    tmp = root / names[0]
     model_sd, optim_sd = get_state_dict(model, optimizer)
     rngs: List[object] = [None] * dev.world
     dist.all_gather_object(rngs, _rng_state(dev))
@@ -241,16 +278,69 @@ def save_checkpoint(root: Path, step: int, model, optimizer, scheduler, meta: Di
     torch.save({"step": step, "samples_seen": step * int(meta["global_batch"]), "scheduler": scheduler.state_dict(),
                 "rng": rngs, "meta": meta}, blob)
     blob.seek(0)
-    dcp.save({"model": model_sd, "optim": optim_sd, "trainer": blob}, checkpoint_id=str(path))
+    failed: Optional[str] = None
+    try:
+        dcp.save({"model": model_sd, "optim": optim_sd, "trainer": blob}, checkpoint_id=str(tmp))
+    except BaseException as exc:  # DCP's CheckpointException is a BaseException
+        failed = _save_failure(exc, root)
+        if failed is None:
+            raise  # interrupted: the temporary directory stays for the next run to remove
+    failures: List[object] = [None] * dev.world
+    dist.all_gather_object(failures, failed)
+    if any(failures):
+        if dev.rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+        dist.barrier()
+        raise UserError(f"cannot write checkpoint {path}: {next(f for f in failures if f)}")
+    dist.barrier()
     if dev.rank == 0:  # only a complete checkpoint becomes `latest`
-        (root / "latest.tmp").write_text(path.name)
-        os.replace(root / "latest.tmp", root / "latest")
-        if keep > 0:  # older ones only: a killed run's later, partial directories are left alone
-            older = sorted(p for p in root.glob("step_*") if p.name <= path.name)
+        with writing(f"checkpoint {path}"):
+            replace_dir(tmp, path)
+        atomic_write(root / "latest", path.name)
+        if keep > 0:  # older ones only: later checkpoints of a run resumed from an earlier step stay
+            older = sorted(p for p in complete_checkpoints(root) if p.name <= path.name)
             for old in older[:-keep]:
                 shutil.rmtree(old, ignore_errors=True)
     dist.barrier()
     return path
+
+
+def is_complete(path: Path) -> bool:
+    """A checkpoint directory whose DCP metadata was written (the last file DCP writes)."""
+    meta = Path(path) / ".metadata"
+    return meta.is_file() and meta.stat().st_size > 0
+
+
+def complete_checkpoints(root: Path) -> List[Path]:
+    """The complete ``step_NNNNNNN`` directories of ``root``, oldest first."""
+    if not root.is_dir():
+        return []
+    return sorted(p for p in root.iterdir() if CHECKPOINT_NAME.match(p.name) and p.is_dir() and is_complete(p))
+
+
+def read_latest(root: Path) -> Tuple[Optional[Path], Optional[str]]:
+    """The checkpoint ``root/latest`` names, read defensively: ``(path, note)``.
+
+    If ``latest`` is missing, unreadable, or names nothing complete, the newest complete checkpoint is used
+    (``note`` says so); ``(None, note)`` when there is none."""
+    latest = root / "latest"
+    problem = None
+    if latest.exists() or latest.is_symlink():
+        try:
+            name = latest.read_text(encoding="utf-8").strip()
+        except (OSError, UnicodeDecodeError) as exc:
+            name, problem = None, f"cannot be read ({type(exc).__name__})"
+        if name is not None:
+            if CHECKPOINT_NAME.match(name) and is_complete(root / name):
+                return root / name, None
+            problem = f"names {name[:40]!r}, which is not a complete checkpoint"
+    found = complete_checkpoints(root)
+    if problem is None and not found:
+        return None, None
+    if found:
+        head = f"{latest} {problem}" if problem else f"{latest} is missing"
+        return found[-1], f"note: {head}; using the newest complete checkpoint {found[-1].name}"
+    return None, f"note: {latest} {problem} and there is no complete checkpoint"
 
 
 def resolve_resume(resume: Optional[str], out: Path) -> Optional[Path]:
@@ -258,12 +348,37 @@ def resolve_resume(resume: Optional[str], out: Path) -> Optional[Path]:
     if resume is None:
         return None
     if resume == "latest":
-        latest = out / "checkpoints" / "latest"
-        return out / "checkpoints" / latest.read_text().strip() if latest.is_file() else None
+        path, note = read_latest(out / "checkpoints")
+        if note and int(os.environ.get("RANK", "0")) == 0:
+            print(note, flush=True)
+        return path
     path = Path(resume)
-    if not (path / ".metadata").is_file():
-        raise UserError(f"--resume {path} is not a DCP checkpoint directory (no .metadata)")
+    if not is_complete(path):
+        raise UserError(f"--resume {path} is not a DCP checkpoint directory (no complete .metadata)")
     return path
+
+
+def check_compatible(path: Path, model_sd: Dict[str, object]) -> None:
+    """UserError naming the first difference between the model's tensors and those of checkpoint ``path``."""
+    import torch.distributed.checkpoint as dcp
+    try:
+        stored = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
+    except Exception as exc:  # noqa: BLE001  (a corrupt .metadata: say so, on one line)
+        raise UserError(f"checkpoint {path}: cannot read its metadata ({type(exc).__name__})") from None
+    saved = {k[len("model."):]: v for k, v in stored.items() if k.startswith("model.")}
+    missing = sorted(set(model_sd) - set(saved))
+    extra = sorted(set(saved) - set(model_sd))
+    if missing or extra:
+        what = f"the model has {missing[0]!r}, the checkpoint not" if missing else \
+            f"the checkpoint has {extra[0]!r}, the model not"
+        raise UserError(f"checkpoint {path} does not fit --model: {what} "
+                        f"({len(missing)} missing, {len(extra)} extra tensors)")
+    for key, value in model_sd.items():
+        size = getattr(saved[key], "size", None)
+        want = tuple(value.shape) if hasattr(value, "shape") else None
+        if size is not None and want is not None and tuple(size) != want:
+            raise UserError(f"checkpoint {path} does not fit --model: {key} is {list(size)} in the checkpoint, "
+                            f"{list(want)} in the model")
 
 
 def load_checkpoint(path: Path, model, optimizer, scheduler, meta: Dict[str, object], dev: Dist) -> int:
@@ -271,15 +386,24 @@ def load_checkpoint(path: Path, model, optimizer, scheduler, meta: Dict[str, obj
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
     head = {"trainer": io.BytesIO()}
-    dcp.load(head, checkpoint_id=str(path))
-    head["trainer"].seek(0)
-    trainer = torch.load(head["trainer"], weights_only=False)
-    saved = trainer["meta"]
+    try:
+        dcp.load(head, checkpoint_id=str(path))
+        head["trainer"].seek(0)
+        trainer = torch.load(head["trainer"], weights_only=False)
+        saved = trainer["meta"]
+    except (Exception, dcp.api.CheckpointException) as exc:  # noqa: BLE001  (a damaged checkpoint: one line)
+        raise UserError(f"checkpoint {path} cannot be read ({type(exc).__name__}); resume from another one "
+                        "with --resume CKPT") from None
     for key in ("train", "seq_len", "global_batch", "seed", "num_sequences"):
         if saved[key] != meta[key]:
             raise UserError(f"checkpoint {path} was made with {key}={saved[key]}, this run has {meta[key]}: "
                             "it would not continue the same run")
+    for key, value in (saved.get("model") or {}).items():
+        have = (meta.get("model") or {}).get(key)
+        if have is not None and value != have:
+            raise UserError(f"checkpoint {path} was made from a model with {key}={value}, --model has {have}")
     model_sd, optim_sd = get_state_dict(model, optimizer)
+    check_compatible(path, model_sd)
     dcp.load({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(path))
     set_state_dict(model, optimizer, model_state_dict=model_sd, optim_state_dict=optim_sd)
     schedule = dict(vars(scheduler.lr_lambdas[0]))
@@ -303,12 +427,15 @@ def export(model, model_class, source_dir: Path, out_dir: Path, dev: Dist) -> Op
         return None
     fresh = model_class.from_pretrained(str(source_dir), dtype=torch.float32)
     fresh.load_state_dict(full, strict=True)
-    fresh.save_pretrained(str(out_dir))
-    try:
-        from transformers import AutoTokenizer
-        AutoTokenizer.from_pretrained(str(source_dir)).save_pretrained(str(out_dir))
-    except (OSError, ValueError):
-        pass  # no tokenizer beside the model
+    with atomic_dir(out_dir, replace=True) as tmp:  # this run's own export: replaced as a whole
+        fresh.save_pretrained(str(tmp))
+        try:
+            from transformers import AutoTokenizer
+            tokenizer = AutoTokenizer.from_pretrained(str(source_dir))
+        except (OSError, ValueError):
+            tokenizer = None  # no tokenizer beside the model
+        if tokenizer is not None:
+            tokenizer.save_pretrained(str(tmp))
     return out_dir
 
 
@@ -322,6 +449,15 @@ def validate(cfg: FinetuneConfig, world: int) -> int:
     for name in ("warmup", "save_every", "keep_checkpoints", "grad_clip", "weight_decay"):
         if getattr(cfg, name) < 0:
             raise UserError(f"--{name.replace('_', '-')} must not be negative, got {getattr(cfg, name)}")
+    for name in ("lr", "min_lr_ratio", "grad_clip", "weight_decay"):
+        if not math.isfinite(getattr(cfg, name)):
+            raise UserError(f"--{name.replace('_', '-')} must be a finite number, got {getattr(cfg, name)}")
+    if cfg.lr <= 0:
+        raise UserError(f"--lr must be positive, got {cfg.lr}")
+    if not 0 <= cfg.min_lr_ratio <= 1:
+        raise UserError(f"--min-lr-ratio must lie in [0, 1], got {cfg.min_lr_ratio}")
+    if cfg.stop_after is not None and cfg.stop_after < 0:
+        raise UserError(f"--stop-after must not be negative, got {cfg.stop_after}")
     if cfg.global_batch % world:
         raise UserError(f"the world size {world} does not divide --global-batch {cfg.global_batch}")
     per_rank = cfg.global_batch // world
@@ -339,6 +475,7 @@ def prepare(cfg: FinetuneConfig):
 
     Everything a user can get wrong is checked here, before any process group starts."""
     micro = validate(cfg, world_size_from_env())
+    check_run_dir(cfg)
     model = load_model(Path(cfg.model))
     try:
         tokens = load_tokens(Path(cfg.data), dtype=cfg.data_dtype, tokenizer_dir=Path(cfg.model))
@@ -347,6 +484,31 @@ def prepare(cfg: FinetuneConfig):
     except DataError as exc:
         raise UserError(str(exc)) from None
     return model, data, micro, select_trainable(model, cfg.train)
+
+
+RUN_FILES = ("run.json", "metrics.jsonl", "checkpoints", "model")
+
+
+def check_run_dir(cfg: FinetuneConfig) -> None:
+    """``--out`` must be writable, and hold no run unless ``--resume`` or ``--overwrite`` says what to do."""
+    out = check_output_location(cfg.out, what="--out", kind="dir")
+    if cfg.resume is not None and cfg.overwrite:
+        raise UserError("--resume and --overwrite contradict each other: continue the run, or start afresh")
+    if cfg.resume is None and not cfg.overwrite:
+        found = [name for name in RUN_FILES if (out / name).exists()]
+        if found:
+            raise UserError(f"--out {out} already holds a run ({', '.join(found)}); continue it with --resume, "
+                            "or start afresh with --overwrite (which removes those)")
+
+
+def remove_previous_run(out: Path) -> None:
+    """``--overwrite``: remove the files a previous run wrote into ``out`` (and nothing else)."""
+    for name in RUN_FILES:
+        path = out / name
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        elif path.exists() or path.is_symlink():
+            path.unlink()
 
 
 class StepLog:
@@ -388,47 +550,69 @@ def train(cfg: FinetuneConfig) -> Dict[str, object]:
     model, data, micro, trainable = prepare(cfg)
     out, model_class = Path(cfg.out), type(model)
     dev = start_processes(cfg.device)
+    lock = DirLock(out, "--out") if dev.rank == 0 else None
     try:
-        precision = cfg.precision if cfg.precision != "auto" else ("bf16" if dev.device.type == "cuda" else "fp32")
-        torch.manual_seed(cfg.seed)
-        model = shard(model, dev, precision)  # fully_shard moves each rank's shards to dev.device
-        model.train()
-        optimizer, scheduler = build_optimizer(model, cfg)
-        meta = _run_meta(cfg, data, dev)
-        ckpt_root = out / "checkpoints"
-        if dev.rank == 0:
-            ckpt_root.mkdir(parents=True, exist_ok=True)
-            (out / "run.json").write_text(json.dumps({**asdict(cfg), "world_size": dev.world,
-                                                      "precision": precision, "trainable": trainable}, indent=1))
-        dist.barrier()
-        start, resume_from = 0, resolve_resume(cfg.resume, out)
-        if resume_from is not None:
-            start = load_checkpoint(resume_from, model, optimizer, scheduler, meta, dev)
-            _say(dev, f"resumed from {resume_from} at step {start}")
-        elif cfg.resume == "latest":
-            _say(dev, f"note: --resume, but {ckpt_root} has no checkpoint yet: starting from step 0")
-        end = cfg.steps if cfg.stop_after is None else min(cfg.steps, cfg.stop_after)
-        log, losses = StepLog(cfg, out, start, dev.rank), []
-        for step in range(start, end):
-            loss, grad_norm = _train_step(model, optimizer, data, step, dev, micro, cfg)
-            lr = scheduler.get_last_lr()[0]  # the rate this step used
-            scheduler.step()
-            losses.append(loss)
-            log.step(step + 1, loss, lr, grad_norm, data.epoch_of(step + 1), last=step + 1 == end)
-            if cfg.save_every > 0 and ((step + 1) % cfg.save_every == 0 or step + 1 == cfg.steps):
-                save_checkpoint(ckpt_root, step + 1, model, optimizer, scheduler, meta, dev, cfg.keep_checkpoints)
-        log.close()
-        exported = None
-        if end == cfg.steps:
-            exported = export(model, model_class, Path(cfg.model), out / "model", dev)
-            _say(dev, f"exported the fine-tuned model to {out / 'model'}")
-        else:
-            _say(dev, f"stopped after step {end} (--stop-after); continue with --resume")
-        dist.barrier()
-        return {"losses": losses, "step": end, "export": exported}
+        flags = [None]
+        if lock is not None:
+            try:
+                lock.acquire()
+            except UserError as exc:
+                flags = [str(exc)]
+        dist.broadcast_object_list(flags, src=0)
+        if flags[0]:
+            raise UserError(flags[0])
+        with writing(f"--out {out}"):
+            return _train(cfg, model, data, micro, trainable, out, model_class, dev)
     finally:
+        if lock is not None:
+            lock.release()
         if dev.owns_group and not _torchrun_worker():
             dist.destroy_process_group()  # a torchrun worker leaves through run()'s os._exit instead
+
+
+def _train(cfg: FinetuneConfig, model, data: PackedSequences, micro: int, trainable: List[str], out: Path,
+           model_class, dev: Dist) -> Dict[str, object]:
+    precision = cfg.precision if cfg.precision != "auto" else ("bf16" if dev.device.type == "cuda" else "fp32")
+    torch.manual_seed(cfg.seed)
+    model = shard(model, dev, precision)  # fully_shard moves each rank's shards to dev.device
+    model.train()
+    optimizer, scheduler = build_optimizer(model, cfg)
+    meta = _run_meta(cfg, data, dev, getattr(model, "config", None))
+    ckpt_root = out / "checkpoints"
+    if dev.rank == 0:
+        if cfg.overwrite:
+            remove_previous_run(out)
+        ckpt_root.mkdir(parents=True, exist_ok=True)
+        for path in clean_stale_in(ckpt_root) + clean_stale_in(out):
+            _say(dev, f"note: removed {path.name}, left by a process that was stopped while writing")
+        atomic_write(out / "run.json", json.dumps({**asdict(cfg), "world_size": dev.world,
+                                                  "precision": precision, "trainable": trainable}, indent=1))
+    dist.barrier()
+    start, resume_from = 0, resolve_resume(cfg.resume, out)
+    if resume_from is not None:
+        start = load_checkpoint(resume_from, model, optimizer, scheduler, meta, dev)
+        _say(dev, f"resumed from {resume_from} at step {start}")
+    elif cfg.resume == "latest":
+        _say(dev, f"note: --resume, but {ckpt_root} has no checkpoint yet: starting from step 0")
+    end = cfg.steps if cfg.stop_after is None else min(cfg.steps, cfg.stop_after)
+    log, losses = StepLog(cfg, out, start, dev.rank), []
+    for step in range(start, end):
+        loss, grad_norm = _train_step(model, optimizer, data, step, dev, micro, cfg)
+        lr = scheduler.get_last_lr()[0]  # the rate this step used
+        scheduler.step()
+        losses.append(loss)
+        log.step(step + 1, loss, lr, grad_norm, data.epoch_of(step + 1), last=step + 1 == end)
+        if cfg.save_every > 0 and ((step + 1) % cfg.save_every == 0 or step + 1 == cfg.steps):
+            save_checkpoint(ckpt_root, step + 1, model, optimizer, scheduler, meta, dev, cfg.keep_checkpoints)
+    log.close()
+    exported = None
+    if end == cfg.steps:
+        exported = export(model, model_class, Path(cfg.model), out / "model", dev)
+        _say(dev, f"exported the fine-tuned model to {out / 'model'}")
+    else:
+        _say(dev, f"stopped after step {end} (--stop-after); continue with --resume")
+    dist.barrier()
+    return {"losses": losses, "step": end, "export": exported}
 
 
 def _say(dev: Dist, message: str) -> None:
@@ -467,7 +651,7 @@ def _truncate_metrics(path: Path, step: int) -> None:
                 kept.append(line)
         except (json.JSONDecodeError, KeyError, TypeError):
             pass  # a line cut short when the run was killed
-    path.write_text("".join(line + "\n" for line in kept))
+    atomic_write(path, "".join(line + "\n" for line in kept))
 
 
 # ------------------------------------------------------------------------------------------------- CLI
@@ -506,6 +690,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add("--data-dtype", choices=DTYPES, default=d.data_dtype, help="element type of a .bin file" + dflt)
     add("--stop-after", type=int, default=None, metavar="K",
         help="exit after step K as if preempted (no export); continue later with --resume")
+    add("--overwrite", action="store_true",
+        help="start afresh in an --out that holds a run: remove its run.json, metrics.jsonl, checkpoints/, model/")
 
 
 def config_from_args(args: argparse.Namespace) -> FinetuneConfig:

@@ -6,6 +6,9 @@ own function here.
 """
 from __future__ import annotations
 
+import math
+import numbers
+import os
 from typing import Dict, NamedTuple, Optional, Union
 
 import torch
@@ -50,10 +53,44 @@ def _check(cond: bool, message: str) -> None:
         raise ValueError(message)
 
 
+CHECK_VALUES_ENV = "METAPLASTIC_CHECK_VALUES"
+
+
+def values_checked(x: Tensor) -> bool:
+    """Whether the values of gate ``x`` are checked: always on the CPU (no synchronisation to pay); on an
+    accelerator only with ``METAPLASTIC_CHECK_VALUES=1`` (each check would wait for the device)."""
+    return x.device.type == "cpu" or os.environ.get(CHECK_VALUES_ENV, "") == "1"
+
+
+def _gate(name: str, x, shapes: str) -> None:
+    _check(isinstance(x, Tensor), f"{name} must be a tensor {shapes}, got {type(x).__name__}"
+           + (f" {x!r}" if isinstance(x, (int, float)) else ""))
+    _check(x.is_floating_point(), f"{name} must be a floating-point tensor, got {x.dtype}")
+
+
+def _check_values(name: str, x: Tensor, rule: str) -> None:
+    """``rule``: 'nonpositive' (``g ≤ 0``; +inf refused, NaN – e.g. from a diverged training step – passes and
+    shows in the output) or 'positive' (finite and ``> 0``)."""
+    if not values_checked(x):
+        return
+    with torch.no_grad():
+        if rule == "positive":
+            _check(bool(torch.isfinite(x).all()), f"{name} has non-finite values (NaN or inf)")
+        bad = x > 0 if rule == "nonpositive" else x <= 0
+        if bool(bad.any()):
+            worst = x[bad].flatten()[0].item()
+            want = "≤ 0 (a decay α = exp(g) ≤ 1; a positive value is growth)" if rule == "nonpositive" else "> 0"
+            raise ValueError(f"{name} must be {want}, got {worst:g}")
+
+
 def validate_inputs(objective: Objective, q: Tensor, k: Tensor, v: Tensor, log_decay: Optional[Tensor],
                     beta: Optional[Tensor], b: Optional[Tensor], prior_precision, lam: Optional[Tensor],
                     initial_state: Optional[Dict[str, Tensor]], cu_seqlens: Optional[Tensor] = None) -> None:
-    """Raise ``ValueError`` naming the argument for every shape or setting the scan cannot handle."""
+    """Raise ``ValueError`` naming the argument for every shape or setting the scan cannot handle.
+
+    Shapes, dtypes and Python numbers are always checked. The values of the gates (``log_decay ≤ 0``;
+    ``prior_precision`` and ``lam`` finite and ``> 0``) are checked for CPU tensors; for tensors on an
+    accelerator only when the environment sets ``METAPLASTIC_CHECK_VALUES=1`` (a check waits for the device)."""
     if not isinstance(objective, Objective):
         raise TypeError(f"objective must be a metaplastic.Objective, got {type(objective).__name__}")
     for name, x in (("q", q), ("k", k), ("v", v)):
@@ -71,9 +108,12 @@ def validate_inputs(objective: Objective, q: Tensor, k: Tensor, v: Tensor, log_d
     else:
         _check(log_decay is not None, f"log_decay is required for forgetting={f!r}")
         want = (B, T, H) if f == "scalar" else (B, T, H, K)
+        _gate("log_decay", log_decay, str(list(want)))
         _check(tuple(log_decay.shape) == want,
                f"log_decay must be {list(want)} for forgetting={f!r}, got {list(log_decay.shape)}")
+        _check_values("log_decay", log_decay, "nonpositive")
     if beta is not None:
+        _gate("beta", beta, "[B,T,H] or [B,T,H,V]")
         _check(tuple(beta.shape) in ((B, T, H), (B, T, H, V)),
                f"beta must be [B,T,H] or [B,T,H,V] = {[B, T, H]} or {[B, T, H, V]}, got {list(beta.shape)}")
         _check(not (objective.posterior == "full" and beta.dim() == 4),
@@ -81,6 +121,7 @@ def validate_inputs(objective: Objective, q: Tensor, k: Tensor, v: Tensor, log_d
     if b is not None:
         _check(objective.posterior == "diagonal",
                f"b (importance rate) is only used by posterior='diagonal', not {objective.posterior!r}")
+        _gate("b", b, "[B,T,H] or [B,T,H,G]")
         _check(b.dim() in (3, 4) and tuple(b.shape[:3]) == (B, T, H),
                f"b must be [B,T,H] (head-shared) or [B,T,H,G] (G importance groups; G = V: per value row) "
                f"with [B,T,H] = {[B, T, H]}, got {list(b.shape)}")
@@ -91,17 +132,28 @@ def validate_inputs(objective: Objective, q: Tensor, k: Tensor, v: Tensor, log_d
     if isinstance(prior_precision, Tensor):
         _check(tuple(prior_precision.shape) in ((), (H,)), f"prior_precision must be a float or [H] = [{H}], "
                f"got {list(prior_precision.shape)}")
-        _check(bool((prior_precision > 0).all()), "prior_precision must be positive")
+        _check(prior_precision.is_floating_point(), f"prior_precision must be floating-point, got "
+               f"{prior_precision.dtype}")
+        _check_values("prior_precision", prior_precision, "positive")
     else:
-        _check(float(prior_precision) > 0, f"prior_precision must be positive, got {prior_precision}")
+        _check(isinstance(prior_precision, numbers.Real) and not isinstance(prior_precision, bool),
+               f"prior_precision must be a float or a tensor [H], got {type(prior_precision).__name__}")
+        _check(math.isfinite(prior_precision) and prior_precision > 0,
+               f"prior_precision must be finite and positive, got {prior_precision}")
     if objective.posterior == "full":
         _check(lam is not None, "lam [H, K] (the prior key precision λ) is required for posterior='full'")
+        _gate("lam", lam, f"[H, K] = [{H}, {K}]")
         _check(tuple(lam.shape) == (H, K), f"lam must be [H, K] = [{H}, {K}], got {list(lam.shape)}")
+        _check_values("lam", lam, "positive")
     else:
         _check(lam is None, f"lam is only used by posterior='full', not {objective.posterior!r}")
     N = B
     if cu_seqlens is not None:
         _check(B == 1, f"with cu_seqlens the batch size must be 1 (sequences packed along T), got B={B}")
+        _check(isinstance(cu_seqlens, Tensor), f"cu_seqlens must be an integer tensor [N+1], got "
+               f"{type(cu_seqlens).__name__}")
+        _check(not cu_seqlens.is_floating_point() and not cu_seqlens.is_complex() and cu_seqlens.dtype != torch.bool,
+               f"cu_seqlens must hold integers (int32/int64 boundaries), got {cu_seqlens.dtype}")
         _check(cu_seqlens.dim() == 1 and cu_seqlens.numel() >= 2, "cu_seqlens must be a 1-d tensor [N+1]")
         cs = cu_seqlens.tolist()
         _check(cs[0] == 0 and cs[-1] == T and all(a <= b_ for a, b_ in zip(cs, cs[1:])),

@@ -91,7 +91,8 @@ def test_cli_writes_every_format(fmt, tmp_path, monkeypatch):
 
 
 def test_cli_exit_codes(tmp_path, monkeypatch, capsys):
-    assert main(["table1", "--out", str(tmp_path / "missing" / "t.md")]) == 2
-    assert "does not exist" in capsys.readouterr().err
+    (tmp_path / "file").write_text("x")
+    assert main(["table1", "--out", str(tmp_path / "file" / "t.md")]) == 2  # a parent that is a file
+    assert "is not a directory" in capsys.readouterr().err
     monkeypatch.setattr(theorems_module, "run_all", _fake_run_all("derive_mesanet"))
     assert main(["table1", "--format", "json", "--out", str(tmp_path / "t.json")]) == 1

@@ -108,4 +108,4 @@ def test_cli_rejects_bad_input(tmp_path, capsys):
     assert main(["mqar", "--models", "nope", "--out", str(tmp_path)]) == 2
     assert "unknown model 'nope'" in capsys.readouterr().err
     assert main(["mqar", "--lrs", "-1", "--out", str(tmp_path)]) == 2
-    assert "learning rates must be positive" in capsys.readouterr().err
+    assert "--lrs must be positive" in capsys.readouterr().err

@@ -37,6 +37,7 @@ All models and grid settings see the same random keys and values (common random 
 from __future__ import annotations
 
 import argparse
+import math
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -207,6 +208,8 @@ def run_capacity(models: Sequence[str] = DEFAULT_MODELS, distributions: Sequence
             raise ValueError(f"unknown key distribution {dist!r}; known: {', '.join(DISTRIBUTIONS)}")
     if dim < 1 or trials < 1:
         raise ValueError(f"dim and trials must be positive, got dim={dim}, trials={trials}")
+    if not math.isfinite(power):
+        raise ValueError(f"power must be a finite number, got {power}")
     n_grid = sorted(set(int(n) for n in n_grid))
     if not n_grid or n_grid[0] < 1:
         raise ValueError(f"the N grid must hold positive integers, got {n_grid}")
@@ -321,6 +324,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from metaplastic.errors import UserError
+    from ..safe_io import check_output_location
+    check_output_location(args.out, what="--out", kind="dir")
+    if not math.isfinite(args.power):
+        raise UserError(f"--power must be a finite number, got {args.power}")
     for name in args.models:
         if name not in registry:
             raise UserError(f"unknown model {name!r}; known: {', '.join(registry)}")

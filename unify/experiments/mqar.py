@@ -313,8 +313,8 @@ def config_from_args(args: argparse.Namespace) -> MQARConfig:
     if args.seeds:
         overrides["seeds"] = tuple(args.seeds)
     if args.lrs:
-        if any(lr <= 0 for lr in args.lrs):
-            raise ValueError(f"learning rates must be positive, got {args.lrs}")
+        if not all(lr > 0 and math.isfinite(lr) for lr in args.lrs):
+            raise ValueError(f"--lrs must be positive and finite, got {args.lrs}")
         overrides["lrs"] = tuple(args.lrs)
     if args.epochs is not None:
         if args.epochs < 1:
@@ -325,6 +325,8 @@ def config_from_args(args: argparse.Namespace) -> MQARConfig:
 
 def run(args: argparse.Namespace) -> int:
     from metaplastic.errors import UserError
+    from ..safe_io import check_output_location
+    check_output_location(args.out, what="--out", kind="dir")
     try:
         cfg = config_from_args(args)
         from metaplastic.models import build_mixer  # noqa: F401

@@ -45,18 +45,22 @@ def curve_panels(path: Union[str, Path], panels: Mapping[str, Mapping[str, Curve
     axes[0][-1].legend(fontsize=8, loc="best")
     fig.suptitle(title)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    from ..safe_io import atomic_file
+    try:
+        with atomic_file(path) as tmp:
+            fig.savefig(tmp, dpi=110, format=path.suffix.lstrip(".") or "png")
+    finally:
+        plt.close(fig)
     return path
 
 
 def save_run(result: dict, out: Union[str, Path], stem: str, plot, table) -> None:
     """Write ``OUT/<stem>.json`` and ``OUT/<stem>.png`` (via ``plot(result, path)``) and print ``table(result)``."""
     import json
+
+    from ..safe_io import atomic_write
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / f"{stem}.json").write_text(json.dumps(result, indent=1))
+    atomic_write(out / f"{stem}.json", json.dumps(result, indent=1))
     plot(result, out / f"{stem}.png")
     print(table(result))
     print(f"wrote {out / f'{stem}.json'} and {out / f'{stem}.png'} ({result['config']['seconds']} s)")
