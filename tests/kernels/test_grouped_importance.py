@@ -143,6 +143,10 @@ def test_non_finite_input_does_not_touch_earlier_outputs(name, bad):
     clean = metaplastic.scan(PALIMPSA, **x).output
     x[name] = x[name].clone()
     x[name][0, t, 0] = bad  # (a log-decay of -inf is valid: α = 0; +inf and NaN are not)
+    if name == "log_decay" and bad == float("inf"):  # growth: refused up front, by name
+        with pytest.raises(ValueError, match="log_decay"):
+            chunk_scan(PALIMPSA, **x, chunk_size=8)
+        return
     got = chunk_scan(PALIMPSA, **x, chunk_size=8).output  # t and the earlier tokens share a chunk
     assert_close(got[:, :t], clean[:, :t], rtol=TOL, msg="outputs before the non-finite token")
     assert_close(got[:, :, 1], clean[:, :, 1], rtol=TOL, msg="the other head")
