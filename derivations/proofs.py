@@ -13,6 +13,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 import numpy as np
 import sympy
 
+from metaplastic.closed_forms import Gates
 from metaplastic.objective import Objective, metaplastic
 from metaplastic.registry import registry
 
@@ -311,15 +312,96 @@ def headshared_importance_is_gla(claims: Claims, closed_form: Any = None) -> Non
     claims.expr("I_t[1,1]", st_p["I"][0, 0])
 
 
+# --- limit 8 ------------------------------------------------------------------------------------------
+
+GROUPED_SIZES = dict(K=2, V=4, G=2, T=2)
+
+
+@theorem("grouped_importance_is_gla",
+         "With the importance rate shared within G contiguous groups of value rows (b_t ∈ R^G, row i uses "
+         "b_t[i // (V/G)]) and an initial precision constant within each group, the precision stays constant "
+         "within each group, I_t[i, :] = J^{(g)}_t with J^{(g)}_t = α J^{(g)}_{t-1} + (1−α) Ip + b_t[g] k_t², "
+         "I_t ∘ μ_t = M_t = α M_{t-1} + β v_t ⊗ k_t, and the output of row i of group g is simple GLA's read of M_t "
+         "with the query q_t ⊘ J^{(g)}_t: o_t[i] = scale Σ_j M_t[i, j] q_t[j] / J^{(g)}_t[j] (variance scale² Σ_j "
+         "q_j² / J^{(g)}_j). Checked over T = 2 tokens at K = 2, V = 4, G = 2, every gate and input a symbol.")
+def grouped_importance_is_gla(claims: Claims, closed_form: Any = None) -> None:
+    pal, sgla = registry["palimpsa"].objective, registry["simple_gla"].objective
+    K, V, G, T = (GROUPED_SIZES[n] for n in ("K", "V", "G", "T"))
+    R = V // G
+    Ip, scale = sympy.Symbol("I_{p}", positive=True), sympy.Symbol("scale", positive=True)
+    J = [matrix("J", G, K, positive=True)[g] for g in range(G)]  # initial precision of each group
+    M = matrix("M", V, K)  # initial numerator I ∘ μ
+    I = np.array([list(J[i // R]) for i in range(V)], dtype=object)
+    state = {"mu": M / I, "I": I}
+    ok_const = ok_M = ok_out = ok_var = ok_gla = True
+    for t in range(1, T + 1):
+        q, k, v = vector(f"q^{t}", K), vector(f"k^{t}", K), vector(f"v^{t}", V)
+        alpha, beta = sympy.Symbol(f"alpha_{t}", positive=True), sympy.Symbol(f"beta_{t}", positive=True)
+        b = vector(f"b^{t}", G, positive=True)
+        gates = Gates(alpha=_filled(alpha, (1, 1)), beta=_filled(beta, (1, 1)),
+                      b=np.array([[b[i // R]] for i in range(V)], dtype=object), Ip=_filled(Ip, (1, 1)))
+        M_prev = M
+        state, out, var = closed_form_step(pal, state, q, k, v, gates, scale, closed_form)
+        # limit 8 written out: one K-vector J per group, the shared numerator M, the per-group read
+        J = [alpha * J[g] + (1 - alpha) * Ip + b[g] * k * k for g in range(G)]
+        M = alpha * M + beta * np.array([[v[i] * k[j] for j in range(K)] for i in range(V)], dtype=object)
+        ok_const &= all(is_zero(state["I"][i, j] - J[i // R][j]) for i in range(V) for j in range(K))
+        ok_M &= all_zero(state["I"] * state["mu"] - M)
+        ok_out &= all(is_zero(out[i] - scale * sum(M[i, j] * q[j] / J[i // R][j] for j in range(K)))
+                      for i in range(V))
+        ok_var &= all(is_zero(var[i] - scale ** 2 * sum(q[j] ** 2 / J[i // R][j] for j in range(K)))
+                      for i in range(V))
+        # each group's rows are one simple-GLA step (rate β, no importance) read with q ⊘ J^{(g)}
+        g_gla = Gates(alpha=_filled(alpha, (1, 1)), beta=_filled(beta, (1, 1)), b=_zeros((1, 1)),
+                      Ip=_filled(1, (1, 1)))
+        for g in range(G):
+            rows = slice(g * R, (g + 1) * R)
+            st_g, out_g, _ = closed_form_step(sgla, {"S": M_prev[rows]}, q / J[g], k, v[rows], g_gla, scale,
+                                              closed_form)
+            ok_gla &= all_zero(st_g["S"] - M[rows]) and all_zero(out_g - out[rows])
+        if t == 1:
+            claims.expr("I_1[1,1] = J^(1)_1[1]", state["I"][0, 0])
+            claims.expr("o_1[1]", out[0])
+        if not (ok_const and ok_M and ok_out and ok_var and ok_gla):
+            break  # a later token would only repeat the failure, on much larger expressions
+    claims.check("precision constant within each group: I_t[i, :] == J^(g)_t", ok_const)
+    claims.check("I_t ∘ μ_t == M_t (shared numerator)", ok_M)
+    claims.check("o_t[i] == scale Σ_j M_t[i, j] q_t[j] / J^(g)_t[j]", ok_out)
+    claims.check("variance == scale² Σ_j q_j² / J^(g)_j", ok_var)
+    claims.check("each group == simple GLA step read with q ⊘ J^(g)", ok_gla)
+    # numerically over six tokens: metaplastic.scan with b [B,T,H,G] against the limit-8 recurrence
+    import torch
+    from metaplastic.scan import scan
+
+    from .numeric import relative_error
+    inputs = random_scan_inputs(pal, seed=3, V=V)
+    _, Tn, Hn, Kn = inputs["q"].shape
+    bg = torch.rand(1, Tn, Hn, G, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
+    got = scan(pal, **inputs, b=bg, prior_precision=1.3, scale=0.7).output
+    Jn = torch.full((1, Hn, G, Kn), 1.3, dtype=torch.float64)
+    Mn = torch.zeros(1, Hn, V, Kn, dtype=torch.float64)
+    want = []
+    for t in range(Tn):
+        a = inputs["log_decay"][:, t].exp()[..., None, None]
+        kt = inputs["k"][:, t, :, None, :]
+        Jn = a * Jn + (1 - a) * 1.3 + bg[:, t, :, :, None] * kt ** 2
+        Mn = a * Mn + (inputs["beta"][:, t, :, None] * inputs["v"][:, t])[..., None] * kt
+        want.append(0.7 * (Mn * inputs["q"][:, t, :, None, :] / Jn.repeat_interleave(R, 2)).sum(-1))
+    err = relative_error(got.numpy(), torch.stack(want, 1).numpy())
+    claims.expr("numeric relative error, 6 tokens", sympy.Float(err, 3))
+    claims.check("numeric: scan(b [B,T,H,G]) == limit-8 recurrence", err < NUMERIC_TOL, f"{err:.2e}")
+
+
 # --- the list and the runner ---------------------------------------------------------------------------
 
 LIMITS = (palimpsa_to_mamba2, metaplastic_identity, palimpsa_is_meanfield_regression, longhorn_is_diagonal_proximal,
-          gdn_is_first_order_proximal, mesanet_full_to_diagonal, headshared_importance_is_gla)
+          gdn_is_first_order_proximal, mesanet_full_to_diagonal, headshared_importance_is_gla,
+          grouped_importance_is_gla)
 _DERIVES: Dict[str, TheoremFn] = {}
 
 
 def theorems() -> List[TheoremFn]:
-    """Every theorem: the seven limits of THEORY.md §3, then ``derive_<model>`` for each registry entry."""
+    """Every theorem: the eight limits of THEORY.md §3, then ``derive_<model>`` for each registry entry."""
     for model in registry:
         if model not in _DERIVES:
             _DERIVES[model] = _derive_theorem(model)

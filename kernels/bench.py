@@ -10,7 +10,9 @@ reference (autograd through :func:`metaplastic.scan`) and, on CUDA, times relati
 (counted with ``torch.autograd.graph.saved_tensors_hooks``, each storage once).
 
 Models with a diagonal posterior are timed with ``b`` head-shared (``[B,T,H]``, column b = H), grouped
-(``[B,T,H,G]`` for each ``--groups G``, column b = G<G>) and per value channel (``[B,T,H,V]``, column b = V).
+(``[B,T,H,G]`` for each ``--groups G``, default 4 and 16, column b = G<G>) and per value channel
+(``[B,T,H,V]``, column b = V); every record carries its group count (``groups``: 1, G or V), the date, the
+machine, torch's version and the thread count.
 The backends of one model are timed round-robin, rep by rep, so that a change in machine load affects them
 alike. ``--dtype`` sets q, k, v's dtype (gates stay fp32). On a Hopper GPU with Triton ≥ 3.4 and < 3.7.1,
 fla's gated chunk backward refuses to run; the benchmark then lifts that refusal for timing only and says so
@@ -20,7 +22,9 @@ in each fla record's ``note`` (its gradients may be wrong there; the times are o
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
+import platform
 import statistics
 import time
 from typing import Callable, Dict, List, Optional, Tuple
@@ -57,8 +61,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="CUDA: allow TF32 matmuls (torch and the chunked Triton kernel), as fla's kernels use")
     parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32",
                         help="dtype of q, k, v (the gates stay float32; the kernels compute in float32)")
-    parser.add_argument("--groups", type=int, nargs="*", default=[], metavar="G",
-                        help="also time diagonal-posterior models with grouped importance b [B,T,H,G]")
+    parser.add_argument("--groups", type=int, nargs="*", default=None, metavar="G",
+                        help="also time diagonal-posterior models with grouped importance b [B,T,H,G] "
+                             "(default: 4 and 16 where they divide V; G = 1 and G = V are always timed)")
     parser.add_argument("--backends", nargs="+", metavar="NAME",
                         help="time only these backends (default: every one that covers the settings)")
     parser.add_argument("--targets", metavar="FILE",
@@ -182,7 +187,7 @@ def _time_group(records: List[Dict], timers: List[_Timer], reps: List[int], warm
 # ------------------------------------------------------------------------------------------- backends
 def _backends(name: str, device: str, b_kind: str, reference: bool, V: int) -> List[str]:
     obj = metaplastic.registry[name].objective
-    out = ["reference"] if reference and not b_kind.startswith("G") else []
+    out = ["reference"] if reference and (device == "cpu" or not b_kind.startswith("G")) else []
     if unsupported_reason(obj) is None:
         out.append("chunk")
     if device == "cuda":
@@ -295,6 +300,8 @@ def run(args: argparse.Namespace) -> int:
         torch.backends.cuda.matmul.allow_tf32 = True
     dtype = getattr(torch, args.dtype)
     dtype_label = args.dtype
+    if args.groups is None:
+        args.groups = [g for g in (4, 16) if shape[4] % g == 0]
     if any(g < 1 or shape[4] % g for g in args.groups):
         raise UserError(f"--groups must divide V = {shape[4]}, got {args.groups}")
     reference = args.reference == "yes" or (args.reference == "auto" and (device == "cpu" or args.quick))
@@ -311,7 +318,7 @@ def run(args: argparse.Namespace) -> int:
     jobs = []
     for name in models:
         diagonal = metaplastic.registry[name].objective.posterior == "diagonal"
-        kinds = ["H"] + [f"G{n}" for n in args.groups if n > 1] + ["V"] if diagonal else ["-"]
+        kinds = ["H"] + [f"G{n}" for n in args.groups if 1 < n < V] + ["V"] if diagonal else ["-"]
         for b_kind in kinds:
             for backend in _backends(name, device, b_kind, reference, V):
                 if args.backends is None or backend in args.backends:
@@ -341,7 +348,8 @@ def run(args: argparse.Namespace) -> int:
             x = make_inputs(name, shape, b_kind, device, dtype=dtype)
             bar.set_postfix_str(name + (f" b={b_kind}" if "b" in x else ""))
             b_col = b_kind if "b" in x else "-"
-            recs = [_new_record(name, be, b_col, device, card, shape_str, B * T * H, dtype_label) for be in backends]
+            recs = [_new_record(name, be, b_col, device, card, shape_str, B * T * H, dtype_label,
+                                groups_of(b_col, V)) for be in backends]
             timers = [_Timer(_our_run(name, be, args.chunk_size), x, device) for be in backends]
             slow = [be == "reference" for be in backends]
             _time_group(recs, timers, [ref_reps if s_ else reps for s_ in slow],
@@ -371,9 +379,28 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def groups_of(b_kind: str, V: int) -> Optional[int]:
+    """The importance-group count of a ``b`` column: ``H`` 1, ``G<n>`` n, ``V`` V, ``-`` None."""
+    return {"H": 1, "V": V, "-": None}.get(b_kind, int(b_kind[1:]) if b_kind.startswith("G") else None)
+
+
+def _machine() -> str:
+    """The CPU model (Linux) and architecture, for the records."""
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.startswith("model name"):
+                    return f"{line.split(':', 1)[1].strip()} ({platform.machine()})"
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def _new_record(model: str, backend: str, b: str, device: str, card: str, shape: str, tokens_heads: int,
-                dtype_label: str = "float32") -> Dict:
-    return {"model": model, "backend": backend, "b": b, "device": device, "card": card, "shape": shape,
+                dtype_label: str = "float32", groups: Optional[int] = None) -> Dict:
+    return {"model": model, "backend": backend, "b": b, "groups": groups, "device": device, "card": card,
+            "shape": shape, "machine": _machine(), "torch": torch.__version__,
+            "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
             "dtype": dtype_label + ("+tf32" if device == "cuda" and torch.backends.cuda.matmul.allow_tf32 else ""),
             "threads": torch.get_num_threads(), "fwd_ms": None, "fwdbwd_ms": None,
             "saved_bytes_per_token_head": None, "error": None, "_tokens_heads": tokens_heads}

@@ -21,10 +21,13 @@ The models (THEORY.md §2), selected by the objective's settings:
 - ``dot_diag`` / diagonal (Palimpsa, meta_mamba2, meta_gla): ``M_t = α M_{t-1} + β v ⊗ k`` and
   ``I_t − Ip = α (I_{t-1} − Ip) + b ⊗ k²``; ``o = scale · (M/I) q``.
 
-  * head-shared ``b`` (``[B,T,H]``) and an initial precision constant over value rows (and not requiring
-    a gradient, which would be per row): ``I_t`` depends on the key channel only (THEORY.md limit 7), so
-    ``o = scale · M_t (q ⊘ I_t)``: a :class:`DecayedScan` of width 1 for ``I`` and one :class:`ChunkDot`
-    read with the rescaled query. Cost as simple GLA.
+  * ``b`` head-shared (``[B,T,H]``) or shared within G < V groups of value rows (``[B,T,H,G]``), and an
+    initial precision constant within each group (and not requiring a gradient, which would be per row):
+    the precision of group g is a K-vector (THEORY.md limits 7 and 8), so the rows of group g read
+    ``scale · M_t (q ⊘ I^{(g)}_t)``: :class:`~metaplastic.kernels.chunk_grouped.GroupedDiagonal`, G simple-GLA
+    reads sharing keys, values, decays and ``M``. Cost as simple GLA plus the per-group ``[C, C]`` products.
+    (With another read primitive, the chunked Triton path, G = 1 is a :class:`DecayedScan` of width 1 for
+    ``I`` and one read with the rescaled query.)
   * ``b`` per value channel (``[B,T,H,V]``), or any other initial precision: ``Σ_j M_ij q_j / I_ij`` does
     not factor. :func:`metaplastic.kernels.chunk_per_value.per_value_scan`: by default :class:`DiagonalScan`,
     which materialises ``M_t, I_t`` one block of ``DIAGONAL_CHUNK`` tokens at a time, on a capped number of
@@ -40,9 +43,9 @@ from typing import Callable, Dict, Optional, Tuple, Union
 import torch
 
 from metaplastic.objective import Objective
-from metaplastic.scan import ScanResult
+from metaplastic.scan import ScanResult, expand_groups
 
-from .entry import ScanCall, by_sequence, prepare, rows_constant
+from .entry import ScanCall, by_sequence, prepare, rows_constant, rows_constant_in_groups
 
 from . import nonfinite
 from .chunk_per_value import LOG_DECAY_FLOOR, per_value_scan
@@ -357,6 +360,17 @@ class DiagonalScan(torch.autograd.Function):
 
 
 # ------------------------------------------------------------------------------------------ the models
+def grouped_applies(groups: int, V: int, I0: Tensor, check_values: Optional[bool] = None) -> bool:
+    """Whether the grouped path (:mod:`.chunk_grouped`) runs ``groups`` importance groups: fewer groups than
+    value rows (``G = V`` is the per-value path), and an initial precision ``I0 [B,H,V,K]`` constant within
+    each group that needs no gradient (the grouped path has no per-row gradient of ``I0``)."""
+    if not (groups == 1 or groups < V):
+        return False
+    if torch.is_grad_enabled() and I0.requires_grad:
+        return False
+    return rows_constant_in_groups(I0, groups, check_values)
+
+
 def _heads_first(x: Optional[Tensor], dtype: torch.dtype) -> Optional[Tensor]:
     """``[B, T, H, ...] -> [B, H, T, ...]`` in ``dtype``; a ``[B, T, H]`` gate gets a trailing 1."""
     if x is None:
@@ -374,6 +388,7 @@ def _chunk_dense(objective: Objective, q, k, v, log_decay, beta, b, Ip: Tensor, 
     ``dot`` is the gated linear-attention primitive (:class:`ChunkDot`, or the Triton one)."""
     B, T, H, K = q.shape
     V = v.shape[-1]
+    torch_read = dot is None
     dot = ChunkDot.apply if dot is None else dot
     qh, kh, vh = (_heads_first(x, dtype) for x in (q, k, v))  # [B,H,T,D]
     g = _heads_first(log_decay, dtype)
@@ -395,12 +410,21 @@ def _chunk_dense(objective: Objective, q, k, v, log_decay, beta, b, Ip: Tensor, 
         I0, M0 = Ip4.expand(B, H, V, K), qh.new_zeros(B, H, V, K)
     else:
         I0, M0 = init["I"], init["I"] * init["mu"]
+    groups = 1 if (b is None or b.dim() == 3) else b.shape[-1]
+    if torch_read and grouped_applies(groups, V, I0, check_values):
+        # THEORY.md limits 7-8: G simple-GLA reads sharing keys, values, decays and M (chunk_grouped.py)
+        b_h = qh.new_zeros(B, H, T, 1) if b is None else _heads_first(b, dtype)
+        J0 = I0[:, :, ::V // groups] - Ip4
+        o, var, M_T, J_T = grouped_diagonal(qh, kh, vh, beta_h, b_h, g, M0, J0, Ip, scale, C, output_variance)
+        I_T = (J_T + Ip4).repeat_interleave(V // groups, dim=2)
+        return ScanResult(o.transpose(1, 2), {"mu": M_T / I_T, "I": I_T},
+                          None if var is None else var.transpose(1, 2))
     bv = vh if beta_h is None else beta_h * vh
     k2 = kh * kh
     # The fast path needs I_0 constant over value rows; it cannot give a per-row gradient of I_0.
     head_shared = ((b is None or b.dim() == 3) and not (torch.is_grad_enabled() and I0.requires_grad)
                    and rows_constant(I0, check_values))
-    if head_shared:  # THEORY.md limit 7: I_t over key channels only, o = scale · M_t (q ⊘ I_t)
+    if head_shared:  # THEORY.md limit 7 with another read primitive: o = scale · M_t (q ⊘ I_t)
         b_h = _heads_first(b, dtype)
         xJ = (torch.zeros_like(k2) if b_h is None else b_h * k2)[:, :, :, None, :]  # [B,H,T,1,K]
         J = DecayedScan.apply(xJ, g, (I0 - Ip4)[:, :, :1], C)[:, :, :, 0]
@@ -412,9 +436,9 @@ def _chunk_dense(objective: Objective, q, k, v, log_decay, beta, b, Ip: Tensor, 
         I_T = I[:, :, -1, None, :].expand(B, H, V, K)
         return ScanResult(o.transpose(1, 2), {"mu": M_T / I_T, "I": I_T}, var)
 
-    # b per value row (or an initial precision that varies over value rows): materialise M_t and I_t,
+    # b per value row (or an initial precision that varies within a group): materialise M_t and I_t,
     # one chunk of at most DIAGONAL_CHUNK tokens at a time.
-    b_h = qh.new_zeros(B, H, T, 1) if b is None else _heads_first(b, dtype)
+    b_h = qh.new_zeros(B, H, T, 1) if b is None else _heads_first(expand_groups(b, V), dtype)
     Ip5 = Ip.view(1, H, 1, 1, 1)
     o, var, M_T, J_T = per_value_scan(qh, kh, bv, b_h, g, M0, I0 - Ip4, Ip5, scale, C, output_variance)
     I_T = J_T + Ip4
@@ -450,8 +474,6 @@ def chunk_run(call: ScanCall, chunk_size: int = 64, dot: Optional[Callable] = No
     if not (isinstance(chunk_size, int) and chunk_size >= 1):
         raise ValueError(f"chunk_size must be a positive integer, got {chunk_size!r}")
     C = min(chunk_size, call.shape[1]) if call.bounds is None else chunk_size
-    if dot is None:
-        call = call.with_b_per_value()
 
     def dense(c: ScanCall) -> ScanResult:
         # non-finite entries: zeroed before the chunked products, their reach marked NaN after (causal)
@@ -461,3 +483,6 @@ def chunk_run(call: ScanCall, chunk_size: int = 64, dot: Optional[Callable] = No
                            c.output_variance, c.dtype, C, dot, c.check_values)
         return nonfinite.poison(c.objective, res, marks)
     return by_sequence(call, dense)
+
+
+from .chunk_grouped import grouped_diagonal  # noqa: E402  (it imports this module's helpers)

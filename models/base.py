@@ -32,12 +32,14 @@ def resolve_rank(rank: RankSpec, hidden_size: int) -> int:
     return rank
 
 
-def memory_floats(objective: Objective, H: int, K: int, V: int) -> int:
-    """Floats in the recurrent memory of one sequence: ``S``; ``mu`` and ``I``; or ``G`` and ``H``."""
+def memory_floats(objective: Objective, H: int, K: int, V: int, groups: Optional[int] = None) -> int:
+    """Floats in the recurrent memory of one sequence: ``S``; ``mu`` and ``I``; or ``G`` and ``H``. With
+    ``groups`` importance groups (diagonal posterior, G < V) the precision is one K-vector per group
+    (THEORY.md limit 8): ``V·K + G·K`` per head."""
     if objective.posterior == "point":
         return H * V * K
     if objective.posterior == "diagonal":
-        return 2 * H * V * K
+        return H * (V * K + (V if groups is None else min(groups, V)) * K)
     return H * (V * K + K * K)
 
 
@@ -62,16 +64,18 @@ class Mixer(nn.Module):
 
     def state_size(self) -> int:
         """Floats in the recurrent memory per sequence (for matched-state comparisons)."""
-        return memory_floats(self.objective, self.num_heads, self.head_k_dim, self.head_v_dim)
+        groups = None if self.importance is None else self.importance.groups
+        return memory_floats(self.objective, self.num_heads, self.head_k_dim, self.head_v_dim, groups)
 
     def _add_importance(self, rank: RankSpec, gated: bool = True, bias: bool = True, init: str = "identity",
-                        defaults: Optional[Dict[str, Any]] = None) -> None:
+                        defaults: Optional[Dict[str, Any]] = None, groups: Optional[int] = None) -> None:
         """Add the importance path when the objective uses an importance rate.
 
         ``rank``: an int, None (``min(64, hidden_size)``) or ``"auto"`` (``ceil(hidden_size / 16)``, the paper's
         ``beta_step_rank="auto"``). ``gated``: a per-head gate γ; ``bias``: a bias on W_b2; ``init``: the law of
         :mod:`metaplastic.models.importance`. ``defaults``: the mixer's defaults of these three, so that only
-        departures from them are recorded in ``mixer_kwargs``.
+        departures from them are recorded in ``mixer_kwargs``. ``groups``: importance groups per head (None: one
+        rate per value channel; recorded in ``mixer_kwargs`` only when set, so default configs are unchanged).
         """
         if not self.objective.uses_importance_rate:
             return
@@ -81,7 +85,9 @@ class Mixer(nn.Module):
         defaults = {**dict(importance_gate=True, importance_bias=True, importance_init="identity"), **(defaults or {})}
         self.mixer_kwargs.update({key: val for key, val in chosen.items() if val != defaults[key]})
         self.importance = ImportancePath(self.hidden_size, self.num_heads, self.head_v_dim, rank, gated=gated,
-                                         bias=bias, init=init)
+                                         bias=bias, init=init, groups=groups)
+        if groups is not None:
+            self.mixer_kwargs["importance_groups"] = groups
 
     def importance_kwargs(self, hidden_states: torch.Tensor, rate: torch.Tensor) -> Dict[str, torch.Tensor]:
         """``b`` and ``prior_precision`` for the scan (empty for a point posterior)."""

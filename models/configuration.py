@@ -20,6 +20,11 @@ class MetaplasticConfig(PretrainedConfig):
         mixer_kwargs: keyword arguments of the mixer (a dict for every layer, or a list of dicts).
         intermediate_size: width of a SwiGLU MLP after each mixer (0: no MLP, as in Mamba2).
         residual_in_fp32: keep the residual stream in float32 (Mamba2's default).
+        importance_groups: importance groups per head for every mixer with an importance path (a diagonal
+            posterior): None (default) is one importance rate per value channel, the paper's layer; an int G
+            (dividing the head's value width) shares each rate within G contiguous groups of value rows
+            (THEORY.md limit 8; G = 1: one rate per head). A layer's own ``mixer_kwargs["importance_groups"]``
+            takes precedence.
     """
 
     model_type = "metaplastic"
@@ -30,7 +35,8 @@ class MetaplasticConfig(PretrainedConfig):
                  intermediate_size: int = 0, layer_norm_epsilon: float = 1e-5, residual_in_fp32: bool = True,
                  tie_word_embeddings: bool = True, initializer_range: float = 0.02, use_cache: bool = True,
                  pad_token_id: Optional[int] = None, bos_token_id: Optional[int] = None,
-                 eos_token_id: Optional[int] = None, **kwargs: Any) -> None:
+                 eos_token_id: Optional[int] = None, importance_groups: Optional[int] = None,
+                 **kwargs: Any) -> None:
         self.vocab_size = vocab_size
         self.hidden_size = hidden_size
         self.num_hidden_layers = num_hidden_layers
@@ -41,6 +47,10 @@ class MetaplasticConfig(PretrainedConfig):
         self.residual_in_fp32 = residual_in_fp32
         self.initializer_range = initializer_range
         self.use_cache = use_cache
+        if importance_groups is not None and (isinstance(importance_groups, bool) or not isinstance(importance_groups, int)
+                                              or importance_groups < 1):
+            raise ValueError(f"importance_groups must be None or a positive integer, got {importance_groups!r}")
+        self.importance_groups = importance_groups
         super().__init__(pad_token_id=pad_token_id, bos_token_id=bos_token_id, eos_token_id=eos_token_id,
                          tie_word_embeddings=tie_word_embeddings, **kwargs)
         self.check()
@@ -87,8 +97,14 @@ class MetaplasticConfig(PretrainedConfig):
 
     def mixer_kwargs_for(self, layer_idx: int) -> Dict[str, Any]:
         """The mixer kwargs of layer ``layer_idx``."""
-        kw = self.mixer_kwargs[layer_idx] if isinstance(self.mixer_kwargs, list) else self.mixer_kwargs
-        return dict(kw)
+        kw = dict(self.mixer_kwargs[layer_idx] if isinstance(self.mixer_kwargs, list) else self.mixer_kwargs)
+        groups = getattr(self, "importance_groups", None)
+        if groups is not None and "importance_groups" not in kw:
+            from metaplastic.registry import registry
+            spec = registry.get(self.mixer_for(layer_idx))
+            if spec is not None and spec.objective.uses_importance_rate:
+                kw["importance_groups"] = groups
+        return kw
 
 
 def _size(name: str, value: Any, minimum: int) -> None:

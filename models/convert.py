@@ -116,17 +116,22 @@ class SourceCheckpoint:
             raise CheckpointError(f"tensor {name!r} has dtype {tensor.dtype}, not a floating-point weight type")
         return tensor
 
-    def target_config(self, dtype: torch.dtype, init: str, rank: Optional[int]) -> MetaplasticConfig:
-        """The converted model's config: the twin of ``config`` (point-posterior sources) or the format's own."""
-        config = twin_config(self.config, dtype, rank) if self.target is None else self.target(init, rank)
+    def target_config(self, dtype: torch.dtype, init: str, rank: Optional[int],
+                      groups: Optional[int] = None) -> MetaplasticConfig:
+        """The converted model's config: the twin of ``config`` (point-posterior sources) or the format's own.
+        ``groups``: importance groups of the twins (point-posterior sources only)."""
+        if self.target is not None and groups is not None:
+            raise ConversionError("--importance-groups applies to point-posterior sources (Mamba2, Gated DeltaNet); "
+                                  f"a {self.architecture} checkpoint keeps its own importance path")
+        config = twin_config(self.config, dtype, rank, groups) if self.target is None else self.target(init, rank)
         config.dtype = dtype
         return config
 
     def converted_layer(self, config: MetaplasticConfig, layer: int, init: str,
-                        rank: Optional[int]) -> Dict[str, torch.Tensor]:
+                        rank: Optional[int], groups: Optional[int] = None) -> Dict[str, torch.Tensor]:
         """Layer ``layer``'s mixer state dict in the converted model ``config``."""
         if self.layer_fn is None:
-            return convert_layer(self.config, self.mixer_tensors(layer), layer, init, rank)
+            return convert_layer(self.config, self.mixer_tensors(layer), layer, init, rank, groups)
         generator = torch.Generator().manual_seed(SEED + layer)
         return self.layer_fn(self.stored, self.source_key, config, layer, init, generator)
 
@@ -245,8 +250,9 @@ def _check_layer_count(store: TensorStore, layers: int) -> None:
 # --- conversion ------------------------------------------------------------------------------------
 
 def twin_config(config: MetaplasticConfig, dtype: torch.dtype = torch.float32,
-                importance_rank: Optional[int] = None) -> MetaplasticConfig:
-    """``config`` with every point-posterior mixer replaced by its metaplastic twin (importance rank added)."""
+                importance_rank: Optional[int] = None, importance_groups: Optional[int] = None) -> MetaplasticConfig:
+    """``config`` with every point-posterior mixer replaced by its metaplastic twin (importance rank added;
+    ``importance_groups`` recorded in the config when given, else one importance rate per value channel)."""
     rank = importance_rank if importance_rank is not None else min(64, config.hidden_size)
     names = [twin_name(config.mixer_for(i)) for i in range(config.num_hidden_layers)]
     kwargs = [{**config.mixer_kwargs_for(i), "importance_rank": rank} for i in range(config.num_hidden_layers)]
@@ -254,11 +260,13 @@ def twin_config(config: MetaplasticConfig, dtype: torch.dtype = torch.float32,
     out.mixer = names[0] if isinstance(config.mixer, str) else names
     out.mixer_kwargs = kwargs[0] if isinstance(config.mixer_kwargs, dict) else kwargs
     out.dtype = dtype
+    if importance_groups is not None:
+        out.importance_groups = importance_groups
     return out
 
 
 def convert_layer(config: MetaplasticConfig, tensors: Dict[str, torch.Tensor], layer: int, init: str,
-                  importance_rank: Optional[int]) -> Dict[str, torch.Tensor]:
+                  importance_rank: Optional[int], importance_groups: Optional[int] = None) -> Dict[str, torch.Tensor]:
     """One layer's point-posterior mixer tensors (``config``'s mixer) -> its twin's state dict (via
     :func:`to_metaplastic`; the importance path seeded ``SEED + layer``)."""
     from .mixers import MIXERS
@@ -266,7 +274,8 @@ def convert_layer(config: MetaplasticConfig, tensors: Dict[str, torch.Tensor], l
         mixer = MIXERS[config.mixer_for(layer)](config.hidden_size, **config.mixer_kwargs_for(layer))
     mixer.load_state_dict({k: v.to(torch.float32) for k, v in tensors.items()}, strict=True, assign=True)
     generator = torch.Generator().manual_seed(SEED + layer)
-    twin = to_metaplastic(mixer, init=init, rank=importance_rank, generator=generator, copy=False)
+    twin = to_metaplastic(mixer, init=init, rank=importance_rank, generator=generator, copy=False,
+                          groups=importance_groups)
     return twin.state_dict()
 
 
@@ -276,7 +285,7 @@ def _dst_layout(config: MetaplasticConfig, dtype: torch.dtype) -> List[Tuple[str
 
 
 def _dst_tensors(ckpt: SourceCheckpoint, config: MetaplasticConfig, layout, init: str,
-                 rank: Optional[int]) -> Iterator[Tuple[str, torch.Tensor]]:
+                 rank: Optional[int], groups: Optional[int] = None) -> Iterator[Tuple[str, torch.Tensor]]:
     """The converted model's (``config``'s) tensors in writing order, one layer in memory at a time."""
     layer, twin = None, {}
     for key, _, _ in layout:
@@ -286,7 +295,7 @@ def _dst_tensors(ckpt: SourceCheckpoint, config: MetaplasticConfig, layout, init
             continue
         if int(match[1]) != layer:
             layer = int(match[1])
-            twin = ckpt.converted_layer(config, layer, init, rank)
+            twin = ckpt.converted_layer(config, layer, init, rank, groups)
         yield key, twin[match[2]]
 
 
@@ -298,12 +307,13 @@ def _check_tied_head(ckpt: SourceCheckpoint) -> None:
 
 def convert_checkpoint(src, dst, *, init: str = "identity", dtype: str = "float32", force: bool = False,
                        verify: bool = False, importance_rank: Optional[int] = None, progress: bool = True,
-                       verify_tokens: int = 16, log=print) -> ConversionResult:
+                       verify_tokens: int = 16, log=print, importance_groups: Optional[int] = None) -> ConversionResult:
     """Convert the checkpoint directory ``src`` (Mamba2 in the Hugging Face or mamba_ssm format, Gated DeltaNet
     in fla's) into a metaplastic model directory ``dst``.
 
-    Raises :class:`ConversionError` / :class:`CheckpointError` (both ``ValueError``) for bad input; ``dst``
-    then does not exist (or, with ``force``, still holds what it held before).
+    ``importance_groups``: importance groups per head of the twins (None: one rate per value channel; an
+    int must divide the head's value width). Raises :class:`ConversionError` / :class:`CheckpointError` (both
+    ``ValueError``) for bad input; ``dst`` then does not exist (or, with ``force``, still holds what it held before).
     """
     if init not in INITS:
         raise ConversionError(f"--init must be one of {INITS}, got {init!r}")
@@ -311,14 +321,22 @@ def convert_checkpoint(src, dst, *, init: str = "identity", dtype: str = "float3
         raise ConversionError(f"--dtype must be one of {tuple(DTYPES)}, got {dtype!r}")
     if importance_rank is not None and importance_rank < 1:
         raise ConversionError(f"--rank must be positive, got {importance_rank}")
+    if importance_groups is not None and (isinstance(importance_groups, bool) or not isinstance(importance_groups, int)
+                                          or importance_groups < 1):
+        raise ConversionError(f"--importance-groups must be a positive integer, got {importance_groups!r}")
     torch_dtype = DTYPES[dtype]
     src, dst = Path(src), Path(dst)
     check_destination(src, dst, force)
     ckpt = open_checkpoint(src)
     _check_tied_head(ckpt)
-    config = ckpt.target_config(torch_dtype, init, importance_rank)
+    config = ckpt.target_config(torch_dtype, init, importance_rank, importance_groups)
     rank = config.mixer_kwargs_for(0)["importance_rank"]
-    layout = _dst_layout(config, torch_dtype)
+    try:
+        layout = _dst_layout(config, torch_dtype)
+    except ValueError as exc:
+        if importance_groups is None or "importance_groups" not in str(exc):
+            raise
+        raise ConversionError(f"--importance-groups {importance_groups}: {str(exc).splitlines()[0]}") from None
     total = sum(nbytes(shape, dt) for _, shape, dt in layout)
     check_free_space(dst, total)
     marker = {"written_by": WRITTEN_BY, "source": str(src.resolve()), "format": ckpt.format, "init": init,
@@ -331,7 +349,7 @@ def convert_checkpoint(src, dst, *, init: str = "identity", dtype: str = "float3
             with atomic_dir(dst, replace=True) as tmp:  # replace: check_destination allowed it
                 with StreamingSafetensorsWriter(tmp / "model.safetensors", layout) as writer, \
                         tqdm(total=total, unit="B", unit_scale=True, desc="convert", disable=not progress) as bar:
-                    for name, tensor in _dst_tensors(ckpt, config, layout, init, rank):
+                    for name, tensor in _dst_tensors(ckpt, config, layout, init, rank, importance_groups):
                         writer.write(name, tensor)
                         check_values(ckpt.source_key(name) or name, tensor, torch_dtype)
                         bar.update(tensor.numel() * torch.empty((), dtype=torch_dtype).element_size())
@@ -344,7 +362,8 @@ def convert_checkpoint(src, dst, *, init: str = "identity", dtype: str = "float3
             torch.set_num_threads(threads)
         result = ConversionResult(dst, ckpt.format, len(layout), total, architecture=ckpt.architecture)
         if verify:
-            verify_conversion(ckpt, dst, init, rank, result, tokens=verify_tokens, log=log)
+            verify_conversion(ckpt, dst, init, rank, result, tokens=verify_tokens, log=log,
+                                  groups=importance_groups)
     return result
 
 
@@ -459,19 +478,19 @@ def _transformers_mamba2(ckpt: SourceCheckpoint):
     return model.eval()
 
 
-def converted_model(ckpt: SourceCheckpoint, init: str, rank: int):
+def converted_model(ckpt: SourceCheckpoint, init: str, rank: int, groups: Optional[int] = None):
     """The converted model built in memory from ``ckpt`` (the same tensors the converter writes)."""
     from .modeling import MetaplasticForCausalLM
-    config = ckpt.target_config(torch.float32, init, rank)
+    config = ckpt.target_config(torch.float32, init, rank, groups)
     model = MetaplasticForCausalLM(config)
-    state = dict(_dst_tensors(ckpt, config, _dst_layout(config, torch.float32), init, rank))
+    state = dict(_dst_tensors(ckpt, config, _dst_layout(config, torch.float32), init, rank, groups))
     model.load_state_dict({k: v.float() for k, v in state.items()}, strict=not config.tie_word_embeddings)
     return model.eval()
 
 
 @torch.no_grad()
 def verify_conversion(ckpt: SourceCheckpoint, dst: Path, init: str, rank: int, result: ConversionResult,
-                      tokens: int = 16, log=print) -> None:
+                      tokens: int = 16, log=print, groups: Optional[int] = None) -> None:
     """Largest |logit difference| on random tokens: source vs converted, and source vs ``dst`` reloaded."""
     from transformers import AutoModelForCausalLM
     source, description = load_source_model(ckpt)
@@ -480,7 +499,7 @@ def verify_conversion(ckpt: SourceCheckpoint, dst: Path, init: str, rank: int, r
     ids = torch.randint(0, vocab, (2, tokens), generator=torch.Generator().manual_seed(0))
     ref = source(ids.to(device)).logits.float().cpu()
     del source
-    converted = converted_model(ckpt, init, rank)
+    converted = converted_model(ckpt, init, rank, groups)
     result.max_abs_diff = (converted(ids).logits.float() - ref).abs().max().item()
     del converted
     reloaded = AutoModelForCausalLM.from_pretrained(str(dst), dtype=torch.float32).eval()
@@ -508,6 +527,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--rank", type=int, default=None,
                         help="rank of the importance path (default min(64, d_model); the authors' checkpoints: "
                              "theirs, changed only with --init paper*)")
+    parser.add_argument("--importance-groups", type=int, default=None, metavar="G",
+                        help="share each importance rate within G contiguous groups of a head's value rows (G must "
+                             "divide the head's value width; G = 1: one rate per head). Default: one per value channel")
     parser.add_argument("--verify", action="store_true",
                         help="compare logits of SRC and DST on random tokens (also after reloading DST)")
     parser.add_argument("--force", action="store_true", help="replace an existing DST")
@@ -517,9 +539,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     if args.rank is not None and args.rank < 1:
         raise UserError(f"--rank must be positive, got {args.rank}")
+    if args.importance_groups is not None and args.importance_groups < 1:
+        raise UserError(f"--importance-groups must be positive, got {args.importance_groups}")
     try:
         result = convert_checkpoint(args.src, args.dst, init=args.init, dtype=args.dtype, force=args.force,
-                                    verify=args.verify, importance_rank=args.rank, progress=not args.no_progress)
+                                    verify=args.verify, importance_rank=args.rank, progress=not args.no_progress,
+                                    importance_groups=args.importance_groups)
     except ValueError as exc:
         raise UserError(str(exc).splitlines()[0]) from None
     print(f"converted {args.src} ({result.architecture}, {result.source_format} format) -> {result.dst}: "

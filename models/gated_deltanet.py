@@ -31,7 +31,7 @@ class GatedDeltaNet(Mixer):
     def __init__(self, hidden_size: int, *, num_heads: int = 4, head_dim: Optional[int] = None,
                  expand_v: float = 2.0, conv_size: int = 4, conv_bias: bool = False, use_gate: bool = True,
                  norm_eps: float = 1e-5, num_v_heads: Optional[int] = None,
-                 importance_rank: Optional[int] = None) -> None:
+                 importance_rank: Optional[int] = None, importance_groups: Optional[int] = None) -> None:
         """``num_heads`` q/k heads of ``head_dim``; ``num_v_heads`` (default ``num_heads``, else a multiple of
         it) value heads of ``head_dim · expand_v``, one memory per value head."""
         head_dim = head_dim if head_dim is not None else hidden_size // num_heads
@@ -64,7 +64,7 @@ class GatedDeltaNet(Mixer):
         self.o_norm = NormThenGate(head_v_dim, eps=norm_eps)
         self.o_proj = nn.Linear(value_dim, hidden_size, bias=False)
         self.scale = registry[self.registry_name].scale_for(head_dim)
-        self._add_importance(importance_rank)
+        self._add_importance(importance_rank, groups=importance_groups)
 
     def forward(self, hidden_states: torch.Tensor, cache=None, layer_idx: Optional[int] = None,
                 attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:

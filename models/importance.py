@@ -1,6 +1,10 @@
 """The importance path that makes a point-posterior mixer metaplastic (THEORY.md §4, §5).
 
-    b = γ · rate · σ(W_b2 W_b1 h) · softplus(b_scale)        [B, T, H, V], one rate per value channel
+    b = γ · rate · σ(W_b2 W_b1 h) · softplus(b_scale)        [B, T, H, G]
+
+one rate per value channel (``G = V``, the paper's layer, the default) or, with ``importance_groups = G``
+(G dividing the head's value width V), one rate shared by each of G contiguous groups of ``V/G`` value rows
+(THEORY.md limit 8; ``G = 1``: head-shared, limit 7). ``W_b2`` then produces ``H·G`` rates.
 
 ``rate`` is the mixer's own write-rate gate (Δ for Mamba2, β for Gated DeltaNet and LongHorn), ``γ`` a
 per-head gate (γ = 0: b ≡ 0, and the mixer is output-identical to its point-posterior source, limit 2),
@@ -27,18 +31,31 @@ from torch import nn
 INITS = ("identity", "paper", "paper-finetuning")
 
 
+def check_importance_groups(groups: Optional[int], head_v_dim: int) -> int:
+    """The number of importance groups ``G`` that ``groups`` means for heads of value width ``head_v_dim``:
+    None is one group per value row (``G = V``); an int must divide ``head_v_dim`` (``ValueError`` naming it)."""
+    if groups is None:
+        return head_v_dim
+    if isinstance(groups, bool) or not isinstance(groups, int) or groups < 1 or head_v_dim % groups:
+        raise ValueError(f"importance_groups={groups!r} must be a positive integer dividing the head's value width "
+                         f"head_v_dim={head_v_dim} (or None: one rate per value channel)")
+    return groups
+
+
 class ImportancePath(nn.Module):
-    """``W_b1: hidden → rank``, ``W_b2: rank → H·V`` (bias optional), ``b_scale [H]``, ``gamma [H]`` (optional),
-    ``Ip_log [H]`` (a buffer). ``init`` is the law applied at construction and by transformers' weight init."""
+    """``W_b1: hidden → rank``, ``W_b2: rank → H·G`` (bias optional), ``b_scale [H]``, ``gamma [H]`` (optional),
+    ``Ip_log [H]`` (a buffer). ``init`` is the law applied at construction and by transformers' weight init;
+    ``groups``: importance groups per head (None: ``G = head_v_dim``, one rate per value channel)."""
 
     def __init__(self, hidden_size: int, num_heads: int, head_v_dim: int, rank: int, gated: bool = True,
-                 bias: bool = True, init: str = "identity") -> None:
+                 bias: bool = True, init: str = "identity", groups: Optional[int] = None) -> None:
         super().__init__()
         if init not in INITS:
             raise ValueError(f"importance init must be one of {INITS}, got {init!r}")
         self.num_heads, self.head_v_dim, self.init = num_heads, head_v_dim, init
+        self.groups = check_importance_groups(groups, head_v_dim)
         self.W_b1 = nn.Linear(hidden_size, rank, bias=False)
-        self.W_b2 = nn.Linear(rank, num_heads * head_v_dim, bias=bias)
+        self.W_b2 = nn.Linear(rank, num_heads * self.groups, bias=bias)
         self.b_scale = nn.Parameter(torch.ones(num_heads))
         self.gamma = nn.Parameter(torch.zeros(num_heads)) if gated else None
         self.register_buffer("Ip_log", torch.zeros(num_heads))
@@ -86,10 +103,14 @@ class ImportancePath(nn.Module):
         return self.Ip_log.float().exp()
 
     def forward(self, hidden_states: torch.Tensor, rate: torch.Tensor) -> torch.Tensor:
-        """``hidden_states [B, T, D]``, ``rate [B, T, H]`` or ``[B, T, H, V]`` -> ``b [B, T, H, V]`` (float32)."""
+        """``hidden_states [B, T, D]``, ``rate [B, T, H]`` (or ``[B, T, H, V]`` when ``G = V``) ->
+        ``b [B, T, H, G]`` (float32; ``G = V`` by default)."""
         B, T, _ = hidden_states.shape
-        H, V = self.num_heads, self.head_v_dim
-        s = torch.sigmoid(self.W_b2(self.W_b1(hidden_states)).float()).view(B, T, H, V)
+        H, G = self.num_heads, self.groups
+        if rate.dim() == 4 and rate.shape[-1] != G:
+            raise ValueError(f"a write rate per value channel {list(rate.shape)} cannot be shared by "
+                             f"importance_groups={G}: grouped importance needs a per-head rate [B, T, H]")
+        s = torch.sigmoid(self.W_b2(self.W_b1(hidden_states)).float()).view(B, T, H, G)
         per_head = nn.functional.softplus(self.b_scale.float())
         if self.gamma is not None:
             per_head = per_head * self.gamma.float()

@@ -28,7 +28,7 @@ class LongHorn(Mixer):
 
     def __init__(self, hidden_size: int, *, expand: int = 2, state_size: int = 16, dt_rank: Optional[int] = None,
                  conv_kernel: int = 4, use_conv_bias: bool = True, use_bias: bool = False,
-                 importance_rank: Optional[int] = None) -> None:
+                 importance_rank: Optional[int] = None, importance_groups: Optional[int] = None) -> None:
         dt_rank = dt_rank if dt_rank is not None else math.ceil(hidden_size / 16)
         super().__init__(hidden_size, dict(expand=expand, state_size=state_size, dt_rank=dt_rank,
                                            conv_kernel=conv_kernel, use_conv_bias=use_conv_bias, use_bias=use_bias))
@@ -41,7 +41,10 @@ class LongHorn(Mixer):
         self.dt_proj = nn.Linear(dt_rank, d_inner, bias=True)
         self.D = nn.Parameter(torch.ones(d_inner))
         self.out_proj = nn.Linear(d_inner, hidden_size, bias=use_bias)
-        self._add_importance(importance_rank)
+        if importance_groups is not None and importance_groups != d_inner:
+            raise ValueError(f"importance_groups={importance_groups}: LongHorn's write rate β is per value channel, "
+                             "so its importance rate is too (leave importance_groups None)")
+        self._add_importance(importance_rank, groups=importance_groups)
 
     def forward(self, hidden_states: torch.Tensor, cache=None, layer_idx: Optional[int] = None,
                 attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:

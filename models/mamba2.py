@@ -41,11 +41,12 @@ class Mamba2(Mixer):
                  time_step_limit: Sequence[float] = (0.0, math.inf), layer_norm_epsilon: float = 1e-5,
                  norm_per_group: bool = True, A_init_range: Optional[Sequence[float]] = None,
                  importance_rank: RankSpec = None, importance_bias: bool = True, importance_gate: bool = True,
-                 importance_init: str = "identity") -> None:
+                 importance_init: str = "identity", importance_groups: Optional[int] = None) -> None:
         """Sizes as transformers' ``Mamba2Config``. ``norm_per_group``: the gated RMSNorm within each of the
         ``n_groups`` groups (transformers, mamba_ssm) or over the whole d_inner (False: the paper authors').
         ``A_init_range``: None gives A = 1..H (transformers), ``(lo, hi)`` draws A ~ U(lo, hi).
-        ``importance_*``: the importance path of the metaplastic twin (:meth:`Mixer._add_importance`)."""
+        ``importance_*``: the importance path of the metaplastic twin (:meth:`Mixer._add_importance`);
+        ``importance_groups``: one rate per group of value rows (THEORY.md limit 8; None: per value channel)."""
         d_inner = expand * hidden_size
         if head_dim is None:
             head_dim = d_inner // num_heads if num_heads else min(64, d_inner)
@@ -77,7 +78,8 @@ class Mamba2(Mixer):
         self.D = nn.Parameter(torch.ones(num_heads))
         self.norm = GroupedGatedRMSNorm(d_inner, n_groups if norm_per_group else 1, eps=layer_norm_epsilon)
         self.out_proj = nn.Linear(d_inner, hidden_size, bias=use_bias)
-        self._add_importance(importance_rank, gated=importance_gate, bias=importance_bias, init=importance_init)
+        self._add_importance(importance_rank, gated=importance_gate, bias=importance_bias, init=importance_init,
+                             groups=importance_groups)
 
     def forward(self, hidden_states: torch.Tensor, cache=None, layer_idx: Optional[int] = None,
                 attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:

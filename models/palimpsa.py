@@ -2,7 +2,8 @@
 
     q, k, v = SiLU(conv(proj h)),  q, k L2-normalised per head
     Δ = softplus(a_proj h + dt_bias),  log α = −Δ · exp(A_log),  β = σ(bs_proj h)
-    b = σ(W_b2 W_b1 h) · softplus(b_scale) · β      (one rate per value channel; Ip = exp(Ip_log) = 1, frozen)
+    b = σ(W_b2 W_b1 h) · softplus(b_scale) · β      (one rate per value channel, or per group of value rows
+                                                     with importance_groups; Ip = exp(Ip_log) = 1, frozen)
     o = scan(palimpsa; scale K^-1/2) + D · v,   out = o_proj(RMSNorm(o) ∘ silu(g_proj h))
 
 Sizes: ``num_heads`` q/k heads of ``head_dim · expand_k`` channels, ``num_v_heads`` (default ``num_heads``, else
@@ -48,7 +49,7 @@ class Palimpsa(Mixer):
                  use_residual: bool = True, norm_eps: float = 1e-5, l2_norm: str = "rsqrt", bs_bias: bool = True,
                  A_init_range: Sequence[float] = (1.0, 16.0), importance_rank: RankSpec = None,
                  importance_bias: bool = True, importance_gate: bool = False,
-                 importance_init: str = "identity") -> None:
+                 importance_init: str = "identity", importance_groups: Optional[int] = None) -> None:
         head_dim = head_dim if head_dim is not None else hidden_size // num_heads
         head_k_dim, head_v_dim = int(head_dim * expand_k), int(head_dim * expand_v)
         if head_dim < 1 or head_v_dim != head_dim * expand_v or head_k_dim != head_dim * expand_k or head_k_dim < 1:
@@ -89,7 +90,7 @@ class Palimpsa(Mixer):
         self.o_proj = nn.Linear(value_dim, hidden_size, bias=False)
         self.scale = registry[self.registry_name].scale_for(head_k_dim)
         self._add_importance(importance_rank, gated=importance_gate, bias=importance_bias, init=importance_init,
-                             defaults=dict(importance_gate=False))
+                             defaults=dict(importance_gate=False), groups=importance_groups)
 
     def forward(self, hidden_states: torch.Tensor, cache=None, layer_idx: Optional[int] = None,
                 attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:

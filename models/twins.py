@@ -28,10 +28,13 @@ def twin_name(name: str) -> str:
 
 
 def to_metaplastic(mixer: nn.Module, init: str = "identity", rank: Optional[int] = None,
-                   generator: Optional[torch.Generator] = None, copy: bool = True) -> nn.Module:
+                   generator: Optional[torch.Generator] = None, copy: bool = True,
+                   groups: Optional[int] = None) -> nn.Module:
     """The metaplastic twin of ``mixer`` (all its weights kept, importance path + γ added).
 
     ``rank``: width of the importance path (default: the mixer's ``importance_rank`` or ``min(64, hidden)``);
+    ``groups``: importance groups per head (default: the mixer's ``importance_groups``, else one rate per value
+    channel; an int must divide the head's value width);
     ``generator`` seeds its initialisation; ``copy=False`` shares the original tensors instead of cloning them.
     """
     from .mixers import MIXERS
@@ -48,6 +51,8 @@ def to_metaplastic(mixer: nn.Module, init: str = "identity", rank: Optional[int]
     kwargs = dict(mixer.mixer_kwargs)
     if rank is not None:
         kwargs["importance_rank"] = rank
+    if groups is not None:
+        kwargs["importance_groups"] = groups
     with torch.device("meta"):  # no initialisation work: every tensor is assigned below
         twin = MIXERS[meta](mixer.hidden_size, **kwargs)
     if twin.objective != metaplastic(mixer.objective):

@@ -121,9 +121,14 @@ def validate_inputs(objective: Objective, q: Tensor, k: Tensor, v: Tensor, log_d
     if b is not None:
         _check(objective.posterior == "diagonal",
                f"b (importance rate) is only used by posterior='diagonal', not {objective.posterior!r}")
-        _gate("b", b, "[B,T,H] or [B,T,H,V]")
-        _check(tuple(b.shape) in ((B, T, H), (B, T, H, V)),
-               f"b must be [B,T,H] or [B,T,H,V] = {[B, T, H]} or {[B, T, H, V]}, got {list(b.shape)}")
+        _gate("b", b, "[B,T,H] or [B,T,H,G]")
+        _check(b.dim() in (3, 4) and tuple(b.shape[:3]) == (B, T, H),
+               f"b must be [B,T,H] (head-shared) or [B,T,H,G] (G importance groups; G = V: per value row) "
+               f"with [B,T,H] = {[B, T, H]}, got {list(b.shape)}")
+        if b.dim() == 4:
+            G = b.shape[-1]
+            _check(G >= 1 and V % G == 0, f"b has G = {G} importance groups (b [B,T,H,G] = {list(b.shape)}) but "
+                   f"G must divide the value width V = {V}")
     if isinstance(prior_precision, Tensor):
         _check(tuple(prior_precision.shape) in ((), (H,)), f"prior_precision must be a float or [H] = [{H}], "
                f"got {list(prior_precision.shape)}")
@@ -167,6 +172,14 @@ def validate_inputs(objective: Objective, q: Tensor, k: Tensor, v: Tensor, log_d
         _check(not extra, f"initial_state has unexpected keys {sorted(extra)}; expected {tuple(shapes)}")
 
 
+def expand_groups(b: Optional[Tensor], V: int) -> Optional[Tensor]:
+    """``b [B,T,H,G]`` -> ``[B,T,H,V]``, each group's rate repeated over its ``V/G`` contiguous value rows
+    (THEORY.md limit 8). ``[B,T,H]`` (head-shared) and None pass through unchanged."""
+    if b is None or b.dim() == 3 or b.shape[-1] == V:
+        return b
+    return b.repeat_interleave(V // b.shape[-1], dim=-1)
+
+
 def _per_head(x: Union[float, Tensor], H: int, dtype: torch.dtype, device: torch.device) -> Tensor:
     x = torch.as_tensor(x, dtype=dtype, device=device)
     return x.expand(H) if x.dim() == 0 else x
@@ -206,7 +219,8 @@ def scan(objective: Objective, q: Tensor, k: Tensor, v: Tensor, *, log_decay: Op
         log_decay: ``g ≤ 0``, ``α = exp(g)``: ``[B,T,H]`` (scalar forgetting) or ``[B,T,H,K]`` (vector);
             None for ``forgetting='none'``.
         beta: write rate, ``[B,T,H]`` or ``[B,T,H,V]``; None means 1.
-        b: importance rate (diagonal posterior), ``[B,T,H]`` or ``[B,T,H,V]``; None means 0.
+        b: importance rate (diagonal posterior): ``[B,T,H]`` (head-shared) or ``[B,T,H,G]``, one rate per
+            group of ``V/G`` contiguous value rows (G must divide V; ``G = V``: per value row); None means 0.
         prior_precision: ``Ip`` of ``p_0``, a float or ``[H]`` (point and diagonal posteriors).
         lam: ``[H, K]`` prior key precision λ of the full posterior.
         scale: read-out scale (``o = scale · E[S] q``).
@@ -222,6 +236,7 @@ def scan(objective: Objective, q: Tensor, k: Tensor, v: Tensor, *, log_decay: Op
         raise ValueError("output_variance=True needs posterior='diagonal' or 'full'; 'point' has no variance")
     B, T, H, K = q.shape
     V = v.shape[-1]
+    b = expand_groups(b, V)
     dtype = torch.float64 if torch.float64 in (q.dtype, k.dtype, v.dtype) else torch.float32
     device = q.device
     Ip = _per_head(prior_precision, H, dtype, device)

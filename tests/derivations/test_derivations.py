@@ -23,7 +23,7 @@ from metaplastic.derivations.symbols import matrix, vector
 
 LIMIT_NAMES = ["palimpsa_to_mamba2", "metaplastic_identity", "palimpsa_is_meanfield_regression",
                "longhorn_is_diagonal_proximal", "gdn_is_first_order_proximal", "mesanet_full_to_diagonal",
-               "headshared_importance_is_gla"]
+               "headshared_importance_is_gla", "grouped_importance_is_gla"]
 
 
 def test_theorem_names_are_the_limits_and_one_derivation_per_model():

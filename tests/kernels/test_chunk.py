@@ -9,6 +9,7 @@ import torch
 
 import metaplastic
 from metaplastic.kernels.chunk import ChunkDot, DecayedScan, DiagonalScan, chunk_scan
+from metaplastic.kernels.chunk_grouped import GroupedDiagonal
 from metaplastic.kernels.chunk_per_value import PerValueScan
 from metaplastic.oracles import ORACLES, scan_kwargs
 
@@ -205,14 +206,14 @@ def test_chunk_rejects_bad_arguments():
 
 
 @pytest.mark.parametrize("name,b_per_value,init,expected", [
-    ("palimpsa", False, None, {"DecayedScan P=1", "ChunkDot"}),
-    ("palimpsa", False, "shared", {"DecayedScan P=1", "ChunkDot"}),
+    ("palimpsa", False, None, {"GroupedDiagonal"}),
+    ("palimpsa", False, "shared", {"GroupedDiagonal"}),
     ("palimpsa", True, None, {"DiagonalScan"}), ("palimpsa", False, "random", {"DiagonalScan"}),
     ("meta_gla", True, None, {"DiagonalScan"})])
 def test_chunk_takes_the_limit7_fast_path(monkeypatch, name, b_per_value, init, expected):
-    """Head-shared b with a row-constant I_0: the precision is scanned at width 1 and read through ChunkDot
-    with q ⊘ I (THEORY.md limit 7); otherwise the per-value path materialises I chunk by chunk (batched
-    products or a token-by-token block scan: kernels/chunk_per_value.py)."""
+    """Head-shared b with a row-constant I_0: the precision is a K-vector, read as simple GLA with q ⊘ I
+    (THEORY.md limit 7, the grouped path with G = 1); otherwise the per-value path materialises I chunk by
+    chunk (batched products or a token-by-token block scan: kernels/chunk_per_value.py)."""
     used = set()
 
     def spy(cls, label):
@@ -227,6 +228,7 @@ def test_chunk_takes_the_limit7_fast_path(monkeypatch, name, b_per_value, init, 
     spy(ChunkDot, lambda a: "ChunkDot")
     spy(DiagonalScan, lambda a: "DiagonalScan")
     spy(PerValueScan, lambda a: "PerValueScan")
+    spy(GroupedDiagonal, lambda a: "GroupedDiagonal")
     obj, x = make_inputs(name, 1, 6, 1, 2, 3, b_per_value=b_per_value, init=init)
     chunk_scan(obj, **x)
     assert used == expected

@@ -103,15 +103,20 @@ def test_bench_kernels_cli(tmp_path, capsys):
 
     from metaplastic.cli import main
     out = tmp_path / "bench.json"
-    rc = main(["bench", "kernels", "--device", "cpu", "--models", "mamba2", "palimpsa", "--shape", "1,9,1,4,4",
+    rc = main(["bench", "kernels", "--device", "cpu", "--models", "mamba2", "palimpsa", "--shape", "1,9,1,4,8",
                "--reps", "1", "--ref-reps", "1", "--threads", "1", "--json", str(out)])
     assert rc == 0
     records = json.loads(out.read_text())
     assert {(r["model"], r["b"], r["backend"]) for r in records} == {
         ("mamba2", "-", "reference"), ("mamba2", "-", "chunk"), ("palimpsa", "H", "reference"),
-        ("palimpsa", "H", "chunk"), ("palimpsa", "V", "reference"), ("palimpsa", "V", "chunk")}
+        ("palimpsa", "H", "chunk"), ("palimpsa", "G4", "reference"), ("palimpsa", "G4", "chunk"),
+        ("palimpsa", "V", "reference"), ("palimpsa", "V", "chunk")}
+    # default groups: 1, V and those of 4, 16 that divide V = 8
+    assert {r["groups"] for r in records if r["model"] == "palimpsa"} == {1, 4, 8}
+    assert all(r["speedup_fwdbwd"] is not None for r in records if r["backend"] == "chunk")
     for r in records:
-        assert r["error"] is None and r["device"] == "cpu" and r["shape"] == "B=1,T=9,H=1,K=4,V=4"
+        assert r["error"] is None and r["device"] == "cpu" and r["shape"] == "B=1,T=9,H=1,K=4,V=8"
+        assert r["date"] and r["torch"] == torch.__version__ and r["machine"] and r["threads"] == 1
         assert r["fwd_ms"] > 0 and r["fwdbwd_ms"] > 0 and r["saved_bytes_per_token_head"] > 0
     assert "palimpsa" in capsys.readouterr().out
     assert main(["bench", "kernels", "--models", "nope"]) == 2

@@ -1,0 +1,228 @@
+"""Grouped importance (THEORY.md limit 8): ``b [B,T,H,G]`` shared within G contiguous groups of value rows.
+
+Yardsticks nobody here wrote or that are written out independently here:
+
+- the limit-8 recurrence written out in this file, token by token (``J^{(g)}``, ``M``, ``o = scale Σ M q / J``);
+- fla's ``naive_recurrent_simple_gla`` read with the rescaled query ``q ⊘ I^{(g)}``, one call per group;
+- the reference scan with ``b`` expanded by ``repeat_interleave`` (it runs ``closed_forms`` token by token),
+  and autograd through it for every gradient.
+"""
+import math
+
+import pytest
+import torch
+
+import metaplastic
+from metaplastic.kernels import scan as kernel_scan
+from metaplastic.kernels.chunk import chunk_scan
+
+from helpers import assert_close
+
+PALIMPSA = metaplastic.registry["palimpsa"].objective
+META_GLA = metaplastic.registry["meta_gla"].objective  # vector (per key channel) forgetting
+TOL = 1e-10
+
+
+def inputs(B, T, H, K, V, G, *, vector=False, beta_per_value=False, seed=0, dtype=torch.float64):
+    gen = torch.Generator().manual_seed(seed)
+    d = dict(dtype=dtype, generator=gen)
+    x = dict(q=torch.randn(B, T, H, K, **d), k=torch.randn(B, T, H, K, **d), v=torch.randn(B, T, H, V, **d),
+             log_decay=torch.log(0.5 + 0.5 * torch.rand(*((B, T, H, K) if vector else (B, T, H)), **d)),
+             beta=torch.rand(*((B, T, H, V) if beta_per_value else (B, T, H)), **d),
+             b=torch.rand(B, T, H, G, **d), prior_precision=0.5 + torch.rand(H, **d))
+    return x
+
+
+def limit8_by_hand(q, k, v, log_decay, beta, b, prior_precision, scale):
+    """THEORY.md limit 8 written out: per group a K-vector J, the shared numerator M, o[i] = scale Σ_j M q / J."""
+    B, T, H, K = q.shape
+    V, G = v.shape[-1], b.shape[-1]
+    R = V // G
+    Ip = prior_precision.view(1, H, 1, 1)
+    J = Ip.expand(B, H, G, K).clone()
+    M = torch.zeros(B, H, V, K, dtype=q.dtype)
+    out = []
+    for t in range(T):
+        a = log_decay[:, t].exp()
+        a = a[..., None, None] if a.dim() == 2 else a[..., None, :]
+        be = beta[:, t][..., None] if beta.dim() == 3 else beta[:, t]
+        J = a * J + (1 - a) * Ip + b[:, t][..., None] * k[:, t, :, None, :] ** 2
+        M = a * M + (be * v[:, t])[..., None] * k[:, t, :, None, :]
+        o = torch.stack([scale * (M[:, :, i] * q[:, t] / J[:, :, i // R]).sum(-1) for i in range(V)], -1)
+        out.append(o)
+    return torch.stack(out, 1)
+
+
+# --- the reference scan -----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("G", [1, 2, 4])
+def test_reference_scan_with_groups_is_limit8_written_out(G):
+    x = inputs(2, 6, 2, 3, 4, G)
+    res = metaplastic.scan(PALIMPSA, scale=0.7, **x)
+    assert_close(res.output, limit8_by_hand(scale=0.7, **x), rtol=TOL, msg="output")
+
+
+def test_one_group_is_head_shared_and_all_groups_are_per_value():
+    x = inputs(1, 5, 2, 3, 4, 1)
+    shared = metaplastic.scan(PALIMPSA, **{**x, "b": x["b"][..., 0]}).output
+    assert_close(metaplastic.scan(PALIMPSA, **x).output, shared, rtol=TOL)
+    assert_close(kernel_scan(PALIMPSA, **x, backend="chunk").output, shared, rtol=TOL)
+
+
+@pytest.mark.parametrize("backend", ["reference", "chunk"])
+def test_groups_that_do_not_divide_v_are_refused_by_name(backend):
+    x = inputs(1, 3, 1, 2, 4, 3)
+    with pytest.raises(ValueError) as info:
+        kernel_scan(PALIMPSA, **x, backend=backend)
+    message = str(info.value)
+    assert message.startswith("b ") and "G = 3" in message and "V = 4" in message, message
+
+
+# --- the chunked torch path against the reference -------------------------------------------------------
+
+def _loss(res, V):
+    w = torch.linspace(-1, 1, res.output.numel(), dtype=torch.float64).view_as(res.output)
+    loss = (res.output * w).sum() + (res.variance * w.cos()).sum()
+    return loss + 0.3 * sum((s * s.detach().sin()).sum() for s in res.final_state.values())
+
+
+@pytest.mark.parametrize("G,vector,beta_per_value,C", [
+    (1, False, False, 4), (2, False, False, 4), (4, False, True, 16), (2, True, False, 4), (4, True, True, 3),
+    (8, False, False, 4)])
+def test_chunk_matches_reference_with_every_gradient(G, vector, beta_per_value, C):
+    B, T, H, K, V = 2, 11, 2, 3, 8
+    x = inputs(B, T, H, K, V, G, vector=vector, beta_per_value=beta_per_value)
+    obj = META_GLA if vector else PALIMPSA
+    gen = torch.Generator().manual_seed(5)
+    I0 = (0.5 + torch.rand(B, H, G, K, dtype=torch.float64, generator=gen)).repeat_interleave(V // G, 2)
+    mu0 = torch.randn(B, H, V, K, dtype=torch.float64, generator=gen)
+    leaves = [t.requires_grad_() for t in list(x.values()) + [mu0]]
+    kw = dict(scale=0.6, initial_state={"mu": mu0, "I": I0}, output_final_state=True, output_variance=True)
+    ref = metaplastic.scan(obj, **x, **kw)
+    got = chunk_scan(obj, **x, chunk_size=C, **kw)
+    assert_close(got.output, ref.output, rtol=TOL, msg="output")
+    assert_close(got.variance, ref.variance, rtol=TOL, msg="variance")
+    for key in ("mu", "I"):
+        assert_close(got.final_state[key], ref.final_state[key], rtol=TOL, msg=key)
+    names = list(x) + ["mu0"]
+    for name, a, e in zip(names, torch.autograd.grad(_loss(got, V), leaves), torch.autograd.grad(_loss(ref, V), leaves)):
+        assert_close(a, e, rtol=TOL, msg=f"d{name}")
+
+
+@pytest.mark.parametrize("G", [1, 2])
+def test_chunk_equals_fla_simple_gla_read_with_rescaled_query(G):
+    """Limits 7 (G = 1) and 8: each group's rows are fla's simple-GLA read of (β v)[rows] with q ⊘ I^{(g)}."""
+    from fla.ops.simple_gla.naive import naive_recurrent_simple_gla
+    B, T, H, K, V = 1, 12, 2, 4, 4
+    x = inputs(B, T, H, K, V, G)
+    Ip = x["prior_precision"].view(1, 1, H, 1)
+    a = x["log_decay"].exp()[..., None]
+    Is = []
+    for g in range(G):  # the precision of group g, written out: I_t = α I_{t-1} + (1 − α) Ip + b_t[g] k²
+        I = Ip[:, 0].expand(B, H, K)
+        rows = []
+        for t in range(T):
+            I = a[:, t] * I + (1 - a[:, t]) * Ip[:, 0] + x["b"][:, t, :, g, None] * x["k"][:, t] ** 2
+            rows.append(I)
+        Is.append(torch.stack(rows, 1))
+    R = V // G
+    w = x["beta"][..., None] * x["v"]
+    expected = torch.cat([naive_recurrent_simple_gla(x["q"] / Is[g], x["k"], w[..., g * R:(g + 1) * R],
+                                                     x["log_decay"], scale=0.5)[0] for g in range(G)], -1)
+    got = chunk_scan(PALIMPSA, **x, scale=0.5, chunk_size=4).output
+    assert_close(got, expected, rtol=1e-5, msg="output vs fla (fla computes in float32)")
+
+
+# --- non-finite inputs, α = 0, extreme decays ---------------------------------------------------------
+
+@pytest.mark.parametrize("name", ["q", "k", "v", "b", "beta", "log_decay"])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_input_does_not_touch_earlier_outputs(name, bad):
+    B, T, H, K, V, G, t = 1, 12, 2, 3, 4, 2, 6
+    x = inputs(B, T, H, K, V, G)
+    clean = metaplastic.scan(PALIMPSA, **x).output
+    x[name] = x[name].clone()
+    x[name][0, t, 0] = bad  # (a log-decay of -inf is valid: α = 0; +inf and NaN are not)
+    if name == "log_decay" and bad == float("inf"):  # growth: refused up front, by name
+        with pytest.raises(ValueError, match="log_decay"):
+            chunk_scan(PALIMPSA, **x, chunk_size=8)
+        return
+    got = chunk_scan(PALIMPSA, **x, chunk_size=8).output  # t and the earlier tokens share a chunk
+    assert_close(got[:, :t], clean[:, :t], rtol=TOL, msg="outputs before the non-finite token")
+    assert_close(got[:, :, 1], clean[:, :, 1], rtol=TOL, msg="the other head")
+    assert torch.isnan(got[0, t, 0]).all(), "the output at the non-finite token must not look valid"
+
+
+@pytest.mark.parametrize("vector", [False, True])
+def test_zero_decay_resets_and_extreme_decays_stay_finite(vector):
+    B, T, H, K, V, G = 1, 14, 1, 3, 4, 2
+    x = inputs(B, T, H, K, V, G, vector=vector)
+    x["log_decay"] = x["log_decay"].clone()
+    x["log_decay"][0, 4] = -math.inf  # α = 0: the state restarts from the prior
+    x["log_decay"][0, 9] = -1e30
+    obj = META_GLA if vector else PALIMPSA
+    leaves = [t.requires_grad_() for t in x.values()]
+    ref = metaplastic.scan(obj, **x, output_final_state=True)
+    got = chunk_scan(obj, **x, chunk_size=8, output_final_state=True)
+    assert_close(got.output, ref.output, rtol=TOL, msg="output")
+    assert_close(got.final_state["mu"], ref.final_state["mu"], rtol=TOL, msg="mu")
+    after = metaplastic.scan(obj, **{n: (val[:, 4:] if val.dim() >= 3 and val.shape[1] == T else val)
+                                     for n, val in x.items()})
+    assert_close(got.output[:, 4:], after.output, rtol=TOL, msg="output after α = 0 equals a fresh start")
+    for name, a, e in zip(x, torch.autograd.grad(got.output.sum(), leaves),
+                          torch.autograd.grad(ref.output.sum(), leaves)):
+        assert_close(a, e, rtol=TOL, msg=f"d{name}")
+
+
+# --- packing, dispatch, memory ------------------------------------------------------------------------
+
+def test_packed_sequences_with_groups():
+    x = inputs(1, 10, 2, 3, 4, 2)
+    cu = torch.tensor([0, 3, 3, 10])
+    ref = metaplastic.scan(PALIMPSA, **x, cu_seqlens=cu, output_final_state=True)
+    got = kernel_scan(PALIMPSA, **x, cu_seqlens=cu, output_final_state=True, backend="chunk", chunk_size=4)
+    assert_close(got.output, ref.output, rtol=TOL)
+    assert_close(got.final_state["I"], ref.final_state["I"], rtol=TOL)
+
+
+def _saved_bytes_per_token(G, T, B=1, H=1, K=128, V=128):
+    """Bytes the chunked path saves for its backward (distinct storages), per token and head, float32."""
+    gen = torch.Generator().manual_seed(0)
+    x = dict(q=torch.randn(B, T, H, K, generator=gen), k=torch.randn(B, T, H, K, generator=gen),
+             v=torch.randn(B, T, H, V, generator=gen), log_decay=-torch.rand(B, T, H, generator=gen),
+             beta=torch.rand(B, T, H, generator=gen), b=torch.rand(B, T, H, G, generator=gen))
+    for t in x.values():
+        t.requires_grad_()
+    storages = {}
+
+    def pack(t):
+        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        chunk_scan(PALIMPSA, **x, scale=K ** -0.5, output_final_state=True)
+    return sum(storages.values()) / (B * T * H)
+
+
+@pytest.mark.parametrize("G", [1, 16])
+def test_saved_state_is_at_most_2kb_per_token_and_head(G):
+    """K = V = 128, float32: everything saved for the backward, sequence-level states included (T = 1024)."""
+    per_token = _saved_bytes_per_token(G, 1024)
+    assert per_token <= 2048, f"G = {G}: {per_token:.0f} bytes saved per token and head"
+
+
+def test_initial_precision_varying_within_a_group_takes_the_per_value_path():
+    """I_0 that differs between rows of one group (or needs a gradient) does not factor per group: the chunked
+    path expands b to one rate per row and still matches the reference, gradients included."""
+    B, T, H, K, V, G = 1, 7, 2, 3, 4, 2
+    x = inputs(B, T, H, K, V, G)
+    gen = torch.Generator().manual_seed(9)
+    init = {"mu": torch.randn(B, H, V, K, dtype=torch.float64, generator=gen),
+            "I": 0.5 + torch.rand(B, H, V, K, dtype=torch.float64, generator=gen)}
+    leaves = [t.requires_grad_() for t in list(x.values()) + list(init.values())]
+    ref = metaplastic.scan(PALIMPSA, **x, initial_state=init, output_final_state=True)
+    got = chunk_scan(PALIMPSA, **x, initial_state=init, output_final_state=True, chunk_size=4)
+    assert_close(got.output, ref.output, rtol=TOL)
+    loss = lambda r: r.output.sum() + r.final_state["I"].sum()  # noqa: E731
+    for a, e in zip(torch.autograd.grad(loss(got), leaves), torch.autograd.grad(loss(ref), leaves)):
+        assert_close(a, e, rtol=TOL)
