@@ -158,6 +158,8 @@ def init_A_log(num_heads: int, A_range=(1.0, 16.0)) -> Tensor:
 
 def init_dt_bias(num_heads: int, dt_min: float = 1e-3, dt_max: float = 0.1, floor: float = 1e-4) -> Tensor:
     """A ``dt_bias`` so that ``softplus(dt_bias)`` is log-uniform in ``[dt_min, dt_max]`` (Mamba's init)."""
+    if torch.empty(0).is_meta:  # built on the meta device (shapes only): no values to draw
+        return torch.empty(num_heads)
     dt = torch.exp(torch.rand(num_heads) * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min))
     return inverse_softplus(dt.clamp(min=floor))
 

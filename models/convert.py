@@ -99,6 +99,7 @@ class SourceCheckpoint:
     # already-metaplastic formats: (init, rank) -> the converted config, and their per-layer conversion
     target: Optional[Callable[[str, Optional[int]], MetaplasticConfig]] = None
     layer_fn: Optional[Callable[..., Dict[str, torch.Tensor]]] = None
+    _keys: Optional[List[str]] = field(default=None, repr=False)  # our state-dict keys, built once
 
     @property
     def architecture(self) -> str:
@@ -138,8 +139,9 @@ class SourceCheckpoint:
     def mixer_tensors(self, layer: int) -> Dict[str, torch.Tensor]:
         """``{name within the mixer: tensor}`` of layer ``layer``."""
         prefix = f"backbone.layers.{layer}.mixer."
-        return {key[len(prefix):]: self.tensor(key) for key in lm_shapes(self.config, layers=[layer])
-                if key.startswith(prefix)}
+        if self._keys is None:
+            self._keys = list(lm_shapes(self.config))
+        return {key[len(prefix):]: self.tensor(key) for key in self._keys if key.startswith(prefix)}
 
 
 def _largest_magnitude(tensor: torch.Tensor) -> float:
@@ -169,10 +171,14 @@ def lm_shapes(config: MetaplasticConfig, layers=None) -> Dict[str, Tuple[int, ..
     shapes: Dict[str, Tuple[int, ...]] = {}
     if layers is None:
         shapes["backbone.embeddings.weight"] = (config.vocab_size, config.hidden_size)
+    blocks: Dict[str, Dict[str, Tuple[int, ...]]] = {}  # a block's shapes depend on its mixer and kwargs only
     with torch.device("meta"):
         for i in (range(config.num_hidden_layers) if layers is None else layers):
-            for name, t in MetaplasticBlock(config, i).state_dict().items():
-                shapes[f"backbone.layers.{i}.{name}"] = tuple(t.shape)
+            kind = json.dumps([config.mixer_for(i), config.mixer_kwargs_for(i)], sort_keys=True, default=str)
+            if kind not in blocks:
+                blocks[kind] = {name: tuple(t.shape) for name, t in MetaplasticBlock(config, i).state_dict().items()}
+            for name, shape in blocks[kind].items():
+                shapes[f"backbone.layers.{i}.{name}"] = shape
     if layers is None:
         shapes["backbone.norm_f.weight"] = (config.hidden_size,)
         if not config.tie_word_embeddings:

@@ -29,7 +29,7 @@ def test_prepare_validates_once_and_normalises():
         prepare(obj, **dict(x, b=torch.rand(1, 7, 2, 3, dtype=torch.float64)))
     with pytest.raises(ValueError, match="log_decay"):
         prepare(obj, **dict(x, log_decay=None))
-    with pytest.raises(ValueError, match="prior_precision must be positive"):
+    with pytest.raises(ValueError, match="prior_precision must be > 0"):
         prepare(obj, **x, prior_precision=torch.tensor(-1.0))
     assert compute_dtype(torch.zeros(1, dtype=torch.bfloat16)) == torch.float32
     assert compute_dtype(torch.zeros(1), torch.zeros(1, dtype=torch.float64)) == torch.float64
