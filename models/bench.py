@@ -17,9 +17,12 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
+import platform
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 from typing import Dict
 
@@ -116,6 +119,8 @@ def benchmark(workdir: Path, repeats: int = 3, shapes: Dict[str, object] = MAMBA
         "peak_above_imports_over_size": (conv["peak_rss"] - conv["rss_after_imports"]) / size,
         "load_save_peak_over_size": base["peak_rss"] / size,
         "targets": {"time_ratio": 2.0, "peak_over_size": 2.5},
+        "date": time.strftime("%Y-%m-%d"), "machine": f"{platform.machine()} {platform.processor()}".strip(),
+        "cpus": os.cpu_count(), "torch": torch.__version__,
     }
 
 
