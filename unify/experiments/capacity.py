@@ -390,12 +390,8 @@ def config_from_args(args: argparse.Namespace) -> CapacityConfig:
 
 def run(args: argparse.Namespace) -> int:
     from metaplastic.errors import UserError
-    from ..safe_io import check_output_location
-    check_output_location(args.out, what="--out", kind="dir")
-    try:
-        cfg = config_from_args(args)
-    except ValueError as exc:
-        raise UserError(str(exc)) from None
+    from .overrides import config_for_run
+    cfg = config_for_run(args, config_from_args)
     try:
         result = run_capacity(cfg.models, cfg.distributions, dim=cfg.dim, n_grid=cfg.n_grid, trials=cfg.trials,
                               power=cfg.power, seed=cfg.seed, threads=cfg.threads)

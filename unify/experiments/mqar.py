@@ -626,16 +626,8 @@ def config_from_args(args: argparse.Namespace) -> MQARConfig:
 
 def run(args: argparse.Namespace) -> int:
     from metaplastic.errors import UserError
-    from ..safe_io import check_output_location
-    check_output_location(args.out, what="--out", kind="dir")
-    try:
-        cfg = config_from_args(args)
-    except ImportError as exc:
-        raise UserError(f"the mixers of metaplastic.models are not available: {exc}") from None
-    except ValueError as exc:
-        raise UserError(str(exc)) from None
-    if args.device and args.device.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError(f"--device {args.device} was asked for but torch sees no CUDA device")
+    from .overrides import config_for_run
+    cfg = config_for_run(args, config_from_args, args.device)
     try:
         result = run_mqar(cfg, args.device)
     except ValueError as exc:

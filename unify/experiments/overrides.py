@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import typing
-from typing import Any, Dict, Sequence, Tuple, TypeVar
+from typing import Any, Callable, Dict, Optional, Sequence, Tuple, TypeVar
 
 C = TypeVar("C")
 
@@ -91,3 +91,23 @@ def apply_overrides(cfg: C, items: Sequence[str], frozen: Sequence[str] = ("name
             raise ValueError(f"--set {key}: unknown key; settable keys: {settable}")
         changes[key] = coerce(key, value, hints[key])
     return dataclasses.replace(cfg, **changes)
+
+
+def config_for_run(args: Any, config_from_args: Callable[[Any], C], device: Optional[str] = None) -> C:
+    """The checks every experiment command makes before any work: ``--out`` is a writable folder location,
+    the config (with its ``--set`` overrides) is valid, and a CUDA ``device`` asked for exists; each failure
+    is a :class:`metaplastic.errors.UserError` naming it."""
+    from metaplastic.errors import UserError
+    from metaplastic.safe_io import check_output_location
+    check_output_location(args.out, what="--out", kind="dir")
+    try:
+        cfg = config_from_args(args)
+    except ImportError as exc:
+        raise UserError(f"the mixers of metaplastic.models are not available: {exc}") from None
+    except ValueError as exc:
+        raise UserError(str(exc)) from None
+    if device and device.startswith("cuda"):
+        import torch
+        if not torch.cuda.is_available():
+            raise UserError(f"--device {device} was asked for but torch sees no CUDA device")
+    return cfg
