@@ -118,6 +118,18 @@ def _rowdot(out: Tensor, tmp: Tensor, X: Tensor, start: Tensor) -> Tensor:
     return torch.sum(tmp, -1, out=out)
 
 
+
+def _chunked_inputs(q, k, bv, bb, g, C: int):
+    """``(flat, (q, k, bv, bb, g))``: ``flat`` merges ``[B, H]``; the inputs cut into chunks of ``C`` tokens
+    (``[BH, N, C, ·]``; the log-decay ``[BH, N, C]``)."""
+    B, H, T, _ = q.shape
+    V = bv.shape[-1]
+    flat = (lambda x: x.reshape((B * H,) + x.shape[2:]))
+    qc, kc, bvc = (_chunked(flat(x), C) for x in (q, k, bv))
+    bbc = _chunked(flat(bb.expand(B, H, T, V)), C)
+    gc = _chunked(flat(g)[..., 0], C)
+    return flat, (qc, kc, bvc, bbc, gc)
+
 class PerValueScan(torch.autograd.Function):
     """Per-value Palimpsa with scalar decay (see the module docstring).
 
@@ -141,10 +153,7 @@ class PerValueScan(torch.autograd.Function):
         B, H, T, K = q.shape
         V = bv.shape[-1]
         BH = B * H
-        flat = (lambda x: x.reshape((BH,) + x.shape[2:]))
-        qc, kc, bvc = (_chunked(flat(x), C) for x in (q, k, bv))
-        bbc = _chunked(flat(bb.expand(B, H, T, V)), C)
-        gc = _chunked(flat(g)[..., 0], C)  # [BH,N,C]
+        flat, (qc, kc, bvc, bbc, gc) = _chunked_inputs(q, k, bv, bb, g, C)
         N = qc.shape[1]
         D, e, to_end, e_C = _prepare(gc, C, q.dtype)
         k2 = kc * kc
@@ -193,10 +202,7 @@ class PerValueScan(torch.autograd.Function):
         B, H, T, K = q.shape
         V = bv.shape[-1]
         BH = B * H
-        flat = (lambda x: x.reshape((BH,) + x.shape[2:]))
-        qc, kc, bvc = (_chunked(flat(x), C) for x in (q, k, bv))
-        bbc = _chunked(flat(bb.expand(B, H, T, V)), C)
-        gc = _chunked(flat(g)[..., 0], C)
+        flat, (qc, kc, bvc, bbc, gc) = _chunked_inputs(q, k, bv, bb, g, C)
         doc = _chunked(flat(do), C).transpose(-1, -2) * scale  # [BH,N,V,C]: scale · do
         dvr = _chunked(flat(dvar), C).transpose(-1, -2) if with_var else None  # [BH,N,V,C]
         dvc = dvr * (scale * scale) if with_var else None
