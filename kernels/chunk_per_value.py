@@ -1,10 +1,12 @@
 """Per-value Palimpsa on torch: ``b`` per value row (``[B,T,H,V]``); :func:`per_value_scan` is the entry.
 
-Two forms compute it exactly. ``"scan"`` (default, any decay): :class:`metaplastic.kernels.chunk.DiagonalScan`,
+Three forms compute it exactly. ``"native"`` (the CPU default where it builds, any decay): the fused C kernel
+of :mod:`metaplastic.kernels.cpu_per_value`, one pass per token over the ``[V, K]`` states, nothing of size
+``T·V·K`` materialised. ``"scan"`` (the torch default, any decay): :class:`metaplastic.kernels.chunk.DiagonalScan`,
 ``M_t, J_t`` materialised token by token inside blocks of tokens. ``"matmul"`` (scalar decay):
-:class:`PerValueScan`, below. Both are bound by passes over the ``T·V·K`` materialised numbers; measured
-on a CPU at one thread (``metaplastic bench models`` shape), the matmul form is 15-20% slower, so it is not
-the default. Both run on at most :data:`INTRA_OP_THREADS` torch threads.
+:class:`PerValueScan`, below. These two torch forms are bound by passes over the ``T·V·K`` materialised
+numbers; measured on a CPU at one thread (``metaplastic bench models`` shape), the matmul form is 15-20%
+slower, so it is not the torch default. Both run on at most :data:`INTRA_OP_THREADS` torch threads.
 
 The matmul form, ``b`` per value row and scalar (per-head) decay.
 
@@ -301,23 +303,41 @@ class PerValueScan(torch.autograd.Function):
                 d_start0[:, 1].reshape(B, H, V, K), dIp, None, None, None)
 
 
-FORMS = ("scan", "matmul")
-FORM = "scan"  # measured faster on a CPU at one thread (the module docstring)
+FORMS = ("native", "scan", "matmul")
+FORM: Optional[str] = None  # None: "native" where the compiled CPU kernel runs, else "scan" (module docstring)
+
+
+def default_form(*xs: Tensor) -> str:
+    """``"native"`` when :mod:`metaplastic.kernels.cpu_per_value` runs on ``xs`` (CPU, float32 / float64, the
+    library built), else ``"scan"`` (measured faster than ``"matmul"`` on a CPU at one thread)."""
+    from .cpu_per_value import native_reason
+    return "native" if native_reason(*xs) is None else "scan"
 
 
 def per_value_scan(q: Tensor, k: Tensor, bv: Tensor, bb: Tensor, g: Tensor, M0: Tensor, J0: Tensor, Ip: Tensor,
                    scale: float, chunk_size: int = PER_VALUE_CHUNK, with_var: bool = False,
                    form: Optional[str] = None) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     """Per-value Palimpsa, heads-first (shapes as :class:`PerValueScan`; ``g [B,H,T,1]`` or ``[B,H,T,K]``):
-    ``(o, var, M_T, J_T)``, on at most :data:`INTRA_OP_THREADS` torch threads.
+    ``(o, var, M_T, J_T)``.
 
-    ``form``: ``"scan"`` (:class:`metaplastic.kernels.chunk.DiagonalScan`, token by token inside blocks of
-    ``DIAGONAL_CHUNK`` tokens; any decay) or ``"matmul"`` (:class:`PerValueScan`, scalar decay; chunks capped
-    at :data:`PER_VALUE_CHUNK`); default :data:`FORM`."""
+    ``form``: ``"native"`` (:mod:`metaplastic.kernels.cpu_per_value`, the fused C kernel; CPU, any decay;
+    chunks capped at its ``NATIVE_CHUNK``), ``"scan"`` (:class:`metaplastic.kernels.chunk.DiagonalScan`,
+    token by token inside blocks of ``DIAGONAL_CHUNK`` tokens; any decay) or ``"matmul"``
+    (:class:`PerValueScan`, scalar decay; chunks capped at :data:`PER_VALUE_CHUNK`); the torch forms run on
+    at most :data:`INTRA_OP_THREADS` torch threads. Default :data:`FORM`, or when None
+    :func:`default_form`. ``"native"`` where the kernel cannot run raises ``ValueError`` naming why."""
     from .chunk import DIAGONAL_CHUNK
     form = FORM if form is None else form
+    if form is None:
+        form = default_form(q, k, bv, bb, g, M0, J0, Ip)
     if form not in FORMS:
         raise ValueError(f"form must be one of {FORMS}, got {form!r}")
+    if form == "native":
+        from .cpu_per_value import native_per_value_scan, native_reason
+        reason = native_reason(q, k, bv, bb, g, M0, J0, Ip)
+        if reason is not None:
+            raise ValueError(f"form='native': {reason}")
+        return native_per_value_scan(q, k, bv, bb, g, M0, J0, Ip, scale, chunk_size, with_var)
     if form == "matmul" and g.shape[-1] == 1:
         return PerValueScan.apply(q, k, bv, bb, g, M0, J0, Ip, scale, max(1, min(chunk_size, PER_VALUE_CHUNK)),
                                   with_var)
