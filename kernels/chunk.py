@@ -29,8 +29,9 @@ The models (THEORY.md §2), selected by the objective's settings:
     (With another read primitive, the chunked Triton path, G = 1 is a :class:`DecayedScan` of width 1 for
     ``I`` and one read with the rescaled query.)
   * ``b`` per value channel (``[B,T,H,V]``), or any other initial precision: ``Σ_j M_ij q_j / I_ij`` does
-    not factor. :func:`metaplastic.kernels.chunk_per_value.per_value_scan`: by default :class:`DiagonalScan`,
-    which materialises ``M_t, I_t`` one block of ``DIAGONAL_CHUNK`` tokens at a time, on a capped number of
+    not factor. :func:`metaplastic.kernels.chunk_per_value.per_value_scan`: on a CPU by default the fused C
+    kernel of :mod:`metaplastic.kernels.cpu_per_value` where it builds, else :class:`DiagonalScan`, which
+    materialises ``M_t, I_t`` one block of ``DIAGONAL_CHUNK`` tokens at a time, on a capped number of
     threads; with scalar decay also a batched-matrix-product form. ``O(T·V·K)`` work, ``O(C·V·K)`` memory.
 
 Elementwise glue (``β v``, ``b k²``, ``q ⊘ I``, the variance) runs through autograd.

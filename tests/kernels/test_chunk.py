@@ -11,6 +11,7 @@ import metaplastic
 from metaplastic.kernels.chunk import ChunkDot, DecayedScan, DiagonalScan, chunk_scan
 from metaplastic.kernels.chunk_grouped import GroupedDiagonal
 from metaplastic.kernels.chunk_per_value import PerValueScan
+from metaplastic.kernels import cpu_per_value
 from metaplastic.oracles import ORACLES, scan_kwargs
 
 from helpers import assert_close, random_inputs
@@ -208,12 +209,14 @@ def test_chunk_rejects_bad_arguments():
 @pytest.mark.parametrize("name,b_per_value,init,expected", [
     ("palimpsa", False, None, {"GroupedDiagonal"}),
     ("palimpsa", False, "shared", {"GroupedDiagonal"}),
-    ("palimpsa", True, None, {"DiagonalScan"}), ("palimpsa", False, "random", {"DiagonalScan"}),
-    ("meta_gla", True, None, {"DiagonalScan"})])
+    ("palimpsa", True, None, {"per-value"}), ("palimpsa", False, "random", {"per-value"}),
+    ("meta_gla", True, None, {"per-value"})])
 def test_chunk_takes_the_limit7_fast_path(monkeypatch, name, b_per_value, init, expected):
     """Head-shared b with a row-constant I_0: the precision is a K-vector, read as simple GLA with q ⊘ I
     (THEORY.md limit 7, the grouped path with G = 1); otherwise the per-value path materialises I chunk by
-    chunk (batched products or a token-by-token block scan: kernels/chunk_per_value.py)."""
+    chunk (the C kernel where it builds, else a token-by-token block scan: kernels/chunk_per_value.py)."""
+    per_value = "DiagonalScan" if cpu_per_value.native_unavailable_reason() else "native"
+    expected = {per_value if e == "per-value" else e for e in expected}
     used = set()
 
     def spy(cls, label):
@@ -229,6 +232,8 @@ def test_chunk_takes_the_limit7_fast_path(monkeypatch, name, b_per_value, init, 
     spy(DiagonalScan, lambda a: "DiagonalScan")
     spy(PerValueScan, lambda a: "PerValueScan")
     spy(GroupedDiagonal, lambda a: "GroupedDiagonal")
+    native = cpu_per_value.native_per_value_scan
+    monkeypatch.setattr(cpu_per_value, "native_per_value_scan", lambda *a, **kw: used.add("native") or native(*a, **kw))
     obj, x = make_inputs(name, 1, 6, 1, 2, 3, b_per_value=b_per_value, init=init)
     chunk_scan(obj, **x)
     assert used == expected
