@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Optional, Tuple
 
 import torch
+from torch.autograd.function import once_differentiable
 
 Tensor = torch.Tensor
 SOURCE = Path(__file__).with_name("cpu_per_value.c")
@@ -247,6 +248,7 @@ class NativePerValueScan(torch.autograd.Function):
         return o, (var if with_var else torch.zeros_like(o)), M_T, J_T
 
     @staticmethod
+    @once_differentiable  # the C backward builds no graph: a second derivative raises instead of being wrong
     def backward(ctx, do, dvar, dM_T, dJ_T):
         q, k, bv, bb, g, Ip_h, ckpt = ctx.saved_tensors
         B, H, T, K = q.shape
