@@ -24,6 +24,7 @@ from typing import Dict, Optional, Union
 import torch
 
 from metaplastic.objective import Objective
+from metaplastic.readout_solver import ReadoutSolver
 from metaplastic.scan import ScanResult
 from metaplastic.scan import scan as reference_scan
 
@@ -111,13 +112,15 @@ def scan(objective: Objective, q: Tensor, k: Tensor, v: Tensor, *, log_decay: Op
          prior_precision: Union[float, Tensor] = 1.0, lam: Optional[Tensor] = None, scale: float = 1.0,
          initial_state: Optional[Dict[str, Tensor]] = None, output_final_state: bool = False,
          output_variance: bool = False, cu_seqlens: Optional[Tensor] = None, backend: str = "auto",
-         chunk_size: int = 64, check_values: Optional[bool] = None) -> ScanResult:
+         chunk_size: int = 64, check_values: Optional[bool] = None,
+         readout: Optional[ReadoutSolver] = None) -> ScanResult:
     """:func:`metaplastic.scan` (same arguments, same :class:`~metaplastic.ScanResult`) run by ``backend``.
 
     ``backend``: ``"auto" | "triton" | "triton_chunk" | "triton_recurrent" | "chunk" | "reference"`` (see
     the module docstring). ``chunk_size`` is the chunk length of the chunked paths. ``check_values``: check
     the values of CUDA tensors on the host (a synchronisation; by default they are checked on the device,
-    see :mod:`metaplastic.kernels.entry`).
+    see :mod:`metaplastic.kernels.entry`). ``readout``: the full posterior's read-out solve
+    (:class:`~metaplastic.ReadoutSolver`; None: exact), run by ``reference`` and ``triton_recurrent``.
     """
     if not isinstance(q, Tensor):
         raise ValueError(f"q must be a tensor [B, T, H, K], got {type(q).__name__}")
@@ -127,10 +130,11 @@ def scan(objective: Objective, q: Tensor, k: Tensor, v: Tensor, *, log_decay: Op
         return reference_scan(objective, q, k, v, log_decay=log_decay, beta=beta, b=b,
                               prior_precision=prior_precision, lam=lam, scale=scale, initial_state=initial_state,
                               output_final_state=output_final_state, output_variance=output_variance,
-                              cu_seqlens=cu_seqlens)
+                              cu_seqlens=cu_seqlens, readout=readout)
     call = prepare(objective, q, k, v, log_decay=log_decay, beta=beta, b=b, prior_precision=prior_precision,
                    lam=lam, scale=scale, initial_state=initial_state, output_final_state=output_final_state,
-                   output_variance=output_variance, cu_seqlens=cu_seqlens, check_values=check_values)
+                   output_variance=output_variance, cu_seqlens=cu_seqlens, check_values=check_values,
+                   readout=readout)
     return run(call, chosen, chunk_size)
 
 

@@ -18,7 +18,8 @@ from typing import Callable, Dict, List, Optional, Union
 import torch
 
 from metaplastic.objective import Objective
-from metaplastic.scan import ScanResult, validate_inputs, zero_state
+from metaplastic.readout_solver import ReadoutSolver
+from metaplastic.scan import ScanResult, validate_inputs, validate_readout, zero_state
 
 Tensor = torch.Tensor
 
@@ -83,6 +84,7 @@ class ScanCall:
     dtype: torch.dtype
     check_values: Optional[bool] = None
     ip_requires_grad: bool = False
+    readout: Optional[ReadoutSolver] = None
 
     @property
     def shape(self):
@@ -110,7 +112,7 @@ class ScanCall:
         return dict(log_decay=self.log_decay, beta=self.beta, b=self.b, prior_precision=self.prior_precision,
                     lam=self.lam, scale=self.scale, initial_state=self.initial_state,
                     output_final_state=self.output_final_state, output_variance=self.output_variance,
-                    cu_seqlens=cu)
+                    cu_seqlens=cu, readout=self.readout)
 
     def needs_grad(self) -> bool:
         """Whether autograd will ask this call for gradients."""
@@ -125,7 +127,7 @@ def prepare(objective: Objective, q: Tensor, k: Tensor, v: Tensor, *, log_decay:
             prior_precision: Union[float, Tensor] = 1.0, lam: Optional[Tensor] = None, scale: float = 1.0,
             initial_state: Optional[Dict[str, Tensor]] = None, output_final_state: bool = False,
             output_variance: bool = False, cu_seqlens: Optional[Tensor] = None,
-            check_values: Optional[bool] = None) -> ScanCall:
+            check_values: Optional[bool] = None, readout: Optional[ReadoutSolver] = None) -> ScanCall:
     """Validate the arguments of :func:`metaplastic.scan` once (``ValueError`` naming the argument) and
     return them as a :class:`ScanCall`. See the module docstring for which value checks run where."""
     if not isinstance(q, Tensor):
@@ -152,6 +154,7 @@ def prepare(objective: Objective, q: Tensor, k: Tensor, v: Tensor, *, log_decay:
                 raise ValueError(f"b [B,T,H,G] needs G dividing V = {V} (grouped importance), got G = {G}")
             b_check = b[..., :1].expand(*b.shape[:3], V)  # a per-value stand-in of the same validity
     validate_inputs(objective, q, k, v, log_decay, beta, b_check, ip_check, lam, initial_state, cu_check)
+    validate_readout(objective, readout)
     if output_variance and objective.posterior == "point":
         raise ValueError("output_variance=True needs posterior='diagonal' or 'full'; 'point' has no variance")
     dtype = compute_dtype(q, k, v)
@@ -160,7 +163,8 @@ def prepare(objective: Objective, q: Tensor, k: Tensor, v: Tensor, *, log_decay:
     ip = ip.expand(H) if ip.dim() == 0 else ip
     return ScanCall(objective, q, k, v, log_decay, beta, b, ip, lam, float(scale), initial_state,
                     bool(output_final_state), bool(output_variance), bounds, dtype, check_values,
-                    isinstance(prior_precision, Tensor) and prior_precision.requires_grad)
+                    isinstance(prior_precision, Tensor) and prior_precision.requires_grad,
+                    None if readout is None or readout.is_exact else readout)
 
 
 def by_sequence(call: ScanCall, run_dense: Callable[[ScanCall], ScanResult]) -> ScanResult:

@@ -20,7 +20,8 @@ step by hand-derived vector–Jacobian products.
 
 Full posterior (MesaNet): one program per (sequence, head) holds ``G [V, K]`` and ``H [K, K]`` and solves
 ``(H + diag λ) x = q`` by ``cg_steps`` conjugate-gradient steps warm-started from the previous token's
-``x`` (``None``: ``K`` steps, exact in exact arithmetic). Its gradients fall back to autograd through
+``x`` (``None``: ``K`` steps, exact in exact arithmetic), or as a :class:`~metaplastic.ReadoutSolver` with
+``method='cg'`` asks (steps, a zero / previous / diagonal start, fla's ``+ε`` denominators). Its gradients fall back to autograd through
 :func:`metaplastic.scan` (an exact solve).
 
 Precision: fp16 / bf16 / fp32 inputs are computed in fp32, fp64 inputs in fp64 (as the reference scan);
@@ -37,6 +38,7 @@ import triton
 import triton.language as tl
 
 from metaplastic.objective import Objective
+from metaplastic.readout_solver import CG_STARTS, ReadoutSolver
 from metaplastic.scan import ScanResult
 from metaplastic.scan import scan as reference_scan
 
@@ -135,19 +137,26 @@ def _update(m, Pm, kt, vt, bt, bb, POSTERIOR: tl.constexpr, UPDATE: tl.constexpr
 # ----------------------------------------------------------------------------------------------------
 
 @triton.jit
-def _cg(P, rhs, x, STEPS: tl.constexpr):
-    """``STEPS`` conjugate-gradient steps on ``P x = rhs`` (P ``[BK, BK]`` SPD) from the guess ``x``."""
+def _cg(P, rhs, x, STEPS: tl.constexpr, EPS: tl.constexpr):
+    """``STEPS`` conjugate-gradient steps on ``P x = rhs`` (P ``[BK, BK]`` SPD) from the guess ``x``; ``EPS``
+    added to both denominators (0: plain CG, where a zero denominator means convergence and gives a zero step)."""
     r = rhs - tl.sum(P * x[None, :], 1)
     p = r
     rr = tl.sum(r * r)
     for _ in range(0, STEPS):
         Ap = tl.sum(P * p[None, :], 1)
         pAp = tl.sum(p * Ap)
-        alpha = rr / tl.maximum(pAp, 1e-30)  # pAp = 0 only when r = p = 0 (converged): alpha = 0
+        if EPS > 0:
+            alpha = rr / (pAp + EPS)
+        else:
+            alpha = rr / tl.maximum(pAp, 1e-30)  # pAp = 0 only when r = p = 0 (converged): alpha = 0
         x = x + alpha * p
         r = r - alpha * Ap
         rr_new = tl.sum(r * r)
-        p = r + (rr_new / tl.maximum(rr, 1e-30)) * p
+        if EPS > 0:
+            p = r + (rr_new / (rr + EPS)) * p
+        else:
+            p = r + (rr_new / tl.maximum(rr, 1e-30)) * p
         rr = rr_new
     return x
 
@@ -155,9 +164,11 @@ def _cg(P, rhs, x, STEPS: tl.constexpr):
 @triton.jit
 def _full_fwd(q, k, v, g, beta, lam, h0_1, h0_2, o, var, ht_1, ht_2, bos, eos, i_nh, i_h, scale,
               H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-              CG_STEPS: tl.constexpr, FORGET: tl.constexpr, HAS_BETA: tl.constexpr, OUTPUT_VAR: tl.constexpr,
-              HAS_INIT: tl.constexpr, STORE_FINAL: tl.constexpr, DTYPE: tl.constexpr):
-    """MesaNet: ``G = αG + β v⊗k``, ``H = αH + β k⊗k``, ``o = scale · G (H + diag λ)^{-1} q``."""
+              CG_STEPS: tl.constexpr, CG_START: tl.constexpr, CG_EPS: tl.constexpr, FORGET: tl.constexpr,
+              HAS_BETA: tl.constexpr, OUTPUT_VAR: tl.constexpr, HAS_INIT: tl.constexpr, STORE_FINAL: tl.constexpr,
+              DTYPE: tl.constexpr):
+    """MesaNet: ``G = αG + β v⊗k``, ``H = αH + β k⊗k``, ``o = scale · G (H + diag λ)^{-1} q``, the solve by
+    ``CG_STEPS`` CG steps from ``CG_START`` (0: zero, 1: the previous token's solution, 2: ``q / (diag P + ε)``)."""
     o_k = tl.arange(0, BK)
     o_v = tl.arange(0, BV)
     m_k = o_k < K
@@ -191,7 +202,12 @@ def _full_fwd(q, k, v, g, beta, lam, h0_1, h0_2, o, var, ht_1, ht_2, bos, eos, i
             Hm = at * Hm
         G = G + bt * vt[:, None] * kt[None, :]
         Hm = Hm + bt * kt[:, None] * kt[None, :]
-        x = _cg(Hm + Lam, qt, x, CG_STEPS)
+        P = Hm + Lam
+        if CG_START == 0:
+            x = tl.zeros([BK], dtype=DTYPE)
+        elif CG_START == 2:
+            x = qt / (tl.sum(tl.where(o_k[:, None] == o_k[None, :], P, 0.), 1) + CG_EPS)
+        x = _cg(P, qt, x, CG_STEPS, CG_EPS)
         tl.store(o + p_v, (scale * tl.sum(G * x[None, :], 1)).to(o.dtype.element_ty), mask=m_v)
         if OUTPUT_VAR:
             tl.store(var + p_v, tl.zeros([BV], dtype=DTYPE) + scale * scale * tl.sum(qt * x), mask=m_v)
@@ -209,7 +225,7 @@ def fused_recurrent_fwd_kernel(
         q, k, v, g, beta, b, ip_ptr, lam, scale_ptr, h0_1, h0_2, o, var, ht_1, ht_2, ck_1, ck_2,
         cu_seqlens, seg_offsets,
         H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-        C: tl.constexpr, CG_STEPS: tl.constexpr,
+        C: tl.constexpr, CG_STEPS: tl.constexpr, CG_START: tl.constexpr, CG_EPS: tl.constexpr,
         POSTERIOR: tl.constexpr, UPDATE: tl.constexpr, FORGET: tl.constexpr,
         HAS_BETA: tl.constexpr, BETA_PER_V: tl.constexpr, HAS_B: tl.constexpr, B_PER_V: tl.constexpr,
         OUTPUT_VAR: tl.constexpr, HAS_INIT: tl.constexpr, STORE_FINAL: tl.constexpr,
@@ -223,7 +239,8 @@ def fused_recurrent_fwd_kernel(
     scale = tl.load(scale_ptr).to(DTYPE)
     if POSTERIOR == 2:
         _full_fwd(q, k, v, g, beta, lam, h0_1, h0_2, o, var, ht_1, ht_2, bos, eos, i_nh, i_h, scale,
-                  H, K, V, BK, BV, CG_STEPS, FORGET, HAS_BETA, OUTPUT_VAR, HAS_INIT, STORE_FINAL, DTYPE)
+                  H, K, V, BK, BV, CG_STEPS, CG_START, CG_EPS, FORGET, HAS_BETA, OUTPUT_VAR, HAS_INIT,
+                  STORE_FINAL, DTYPE)
     else:
         o_k = tl.arange(0, BK)
         o_v = i_v * BV + tl.arange(0, BV)
@@ -283,6 +300,8 @@ class _Plan:
     BV_bwd: int  # value rows per backward program (more live tensors: a smaller block)
     C: int
     cg_steps: int
+    cg_start: int  # 0 zero, 1 previous token's solution, 2 q / (diag P + ε)
+    cg_eps: float
     dtype: torch.dtype
     ip: Tensor           # [H] prior precision, compute dtype
     scale: Tensor        # [1] read-out scale, compute dtype
@@ -347,7 +366,8 @@ def _launch_fwd(plan: _Plan, q: Tensor, k: Tensor, v: Tensor, g: Optional[Tensor
         dummy if h0_1 is None else h0_1, dummy if h0_2 is None else h0_2, o, dummy if var is None else var,
         dummy if ht_1 is None else ht_1, dummy if ht_2 is None else ht_2,
         dummy if ck_1 is None else ck_1, dummy if ck_2 is None else ck_2, plan.cu_seqlens, plan.seg_offsets,
-        H=H, K=K, V=V, BK=plan.BK, BV=plan.BV, C=plan.C, CG_STEPS=plan.cg_steps, **plan.flags,
+        H=H, K=K, V=V, BK=plan.BK, BV=plan.BV, C=plan.C, CG_STEPS=plan.cg_steps,
+        CG_START=plan.cg_start, CG_EPS=plan.cg_eps, **plan.flags,
         HAS_BETA=beta is not None, BETA_PER_V=plan.beta_per_v, HAS_B=b is not None, B_PER_V=plan.b_per_v,
         OUTPUT_VAR=plan.output_variance, HAS_INIT=h0_1 is not None, STORE_FINAL=plan.output_final_state,
         SAVE_CKPT=save_ckpt, DTYPE=tl.float64 if dt == torch.float64 else tl.float32, num_warps=num_warps)
@@ -388,7 +408,7 @@ def fused_recurrent_scan(objective: Objective, q: Tensor, k: Tensor, v: Tensor, 
                          initial_state: Optional[Dict[str, Tensor]] = None, output_final_state: bool = False,
                          output_variance: bool = False, cu_seqlens: Optional[Tensor] = None,
                          cg_steps: Optional[int] = None, checkpoint_every: int = 64,
-                         block_v: Optional[int] = None) -> ScanResult:
+                         block_v: Optional[int] = None, readout: Optional[ReadoutSolver] = None) -> ScanResult:
     """:func:`metaplastic.scan` by the fused recurrent Triton kernel (same arguments, same result).
 
     Extra arguments:
@@ -406,7 +426,7 @@ def fused_recurrent_scan(objective: Objective, q: Tensor, k: Tensor, v: Tensor, 
     """
     call = prepare(objective, q, k, v, log_decay=log_decay, beta=beta, b=b, prior_precision=prior_precision,
                    lam=lam, scale=scale, initial_state=initial_state, output_final_state=output_final_state,
-                   output_variance=output_variance, cu_seqlens=cu_seqlens)
+                   output_variance=output_variance, cu_seqlens=cu_seqlens, readout=readout)
     return fused_recurrent_run(call, cg_steps, checkpoint_every, block_v)
 
 
@@ -433,6 +453,13 @@ def fused_recurrent_run(call: ScanCall, cg_steps: Optional[int] = None, checkpoi
 
     flags = kernel_flags(objective)
     B, T, H, K = q.shape
+    if call.readout is None:  # exact: K warm-started plain CG steps (exact in exact arithmetic)
+        steps, start, eps = K if cg_steps is None else cg_steps, 1, 0.0
+    else:
+        if cg_steps is not None:
+            raise ValueError(f"cg_steps={cg_steps} conflicts with readout {call.readout.describe()}: give one")
+        steps, start, eps = (call.readout.cg_steps, CG_STARTS.index(call.readout.cg_start),
+                             float(call.readout.cg_eps))
     V = v.shape[-1]
     dt = call.dtype
     dev = q.device
@@ -454,7 +481,7 @@ def fused_recurrent_run(call: ScanCall, cg_steps: Optional[int] = None, checkpoi
     plan = _Plan(
         flags=flags, B=B, T=T, H=H, K=K, V=V, N=N, BK=BK, BV=_block_v(flags["POSTERIOR"], BK, V, block_v),
         BV_bwd=_block_v(flags["POSTERIOR"], BK, V, block_v, backward=True), C=C,
-        cg_steps=K if cg_steps is None else cg_steps, dtype=dt,
+        cg_steps=steps, cg_start=start, cg_eps=eps, dtype=dt,
         ip=call.prior_precision.detach().contiguous(),
         scale=torch.tensor([call.scale], dtype=dt, device=dev),
         lam=None if lam is None else lam.detach().to(dt).contiguous(),

@@ -4,7 +4,11 @@
     β = σ(b_proj h),  log α = logsigmoid(a_proj h),  λ = softplus(lambda_params) + lambda_lower_bound
     o = scan(mesanet, lam = λ; scale 1)  =  G (H + diag λ)^{-1} q,   out = o_proj(RMSNorm(o) [∘ silu(g_proj h)])
 
-The reference scan solves each read-out exactly (MesaNet's kernels approximate it by conjugate gradients).
+The read-out solve is an option (:class:`metaplastic.ReadoutSolver`): ``readout="exact"`` (default) solves
+``(H + diag λ) x = q`` exactly; ``readout="cg"`` runs ``cg_steps`` conjugate-gradient steps from ``cg_start``
+with ``cg_eps`` added to both denominators. fla's layer runs ``max_cg_step_training`` steps from zero with
+ε = 1e-5 (``chunk_mesa_net``) and, for one cached token, ``max_cg_step_decoding`` steps from
+``q / (diag H + λ + ε)`` (``mesa_net_decoding_one_step``); :func:`fla_readout` gives the kwargs that reproduce it.
 """
 from __future__ import annotations
 
@@ -15,25 +19,48 @@ import torch.nn.functional as F
 from torch import nn
 
 from metaplastic.kernels import scan
+from metaplastic.readout_solver import readout_solver
 
 from .base import Mixer
 from .common import NormThenGate, conv_layer, inverse_softplus, l2_normalize, layer_cache, padding_mask, short_convs
 
 
+FLA_CG_EPS = 1e-5  # fla's MesaNet kernels add it to both CG denominators
+
+
+def fla_readout(max_cg_step_training: int = 30, max_cg_step_decoding: int = 30) -> dict:
+    """The :class:`MesaNet` kwargs that compute the read-out as fla's MesaNet layer does (its defaults: 30, 30)."""
+    return dict(readout="cg", cg_steps=max_cg_step_training, cg_start="zero", cg_eps=FLA_CG_EPS,
+                cg_steps_decoding=max_cg_step_decoding, cg_start_decoding="diagonal")
+
+
 class MesaNet(Mixer):
-    """Keys: ``q_proj, k_proj, v_proj, a_proj, b_proj, lambda_params, q_conv1d, k_conv1d, [g_proj], o_norm, o_proj``."""
+    """Keys: ``q_proj, k_proj, v_proj, a_proj, b_proj, lambda_params, q_conv1d, k_conv1d, [g_proj], o_norm, o_proj``.
+
+    Read-out: ``readout`` (``"exact"`` or ``"cg"``), ``cg_steps``, ``cg_start`` (``"zero"``, ``"previous"``,
+    ``"diagonal"``), ``cg_eps``; a call with a cached state and one token uses ``cg_steps_decoding`` and
+    ``cg_start_decoding`` instead (None: the same as for other calls)."""
 
     registry_name = "mesanet"
 
     def __init__(self, hidden_size: int, *, num_heads: int = 4, head_dim: Optional[int] = None, conv_size: int = 4,
                  conv_bias: bool = False, use_output_gate: bool = False, norm_eps: float = 1e-5,
-                 lambda_lower_bound: float = 0.25) -> None:
+                 lambda_lower_bound: float = 0.25, readout: str = "exact", cg_steps: Optional[int] = None,
+                 cg_start: str = "zero", cg_eps: float = 0.0, cg_steps_decoding: Optional[int] = None,
+                 cg_start_decoding: Optional[str] = None) -> None:
         head_dim = head_dim if head_dim is not None else hidden_size // num_heads
         if head_dim < 1:
             raise ValueError(f"head_dim must be positive, got {head_dim}")
         super().__init__(hidden_size, dict(num_heads=num_heads, head_dim=head_dim, conv_size=conv_size,
                                            conv_bias=conv_bias, use_output_gate=use_output_gate, norm_eps=norm_eps,
                                            lambda_lower_bound=lambda_lower_bound))
+        self.readout = readout_solver(readout, cg_steps, cg_start, cg_eps)
+        decoding = (cg_steps if cg_steps_decoding is None else cg_steps_decoding,
+                    cg_start if cg_start_decoding is None else cg_start_decoding)
+        self.readout_decoding = readout_solver(readout, *decoding, cg_eps)
+        if not self.readout.is_exact or cg_steps_decoding is not None or cg_start_decoding is not None:
+            self.mixer_kwargs.update(readout=readout, cg_steps=cg_steps, cg_start=cg_start, cg_eps=cg_eps,
+                                     cg_steps_decoding=cg_steps_decoding, cg_start_decoding=cg_start_decoding)
         self.num_heads, self.head_k_dim, self.head_v_dim = num_heads, head_dim, head_dim
         self.lambda_lower_bound = lambda_lower_bound
         dim = num_heads * head_dim
@@ -66,9 +93,11 @@ class MesaNet(Mixer):
         if mask is not None:
             beta, log_decay = beta * mask.float(), log_decay * mask.float()
         lam = (F.softplus(self.lambda_params.float()) + self.lambda_lower_bound).view(H, K)
+        state = None if entry is None else entry.get("state")
+        decoding = state is not None and T == 1
         result = scan(self.objective, q, k, v, backend="auto", log_decay=log_decay, beta=beta, lam=lam, scale=1.0,
-                      initial_state=None if entry is None else entry.get("state"),
-                      output_final_state=entry is not None)
+                      initial_state=state, output_final_state=entry is not None,
+                      readout=self.readout_decoding if decoding else self.readout)
         gate = None if self.g_proj is None else self.g_proj(hidden_states).view(B, T, H, K)
         o = self.o_norm(result.output, gate)
         if entry is not None:

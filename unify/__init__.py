@@ -6,10 +6,11 @@
 """
 from .errors import UserError
 from .objective import Objective, metaplastic
+from .readout_solver import ReadoutSolver
 from .registry import ModelSpec, registry
 from .scan import ScanResult, scan
 
-__all__ = ["UserError", "Objective", "metaplastic", "registry", "ModelSpec", "scan", "ScanResult"]
+__all__ = ["UserError", "Objective", "metaplastic", "registry", "ModelSpec", "scan", "ScanResult", "ReadoutSolver"]
 __version__ = "0.1.0"
 
 

@@ -13,7 +13,10 @@ A step is three stages, each selected by the objective's settings:
 1. :func:`prior`    – stabilised forgetting ``p_t ∝ q_{t-1}^α p_0^{1-α}`` (posterior, forgetting);
 2. :func:`update`   – the evidence of the token, minimised by the solver (likelihood, posterior, solver,
                       transition);
-3. :func:`readout`  – ``o = scale · E[S] q`` and its predictive variance.
+3. :func:`readout`  – ``o = scale · E[S] q`` and its predictive variance; the full posterior's
+                      ``E[S] q = G (H + diag λ)^{-1} q`` solves exactly or, as a
+                      :class:`~metaplastic.readout_solver.ReadoutSolver` asks, by conjugate gradients
+                      (:func:`key_solution`; torch only).
 
 Shapes. State tensors are value-first ``[..., V, K]`` (full posterior: ``G [..., V, K]``,
 ``H [..., K, K]``). ``q, k [..., K]``, ``v [..., V]``. Gates are already broadcast against ``[..., V, K]``:
@@ -32,6 +35,7 @@ from __future__ import annotations
 from typing import Any, Dict, NamedTuple, Optional, Tuple
 
 from .objective import Objective
+from .readout_solver import ReadoutSolver
 
 State = Dict[str, Any]
 
@@ -137,9 +141,55 @@ def update(objective: Objective, prior_state: State, k: Any, v: Any, gates: Gate
     return {"G": prior_state["G"] + beta * outer(v, k), "H": prior_state["H"] + beta * outer(k, k)}
 
 
+def _nonzero(d: Any) -> Any:
+    """``d`` with exact zeros replaced by 1 (plain CG divides by ``p·Ap`` and ``r·r``; both are 0 only once the
+    residual is exactly 0, where the step they scale is 0 anyway)."""
+    import torch
+    return torch.where(d == 0, torch.ones_like(d), d)
+
+
+def conjugate_gradient(P: Any, q: Any, x: Any, steps: int, eps: float = 0.0) -> Any:
+    """``steps`` conjugate-gradient steps on ``P x = q`` (``P [..., K, K]`` symmetric positive definite,
+    ``q, x [..., K]``) from the guess ``x``; ``eps`` is added to both denominators (torch tensors)."""
+    r = q - matvec(P, x)
+    p = r
+    rr = (r * r).sum(-1)[..., None]
+    for _ in range(steps):
+        Ap = matvec(P, p)
+        pAp = (p * Ap).sum(-1)[..., None]
+        alpha = rr / (pAp + eps if eps else _nonzero(pAp))
+        x = x + alpha * p
+        r = r - alpha * Ap
+        rr_new = (r * r).sum(-1)[..., None]
+        p = r + (rr_new / (rr + eps if eps else _nonzero(rr))) * p
+        rr = rr_new
+    return x
+
+
+def key_solution(objective: Objective, state: State, q: Any, gates: Gates, solver: Optional[ReadoutSolver] = None,
+                 guess: Any = None) -> Any:
+    """The full posterior's ``x = (H + diag λ)^{-1} q`` ``[..., K]`` as ``solver`` computes it (None: exact);
+    ``guess`` is the previous token's ``x`` (``cg_start='previous'``; None: zeros). None for the other
+    posteriors (their read-out needs no solve)."""
+    if objective.posterior != "full":
+        return None
+    H = state["H"]
+    P = H + _eye_like(H) * gates.lam[..., None, :]
+    if solver is None or solver.is_exact:
+        return solve(P, q)
+    if solver.cg_start == "diagonal":
+        x0 = q / ((P * _eye_like(H)).sum(-1) + solver.cg_eps)
+    elif solver.cg_start == "previous" and guess is not None:
+        x0 = guess
+    else:
+        x0 = 0 * q
+    return conjugate_gradient(P, q, x0, solver.cg_steps, solver.cg_eps)
+
+
 def readout(objective: Objective, state: State, q: Any, gates: Gates, scale: Any,
-            output_variance: bool = False) -> Tuple[Any, Optional[Any]]:
-    """``o = scale · E[S] q`` ``[..., V]`` and, if asked, ``Var[o]`` ``[..., V]`` (THEORY.md §2)."""
+            output_variance: bool = False, solution: Any = None) -> Tuple[Any, Optional[Any]]:
+    """``o = scale · E[S] q`` ``[..., V]`` and, if asked, ``Var[o]`` ``[..., V]`` (THEORY.md §2). For the full
+    posterior ``solution`` is ``(H + diag λ)^{-1} q`` as :func:`key_solution` gives it (None: solved exactly)."""
     post = objective.posterior
     if post == "point":
         if output_variance:
@@ -149,9 +199,7 @@ def readout(objective: Objective, state: State, q: Any, gates: Gates, scale: Any
         out = scale * matvec(state["mu"], q)
         var = scale * scale * matvec(1 / state["I"], q * q) if output_variance else None
         return out, var
-    H = state["H"]
-    P = H + _eye_like(H) * gates.lam[..., None, :]
-    x = solve(P, q)
+    x = key_solution(objective, state, q, gates) if solution is None else solution
     out = scale * matvec(state["G"], x)
     var = None
     if output_variance:
@@ -161,8 +209,12 @@ def readout(objective: Objective, state: State, q: Any, gates: Gates, scale: Any
 
 
 def step(objective: Objective, state: State, q: Any, k: Any, v: Any, gates: Gates, scale: Any,
-         output_variance: bool = False) -> Tuple[State, Any, Optional[Any]]:
-    """One token: prior, update, then read out with the state *after* the token's own update."""
+         output_variance: bool = False, solver: Optional[ReadoutSolver] = None,
+         guess: Any = None) -> Tuple[State, Any, Optional[Any], Any]:
+    """One token: prior, update, then read out with the state *after* the token's own update. Returns the new
+    state, the output, the variance (or None) and the full posterior's key solution (None otherwise), the
+    ``guess`` of the next token under ``cg_start='previous'``."""
     new_state = update(objective, prior(objective, state, gates), k, v, gates)
-    out, var = readout(objective, new_state, q, gates, scale, output_variance)
-    return new_state, out, var
+    x = key_solution(objective, new_state, q, gates, solver, guess)
+    out, var = readout(objective, new_state, q, gates, scale, output_variance, solution=x)
+    return new_state, out, var, x

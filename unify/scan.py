@@ -15,6 +15,7 @@ import torch
 
 from . import closed_forms
 from .objective import Objective
+from .readout_solver import ReadoutSolver
 
 Tensor = torch.Tensor
 
@@ -172,6 +173,16 @@ def validate_inputs(objective: Objective, q: Tensor, k: Tensor, v: Tensor, log_d
         _check(not extra, f"initial_state has unexpected keys {sorted(extra)}; expected {tuple(shapes)}")
 
 
+def validate_readout(objective: Objective, readout: Optional[ReadoutSolver]) -> None:
+    """``readout`` is None or a :class:`ReadoutSolver`; a non-exact one only for ``posterior='full'``."""
+    if readout is None:
+        return
+    _check(isinstance(readout, ReadoutSolver), f"readout must be a metaplastic.ReadoutSolver or None, got "
+           f"{type(readout).__name__}")
+    _check(readout.is_exact or objective.posterior == "full", f"readout {readout.describe()} solves the full "
+           f"posterior's read-out; posterior={objective.posterior!r} reads out without a solve")
+
+
 def expand_groups(b: Optional[Tensor], V: int) -> Optional[Tensor]:
     """``b [B,T,H,G]`` -> ``[B,T,H,V]``, each group's rate repeated over its ``V/G`` contiguous value rows
     (THEORY.md limit 8). ``[B,T,H]`` (head-shared) and None pass through unchanged."""
@@ -211,7 +222,8 @@ def scan(objective: Objective, q: Tensor, k: Tensor, v: Tensor, *, log_decay: Op
          beta: Optional[Tensor] = None, b: Optional[Tensor] = None,
          prior_precision: Union[float, Tensor] = 1.0, lam: Optional[Tensor] = None, scale: float = 1.0,
          initial_state: Optional[Dict[str, Tensor]] = None, output_final_state: bool = False,
-         output_variance: bool = False, cu_seqlens: Optional[Tensor] = None) -> ScanResult:
+         output_variance: bool = False, cu_seqlens: Optional[Tensor] = None,
+         readout: Optional[ReadoutSolver] = None) -> ScanResult:
     """Run the memory recurrence of ``objective`` over a sequence.
 
     Args:
@@ -228,10 +240,13 @@ def scan(objective: Objective, q: Tensor, k: Tensor, v: Tensor, *, log_decay: Op
         output_final_state: return the state after the last token.
         output_variance: return the posterior predictive variance ``[B,T,H,V]`` (diagonal, full).
         cu_seqlens: ``[N+1]`` boundaries of N sequences packed along T (then B must be 1).
+        readout: how the full posterior solves its read-out (:class:`~metaplastic.ReadoutSolver`; None:
+            exactly). Conjugate gradients started from the previous solution restart at each sequence.
 
     Computes in float64 if any input is float64, else float32; the output has q's dtype, states fp32/64.
     """
     validate_inputs(objective, q, k, v, log_decay, beta, b, prior_precision, lam, initial_state, cu_seqlens)
+    validate_readout(objective, readout)
     if output_variance and objective.posterior == "point":
         raise ValueError("output_variance=True needs posterior='diagonal' or 'full'; 'point' has no variance")
     B, T, H, K = q.shape
@@ -252,7 +267,7 @@ def scan(objective: Objective, q: Tensor, k: Tensor, v: Tensor, *, log_decay: Op
                 continue
             res = _scan_dense(objective, q[:, sl], k[:, sl], v[:, sl],
                               None if log_decay is None else log_decay[:, sl], None if beta is None else beta[:, sl],
-                              None if b is None else b[:, sl], Ip, lam, scale, init, output_variance, dtype)
+                              None if b is None else b[:, sl], Ip, lam, scale, init, output_variance, dtype, readout)
             outs.append(res.output)
             vars_.append(res.variance)
             finals.append(res.final_state)
@@ -260,12 +275,13 @@ def scan(objective: Objective, q: Tensor, k: Tensor, v: Tensor, *, log_decay: Op
         variance = torch.cat(vars_, dim=1) if output_variance else None
         final = {key: torch.cat([f[key] for f in finals], dim=0) for key in finals[0]} if output_final_state else None
         return ScanResult(output, final, variance)
-    res = _scan_dense(objective, q, k, v, log_decay, beta, b, Ip, lam, scale, initial_state, output_variance, dtype)
+    res = _scan_dense(objective, q, k, v, log_decay, beta, b, Ip, lam, scale, initial_state, output_variance, dtype,
+                      readout)
     return ScanResult(res.output.to(q.dtype), res.final_state if output_final_state else None, res.variance)
 
 
 def _scan_dense(objective, q, k, v, log_decay, beta, b, Ip, lam, scale, initial_state, output_variance,
-                dtype) -> ScanResult:
+                dtype, readout=None) -> ScanResult:
     B, T, H, K = q.shape
     V = v.shape[-1]
     if initial_state is None:
@@ -274,10 +290,11 @@ def _scan_dense(objective, q, k, v, log_decay, beta, b, Ip, lam, scale, initial_
         state = {key: x.to(dtype) for key, x in initial_state.items()}
     qd, kd, vd = q.to(dtype), k.to(dtype), v.to(dtype)
     outs, vars_ = [], []
+    x = None  # the previous token's key solution (full posterior)
     for t in range(T):
         gates = _gates_at(objective, t, log_decay, beta, b, Ip, lam, dtype)
-        state, out, var = closed_forms.step(objective, state, qd[:, t], kd[:, t], vd[:, t], gates, scale,
-                                            output_variance)
+        state, out, var, x = closed_forms.step(objective, state, qd[:, t], kd[:, t], vd[:, t], gates, scale,
+                                               output_variance, solver=readout, guess=x)
         outs.append(out)
         if output_variance:
             vars_.append(var)

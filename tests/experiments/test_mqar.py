@@ -165,3 +165,54 @@ def test_cli_rejects_bad_input(tmp_path, capsys):
     assert "unknown model 'nope'" in capsys.readouterr().err
     assert main(["mqar", "--lrs", "-1", "--out", str(tmp_path)]) == 2
     assert "--lrs must be positive" in capsys.readouterr().err
+
+
+def test_test_settings_run_on_the_model_of_the_longest_shorter_training_length(monkeypatch):
+    """Settings tested beyond training go to the model trained at the longest training length not above
+    theirs, are reported per seed with ``trained=False``, and are marked in the table."""
+    seen = []
+    real = mqar.evaluate
+
+    def spy(model, inputs, labels, batch_size, device):
+        seen.append((id(model), tuple(inputs.shape), int((labels != -100).sum(-1).max())))
+        return real(model, inputs, labels, batch_size, device)
+
+    monkeypatch.setattr(mqar, "evaluate", spy)
+    cfg = _tiny(vocab_size=32, settings=((16, 2), (32, 2)), test_settings=((24, 3), (48, 6), (32, 8)), seeds=(0, 1))
+    result = mqar.run_mqar(cfg, progress=False)
+    r = result["results"]["mamba2"]
+    beyond = [s for s in r["settings"] if not s["trained"]]
+    assert [(s["seq_len"], s["pairs"], s["trained_at"]) for s in beyond] == [(24, 3, 16), (48, 6, 32), (32, 8, 32)]
+    assert all(len(s["accuracy"]) == 2 for s in beyond)
+    # every tested split reaches the model trained at its length: the split of (24, 3) follows the T=16 test
+    shapes = [shape for _, shape, _ in seen]
+    assert (8, 24) in shapes and (8, 48) in shapes and (8, 32) in shapes
+    by_model = {}
+    for model, shape, pairs in seen:
+        by_model.setdefault(model, []).append((shape[1], pairs))
+    for evaluated in by_model.values():
+        lengths = {L for L, _ in evaluated}
+        assert lengths in ({16}, {32}, {16, 24}, {32, 48})  # validation runs, then tests (trained, then beyond)
+    assert "T=48, 6 pairs †" in mqar.summary_table(result)
+
+
+@pytest.mark.parametrize("test_settings,message", [
+    (((8, 2),), "shorter than every training length"),
+    (((16, 4),), "also a training setting"),
+    (((16, 5),), "too short for 5 pairs"),
+])
+def test_bad_test_settings_are_refused_by_name(test_settings, message):
+    with pytest.raises(ValueError, match=message):
+        mqar.validate_config(_tiny(test_settings=test_settings))
+
+
+def test_worker_processes_give_the_same_results():
+    """``jobs=2`` (one model per spawned process) reproduces the single-process results exactly."""
+    cfg = _tiny(models=("mamba2", "gated_deltanet"), epochs=1)
+    one = mqar.run_mqar(cfg, "cpu", progress=False)["results"]
+    two = mqar.run_mqar(mqar.replace(cfg, jobs=2), "cpu", progress=False)["results"]
+    for entry in cfg.models:
+        for a, b in zip(one[entry]["runs"], two[entry]["runs"]):
+            a, b = dict(a), dict(b)
+            a.pop("seconds"), b.pop("seconds")
+            assert a == b

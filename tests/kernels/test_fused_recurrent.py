@@ -300,6 +300,32 @@ def test_full_posterior_cg_steps():
     assert errs[0] > errs[2]
 
 
+@pytest.mark.parametrize("start", ["zero", "previous", "diagonal"])
+@pytest.mark.parametrize("eps", [0.0, 1e-5])
+def test_full_posterior_cg_readout_equals_reference(start, eps):
+    """A ReadoutSolver with method 'cg' runs the same steps from the same start as the reference scan (varlen:
+    the warm start restarts per sequence)."""
+    objective, x, kw, state = model_inputs("mesanet", T=6, K=8, V=4, seed=12)
+    readout = metaplastic.ReadoutSolver("cg", 2, start, eps)
+    outputs = []
+    for cu in (None, torch.tensor([0, 5, 12])):
+        args = {key: (t.reshape(1, -1, *t.shape[2:]) if cu is not None else t) for key, t in x.items()}
+        gates = {key: (t.reshape(1, -1, *t.shape[2:]) if cu is not None and torch.is_tensor(t) and t.dim() > 2 else t)
+                 for key, t in kw.items()}
+        init = state if cu is None else None
+        ref = metaplastic.scan(objective, **args, **gates, initial_state=init, cu_seqlens=cu, readout=readout,
+                               output_variance=True)
+        out = fused_recurrent_scan(objective, **args, **gates, initial_state=init, cu_seqlens=cu, readout=readout,
+                                   output_variance=True)
+        assert_close(out.output, ref.output, rtol=1e-12)
+        assert_close(out.variance, ref.variance, rtol=1e-12)
+        outputs.append(ref.output)
+    exact = metaplastic.scan(objective, **x, **kw, initial_state=state).output
+    assert relative_error(outputs[0], exact) > 1e-6  # two steps are not the exact solve at K = 8
+    with pytest.raises(ValueError, match="conflicts"):
+        fused_recurrent_scan(objective, **x, **kw, readout=readout, cg_steps=3)
+
+
 def test_full_posterior_gradients_fall_back_to_reference():
     """The full posterior's gradients are autograd through metaplastic.scan (documented fallback)."""
     objective, x, kw, state = model_inputs("mesanet", T=5, seed=9)

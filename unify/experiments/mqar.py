@@ -81,6 +81,9 @@ class MQARConfig:
     lrs: Tuple[float, ...]
     seeds: Tuple[int, ...]
     models: Tuple[str, ...] = DEFAULT_MODELS
+    # (sequence length, pairs) tested only, beyond training (more pairs, longer gaps): each on the model
+    # trained at the longest training length not above its own
+    test_settings: Tuple[Tuple[int, int], ...] = ()
     lr_select_seeds: int = 1  # the first seeds train every lr; the lr is chosen on their validation accuracy
     converged_loss: float = 0.1  # final training loss (nats per query) at or below which a run is converged
     filler: str = "random"  # non-query positions: "random" (Zoology) or "zero"
@@ -93,6 +96,7 @@ class MQARConfig:
     weight_decay: float = 0.1
     curve_points: int = 50  # points of the stored training-loss curve
     smoke: bool = False  # a smoke test: labelled as such in its outputs, not a result
+    jobs: int = 1  # worker processes, one model each at a time (CPU: ``jobs × threads`` cores)
     threads: Optional[int] = 1  # torch threads on a CPU (tiny models are overhead-bound); None: torch's default
 
 
@@ -103,15 +107,16 @@ CONFIGS: Dict[str, MQARConfig] = {
                         lrs=(3e-3,), seeds=(0, 1),
                         models=("mamba2", "meta_mamba2", "gated_deltanet", "palimpsa", "mesanet"),
                         converged_loss=0.5, smoke=True),
-    # Sized for under an hour of one busy CPU core: d_model 32, 256 floats of state per layer, 2 to 8 pairs
-    # at T = 32, 675 steps of 16 sequences, 3 seeds, lr chosen on validation from {3e-3, 1e-2}. Zero filler:
-    # with random filler these sizes stay at chance for the first 300-500 steps (measured), far from
-    # converging in this budget; `--set filler=random` (and more epochs) or the paper config on a GPU for that.
+    # Converged, 3 seeds, on a 2-core CPU (two worker processes of one thread): d_model 32, 256 floats of state
+    # per layer, Zoology's random filler, trained on 2 to 8 pairs at T = 32 for 12 epochs (2700 steps of 16
+    # sequences), lr chosen on validation from {1e-2, 2e-2}; tested on the trained settings and beyond them:
+    # longer gaps (T = 64, 8 pairs) and more pairs per state float (T = 64, 16 pairs).
     "study": MQARConfig("study", vocab_size=64, d_model=32, settings=((32, 2), (32, 4), (32, 8)),
-                        state_budget=256, train_examples=1200, val_examples=200, test_examples=500, epochs=3,
-                        batch_size=16, lrs=(3e-3, 1e-2), seeds=(0, 1, 2),
+                        test_settings=((64, 8), (64, 16)), state_budget=256, train_examples=1200,
+                        val_examples=200, test_examples=500, epochs=12, batch_size=16, lrs=(1e-2, 2e-2),
+                        seeds=(0, 1, 2),
                         models=("mamba2", "meta_mamba2", "meta_mamba2@width", "gated_deltanet", "palimpsa"),
-                        converged_loss=1.0, filler="zero"),
+                        converged_loss=0.25, jobs=2),
     # The paper's setting (REFERENCES.md), for a GPU: d_model 128, (512, 128) and (1024, 256), vocab 8192,
     # 100k train / 3k test, 60 epochs, lr 1e-3..1e-2, 8 seeds; both accountings for the metaplastic models.
     "paper": MQARConfig("paper", vocab_size=8192, d_model=128, settings=((512, 128), (1024, 256)),
@@ -278,6 +283,18 @@ def validate_config(cfg: MQARConfig) -> None:
             check_setting(seq_len, pairs, cfg.vocab_size)
         except ValueError as exc:
             raise ValueError(f"settings: {exc}") from None
+    train_lens = sorted({s for s, _ in cfg.settings})
+    for seq_len, pairs in cfg.test_settings:
+        try:
+            check_setting(seq_len, pairs, cfg.vocab_size)
+        except ValueError as exc:
+            raise ValueError(f"test_settings: {exc}") from None
+        if seq_len < train_lens[0]:
+            raise ValueError(f"test_settings: ({seq_len}, {pairs}) is shorter than every training length "
+                             f"({train_lens[0]} and up); it is tested on the model trained at the longest "
+                             f"training length not above its own")
+        if (seq_len, pairs) in set(map(tuple, cfg.settings)):
+            raise ValueError(f"test_settings: ({seq_len}, {pairs}) is also a training setting")
     if not cfg.lrs or any(lr <= 0 or not math.isfinite(lr) for lr in cfg.lrs):
         raise ValueError(f"lrs: learning rates must be positive, got {list(cfg.lrs)}")
     if not cfg.seeds or len(set(cfg.seeds)) != len(cfg.seeds):
@@ -310,6 +327,8 @@ def validate_config(cfg: MQARConfig) -> None:
             raise ValueError("importance_groups is not supported by this installation")
     if not 0 <= cfg.warmup < 1:
         raise ValueError(f"warmup must be in [0, 1), got {cfg.warmup}")
+    if cfg.jobs < 1:
+        raise ValueError(f"jobs must be positive, got {cfg.jobs}")
     if cfg.threads is not None and cfg.threads < 1:
         raise ValueError(f"threads must be positive, got {cfg.threads}")
 
@@ -322,14 +341,23 @@ def _split(cfg: MQARConfig, seq_len: int, pairs: int, n: int, stream: int) -> Tu
     return mqar(n, seq_len, pairs, cfg.vocab_size, gen, filler=cfg.filler)
 
 
+def trained_at(cfg: MQARConfig, seq_len: int) -> int:
+    """The training length whose model a setting of length ``seq_len`` is tested on: the longest one not
+    above ``seq_len``."""
+    return max(s for s, _ in cfg.settings if s <= seq_len)
+
+
 def datasets(cfg: MQARConfig, seq_len: int, seed: int) -> Dict[str, Any]:
     """``train`` (the mixture of ``seq_len``'s pair counts, drawn from ``seed``), ``val`` and ``test`` (one
-    split per pair count, fixed across seeds); the three come from disjoint generator streams."""
+    split per pair count, fixed across seeds), and ``beyond``: the test splits of the ``test_settings``
+    tested on this length's model, keyed ``(length, pairs)``. All come from disjoint generator streams."""
     pairs = [p for s, p in cfg.settings if s == seq_len]
     parts = [_split(cfg, seq_len, p, cfg.train_examples, 1_000_003 * seed + 7 * seq_len + p) for p in pairs]
     return {"train": (torch.cat([x for x, _ in parts]), torch.cat([y for _, y in parts])),
             "val": {p: _split(cfg, seq_len, p, cfg.val_examples, 10**12 + 7_919 * p + seq_len) for p in pairs},
-            "test": {p: _split(cfg, seq_len, p, cfg.test_examples, 2 * 10**12 + 7_919 * p + seq_len) for p in pairs}}
+            "test": {p: _split(cfg, seq_len, p, cfg.test_examples, 2 * 10**12 + 7_919 * p + seq_len) for p in pairs},
+            "beyond": {(L, p): _split(cfg, L, p, cfg.test_examples, 3 * 10**12 + 7_919 * p + L)
+                       for L, p in cfg.test_settings if trained_at(cfg, L) == seq_len}}
 
 
 def _schedule(step: int, total: int, warmup: int) -> float:
@@ -466,64 +494,101 @@ def run_mqar(cfg: MQARConfig, device: Optional[str] = None, progress: bool = Tru
 def _run(cfg: MQARConfig, dev: torch.device, progress: bool) -> Dict[str, Any]:
     for entry in cfg.models:  # sizes first: a model that cannot be matched fails before any training
         build_model(cfg, entry)
-    seq_lens = sorted({s for s, _ in cfg.settings})
-    steps = {L: math.ceil(cfg.train_examples * sum(1 for s, _ in cfg.settings if s == L) / cfg.batch_size)
-             * cfg.epochs for L in seq_lens}
-    n_select = min(cfg.lr_select_seeds, len(cfg.seeds)) if len(cfg.lrs) > 1 else 0
-    runs_per_model = n_select * len(cfg.lrs) + len(cfg.seeds) - n_select
     started = time.perf_counter()
     label = "smoke test " if cfg.smoke else ""
-    bar = tqdm(total=sum(steps.values()) * runs_per_model * len(cfg.models), desc=f"mqar {label}{cfg.name}",
-               disable=not progress, mininterval=5.0)
-    results: Dict[str, Any] = {}
-    for entry in cfg.models:
-        cache: Dict[Tuple[float, int, int], Dict[str, Any]] = {}
-        data = {(seed, L): None for seed in cfg.seeds for L in seq_lens}
-
-        def one(lr: float, seed: int, L: int) -> Dict[str, Any]:
-            if data[(seed, L)] is None:
-                data[(seed, L)] = datasets(cfg, L, seed)
-            cache[(lr, seed, L)] = train_run(cfg, entry, L, lr, seed, dev, data[(seed, L)], bar)
-            return cache[(lr, seed, L)]
-
-        selection: Dict[str, float] = {}
-        if n_select:
-            for lr in cfg.lrs:
-                accs = [a for seed in cfg.seeds[:n_select] for L in seq_lens for a in one(lr, seed, L)["val"].values()]
-                selection[str(lr)] = round(statistics.fmean(accs), 4)
-            best = max(cfg.lrs, key=lambda lr: selection[str(lr)])
-            for key in [k for k in cache if k[0] != best]:  # the other lrs are never tested
-                del cache[key]
-        else:
-            best = cfg.lrs[0]
-        runs = []
-        for seed in cfg.seeds:
-            for L in seq_lens:
-                out = cache.pop((best, seed, L), None) or one(best, seed, L)
-                test = {p: round(evaluate(out["model"], x, y, cfg.batch_size, dev), 4)
-                        for p, (x, y) in data[(seed, L)]["test"].items()}
-                model = out.pop("model")
-                val = out.pop("val")
-                runs.append(dict(seed=seed, seq_len=L, lr=best, test=test,
-                                 val={p: round(a, 4) for p, a in val.items()}, **out))
-                data[(seed, L)] = {"test": data[(seed, L)]["test"]}
-        name, accounting = split_name(entry)
-        H, K, V = model.memory_shape()
-        settings = []
-        for L, p in cfg.settings:
-            accs = [r["test"][p] for r in runs if r["seq_len"] == L]
-            settings.append(dict(seq_len=L, pairs=p, accuracy=accs, **spread(accs),
-                                 converged=[r["converged"] for r in runs if r["seq_len"] == L]))
-        results[entry] = {"model": name, "accounting": ACCOUNTINGS[accounting], "state_floats": model.state_size(),
-                          "memory": {"H": H, "K": K, "V": V}, "mixer_kwargs": model.mixer_kwargs,
-                          "parameters": sum(p.numel() for p in model.parameters()),
-                          "lr_selection": selection, "best_lr": best,
-                          "converged": f"{sum(r['converged'] for r in runs)}/{len(runs)}",
-                          "settings": settings, "runs": runs}
-    bar.close()
+    if cfg.jobs > 1 and len(cfg.models) > 1:
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+        jobs = min(cfg.jobs, len(cfg.models))
+        with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+            futures = [pool.submit(_model_in_process, cfg, entry, str(dev), progress, i % jobs)
+                       for i, entry in enumerate(cfg.models)]
+            results = {entry: f.result() for entry, f in zip(cfg.models, futures)}
+    else:
+        bar = tqdm(total=_steps_per_model(cfg) * len(cfg.models), desc=f"mqar {label}{cfg.name}",
+                   disable=not progress, mininterval=5.0)
+        results = {entry: run_model(cfg, entry, dev, bar) for entry in cfg.models}
+        bar.close()
     return {"config": dict(asdict(cfg), seconds=round(time.perf_counter() - started, 1), device=str(dev),
                            torch=torch.__version__, chance_loss=round(math.log(cfg.vocab_size - cfg.vocab_size // 2), 4)),
             "results": results}
+
+
+def _steps_per_model(cfg: MQARConfig) -> int:
+    """Training steps of one model: every run of the lr selection and of the remaining seeds."""
+    seq_lens = sorted({s for s, _ in cfg.settings})
+    steps = sum(math.ceil(cfg.train_examples * sum(1 for s, _ in cfg.settings if s == L) / cfg.batch_size)
+                * cfg.epochs for L in seq_lens)
+    n_select = min(cfg.lr_select_seeds, len(cfg.seeds)) if len(cfg.lrs) > 1 else 0
+    return steps * (n_select * len(cfg.lrs) + len(cfg.seeds) - n_select)
+
+
+def _model_in_process(cfg: MQARConfig, entry: str, device: str, progress: bool, position: int) -> Dict[str, Any]:
+    """:func:`run_model` in a worker process of ``--set jobs=N`` (its own progress bar and thread count)."""
+    dev = torch.device(device)
+    bar = tqdm(total=_steps_per_model(cfg), desc=f"mqar {cfg.name} {entry}", disable=not progress,
+               mininterval=5.0, position=position)
+    with torch_threads(cfg.threads if dev.type == "cpu" else None):
+        out = run_model(cfg, entry, dev, bar)
+    bar.close()
+    return out
+
+
+def run_model(cfg: MQARConfig, entry: str, dev: torch.device, bar: Optional[tqdm] = None) -> Dict[str, Any]:
+    """One model of ``cfg``: the lr selection on validation, every seed at the chosen lr, the test accuracies;
+    the model's entry of ``results`` (see :func:`run_mqar`)."""
+    seq_lens = sorted({s for s, _ in cfg.settings})
+    n_select = min(cfg.lr_select_seeds, len(cfg.seeds)) if len(cfg.lrs) > 1 else 0
+    cache: Dict[Tuple[float, int, int], Dict[str, Any]] = {}
+    data = {(seed, L): None for seed in cfg.seeds for L in seq_lens}
+
+    def one(lr: float, seed: int, L: int) -> Dict[str, Any]:
+        if data[(seed, L)] is None:
+            data[(seed, L)] = datasets(cfg, L, seed)
+        cache[(lr, seed, L)] = train_run(cfg, entry, L, lr, seed, dev, data[(seed, L)], bar)
+        return cache[(lr, seed, L)]
+
+    selection: Dict[str, float] = {}
+    if n_select:
+        for lr in cfg.lrs:
+            accs = [a for seed in cfg.seeds[:n_select] for L in seq_lens for a in one(lr, seed, L)["val"].values()]
+            selection[str(lr)] = round(statistics.fmean(accs), 4)
+        best = max(cfg.lrs, key=lambda lr: selection[str(lr)])
+        for key in [k for k in cache if k[0] != best]:  # the other lrs are never tested
+            del cache[key]
+    else:
+        best = cfg.lrs[0]
+    runs = []
+    for seed in cfg.seeds:
+        for L in seq_lens:
+            out = cache.pop((best, seed, L), None) or one(best, seed, L)
+            test = {p: round(evaluate(out["model"], x, y, cfg.batch_size, dev), 4)
+                    for p, (x, y) in data[(seed, L)]["test"].items()}
+            beyond = {f"{Lb}x{p}": round(evaluate(out["model"], x, y, cfg.batch_size, dev), 4)
+                      for (Lb, p), (x, y) in data[(seed, L)]["beyond"].items()}
+            model = out.pop("model")
+            val = out.pop("val")
+            runs.append(dict(seed=seed, seq_len=L, lr=best, test=test, beyond=beyond,
+                             val={p: round(a, 4) for p, a in val.items()}, **out))
+            data[(seed, L)] = {k: data[(seed, L)][k] for k in ("test", "beyond")}
+    name, accounting = split_name(entry)
+    H, K, V = model.memory_shape()
+    settings = []
+    for L, p in cfg.settings:
+        accs = [r["test"][p] for r in runs if r["seq_len"] == L]
+        settings.append(dict(seq_len=L, pairs=p, trained=True, accuracy=accs, **spread(accs),
+                             converged=[r["converged"] for r in runs if r["seq_len"] == L]))
+    for L, p in cfg.test_settings:
+        at = trained_at(cfg, L)
+        accs = [r["beyond"][f"{L}x{p}"] for r in runs if r["seq_len"] == at]
+        settings.append(dict(seq_len=L, pairs=p, trained=False, trained_at=at, accuracy=accs, **spread(accs),
+                             converged=[r["converged"] for r in runs if r["seq_len"] == at]))
+    return {"model": name, "accounting": ACCOUNTINGS[accounting], "state_floats": model.state_size(),
+            "memory": {"H": H, "K": K, "V": V}, "mixer_kwargs": model.mixer_kwargs,
+            "parameters": sum(p.numel() for p in model.parameters()),
+            "lr_selection": selection, "best_lr": best,
+            "converged": f"{sum(r['converged'] for r in runs)}/{len(runs)}",
+            "settings": settings, "runs": runs}
 
 
 # ------------------------------------------------------------------------------------ outputs
@@ -544,7 +609,9 @@ def plot_mqar(result: Dict[str, Any], path: Path) -> Path:
     panels: Dict[str, Dict[str, tuple]] = {}
     for entry, r in result["results"].items():
         for s in r["settings"]:
-            x, y, e = panels.setdefault(f"test accuracy, T = {s['seq_len']}", {}).setdefault(entry, ([], [], []))
+            where = "" if s.get("trained", True) else f" (model of T = {s['trained_at']})"
+            panel = f"test accuracy, T = {s['seq_len']}{where}"
+            x, y, e = panels.setdefault(panel, {}).setdefault(entry, ([], [], []))
             x.append(s["pairs"])
             y.append(s["mean"])
             e.append(s["std"])
@@ -565,13 +632,13 @@ def summary_table(result: Dict[str, Any]) -> str:
     """A markdown table: per model, the accounting, memory, parameters, lr, converged runs, and the test
     accuracy per setting as mean ± std over seeds."""
     names = list(result["results"])
-    settings = [(s["seq_len"], s["pairs"]) for s in result["results"][names[0]]["settings"]]
+    settings = [(s["seq_len"], s["pairs"], s.get("trained", True)) for s in result["results"][names[0]]["settings"]]
     cfg = result["config"]
     lines = []
     if cfg.get("smoke"):
         lines.append("**Smoke test: checks that the pipeline runs; not a result.**\n")
     lines += ["| model | accounting | state floats/layer | H×K×V | params | lr (val) | converged | "
-              + " | ".join(f"T={L}, {p} pairs" for L, p in settings) + " |",
+              + " | ".join(f"T={L}, {p} pairs" + ("" if trained else " †") for L, p, trained in settings) + " |",
               "|---|---|---|---|---|---|---|" + "---|" * len(settings)]
     for name in names:
         r = result["results"][name]
@@ -580,7 +647,9 @@ def summary_table(result: Dict[str, Any]) -> str:
         lines.append(f"| {name} | {r['accounting']} | {r['state_floats']} | {m['H']}×{m['K']}×{m['V']} | "
                      f"{r['parameters']} | {r['best_lr']:g} | {r['converged']} | {accs} |")
     lines.append(f"\n{len(cfg['seeds'])} seeds; converged = final training loss ≤ {cfg['converged_loss']:g} "
-                 f"nats/query (chance {cfg['chance_loss']:g}); {cfg['filler']} filler.")
+                 f"nats/query (chance {cfg['chance_loss']:g}); {cfg['filler']} filler."
+                 + (" † tested only, beyond training (on the model trained at the longest training length not "
+                    "above it)." if any(not t for _, _, t in settings) else ""))
     return "\n".join(lines)
 
 
@@ -600,7 +669,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seeds", nargs="+", type=int, metavar="SEED", help="seeds (default: the config's)")
     parser.add_argument("--lrs", nargs="+", type=float, metavar="LR", help="learning rates (default: the config's)")
     parser.add_argument("--epochs", type=int, help="override the config's number of epochs")
-    parser.add_argument("--threads", type=int, help="torch CPU threads (default: the config's)")
+    parser.add_argument("--threads", type=int, help="torch CPU threads per process (default: the config's)")
+    parser.add_argument("--jobs", type=int, help="worker processes, one model each (default: the config's)")
     parser.add_argument("--device", help="cpu or cuda (default: cuda when available)")
     parser.add_argument("--out", default="mqar_out", help="output folder (default: mqar_out)")
 
@@ -610,7 +680,7 @@ def config_from_args(args: argparse.Namespace) -> MQARConfig:
     from .overrides import apply_overrides
     if args.lrs and not all(lr > 0 and math.isfinite(lr) for lr in args.lrs):
         raise ValueError(f"--lrs must be positive and finite, got {args.lrs}")
-    for flag, value in (("--epochs", args.epochs), ("--threads", args.threads),
+    for flag, value in (("--epochs", args.epochs), ("--threads", args.threads), ("--jobs", args.jobs),
                         ("--importance-groups", args.importance_groups)):
         if value is not None and value < 1:
             raise ValueError(f"{flag} must be positive, got {value}")
@@ -618,6 +688,7 @@ def config_from_args(args: argparse.Namespace) -> MQARConfig:
     flags = {"models": tuple(args.models) if args.models else None,
              "seeds": tuple(args.seeds) if args.seeds else None,
              "lrs": tuple(args.lrs) if args.lrs else None, "epochs": args.epochs, "threads": args.threads,
+             "jobs": args.jobs,
              "importance_groups": args.importance_groups}
     cfg = replace(cfg, **{k: v for k, v in flags.items() if v is not None})
     validate_config(cfg)
