@@ -457,8 +457,9 @@ def point_model(ckpt: SourceCheckpoint):
 def load_source_model(ckpt: SourceCheckpoint) -> Tuple[Any, str]:
     """``(model, description)``: the source run by code nobody here wrote where that runs on this machine
     (transformers' ``Mamba2ForCausalLM``; fla's ``GatedDeltaNetForCausalLM`` / ``GLAForCausalLM`` on a GPU), else
-    :func:`point_model` (always for the authors' checkpoints, whose code is not a dependency: their maths is checked against an
-    independent oracle in the tests). transformers before 5.23 is no reference for Mamba2 at n_groups > 1."""
+    :func:`point_model` (always for the authors' checkpoints, whose code is not a dependency: their maths is
+    checked against an independent oracle in the tests). transformers before 5.23 is no reference for Mamba2 at
+    n_groups > 1."""
     from metaplastic.oracles import transformers_mamba2_is_grouped
     if ckpt.format in ("hf", "mamba_ssm") and ckpt.arch.n_groups > 1 and not transformers_mamba2_is_grouped():
         return point_model(ckpt), ("mamba2 mixers holding the source weights (the installed transformers < 5.23 "
