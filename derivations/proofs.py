@@ -323,9 +323,19 @@ GROUPED_SIZES = dict(K=2, V=4, G=2, T=2)
          "within each group, I_t[i, :] = J^{(g)}_t with J^{(g)}_t = α J^{(g)}_{t-1} + (1−α) Ip + b_t[g] k_t², "
          "I_t ∘ μ_t = M_t = α M_{t-1} + β v_t ⊗ k_t, and the output of row i of group g is simple GLA's read of M_t "
          "with the query q_t ⊘ J^{(g)}_t: o_t[i] = scale Σ_j M_t[i, j] q_t[j] / J^{(g)}_t[j] (variance scale² Σ_j "
-         "q_j² / J^{(g)}_j). Checked over T = 2 tokens at K = 2, V = 4, G = 2, every gate and input a symbol.")
+         "q_j² / J^{(g)}_j). The same holds with a decay per key channel (α ∈ R^K, meta_gla), each group then "
+         "being GLA's read. Checked over T = 2 tokens at K = 2, V = 4, G = 2, every gate and input a symbol, "
+         "for Palimpsa (scalar α) and meta_gla (vector α).")
 def grouped_importance_is_gla(claims: Claims, closed_form: Any = None) -> None:
-    pal, sgla = registry["palimpsa"].objective, registry["simple_gla"].objective
+    for meta, point in (("palimpsa", "simple_gla"), ("meta_gla", "gla")):
+        _grouped_importance(claims, registry[meta].objective, registry[point].objective, closed_form)
+
+
+def _grouped_importance(claims: Claims, pal: Objective, gla: Objective, closed_form: Any) -> None:
+    """Limit 8 for the diagonal objective ``pal`` whose groups read as the point objective ``gla`` (same
+    forgetting: scalar or per key channel)."""
+    vector_decay = pal.forgetting == "vector"
+    tag = " (α per key channel)" if vector_decay else ""
     K, V, G, T = (GROUPED_SIZES[n] for n in ("K", "V", "G", "T"))
     R = V // G
     Ip, scale = sympy.Symbol("I_{p}", positive=True), sympy.Symbol("scale", positive=True)
@@ -336,9 +346,15 @@ def grouped_importance_is_gla(claims: Claims, closed_form: Any = None) -> None:
     ok_const = ok_M = ok_out = ok_var = ok_gla = True
     for t in range(1, T + 1):
         q, k, v = vector(f"q^{t}", K), vector(f"k^{t}", K), vector(f"v^{t}", V)
-        alpha, beta = sympy.Symbol(f"alpha_{t}", positive=True), sympy.Symbol(f"beta_{t}", positive=True)
+        beta = sympy.Symbol(f"beta_{t}", positive=True)
+        if vector_decay:
+            alpha = vector(f"alpha^{t}", K, positive=True)
+            alpha_gate = np.array([list(alpha)], dtype=object)  # [1, K]
+        else:
+            alpha = sympy.Symbol(f"alpha_{t}", positive=True)
+            alpha_gate = _filled(alpha, (1, 1))
         b = vector(f"b^{t}", G, positive=True)
-        gates = Gates(alpha=_filled(alpha, (1, 1)), beta=_filled(beta, (1, 1)),
+        gates = Gates(alpha=alpha_gate, beta=_filled(beta, (1, 1)),
                       b=np.array([[b[i // R]] for i in range(V)], dtype=object), Ip=_filled(Ip, (1, 1)))
         M_prev = M
         state, out, var = closed_form_step(pal, state, q, k, v, gates, scale, closed_form)
@@ -351,24 +367,24 @@ def grouped_importance_is_gla(claims: Claims, closed_form: Any = None) -> None:
                       for i in range(V))
         ok_var &= all(is_zero(var[i] - scale ** 2 * sum(q[j] ** 2 / J[i // R][j] for j in range(K)))
                       for i in range(V))
-        # each group's rows are one simple-GLA step (rate β, no importance) read with q ⊘ J^{(g)}
-        g_gla = Gates(alpha=_filled(alpha, (1, 1)), beta=_filled(beta, (1, 1)), b=_zeros((1, 1)),
-                      Ip=_filled(1, (1, 1)))
+        # each group's rows are one (simple) GLA step (rate β, no importance) read with q ⊘ J^{(g)}
+        g_gla = Gates(alpha=alpha_gate, beta=_filled(beta, (1, 1)), b=_zeros((1, 1)), Ip=_filled(1, (1, 1)))
         for g in range(G):
             rows = slice(g * R, (g + 1) * R)
-            st_g, out_g, _ = closed_form_step(sgla, {"S": M_prev[rows]}, q / J[g], k, v[rows], g_gla, scale,
+            st_g, out_g, _ = closed_form_step(gla, {"S": M_prev[rows]}, q / J[g], k, v[rows], g_gla, scale,
                                               closed_form)
             ok_gla &= all_zero(st_g["S"] - M[rows]) and all_zero(out_g - out[rows])
         if t == 1:
-            claims.expr("I_1[1,1] = J^(1)_1[1]", state["I"][0, 0])
-            claims.expr("o_1[1]", out[0])
+            claims.expr(f"I_1[1,1] = J^(1)_1[1]{tag}", state["I"][0, 0])
+            claims.expr(f"o_1[1]{tag}", out[0])
         if not (ok_const and ok_M and ok_out and ok_var and ok_gla):
             break  # a later token would only repeat the failure, on much larger expressions
-    claims.check("precision constant within each group: I_t[i, :] == J^(g)_t", ok_const)
-    claims.check("I_t ∘ μ_t == M_t (shared numerator)", ok_M)
-    claims.check("o_t[i] == scale Σ_j M_t[i, j] q_t[j] / J^(g)_t[j]", ok_out)
-    claims.check("variance == scale² Σ_j q_j² / J^(g)_j", ok_var)
-    claims.check("each group == simple GLA step read with q ⊘ J^(g)", ok_gla)
+    read = "GLA" if vector_decay else "simple GLA"
+    claims.check(f"precision constant within each group: I_t[i, :] == J^(g)_t{tag}", ok_const)
+    claims.check(f"I_t ∘ μ_t == M_t (shared numerator){tag}", ok_M)
+    claims.check(f"o_t[i] == scale Σ_j M_t[i, j] q_t[j] / J^(g)_t[j]{tag}", ok_out)
+    claims.check(f"variance == scale² Σ_j q_j² / J^(g)_j{tag}", ok_var)
+    claims.check(f"each group == {read} step read with q ⊘ J^(g){tag}", ok_gla)
     # numerically over six tokens: metaplastic.scan with b [B,T,H,G] against the limit-8 recurrence
     import torch
     from metaplastic.scan import scan
@@ -382,14 +398,15 @@ def grouped_importance_is_gla(claims: Claims, closed_form: Any = None) -> None:
     Mn = torch.zeros(1, Hn, V, Kn, dtype=torch.float64)
     want = []
     for t in range(Tn):
-        a = inputs["log_decay"][:, t].exp()[..., None, None]
+        a = inputs["log_decay"][:, t].exp()
+        a = a[:, :, None, :] if vector_decay else a[..., None, None]  # [1, H, 1, K|1]
         kt = inputs["k"][:, t, :, None, :]
         Jn = a * Jn + (1 - a) * 1.3 + bg[:, t, :, :, None] * kt ** 2
         Mn = a * Mn + (inputs["beta"][:, t, :, None] * inputs["v"][:, t])[..., None] * kt
         want.append(0.7 * (Mn * inputs["q"][:, t, :, None, :] / Jn.repeat_interleave(R, 2)).sum(-1))
     err = relative_error(got.numpy(), torch.stack(want, 1).numpy())
-    claims.expr("numeric relative error, 6 tokens", sympy.Float(err, 3))
-    claims.check("numeric: scan(b [B,T,H,G]) == limit-8 recurrence", err < NUMERIC_TOL, f"{err:.2e}")
+    claims.expr(f"numeric relative error, 6 tokens{tag}", sympy.Float(err, 3))
+    claims.check(f"numeric: scan(b [B,T,H,G]) == limit-8 recurrence{tag}", err < NUMERIC_TOL, f"{err:.2e}")
 
 
 # --- the list and the runner ---------------------------------------------------------------------------

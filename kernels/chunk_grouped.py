@@ -83,8 +83,9 @@ class _Chunk:
         self.Mg = M_start.unflatten(-2, (G, V // G))  # [B,H,G,R,K]
         if self.D.dim() == 4:
             self.A = (self.rg @ k[:, :, None].transpose(-1, -2)) * self.D[:, :, None]  # [B,H,G,C,C]
-        else:
-            self.A = torch.einsum("bhgtk,bhsk,bhtsk->bhgts", self.rg, k, self.D)
+        else:  # A[g, t, s] = Σ_k r[t, g, k] (D[t, s, k] k[s, k]): one [G, K] @ [K, C] product per t
+            self.Dk = self.D * k[:, :, None]  # [B,H,C,C,K]
+            self.A = (self.r @ self.Dk.transpose(-1, -2)).transpose(2, 3)
         if not output:
             return
         self.M_end = M_start * self.decay + w.transpose(-1, -2) @ (k * self.to_end)
@@ -161,10 +162,10 @@ class GroupedDiagonal(torch.autograd.Function):
                 W = dA * ch.D[:, :, None]
                 dr = W @ kn[:, :, None]  # [B,H,G,C,K]
                 dk_n = (W.permute(0, 1, 4, 2, 3).flatten(-2) @ rg.flatten(2, 3))  # Σ_g Wᵀ r, [B,H,C,K]
-            else:
-                W = dA[..., None] * ch.D[:, :, None]  # [B,H,G,C,C,K]
-                dr = (W * kn[:, :, None, None]).sum(-2)
-                dk_n = (W * rg[..., :, None, :]).sum((2, -3))
+            else:  # per t: dr[t] = dA[t] (D[t] ∘ k), and Σ_g dA[g, t, s] r[t, g, k] weighted by D[t, s, k]
+                dAt = dA.transpose(2, 3)  # [B,H,C_t,G,C_s]
+                dr = (dAt @ ch.Dk).transpose(2, 3)  # [B,H,G,C,K]
+                dk_n = ((dAt.transpose(-1, -2) @ ch.r) * ch.D).sum(2)  # [B,H,C_s,K]
             dr = dr + scale * (dog @ ch.Mg) * eG[:, :, None]
             dk_n = dk_n + (ch.w @ dM) * to_end
             dw[:, :, n] = scale * _ungroup(ch.A.transpose(-1, -2) @ dog) + (kn * to_end) @ dM.transpose(-1, -2)

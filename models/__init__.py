@@ -7,6 +7,7 @@ from .cache import MetaplasticCache
 from .configuration import MetaplasticConfig
 from .convert import convert_checkpoint, convert_mamba2
 from .gated_deltanet import GatedDeltaNet, MetaGatedDeltaNet
+from .gla import GLA, MetaGLA
 from .importance import ImportancePath, project_importance_
 from .longhorn import LongHorn, MetaLongHorn
 from .mamba2 import Mamba2, MetaMamba2
@@ -19,5 +20,5 @@ from . import register_auto  # noqa: F401  (registers the Auto classes)
 
 __all__ = ["MIXERS", "build_mixer", "to_metaplastic", "MetaplasticCache", "MetaplasticConfig",
            "MetaplasticForCausalLM", "convert_checkpoint", "convert_mamba2", "Mamba2", "MetaMamba2", "Palimpsa",
-           "GatedDeltaNet", "MetaGatedDeltaNet", "MesaNet", "LongHorn", "MetaLongHorn", "ImportancePath",
+           "GatedDeltaNet", "MetaGatedDeltaNet", "GLA", "MetaGLA", "MesaNet", "LongHorn", "MetaLongHorn", "ImportancePath",
            "project_importance_"]

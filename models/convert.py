@@ -11,12 +11,14 @@ layer's mixer through :func:`to_metaplastic`.
 | ``hf`` | Mamba2 (transformers) | ``model_type: "mamba2"`` | :mod:`.source_mamba2` |
 | ``mamba_ssm`` | Mamba2 (original) | ``d_model`` and no ``model_type`` | :mod:`.source_mamba2` |
 | ``fla`` | Gated DeltaNet (fla) | ``model_type: "gated_deltanet"`` | :mod:`.source_fla` |
+| ``fla`` | GLA (fla) | ``model_type: "gla"`` | :mod:`.source_gla` |
 | ``authors`` | Palimpsa, MetaMamba2 (paper) | ``model_type: "palimpsa"``, ``"meta_mamba2"`` | :mod:`.source_authors` |
 
-Mamba2 -> ``meta_mamba2`` mixers; Gated DeltaNet -> ``meta_gated_deltanet`` mixers with the source's SwiGLU
-MLPs. With ``init="identity"`` (γ = 0) the converted model's logits equal the source's; ``init="paper"``
-initialises the plasticity path by the paper's surgery law (γ = 1, W_b1 ~ N(0, 0.02²), W_b2 ~ U(±rank^{-1/2}),
-b_scale = 1), ``"paper-finetuning"`` with b_scale ~ U(0.1, 1): not output-preserving. The authors' own
+Mamba2 -> ``meta_mamba2`` mixers; Gated DeltaNet -> ``meta_gated_deltanet`` and GLA -> ``meta_gla`` mixers,
+each with the source's SwiGLU MLPs. With ``init="identity"`` (γ = 0) the converted model's logits equal the
+source's; ``init="paper"`` initialises the plasticity path by the paper's surgery law (γ = 1,
+W_b1 ~ N(0, 0.02²), W_b2 ~ U(±rank^{-1/2}), b_scale = 1), ``"paper-finetuning"`` with b_scale ~ U(0.1, 1): not
+output-preserving. The authors' own
 checkpoints are already metaplastic: they keep every weight (identity) or go through their surgery
 (:mod:`.source_authors`).
 
@@ -46,7 +48,7 @@ from tqdm.auto import tqdm
 from metaplastic.errors import UserError
 from metaplastic.safe_io import DirLock, atomic_dir, check_output_location, clean_stale, describe_reason
 
-from . import source_authors, source_fla, source_mamba2
+from . import source_authors, source_fla, source_gla, source_mamba2
 from .checkpoint_io import (CheckpointError, StreamingSafetensorsWriter, TensorStore, compare_keys, nbytes, open_store,
                             read_config, stored_layers)
 from .configuration import MetaplasticConfig
@@ -60,6 +62,7 @@ SEED = 0  # the importance path's initialisation is deterministic: generator see
 _MIXER_KEY = re.compile(r"^backbone\.layers\.(\d+)\.mixer\.(.+)$")
 ARCHITECTURES = {"hf": "Mamba2", "mamba_ssm": "Mamba2", "fla": "Gated DeltaNet"}
 SOURCE_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+FLA_MODELS = {"Gated DeltaNet": "GatedDeltaNetForCausalLM", "GLA": "GLAForCausalLM"}  # fla's classes (verify)
 MARKER = "conversion.json"  # written into every DST: what --force may replace
 WRITTEN_BY = "metaplastic convert"
 
@@ -90,7 +93,7 @@ class SourceCheckpoint:
 
     path: Path
     format: str
-    arch: object  # Mamba2Arch or GatedDeltaNetArch
+    arch: object  # Mamba2Arch, GatedDeltaNetArch or GLAArch
     config: MetaplasticConfig
     store: TensorStore
     source_key: Callable[[str], str]
@@ -122,7 +125,8 @@ class SourceCheckpoint:
         """The converted model's config: the twin of ``config`` (point-posterior sources) or the format's own.
         ``groups``: importance groups of the twins (point-posterior sources only)."""
         if self.target is not None and groups is not None:
-            raise ConversionError("--importance-groups applies to point-posterior sources (Mamba2, Gated DeltaNet); "
+            raise ConversionError("--importance-groups applies to point-posterior sources (Mamba2, Gated DeltaNet, "
+                                  "GLA); "
                                   f"a {self.architecture} checkpoint keeps its own importance path")
         config = twin_config(self.config, dtype, rank, groups) if self.target is None else self.target(init, rank)
         config.dtype = dtype
@@ -221,6 +225,19 @@ def _open_fla_gdn(directory: Path, cfg: dict) -> SourceCheckpoint:
     return ckpt
 
 
+def _open_fla_gla(directory: Path, cfg: dict) -> SourceCheckpoint:
+    try:
+        arch = source_gla.arch_from_fla(cfg)
+        store = open_store(directory)
+        _check_layer_count(store, arch.num_hidden_layers)
+        ckpt = SourceCheckpoint(directory, "fla", arch, source_gla.point_config(arch), store, source_gla.source_key,
+                                name="GLA")
+        check_keys(ckpt)
+    except CheckpointError as exc:
+        raise CheckpointError(f"GLA checkpoint: {exc}") from None
+    return ckpt
+
+
 def _open_authors(directory: Path, cfg: dict) -> SourceCheckpoint:
     config = source_authors.source_config(cfg)
     model_type = cfg["model_type"]
@@ -242,6 +259,8 @@ def open_checkpoint(path) -> SourceCheckpoint:
         return _open_authors(directory, cfg)
     if cfg.get("model_type") == "gated_deltanet":
         return _open_fla_gdn(directory, cfg)
+    if cfg.get("model_type") == "gla":
+        return _open_fla_gla(directory, cfg)
     return _open_mamba2(directory, cfg)  # Mamba2 of either format; refuses every other model_type by name
 
 
@@ -315,7 +334,7 @@ def convert_checkpoint(src, dst, *, init: str = "identity", dtype: str = "float3
                        verify: bool = False, importance_rank: Optional[int] = None, progress: bool = True,
                        verify_tokens: int = 16, log=print, importance_groups: Optional[int] = None) -> ConversionResult:
     """Convert the checkpoint directory ``src`` (Mamba2 in the Hugging Face or mamba_ssm format, Gated DeltaNet
-    in fla's) into a metaplastic model directory ``dst``.
+    or GLA in fla's, or the paper authors' Palimpsa / MetaMamba2) into a metaplastic model directory ``dst``.
 
     ``importance_groups``: importance groups per head of the twins (None: one rate per value channel; an
     int must divide the head's value width). Raises :class:`ConversionError` / :class:`CheckpointError` (both
@@ -437,9 +456,10 @@ def point_model(ckpt: SourceCheckpoint):
 
 def load_source_model(ckpt: SourceCheckpoint) -> Tuple[Any, str]:
     """``(model, description)``: the source run by code nobody here wrote where that runs on this machine
-    (transformers' ``Mamba2ForCausalLM``; fla's ``GatedDeltaNetForCausalLM`` on a GPU), else :func:`point_model`
-    (always for the authors' checkpoints, whose code is not a dependency: their maths is checked against an
-    independent oracle in the tests). transformers before 5.23 is no reference for Mamba2 at n_groups > 1."""
+    (transformers' ``Mamba2ForCausalLM``; fla's ``GatedDeltaNetForCausalLM`` / ``GLAForCausalLM`` on a GPU), else
+    :func:`point_model` (always for the authors' checkpoints, whose code is not a dependency: their maths is
+    checked against an independent oracle in the tests). transformers before 5.23 is no reference for Mamba2 at
+    n_groups > 1."""
     from metaplastic.oracles import transformers_mamba2_is_grouped
     if ckpt.format in ("hf", "mamba_ssm") and ckpt.arch.n_groups > 1 and not transformers_mamba2_is_grouped():
         return point_model(ckpt), ("mamba2 mixers holding the source weights (the installed transformers < 5.23 "
@@ -451,13 +471,14 @@ def load_source_model(ckpt: SourceCheckpoint) -> Tuple[Any, str]:
     if ckpt.format == "mamba_ssm":
         return _transformers_mamba2(ckpt), "transformers Mamba2ForCausalLM (renamed mamba_ssm weights)"
     if ckpt.format == "fla" and torch.cuda.is_available():
+        name = FLA_MODELS[ckpt.architecture]
         try:
-            from fla.models import GatedDeltaNetForCausalLM
+            import fla.models
         except ImportError:
             pass
         else:
-            model = GatedDeltaNetForCausalLM.from_pretrained(str(ckpt.path), dtype=torch.float32).cuda().eval()
-            return model, "fla GatedDeltaNetForCausalLM (GPU)"
+            model = getattr(fla.models, name).from_pretrained(str(ckpt.path), dtype=torch.float32).cuda().eval()
+            return model, f"fla {name} (GPU)"
     return point_model(ckpt), f"{ckpt.config.mixer_for(0)} mixers holding the source weights"
 
 
@@ -523,7 +544,7 @@ def verify_conversion(ckpt: SourceCheckpoint, dst: Path, init: str, rank: int, r
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("src", metavar="SRC", help="checkpoint directory: Mamba2 (Hugging Face or mamba_ssm format), "
-                        "Gated DeltaNet (fla format), or the paper authors' Palimpsa / MetaMamba2")
+                        "Gated DeltaNet or GLA (fla format), or the paper authors' Palimpsa / MetaMamba2")
     parser.add_argument("dst", metavar="DST", help="output directory (Hugging Face format, MetaplasticForCausalLM with the metaplastic twin mixers)")
     parser.add_argument("--init", choices=INITS, default="identity",
                         help="identity: output-identical to SRC (γ = 0; the authors' checkpoints keep every weight; "

@@ -9,13 +9,14 @@ from typing import Any, Dict, Type
 from torch import nn
 
 from .gated_deltanet import GatedDeltaNet, MetaGatedDeltaNet
+from .gla import GLA, MetaGLA
 from .longhorn import LongHorn, MetaLongHorn
 from .mamba2 import Mamba2, MetaMamba2
 from .mesanet import MesaNet
 from .palimpsa import Palimpsa
 
 MIXERS: Dict[str, Type[nn.Module]] = {cls.registry_name: cls for cls in (
-    Mamba2, MetaMamba2, Palimpsa, GatedDeltaNet, MetaGatedDeltaNet, MesaNet, LongHorn, MetaLongHorn)}
+    Mamba2, MetaMamba2, Palimpsa, GatedDeltaNet, MetaGatedDeltaNet, GLA, MetaGLA, MesaNet, LongHorn, MetaLongHorn)}
 
 
 def build_mixer(name: str, hidden_size: int, **kwargs: Any) -> nn.Module:

@@ -82,14 +82,7 @@ def arch_from_fla(cfg: dict) -> GatedDeltaNetArch:
     expand_v = get_float(c, "expand_v")
     if expand_v <= 0 or head_dim * expand_v != int(head_dim * expand_v):
         raise CheckpointError(f"head_dim·expand_v = {head_dim}·{expand_v} is not a positive integer")
-    if c["intermediate_size"] is None:  # fla's GatedMLP: 2/3 · ratio · hidden, rounded up to a multiple of 256
-        ratio = 4 if c["hidden_ratio"] is None else c["hidden_ratio"]
-        if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 < ratio < 1e4:
-            raise CheckpointError(f"config.json: hidden_ratio={ratio!r} is not a positive number")
-        intermediate = int(hidden * ratio * 2 / 3)
-        intermediate = 256 * ((intermediate + 255) // 256)
-    else:
-        intermediate = get_int(c, "intermediate_size")
+    intermediate = mlp_width(c, hidden)
     eps = get_float(c, "norm_eps")
     return GatedDeltaNetArch(
         vocab_size=get_int(c, "vocab_size"), hidden_size=hidden, num_hidden_layers=get_int(c, "num_hidden_layers"),
@@ -97,6 +90,19 @@ def arch_from_fla(cfg: dict) -> GatedDeltaNetArch:
         conv_size=get_int(c, "conv_size"), use_gate=get_bool(c, "use_gate", True), norm_eps=eps,
         intermediate_size=intermediate, tie_word_embeddings=get_bool(c, "tie_word_embeddings", False),
         pad_token_id=c.get("pad_token_id"), bos_token_id=c.get("bos_token_id"), eos_token_id=c.get("eos_token_id"))
+
+
+def mlp_width(c: dict, hidden: int) -> int:
+    """The width of fla's ``GatedMLP`` (SwiGLU) in a block: ``intermediate_size``, or when that is None
+    ``2/3 · hidden_ratio · hidden`` (ratio 4 when None) rounded up to a multiple of 256."""
+    if c.get("intermediate_size") is not None:
+        return get_int(c, "intermediate_size")
+    ratio = c.get("hidden_ratio")
+    ratio = 4 if ratio is None else ratio
+    if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 < ratio < 1e4:
+        raise CheckpointError(f"config.json: hidden_ratio={ratio!r} is not a positive number")
+    intermediate = int(hidden * ratio * 2 / 3)
+    return 256 * ((intermediate + 255) // 256)
 
 
 def point_config(arch: GatedDeltaNetArch) -> MetaplasticConfig:

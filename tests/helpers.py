@@ -212,6 +212,25 @@ def tiny_gated_deltanet(seed: int = 0, *, tie: bool = True, num_v_heads: Optiona
     return model
 
 
+def tiny_gla(seed: int = 0, *, tie: bool = True, **overrides):
+    """fla's ``GLAForCausalLM`` at a tiny size (16 wide, 2 layers, 2 heads of 4 key and 8 value channels, MLP 24),
+    every weight moved off its initial value, in eval mode."""
+    from fla.models import GLAConfig, GLAForCausalLM
+    kw = dict(vocab_size=37, hidden_size=16, num_hidden_layers=2, num_heads=2, intermediate_size=24, norm_eps=1e-6,
+              tie_word_embeddings=tie, pad_token_id=None, bos_token_id=None, eos_token_id=None)
+    kw.update(overrides)
+    torch.manual_seed(seed)
+    model = GLAForCausalLM(GLAConfig(**kw)).eval()
+    gen = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight") or name.endswith("norm_swish_gate.weight"):
+                p.copy_(1.0 + 0.3 * torch.randn(p.shape, generator=gen))
+            else:
+                p.copy_(0.4 * torch.randn(p.shape, generator=gen))
+    return model
+
+
 def skip_unless_grouped(n_groups: int) -> None:
     """Skip a comparison with transformers' Mamba2 at ``n_groups > 1`` when the installed transformers is older
     than 5.23.0: before it, its gated RMSNorm ran over the whole d_inner instead of per group (mamba_ssm)."""

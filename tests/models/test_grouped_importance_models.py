@@ -14,7 +14,8 @@ from metaplastic.models.modeling import MetaplasticForCausalLM
 from helpers import assert_close
 
 MIXERS = {"palimpsa": dict(hidden_size=16, num_heads=2, head_dim=8),
-          "meta_mamba2": dict(hidden_size=8, num_heads=2, head_dim=8, state_size=8, expand=2)}
+          "meta_mamba2": dict(hidden_size=8, num_heads=2, head_dim=8, state_size=8, expand=2),
+          "meta_gla": dict(hidden_size=16, num_heads=2, expand_k=1.0)}
 
 
 def open_importance(mixer):

@@ -17,6 +17,8 @@ TINY = {
     "palimpsa": dict(num_heads=2, head_dim=8, importance_rank=3),
     "gated_deltanet": dict(num_heads=2, head_dim=8, expand_v=1.5),
     "meta_gated_deltanet": dict(num_heads=2, head_dim=8, importance_rank=3),
+    "gla": dict(num_heads=2, use_short_conv=True),
+    "meta_gla": dict(num_heads=2, importance_rank=3),
     "mesanet": dict(num_heads=2, head_dim=8),
     "longhorn": dict(state_size=4),
     "meta_longhorn": dict(state_size=4, importance_rank=3),
@@ -61,7 +63,7 @@ def test_forward_backward_and_cache(name):
     assert_close(torch.cat(pieces, 1), y.detach(), rtol=1e-5)
 
 
-@pytest.mark.parametrize("name", ["mamba2", "gated_deltanet", "longhorn"])
+@pytest.mark.parametrize("name", ["mamba2", "gated_deltanet", "gla", "longhorn"])
 def test_metaplastic_twin_is_identical_at_gamma_zero_and_trainable(name):
     torch.manual_seed(0)
     mixer = build_mixer(name, 16, **TINY[name])
@@ -92,7 +94,7 @@ def test_lm_with_mixed_layers_and_an_mlp_generates_consistently():
 
 
 def test_fla_parameter_names():
-    """Gated DeltaNet and MesaNet load fla's layer state dicts (instantiating fla layers works on a CPU)."""
+    """Gated DeltaNet, MesaNet and GLA load fla's layer state dicts (instantiating fla layers works on a CPU)."""
     fla_layers = pytest.importorskip("fla.layers")
     ref = fla_layers.GatedDeltaNet(hidden_size=16, num_heads=2, head_dim=8, expand_v=1.5)
     ours = build_mixer("gated_deltanet", 16, **TINY["gated_deltanet"])
@@ -102,6 +104,8 @@ def test_fla_parameter_names():
     ours.load_state_dict(ref.state_dict(), strict=True)
     lam = torch.nn.functional.softplus(ours.lambda_params) + 0.25
     assert torch.allclose(lam, torch.ones_like(lam))  # fla's initial λ = 1
+    ref = fla_layers.GatedLinearAttention(hidden_size=16, num_heads=2, use_short_conv=True)
+    build_mixer("gla", 16, **TINY["gla"]).load_state_dict(ref.state_dict(), strict=True)
 
 
 def _fla_mesanet_by_hand(ref, h, max_cg_steps, chunk_size, decode=None):

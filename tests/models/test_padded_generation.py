@@ -16,6 +16,8 @@ TINY = {
     "palimpsa": dict(num_heads=2, head_dim=8, importance_rank=3),
     "gated_deltanet": dict(num_heads=2, head_dim=8, expand_v=1.5),
     "meta_gated_deltanet": dict(num_heads=2, head_dim=8, importance_rank=3),
+    "gla": dict(num_heads=2, use_short_conv=True),
+    "meta_gla": dict(num_heads=2, importance_rank=3),
     "mesanet": dict(num_heads=2, head_dim=8),
     "longhorn": dict(state_size=4),
     "meta_longhorn": dict(state_size=4, importance_rank=3),

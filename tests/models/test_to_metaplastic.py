@@ -1,5 +1,5 @@
 """``to_metaplastic``: for every point-posterior mixer (Mamba2, Gated DeltaNet with and without grouped value
-heads, LongHorn) the twin at identity init computes the mixer's outputs (THEORY.md limit 2), also after a
+heads, LongHorn, GLA) the twin at identity init computes the mixer's outputs (THEORY.md limit 2), also after a
 save/load round trip; the twin runs ``metaplastic(objective)``; opening γ changes the outputs."""
 import pytest
 import torch
@@ -18,6 +18,8 @@ MIXERS = {  # id -> (point-posterior mixer name, kwargs)
     "gated_deltanet_gva": ("gated_deltanet", dict(num_heads=2, head_dim=8, expand_v=1.0, num_v_heads=4)),
     "gated_deltanet_nogate": ("gated_deltanet", dict(num_heads=2, head_dim=8, use_gate=False)),
     "longhorn": ("longhorn", dict(state_size=4)),
+    "gla": ("gla", dict(num_heads=2, use_short_conv=True)),
+    "gla_kv_heads": ("gla", dict(num_heads=4, num_kv_heads=2, expand_k=1.0, use_output_gate=False)),
 }
 
 
