@@ -372,6 +372,21 @@ def grouped_applies(groups: int, V: int, I0: Tensor, check_values: Optional[bool
     return rows_constant_in_groups(I0, groups, check_values)
 
 
+NATIVE_MAX_KV = 64 * 64  # K·V up to which grouped b runs on the fused CPU kernel
+
+
+def native_beats_grouped(K: int, V: int, *xs: Tensor) -> bool:
+    """Whether grouped or head-shared ``b`` (fewer groups than value rows) runs on the fused CPU kernel, ``b``
+    repeated over each group's rows, rather than on the grouped path: on CPU tensors where the kernel
+    builds, for ``K·V ≤ NATIVE_MAX_KV``. Measured at one thread, forward+backward: at K = V = 64
+    (B=2, T=1024, H=4) the kernel takes 88 ms whatever G, the grouped path 136 ms (G = 1) and 249 ms
+    (G = 4); at K = V = 128 (B=1, T=1024, H=4) the kernel 144-182 ms, the grouped path 104 ms (G = 1) and
+    251 ms (G = 4). Above that size the grouped path also keeps the saved state under 2 KB per token and
+    head, where the kernel's checkpoints take ``2·V·K·4 / NATIVE_CHUNK`` bytes."""
+    from .cpu_per_value import native_reason
+    return K * V <= NATIVE_MAX_KV and native_reason(*xs) is None
+
+
 def _heads_first(x: Optional[Tensor], dtype: torch.dtype) -> Optional[Tensor]:
     """``[B, T, H, ...] -> [B, H, T, ...]`` in ``dtype``; a ``[B, T, H]`` gate gets a trailing 1."""
     if x is None:
@@ -412,7 +427,8 @@ def _chunk_dense(objective: Objective, q, k, v, log_decay, beta, b, Ip: Tensor, 
     else:
         I0, M0 = init["I"], init["I"] * init["mu"]
     groups = 1 if (b is None or b.dim() == 3) else b.shape[-1]
-    if torch_read and grouped_applies(groups, V, I0, check_values):
+    native = torch_read and groups < V and native_beats_grouped(K, V, qh, kh, vh)
+    if torch_read and not native and grouped_applies(groups, V, I0, check_values):
         # THEORY.md limits 7-8: G simple-GLA reads sharing keys, values, decays and M (chunk_grouped.py)
         b_h = qh.new_zeros(B, H, T, 1) if b is None else _heads_first(b, dtype)
         J0 = I0[:, :, ::V // groups] - Ip4
@@ -423,7 +439,8 @@ def _chunk_dense(objective: Objective, q, k, v, log_decay, beta, b, Ip: Tensor, 
     bv = vh if beta_h is None else beta_h * vh
     k2 = kh * kh
     # The fast path needs I_0 constant over value rows; it cannot give a per-row gradient of I_0.
-    head_shared = ((b is None or b.dim() == 3) and not (torch.is_grad_enabled() and I0.requires_grad)
+    head_shared = (not native and (b is None or b.dim() == 3)
+                   and not (torch.is_grad_enabled() and I0.requires_grad)
                    and rows_constant(I0, check_values))
     if head_shared:  # THEORY.md limit 7 with another read primitive: o = scale · M_t (q ⊘ I_t)
         b_h = _heads_first(b, dtype)

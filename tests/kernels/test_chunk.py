@@ -214,9 +214,10 @@ def test_chunk_rejects_bad_arguments():
 def test_chunk_takes_the_limit7_fast_path(monkeypatch, name, b_per_value, init, expected):
     """Head-shared b with a row-constant I_0: the precision is a K-vector, read as simple GLA with q ⊘ I
     (THEORY.md limit 7, the grouped path with G = 1); otherwise the per-value path materialises I chunk by
-    chunk (the C kernel where it builds, else a token-by-token block scan: kernels/chunk_per_value.py)."""
-    per_value = "DiagonalScan" if cpu_per_value.native_unavailable_reason() else "native"
-    expected = {per_value if e == "per-value" else e for e in expected}
+    chunk (a token-by-token block scan: kernels/chunk_per_value.py). The torch routing, with the fused C
+    kernel off (on, it takes these small shapes whatever b's groups: tests/kernels/test_grouped_importance.py)."""
+    monkeypatch.setenv("METAPLASTIC_CPU_KERNEL", "0")
+    expected = {"DiagonalScan" if e == "per-value" else e for e in expected}
     used = set()
 
     def spy(cls, label):

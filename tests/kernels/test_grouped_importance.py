@@ -23,6 +23,13 @@ META_GLA = metaplastic.registry["meta_gla"].objective  # vector (per key channel
 TOL = 1e-10
 
 
+@pytest.fixture(autouse=True)
+def grouped_path_on_cpu(monkeypatch):
+    """On a CPU the chunked path hands small grouped shapes to the fused C kernel
+    (``kernels/chunk.py: native_beats_grouped``); these tests are about the grouped path itself."""
+    monkeypatch.setenv("METAPLASTIC_CPU_KERNEL", "0")
+
+
 def inputs(B, T, H, K, V, G, *, vector=False, beta_per_value=False, seed=0, dtype=torch.float64):
     gen = torch.Generator().manual_seed(seed)
     d = dict(dtype=dtype, generator=gen)
@@ -226,3 +233,26 @@ def test_initial_precision_varying_within_a_group_takes_the_per_value_path():
     loss = lambda r: r.output.sum() + r.final_state["I"].sum()  # noqa: E731
     for a, e in zip(torch.autograd.grad(loss(got), leaves), torch.autograd.grad(loss(ref), leaves)):
         assert_close(a, e, rtol=TOL)
+
+
+def test_cpu_kernel_runs_grouped_b_repeated_over_its_rows(monkeypatch):
+    """With the fused C kernel on, small grouped shapes run on it (b repeated over each group's rows) and match
+    the reference with every gradient."""
+    from metaplastic.kernels import cpu_per_value
+    monkeypatch.delenv("METAPLASTIC_CPU_KERNEL", raising=False)
+    if cpu_per_value.native_unavailable_reason():
+        pytest.skip(cpu_per_value.native_unavailable_reason())
+    calls = []
+    native = cpu_per_value.native_per_value_scan
+    monkeypatch.setattr(cpu_per_value, "native_per_value_scan", lambda *a, **kw: calls.append(1) or native(*a, **kw))
+    B, T, H, K, V, G = 2, 11, 2, 3, 8, 2
+    x = inputs(B, T, H, K, V, G, vector=True, beta_per_value=True)
+    leaves = [t.requires_grad_() for t in x.values()]
+    kw = dict(scale=0.6, output_final_state=True, output_variance=True)
+    ref = metaplastic.scan(META_GLA, **x, **kw)
+    got = chunk_scan(META_GLA, **x, chunk_size=4, **kw)
+    assert calls, "the fused CPU kernel did not run"
+    assert_close(got.output, ref.output, rtol=TOL, msg="output")
+    assert_close(got.variance, ref.variance, rtol=TOL, msg="variance")
+    for name, a, e in zip(x, torch.autograd.grad(_loss(got, V), leaves), torch.autograd.grad(_loss(ref, V), leaves)):
+        assert_close(a, e, rtol=TOL, msg=f"d{name}")
