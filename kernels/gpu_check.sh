@@ -48,7 +48,9 @@ TAILN=30 run ${LIMIT_BENCH:-330} bench $PY -m metaplastic bench kernels --device
 # 3. the fused recurrent kernel and the model-level GPU tests, with what time is left
 TAILN=6 run 70 tests_recurrent $PY -m pytest -q -x -p no:cacheprovider --junitxml="$OUTDIR/tests_recurrent.xml" \
   tests/kernels/test_fused_recurrent.py -k "forward_float64 or gradients_float64 or float32 or varlen"
-TAILN=6 run 70 tests_models $PY -m pytest -q -p no:cacheprovider --junitxml="$OUTDIR/tests_models.xml" \
-  tests/models/test_mamba2.py tests/models/test_mixers.py tests/models/test_convert_gdn.py -k gpu
+TAILN=6 run 90 tests_models $PY -m pytest -q -p no:cacheprovider --junitxml="$OUTDIR/tests_models.xml" \
+  tests/models/test_mamba2.py tests/models/test_mixers.py tests/models/test_convert_gdn.py \
+  tests/models/test_convert_gla.py tests/models/test_gla.py tests/models/test_convert_authors.py \
+  tests/models/test_padded_generation.py -k "gpu or cuda"
 [ -f "$OUTDIR/steps.txt" ] && cat "$OUTDIR/steps.txt"
 exit 0
