@@ -402,8 +402,17 @@ def _new_record(model: str, backend: str, b: str, device: str, card: str, shape:
             "shape": shape, "machine": _machine(), "torch": torch.__version__,
             "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
             "dtype": dtype_label + ("+tf32" if device == "cuda" and torch.backends.cuda.matmul.allow_tf32 else ""),
-            "threads": torch.get_num_threads(), "fwd_ms": None, "fwdbwd_ms": None,
-            "saved_bytes_per_token_head": None, "error": None, "_tokens_heads": tokens_heads}
+            "threads": torch.get_num_threads(), "cpu_kernel": _cpu_kernel(device), "fwd_ms": None,
+            "fwdbwd_ms": None, "saved_bytes_per_token_head": None, "error": None, "_tokens_heads": tokens_heads}
+
+
+def _cpu_kernel(device: str) -> Optional[str]:
+    """On a CPU: ``"on"`` when the fused C kernel (``kernels/cpu_per_value.py``) builds, so the ``chunk``
+    backend runs per-value ``b`` on it, and grouped ``b`` too at K·V ≤ 4096; else why it does not."""
+    if device != "cpu":
+        return None
+    from .cpu_per_value import native_unavailable_reason
+    return native_unavailable_reason() or "on"
 
 
 def _add_ratios(records: List[Dict]) -> None:
