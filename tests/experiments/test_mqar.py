@@ -216,3 +216,18 @@ def test_worker_processes_give_the_same_results():
             a, b = dict(a), dict(b)
             a.pop("seconds"), b.pop("seconds")
             assert a == b
+
+
+def test_recall_against_groups_reads_g_from_the_config_and_v_for_the_default(tmp_path):
+    """Rows sorted by G; a run without importance_groups is the per-value default, G = V."""
+    cfg = _tiny(models=("meta_mamba2",), test_settings=((32, 4),), vocab_size=32)
+    per_value = mqar.run_mqar(cfg, progress=False)
+    grouped = mqar.run_mqar(mqar.replace(cfg, importance_groups=1), progress=False)
+    rows = mqar.recall_against_groups([per_value, grouped], "meta_mamba2")
+    V = per_value["results"]["meta_mamba2"]["memory"]["V"]
+    assert [row["groups"] for row in rows] == [1, V]
+    assert rows[1]["settings"][-1] == {"seq_len": 32, "pairs": 4, "trained": False,
+                                       **{k: per_value["results"]["meta_mamba2"]["settings"][-1][k]
+                                          for k in ("mean", "std")}}
+    png = mqar.plot_recall_against_groups(rows, "meta_mamba2", tmp_path / "g.png")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -629,6 +629,39 @@ def plot_mqar(result: Dict[str, Any], path: Path) -> Path:
                                cfg["converged_loss"]))
 
 
+def recall_against_groups(results: Sequence[Dict[str, Any]], entry: str) -> List[Dict[str, Any]]:
+    """One row per importance-group count G, from ``mqar.json`` results run with different
+    ``--importance-groups`` (``importance_groups = None`` is the mixer's default, one rate per value row:
+    G = V). Each row: ``groups``, ``state_floats``, ``memory``, ``best_lr``, ``converged`` and ``settings``
+    (per setting: ``seq_len``, ``pairs``, ``trained``, ``mean``, ``std``), sorted by G."""
+    rows = []
+    for result in results:
+        r = result["results"][entry]
+        groups = result["config"].get("importance_groups") or r["memory"]["V"]
+        rows.append({"groups": groups, "state_floats": r["state_floats"], "memory": r["memory"],
+                     "best_lr": r["best_lr"], "converged": r["converged"],
+                     "settings": [{k: s.get(k, True) for k in ("seq_len", "pairs", "trained", "mean", "std")}
+                                  for s in r["settings"]]})
+    return sorted(rows, key=lambda row: row["groups"])
+
+
+def plot_recall_against_groups(rows: Sequence[Dict[str, Any]], entry: str, path: Path, title: str = "") -> Path:
+    """Test accuracy (mean ± std over seeds) against the number of importance groups G, one curve per setting
+    (rows from :func:`recall_against_groups`)."""
+    from .plotting import curve_panels
+    curves: Dict[str, tuple] = {}
+    for row in rows:
+        for s in row["settings"]:
+            label = f"T={s['seq_len']}, {s['pairs']} pairs" + ("" if s["trained"] else " (beyond)")
+            x, y, e = curves.setdefault(label, ([], [], []))
+            x.append(row["groups"])
+            y.append(s["mean"])
+            e.append(s["std"])
+    return curve_panels(path, {f"{entry}: test accuracy against G": curves}, xlabel="importance groups G per head",
+                        ylabel="accuracy (query positions)", title=title or f"MQAR, {entry}, matched floats",
+                        logx=True)
+
+
 def summary_table(result: Dict[str, Any]) -> str:
     """A markdown table: per model, the accounting, memory, parameters, lr, converged runs, and the test
     accuracy per setting as mean ± std over seeds."""
