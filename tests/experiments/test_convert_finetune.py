@@ -25,6 +25,7 @@ def test_converted_model_starts_equal_to_its_source():
     with torch.no_grad():
         assert_close(converted(ids).logits, source(ids).logits, rtol=0, atol=1e-5)
     assert cf.max_logit_difference(source, converted, ids) <= 1e-5
+    assert cf.max_logit_difference(source, converted, ids, torch.float64) <= 1e-12  # exact up to float64 rounding
 
 
 def test_run_stops_when_the_conversion_is_not_output_preserving(monkeypatch):
@@ -64,7 +65,8 @@ def test_cli_quick_end_to_end(tmp_path):
                "--set", "train_examples=32", "--set", "test_examples=8", "--out", str(tmp_path)])
     assert rc == 0
     result = json.loads((tmp_path / "convert_finetune.json").read_text())
-    assert result["config"]["smoke"] is True and result["identity_max_abs_diff"] <= 1e-5
+    assert result["config"]["smoke"] is True and result["identity_max_abs_diff"] <= 1e-9
+    assert result["identity_max_abs_diff_float32"] <= 1e-5
     assert set(result["summary"]) == {cf.SOURCE, *cf.ARMS}
     for arm in result["summary"].values():
         assert set(arm) == {"in distribution", "beyond"} and set(arm["beyond"]) == {"64,4", "64,8"}
