@@ -129,6 +129,6 @@ def test_failure_with_force_keeps_the_old_dst(hf_src, tmp_path, capsys):
 def test_process_exit_code(tmp_path):
     """The installed entry point, in a fresh process: exit status 2 and one line on stderr."""
     proc = subprocess.run([sys.executable, "-m", "metaplastic", "convert", str(tmp_path / "nowhere"),
-                           str(tmp_path / "dst")], capture_output=True, text=True, timeout=120)
+                           str(tmp_path / "dst")], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2
     assert len(proc.stderr.strip().splitlines()) == 1 and "does not exist" in proc.stderr
