@@ -327,7 +327,7 @@ def summary_table(result: Dict[str, Any]) -> str:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", choices=sorted(CONFIGS), default="quick",
-                        help="quick (a smoke test, minutes on a CPU) or study (about an hour on a CPU)")
+                        help="quick (a smoke test, minutes on a CPU) or study (about a quarter of an hour on a CPU)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="overrides",
                         help="override a config field, VALUE as JSON (repeatable)")
     parser.add_argument("--device", help="cpu or cuda (default: cuda when available)")

@@ -692,8 +692,8 @@ def summary_table(result: Dict[str, Any]) -> str:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", choices=sorted(CONFIGS), default="quick",
-                        help="quick (a smoke test, minutes on a CPU), study (converged, 3 seeds, ≤ 1 h on a CPU), "
-                             "paper (a GPU)")
+                        help="quick (a smoke test, under a minute on a CPU), study (converged, 3 seeds, about "
+                             "75 min on a 2-core CPU), paper (a GPU)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="overrides",
                         help="override a config field, VALUE as JSON (repeatable): --set epochs=6 "
                              "--set 'settings=[[64, 8], [64, 16]]' --set 'models=[\"mamba2\"]'")
