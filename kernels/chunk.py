@@ -378,11 +378,10 @@ NATIVE_MAX_KV = 64 * 64  # K·V up to which grouped b runs on the fused CPU kern
 def native_beats_grouped(K: int, V: int, *xs: Tensor) -> bool:
     """Whether grouped or head-shared ``b`` (fewer groups than value rows) runs on the fused CPU kernel, ``b``
     repeated over each group's rows, rather than on the grouped path: on CPU tensors where the kernel
-    builds, for ``K·V ≤ NATIVE_MAX_KV``. Measured at one thread, forward+backward: at K = V = 64
-    (B=2, T=1024, H=4) the kernel takes 88 ms whatever G, the grouped path 136 ms (G = 1) and 249 ms
-    (G = 4); at K = V = 128 (B=1, T=1024, H=4) the kernel 144-182 ms, the grouped path 104 ms (G = 1) and
-    251 ms (G = 4). Above that size the grouped path also keeps the saved state under 2 KB per token and
-    head, where the kernel's checkpoints take ``2·V·K·4 / NATIVE_CHUNK`` bytes."""
+    builds, for ``K·V ≤ NATIVE_MAX_KV``. The kernel's cost does not depend on G; at K = V = 64 it is faster
+    than the grouped path at every G (docs/kernels.md). Above that size the grouped path keeps the saved
+    state under 2 KB per token and head, where the kernel's checkpoints take ``2·V·K·4 / NATIVE_CHUNK``
+    bytes."""
     from .cpu_per_value import native_reason
     return K * V <= NATIVE_MAX_KV and native_reason(*xs) is None
 
