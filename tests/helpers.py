@@ -241,3 +241,22 @@ def skip_unless_grouped(n_groups: int) -> None:
     if n_groups > 1 and not transformers_mamba2_is_grouped():
         pytest.skip(f"transformers {transformers.__version__} < 5.23 normalises Mamba2's gated output over the "
                     "whole d_inner, not per group as mamba_ssm: not a reference at n_groups > 1")
+
+
+def edit_config(path: Path, **changes) -> None:
+    """Change fields of ``path/config.json`` in place (a value of None removes the field)."""
+    cfg = json.loads((path / "config.json").read_text())
+    for key, value in changes.items():
+        if value is None:
+            cfg.pop(key, None)
+        else:
+            cfg[key] = value
+    (path / "config.json").write_text(json.dumps(cfg))
+
+
+def edit_weights(path: Path, fn) -> None:
+    """Apply ``fn`` to the state dict of ``path/model.safetensors`` and write it back."""
+    from safetensors.torch import load_file, save_file
+    state = load_file(str(path / "model.safetensors"))
+    fn(state)
+    save_file(state, str(path / "model.safetensors"))

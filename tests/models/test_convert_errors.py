@@ -1,5 +1,4 @@
 """Every bad input of `metaplastic convert`: exit code 2, a one-line message naming it, no DST left behind."""
-import json
 import os
 import subprocess
 import sys
@@ -10,7 +9,7 @@ import torch
 from metaplastic.cli import main
 
 pytest.importorskip("transformers")
-from helpers import tiny_mamba2, write_hf, write_mamba_ssm  # noqa: E402
+from helpers import edit_config, tiny_mamba2, write_hf, write_mamba_ssm  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -33,15 +32,6 @@ def copy_dir(src, dst):
         (dst / name).write_bytes((src / name).read_bytes())
     return dst
 
-
-def edit_config(path, **changes):
-    cfg = json.loads((path / "config.json").read_text())
-    for key, value in changes.items():
-        if value is None:
-            cfg.pop(key, None)
-        else:
-            cfg[key] = value
-    (path / "config.json").write_text(json.dumps(cfg))
 
 
 def edit_weights(path, fn):

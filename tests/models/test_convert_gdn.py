@@ -8,7 +8,6 @@ documented projections: depthwise causal short convolutions with SiLU, ``β = σ
 ``g = −exp(A_log)·softplus(a_proj h + dt_bias)``, grouped value heads reading q/k head ``j // (HV/H)``,
 and a SwiGLU MLP.
 """
-import json
 import os
 
 import pytest
@@ -28,7 +27,7 @@ from transformers.models.qwen3_next.modeling_qwen3_next import l2norm  # noqa: E
 
 from metaplastic.models import MetaplasticForCausalLM, convert_checkpoint  # noqa: E402
 
-from helpers import assert_close, tiny_gated_deltanet  # noqa: E402
+from helpers import assert_close, edit_config, edit_weights, tiny_gated_deltanet  # noqa: E402
 
 VOCAB = 37
 IDS = torch.randint(0, VOCAB, (2, 11), generator=torch.Generator().manual_seed(0))
@@ -133,33 +132,20 @@ def test_gdn_paper_init_and_cli(tmp_path, capsys):
     assert sorted(os.listdir(tmp_path)) == ["dst", "src"]
 
 
-def _edit_config(path, **changes):
-    cfg = json.loads((path / "config.json").read_text())
-    cfg.update(changes)
-    (path / "config.json").write_text(json.dumps(cfg))
-
-
-def _edit_weights(path, fn):
-    from safetensors.torch import load_file, save_file
-    state = load_file(str(path / "model.safetensors"))
-    fn(state)
-    save_file(state, str(path / "model.safetensors"))
-
-
 BAD = {  # name -> (mutation of the source directory, words the one-line message must contain)
-    "hybrid attention": (lambda p: _edit_config(p, attn={"layers": [1], "num_heads": 2}), "hybrid attention"),
-    "negative eigenvalues": (lambda p: _edit_config(p, allow_neg_eigval=True), "allow_neg_eigval"),
-    "sigmoid gate": (lambda p: _edit_config(p, output_gate_activation="sigmoid"), "output_gate_activation"),
-    "no short conv": (lambda p: _edit_config(p, use_short_conv=False), "use_short_conv"),
-    "bad value heads": (lambda p: _edit_config(p, num_v_heads=3), "num_v_heads=3"),
-    "bad expand_v": (lambda p: _edit_config(p, expand_v=1.3), "expand_v"),
-    "missing key": (lambda p: _edit_weights(p, lambda s: s.pop("model.layers.1.attn.dt_bias")),
+    "hybrid attention": (lambda p: edit_config(p, attn={"layers": [1], "num_heads": 2}), "hybrid attention"),
+    "negative eigenvalues": (lambda p: edit_config(p, allow_neg_eigval=True), "allow_neg_eigval"),
+    "sigmoid gate": (lambda p: edit_config(p, output_gate_activation="sigmoid"), "output_gate_activation"),
+    "no short conv": (lambda p: edit_config(p, use_short_conv=False), "use_short_conv"),
+    "bad value heads": (lambda p: edit_config(p, num_v_heads=3), "num_v_heads=3"),
+    "bad expand_v": (lambda p: edit_config(p, expand_v=1.3), "expand_v"),
+    "missing key": (lambda p: edit_weights(p, lambda s: s.pop("model.layers.1.attn.dt_bias")),
                     "missing key 'model.layers.1.attn.dt_bias'"),
-    "unexpected key": (lambda p: _edit_weights(p, lambda s: s.update(extra=torch.zeros(2))), "unexpected key 'extra'"),
-    "shape mismatch": (lambda p: _edit_config(p, intermediate_size=32), "shape mismatch"),
-    "tied head differs": (lambda p: _edit_weights(p, lambda s: s.update({"lm_head.weight": torch.zeros(VOCAB, 16)})),
+    "unexpected key": (lambda p: edit_weights(p, lambda s: s.update(extra=torch.zeros(2))), "unexpected key 'extra'"),
+    "shape mismatch": (lambda p: edit_config(p, intermediate_size=32), "shape mismatch"),
+    "tied head differs": (lambda p: edit_weights(p, lambda s: s.update({"lm_head.weight": torch.zeros(VOCAB, 16)})),
                           "lm_head.weight differs"),
-    "mesanet": (lambda p: _edit_config(p, model_type="mesa_net"), "MesaNet"),
+    "mesanet": (lambda p: edit_config(p, model_type="mesa_net"), "MesaNet"),
 }
 
 

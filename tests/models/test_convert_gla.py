@@ -8,7 +8,6 @@ depthwise causal short convolutions with SiLU, ``gk = logsigmoid(W2 W1 h) / 16``
 key / value / decay heads shared by ``num_heads / num_kv_heads`` query heads (head j reads j // groups), the
 feature map on q and k, the output norm then the swish gate, and a SwiGLU MLP.
 """
-import json
 import os
 
 import pytest
@@ -28,7 +27,7 @@ from transformers import AutoModelForCausalLM  # noqa: E402
 from metaplastic.models import MetaplasticForCausalLM, convert_checkpoint  # noqa: E402
 from metaplastic.models.convert import open_checkpoint, point_model  # noqa: E402
 
-from helpers import assert_close, tiny_gla  # noqa: E402
+from helpers import assert_close, edit_config, edit_weights, tiny_gla  # noqa: E402
 
 VOCAB = 37
 IDS = torch.randint(0, VOCAB, (2, 11), generator=torch.Generator().manual_seed(0))
@@ -166,35 +165,22 @@ def test_gla_importance_groups_paper_init_and_cli(tmp_path, capsys):
     assert sorted(os.listdir(tmp_path)) == ["dst", "src"]
 
 
-def _edit_config(path, **changes):
-    cfg = json.loads((path / "config.json").read_text())
-    cfg.update(changes)
-    (path / "config.json").write_text(json.dumps(cfg))
-
-
-def _edit_weights(path, fn):
-    from safetensors.torch import load_file, save_file
-    state = load_file(str(path / "model.safetensors"))
-    fn(state)
-    save_file(state, str(path / "model.safetensors"))
-
-
 BAD = {  # name -> (mutation of the source directory, words the one-line message must contain)
-    "hybrid attention": (lambda p: _edit_config(p, attn={"layers": [1], "num_heads": 2}), "hybrid attention"),
-    "attention residuals": (lambda p: _edit_config(p, attnres_block_size=2), "attnres_block_size=2"),
-    "feature map": (lambda p: _edit_config(p, feature_map="gelu"), "feature_map='gelu'"),
-    "hidden_act": (lambda p: _edit_config(p, hidden_act="powlu"), "hidden_act='powlu'"),
-    "no norm weight": (lambda p: _edit_config(p, elementwise_affine=False), "elementwise_affine=False"),
-    "attn_mode": (lambda p: _edit_config(p, attn_mode="parallel"), "attn_mode='parallel'"),
-    "positive clamp": (lambda p: _edit_config(p, clamp_min=0.5), "clamp_min=0.5"),
-    "bad kv heads": (lambda p: _edit_config(p, num_kv_heads=3), "num_kv_heads=3"),
-    "bad expand_k": (lambda p: _edit_config(p, expand_k=0.3), "expand_k"),
-    "fuse_norm renames the norm": (lambda p: _edit_config(p, fuse_norm=False),
+    "hybrid attention": (lambda p: edit_config(p, attn={"layers": [1], "num_heads": 2}), "hybrid attention"),
+    "attention residuals": (lambda p: edit_config(p, attnres_block_size=2), "attnres_block_size=2"),
+    "feature map": (lambda p: edit_config(p, feature_map="gelu"), "feature_map='gelu'"),
+    "hidden_act": (lambda p: edit_config(p, hidden_act="powlu"), "hidden_act='powlu'"),
+    "no norm weight": (lambda p: edit_config(p, elementwise_affine=False), "elementwise_affine=False"),
+    "attn_mode": (lambda p: edit_config(p, attn_mode="parallel"), "attn_mode='parallel'"),
+    "positive clamp": (lambda p: edit_config(p, clamp_min=0.5), "clamp_min=0.5"),
+    "bad kv heads": (lambda p: edit_config(p, num_kv_heads=3), "num_kv_heads=3"),
+    "bad expand_k": (lambda p: edit_config(p, expand_k=0.3), "expand_k"),
+    "fuse_norm renames the norm": (lambda p: edit_config(p, fuse_norm=False),
                                    "missing key 'model.layers.0.attn.g_norm.weight'"),
-    "missing key": (lambda p: _edit_weights(p, lambda s: s.pop("model.layers.1.attn.gk_proj.1.bias")),
+    "missing key": (lambda p: edit_weights(p, lambda s: s.pop("model.layers.1.attn.gk_proj.1.bias")),
                     "missing key 'model.layers.1.attn.gk_proj.1.bias'"),
-    "shape mismatch": (lambda p: _edit_config(p, expand_v=2.0), "shape mismatch"),
-    "tied head differs": (lambda p: _edit_weights(p, lambda s: s.update({"lm_head.weight": torch.zeros(VOCAB, 16)})),
+    "shape mismatch": (lambda p: edit_config(p, expand_v=2.0), "shape mismatch"),
+    "tied head differs": (lambda p: edit_weights(p, lambda s: s.update({"lm_head.weight": torch.zeros(VOCAB, 16)})),
                           "lm_head.weight differs"),
 }
 
