@@ -260,3 +260,27 @@ def edit_weights(path: Path, fn) -> None:
     state = load_file(str(path / "model.safetensors"))
     fn(state)
     save_file(state, str(path / "model.safetensors"))
+
+
+def copy_dir(src: Path, dst: Path) -> Path:
+    """Copy the files of ``src`` into a new folder ``dst``; returns ``dst``."""
+    import os
+    dst.mkdir(parents=True)
+    for name in os.listdir(src):
+        (dst / name).write_bytes((src / name).read_bytes())
+    return dst
+
+
+# Tiny keyword arguments of every mixer, for registry-wide model tests.
+TINY_MIXERS = {
+    "mamba2": dict(num_heads=4, head_dim=8, state_size=4, n_groups=2),
+    "meta_mamba2": dict(num_heads=4, head_dim=8, state_size=4, n_groups=2, importance_rank=3),
+    "palimpsa": dict(num_heads=2, head_dim=8, importance_rank=3),
+    "gated_deltanet": dict(num_heads=2, head_dim=8, expand_v=1.5),
+    "meta_gated_deltanet": dict(num_heads=2, head_dim=8, importance_rank=3),
+    "gla": dict(num_heads=2, use_short_conv=True),
+    "meta_gla": dict(num_heads=2, importance_rank=3),
+    "mesanet": dict(num_heads=2, head_dim=8),
+    "longhorn": dict(state_size=4),
+    "meta_longhorn": dict(state_size=4, importance_rank=3),
+}

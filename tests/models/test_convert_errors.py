@@ -9,7 +9,7 @@ import torch
 from metaplastic.cli import main
 
 pytest.importorskip("transformers")
-from helpers import edit_config, tiny_mamba2, write_hf, write_mamba_ssm  # noqa: E402
+from helpers import copy_dir, edit_config, tiny_mamba2, write_hf, write_mamba_ssm  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -24,13 +24,6 @@ def ssm_src(tmp_path_factory):
     path = tmp_path_factory.mktemp("ssm") / "src"
     write_mamba_ssm(tiny_mamba2(vocab_size=48), path, weights="safetensors", unpadded_vocab=45)
     return path
-
-
-def copy_dir(src, dst):
-    dst.mkdir(parents=True)
-    for name in os.listdir(src):
-        (dst / name).write_bytes((src / name).read_bytes())
-    return dst
 
 
 

@@ -27,7 +27,7 @@ from transformers.models.qwen3_next.modeling_qwen3_next import l2norm  # noqa: E
 
 from metaplastic.models import MetaplasticForCausalLM, convert_checkpoint  # noqa: E402
 
-from helpers import assert_close, edit_config, edit_weights, tiny_gated_deltanet  # noqa: E402
+from helpers import assert_close, copy_dir, edit_config, edit_weights, tiny_gated_deltanet  # noqa: E402
 
 VOCAB = 37
 IDS = torch.randint(0, VOCAB, (2, 11), generator=torch.Generator().manual_seed(0))
@@ -157,10 +157,7 @@ def gdn_src(tmp_path_factory):
 @pytest.mark.parametrize("case", list(BAD))
 def test_bad_gdn_input_exit_code_2_and_no_dst(case, gdn_src, tmp_path, capsys):
     mutate, words = BAD[case]
-    src = tmp_path / "src"
-    src.mkdir()
-    for name in os.listdir(gdn_src):
-        (src / name).write_bytes((gdn_src / name).read_bytes())
+    src = copy_dir(gdn_src, tmp_path / "src")
     mutate(src)
     dst = tmp_path / "out" / "dst"
     assert main(["convert", str(src), str(dst), "--no-progress"]) == 2

@@ -27,7 +27,7 @@ from transformers import AutoModelForCausalLM  # noqa: E402
 from metaplastic.models import MetaplasticForCausalLM, convert_checkpoint  # noqa: E402
 from metaplastic.models.convert import open_checkpoint, point_model  # noqa: E402
 
-from helpers import assert_close, edit_config, edit_weights, tiny_gla  # noqa: E402
+from helpers import assert_close, copy_dir, edit_config, edit_weights, tiny_gla  # noqa: E402
 
 VOCAB = 37
 IDS = torch.randint(0, VOCAB, (2, 11), generator=torch.Generator().manual_seed(0))
@@ -193,10 +193,7 @@ def gla_src(tmp_path_factory):
 @pytest.mark.parametrize("case", list(BAD))
 def test_bad_gla_input_exit_code_2_and_no_dst(case, gla_src, tmp_path, capsys):
     mutate, words = BAD[case]
-    src = tmp_path / "src"
-    src.mkdir()
-    for name in os.listdir(gla_src):
-        (src / name).write_bytes((gla_src / name).read_bytes())
+    src = copy_dir(gla_src, tmp_path / "src")
     mutate(src)
     dst = tmp_path / "out" / "dst"
     assert main(["convert", str(src), str(dst), "--no-progress"]) == 2

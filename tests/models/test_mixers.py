@@ -9,20 +9,9 @@ from metaplastic.models import MIXERS, MetaplasticCache, MetaplasticConfig, Meta
 from metaplastic.models import to_metaplastic
 from metaplastic.oracles import relative_error
 
-from helpers import assert_close
+from helpers import TINY_MIXERS, assert_close
 
-TINY = {
-    "mamba2": dict(num_heads=4, head_dim=8, state_size=4, n_groups=2),
-    "meta_mamba2": dict(num_heads=4, head_dim=8, state_size=4, n_groups=2, importance_rank=3),
-    "palimpsa": dict(num_heads=2, head_dim=8, importance_rank=3),
-    "gated_deltanet": dict(num_heads=2, head_dim=8, expand_v=1.5),
-    "meta_gated_deltanet": dict(num_heads=2, head_dim=8, importance_rank=3),
-    "gla": dict(num_heads=2, use_short_conv=True),
-    "meta_gla": dict(num_heads=2, importance_rank=3),
-    "mesanet": dict(num_heads=2, head_dim=8),
-    "longhorn": dict(state_size=4),
-    "meta_longhorn": dict(state_size=4, importance_rank=3),
-}
+TINY = TINY_MIXERS
 
 
 def test_mixer_catalogue_holds_the_compared_layers():

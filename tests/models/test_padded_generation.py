@@ -8,20 +8,9 @@ import torch
 
 from metaplastic.models import MIXERS, MetaplasticConfig, MetaplasticForCausalLM
 
-from helpers import assert_close
+from helpers import TINY_MIXERS, assert_close
 
-TINY = {
-    "mamba2": dict(num_heads=4, head_dim=8, state_size=4, n_groups=2, time_step_limit=(0.01, 0.5)),
-    "meta_mamba2": dict(num_heads=4, head_dim=8, state_size=4, n_groups=2, importance_rank=3),
-    "palimpsa": dict(num_heads=2, head_dim=8, importance_rank=3),
-    "gated_deltanet": dict(num_heads=2, head_dim=8, expand_v=1.5),
-    "meta_gated_deltanet": dict(num_heads=2, head_dim=8, importance_rank=3),
-    "gla": dict(num_heads=2, use_short_conv=True),
-    "meta_gla": dict(num_heads=2, importance_rank=3),
-    "mesanet": dict(num_heads=2, head_dim=8),
-    "longhorn": dict(state_size=4),
-    "meta_longhorn": dict(state_size=4, importance_rank=3),
-}
+TINY = {**TINY_MIXERS, "mamba2": dict(TINY_MIXERS["mamba2"], time_step_limit=(0.01, 0.5))}
 VOCAB, PAD = 29, 0
 PROMPTS = [[5, 7, 3, 9, 11, 2], [4, 8], [13, 6, 1, 10]]
 
