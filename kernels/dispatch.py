@@ -1,4 +1,4 @@
-"""``metaplastic.kernels.scan``: one entry point, the backend chosen from the device and the settings.
+"""``metaplastic.kernels.dispatch.scan``: one entry point, the backend chosen from the device and the settings.
 
 Backends:
 

@@ -5,7 +5,7 @@ vocab 50288 × 768, 24 layers, 24 heads × 64, N = 128, one group, tied embeddin
 fresh process so that its peak resident memory is its own:
 
 - ``load+save``: ``safetensors.torch.load_file`` of the checkpoint, then ``save_file`` of the same tensors;
-- ``convert``: :func:`metaplastic.models.convert_mamba2` of the checkpoint.
+- ``convert``: :func:`metaplastic.convert_mamba2` of the checkpoint.
 
 Reported: wall time of the work (imports excluded; the best of the repeats, which alternate the order of
 the two, since disk and page-cache noise dominate on a shared machine), peak RSS (``ru_maxrss``, the largest
@@ -38,7 +38,7 @@ mode, src, out = sys.argv[1], sys.argv[2], sys.argv[3]
 import torch
 from safetensors.torch import load_file, save_file
 if mode == "convert":
-    from metaplastic.models import convert_mamba2
+    from metaplastic.models.convert import convert_mamba2
 def rss():
     with open("/proc/self/status") as f:
         return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmRSS"))

@@ -16,7 +16,7 @@ class MetaplasticConfig(PretrainedConfig):
     """Configuration of :class:`MetaplasticForCausalLM`.
 
     Args:
-        mixer: a mixer name of ``metaplastic.models.MIXERS`` for every layer, or a list with one per layer.
+        mixer: a mixer name of ``metaplastic.MIXERS`` for every layer, or a list with one per layer.
         mixer_kwargs: keyword arguments of the mixer (a dict for every layer, or a list of dicts).
         intermediate_size: width of a SwiGLU MLP after each mixer (0: no MLP, as in Mamba2).
         residual_in_fp32: keep the residual stream in float32 (Mamba2's default).

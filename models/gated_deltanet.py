@@ -17,7 +17,7 @@ from torch import nn
 
 from metaplastic.registry import registry
 
-from metaplastic.kernels import scan
+from metaplastic.kernels.dispatch import scan
 
 from .base import Mixer
 from .common import NormThenGate, conv_layer, init_dt_bias, l2_normalize, layer_cache, padding_mask, short_convs

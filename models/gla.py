@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from metaplastic.kernels import scan
+from metaplastic.kernels.dispatch import scan
 from metaplastic.registry import registry
 
 from .base import Mixer, RankSpec

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from metaplastic.kernels import scan
+from metaplastic.kernels.dispatch import scan
 
 from .base import Mixer
 from .common import causal_conv, conv_layer, layer_cache, padding_mask

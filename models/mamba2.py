@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from metaplastic.kernels import scan
+from metaplastic.kernels.dispatch import scan
 
 from .base import Mixer
 from .base import RankSpec

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from metaplastic.kernels import scan
+from metaplastic.kernels.dispatch import scan
 from metaplastic.readout_solver import readout_solver
 
 from .base import Mixer

@@ -26,7 +26,7 @@ from torch import nn
 
 from metaplastic.registry import registry
 
-from metaplastic.kernels import scan
+from metaplastic.kernels.dispatch import scan
 
 from .base import Mixer, RankSpec
 from .common import (L2_NORMS, NormThenGate, conv_layer, init_A_log, init_dt_bias, l2_normalize, layer_cache,

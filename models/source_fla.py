@@ -49,7 +49,7 @@ class GatedDeltaNetArch:
     eos_token_id: Optional[int] = None
 
     def mixer_kwargs(self) -> Dict[str, object]:
-        """Keyword arguments of :class:`metaplastic.models.GatedDeltaNet`."""
+        """Keyword arguments of :class:`metaplastic.GatedDeltaNet`."""
         kwargs = dict(num_heads=self.num_heads, head_dim=self.head_dim, expand_v=self.expand_v,
                       conv_size=self.conv_size, conv_bias=False, use_gate=self.use_gate, norm_eps=self.norm_eps)
         if self.num_v_heads is not None and self.num_v_heads != self.num_heads:

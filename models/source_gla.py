@@ -61,7 +61,7 @@ class GLAArch:
     eos_token_id: Optional[int] = None
 
     def mixer_kwargs(self) -> Dict[str, object]:
-        """Keyword arguments of :class:`metaplastic.models.GLA`."""
+        """Keyword arguments of :class:`metaplastic.GLA`."""
         kwargs = dict(num_heads=self.num_heads, expand_k=self.expand_k, expand_v=self.expand_v,
                       use_short_conv=self.use_short_conv, conv_size=self.conv_size, conv_bias=False,
                       use_output_gate=self.use_output_gate, fuse_norm=self.fuse_norm, norm_eps=self.norm_eps,

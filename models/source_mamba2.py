@@ -44,7 +44,7 @@ class Mamba2Arch:
     unpadded_vocab_size: Optional[int] = None
 
     def mixer_kwargs(self) -> Dict[str, object]:
-        """Keyword arguments of :class:`metaplastic.models.Mamba2`."""
+        """Keyword arguments of :class:`metaplastic.Mamba2`."""
         return dict(num_heads=self.num_heads, head_dim=self.head_dim, state_size=self.state_size, expand=self.expand,
                     n_groups=self.n_groups, conv_kernel=self.conv_kernel, use_bias=self.use_bias,
                     use_conv_bias=self.use_conv_bias, time_step_limit=list(self.time_step_limit),
@@ -53,7 +53,7 @@ class Mamba2Arch:
 
 _NOT_MAMBA2 = {  # refused by name (Gated DeltaNet is read by source_fla, not here)
     "mamba": "a Mamba (v1) checkpoint",
-    "gated_deltanet": "a Gated DeltaNet checkpoint (convert it with metaplastic.models.convert_checkpoint)",
+    "gated_deltanet": "a Gated DeltaNet checkpoint (convert it with metaplastic.convert_checkpoint)",
     "mesa_net": "a MesaNet checkpoint (not supported: its full posterior has no point-posterior source)",
 }
 

@@ -46,7 +46,7 @@ def to_metaplastic(mixer: nn.Module, init: str = "identity", rank: Optional[int]
                          "converts point-posterior mixers only")
     meta = twin_name(name)
     if meta not in MIXERS:
-        raise ValueError(f"the twin {meta!r} of {name!r} has no mixer class in metaplastic.models.MIXERS")
+        raise ValueError(f"the twin {meta!r} of {name!r} has no mixer class in metaplastic.MIXERS")
     param = next(mixer.parameters())
     kwargs = dict(mixer.mixer_kwargs)
     if rank is not None:

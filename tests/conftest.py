@@ -5,10 +5,6 @@ import sys
 from pathlib import Path
 
 _TESTS = Path(__file__).resolve().parent
-# The repository root holds a folder named ``kernels`` (the package ``metaplastic.kernels``); on ``sys.path``
-# (``python -m pytest`` puts the working directory there) it would shadow the PyPI package ``kernels``, which
-# transformers probes for at import. The package is imported through its installation, never from the root.
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _TESTS.parent]
 sys.path.insert(0, str(_TESTS))
 
 try:  # must happen before triton is imported anywhere

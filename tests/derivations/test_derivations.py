@@ -17,7 +17,9 @@ import sympy
 import torch
 
 from metaplastic import closed_forms, registry
-from metaplastic.derivations import compare, derive, run_all, theorem_names, theorems
+from metaplastic.derivations.check import compare
+from metaplastic.derivations.derive import derive
+from metaplastic.derivations.proofs import run_all, theorem_names, theorems
 from metaplastic.derivations.free_energy import expected_loss, kl_gaussian_rows
 from metaplastic.derivations.symbols import matrix, vector
 

@@ -6,7 +6,7 @@ import types
 import pytest
 
 from metaplastic import closed_forms
-from metaplastic.derivations import run_all, theorem_names
+from metaplastic.derivations.proofs import run_all, theorem_names
 from metaplastic.verify import symbolic_checks
 
 NAME = "grouped_importance_is_gla"

@@ -15,7 +15,8 @@ import pytest
 
 from metaplastic import registry
 from metaplastic.cli import main
-from metaplastic.derivations import TheoremRecord, theorem_names
+from metaplastic.derivations.record import TheoremRecord
+from metaplastic.derivations.proofs import theorem_names
 from metaplastic.derivations import table1
 from metaplastic.derivations import proofs as theorems_module
 

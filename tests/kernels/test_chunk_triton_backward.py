@@ -11,7 +11,7 @@ import torch
 
 import metaplastic
 from helpers import assert_close
-from metaplastic.kernels import scan as dispatch_scan
+from metaplastic.kernels.dispatch import scan as dispatch_scan
 
 ON_GPU = torch.cuda.is_available()
 DEVICE = "cuda" if ON_GPU else "cpu"

@@ -14,7 +14,7 @@ import torch
 import metaplastic
 from metaplastic.kernels import chunk_per_value
 from metaplastic.kernels import cpu_per_value as cpv
-from metaplastic.kernels import scan as kernel_scan
+from metaplastic.kernels.dispatch import scan as kernel_scan
 
 from helpers import assert_close, random_inputs
 

@@ -1,9 +1,9 @@
-"""``metaplastic.kernels.scan``: the backend it picks, the ones it refuses (by name), and its results."""
+"""``metaplastic.kernels.dispatch.scan``: the backend it picks, the ones it refuses (by name), and its results."""
 import pytest
 import torch
 
 import metaplastic
-from metaplastic.kernels import BACKENDS, scan, select_backend
+from metaplastic.kernels.dispatch import BACKENDS, scan, select_backend
 
 from helpers import assert_close, random_inputs
 

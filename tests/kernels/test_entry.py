@@ -4,7 +4,7 @@ import torch
 
 import metaplastic
 from helpers import assert_close
-from metaplastic.kernels import scan as dispatch_scan
+from metaplastic.kernels.dispatch import scan as dispatch_scan
 from metaplastic.kernels.entry import (by_sequence, compute_dtype, prepare, rows_constant,
                                        triton_unavailable_reason)
 

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import metaplastic
-from metaplastic.kernels import scan as kernel_scan
+from metaplastic.kernels.dispatch import scan as kernel_scan
 from metaplastic.kernels.chunk import chunk_scan
 
 from helpers import assert_close

@@ -5,7 +5,7 @@ import torch
 
 import metaplastic
 from helpers import assert_close
-from metaplastic.kernels import scan as dispatch_scan
+from metaplastic.kernels.dispatch import scan as dispatch_scan
 from metaplastic.kernels.entry import prepare
 
 ON_GPU = torch.cuda.is_available()
@@ -92,7 +92,7 @@ def test_per_value_varlen():
 
 def test_per_value_through_dispatch():
     """backend='triton' routes b [B,T,H,V] to the per-value kernel (default segment 64)."""
-    from metaplastic.kernels import select_backend
+    from metaplastic.kernels.dispatch import select_backend
     obj, x = _inputs("palimpsa", 2, 9, 1, 3, 2, seed=5)
     assert select_backend(obj, DEVICE if ON_GPU else "cuda", "triton", b=x["b"], V=2) == "triton_per_value"
     _check("palimpsa", x, scale=0.5)

@@ -20,7 +20,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import metaplastic
-from metaplastic.kernels import scan as kernel_scan
+from metaplastic.kernels.dispatch import scan as kernel_scan
 
 from helpers import assert_close
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from metaplastic.models import MetaplasticConfig, MetaplasticForCausalLM, build_mixer
+from metaplastic import MetaplasticConfig, MetaplasticForCausalLM, build_mixer
 from metaplastic.oracles import relative_error, transformers_mamba2_is_grouped
 
 transformers = pytest.importorskip("transformers")

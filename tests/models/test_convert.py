@@ -14,7 +14,7 @@ from metaplastic.oracles import relative_error
 transformers = pytest.importorskip("transformers")
 from transformers import AutoModelForCausalLM  # noqa: E402
 
-from metaplastic.models import MetaplasticForCausalLM, convert_mamba2  # noqa: E402
+from metaplastic import MetaplasticForCausalLM, convert_mamba2  # noqa: E402
 
 from helpers import assert_close, skip_unless_grouped, tiny_mamba2, write_hf, write_mamba_ssm  # noqa: E402
 

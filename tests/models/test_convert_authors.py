@@ -26,7 +26,7 @@ from fla.modules.norm.layernorm import rms_norm_ref  # noqa: E402
 from fla.modules.norm.layernorm_gated import rms_norm_ref as gated_rms_norm_ref  # noqa: E402
 from transformers import AutoModelForCausalLM  # noqa: E402
 
-from metaplastic.models import MetaplasticForCausalLM, convert_checkpoint  # noqa: E402
+from metaplastic import MetaplasticForCausalLM, convert_checkpoint  # noqa: E402
 
 from helpers import assert_close  # noqa: E402
 

@@ -25,7 +25,7 @@ from fla.ops.gated_delta_rule.naive import naive_recurrent_gated_delta_rule  # n
 from transformers import AutoModelForCausalLM  # noqa: E402
 from transformers.models.qwen3_next.modeling_qwen3_next import l2norm  # noqa: E402
 
-from metaplastic.models import MetaplasticForCausalLM, convert_checkpoint  # noqa: E402
+from metaplastic import MetaplasticForCausalLM, convert_checkpoint  # noqa: E402
 
 from helpers import assert_close, copy_dir, edit_config, edit_weights, tiny_gated_deltanet  # noqa: E402
 

@@ -24,7 +24,7 @@ from fla.modules.norm.layernorm_gated import rms_norm_ref as gated_rms_norm_ref 
 from fla.ops.gla.naive import naive_recurrent_gla  # noqa: E402
 from transformers import AutoModelForCausalLM  # noqa: E402
 
-from metaplastic.models import MetaplasticForCausalLM, convert_checkpoint  # noqa: E402
+from metaplastic import MetaplasticForCausalLM, convert_checkpoint  # noqa: E402
 from metaplastic.models.convert import open_checkpoint, point_model  # noqa: E402
 
 from helpers import assert_close, copy_dir, edit_config, edit_weights, tiny_gla  # noqa: E402

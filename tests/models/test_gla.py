@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from metaplastic.models import MetaplasticConfig, MetaplasticForCausalLM, build_mixer, to_metaplastic
+from metaplastic import MetaplasticConfig, MetaplasticForCausalLM, build_mixer, to_metaplastic
 from metaplastic.oracles import relative_error
 
 from helpers import assert_close
@@ -114,7 +114,7 @@ def test_grouped_meta_gla_equals_the_reference_scan_with_b_expanded(G, monkeypat
     """The grouped path with per-key decay (the mixer's own scan) against the reference scan given b per value
     row, each group's rate repeated over its rows (THEORY.md limit 8), float64."""
     import metaplastic.models.gla as gla_module
-    from metaplastic.kernels import scan
+    from metaplastic.kernels.dispatch import scan
     torch.manual_seed(0)
     mixer = open_importance(build_mixer("meta_gla", 16, num_heads=2, expand_k=1.0, importance_rank=3,
                                         importance_groups=G)).double()

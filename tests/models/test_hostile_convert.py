@@ -215,7 +215,7 @@ def wait_for_writing(proc, directory: Path, timeout: float = 120.0) -> None:
 def test_kill_a_conversion_at_random_moments_then_rerun(src, tmp_path):
     """SIGKILL / SIGTERM at a seeded random moment; DST is either absent or complete, SRC intact, and a
     rerun (with --force when DST is complete) succeeds and leaves no debris."""
-    from metaplastic.models import MetaplasticForCausalLM
+    from metaplastic import MetaplasticForCausalLM
     rng = random.Random(1234)
     big = build_big(tmp_path / "big")  # ~10 MB of weights: writing takes long enough to be interrupted
     before = digest(big)

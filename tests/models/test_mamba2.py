@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from metaplastic.models import MetaplasticConfig, MetaplasticForCausalLM, build_mixer, to_metaplastic
+from metaplastic import MetaplasticConfig, MetaplasticForCausalLM, build_mixer, to_metaplastic
 from metaplastic.oracles import relative_error
 
 transformers = pytest.importorskip("transformers")

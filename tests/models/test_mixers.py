@@ -5,8 +5,8 @@ import torch
 
 import metaplastic
 from metaplastic import registry
-from metaplastic.models import MIXERS, MetaplasticCache, MetaplasticConfig, MetaplasticForCausalLM, build_mixer
-from metaplastic.models import to_metaplastic
+from metaplastic import MIXERS, MetaplasticCache, MetaplasticConfig, MetaplasticForCausalLM, build_mixer
+from metaplastic import to_metaplastic
 from metaplastic.oracles import relative_error
 
 from helpers import TINY_MIXERS, assert_close
@@ -230,7 +230,7 @@ def test_mesanet_exact_readout_differs_from_fla_by_its_cg_gap(ieee_fp32, monkeyp
 
 def test_importance_projection_keeps_gamma_non_negative():
     """After an optimizer step that pushes γ below zero, project_importance_ cuts it back to 0 (b ≥ 0)."""
-    from metaplastic.models import project_importance_
+    from metaplastic import project_importance_
     mixer = build_mixer("meta_mamba2", 16, num_heads=4, head_dim=8, state_size=4)
     gamma = mixer.importance.gamma
     with torch.no_grad():

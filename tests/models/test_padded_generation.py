@@ -6,7 +6,7 @@ through transformers' ``generate`` with an ``attention_mask``, with and without 
 import pytest
 import torch
 
-from metaplastic.models import MIXERS, MetaplasticConfig, MetaplasticForCausalLM
+from metaplastic import MIXERS, MetaplasticConfig, MetaplasticForCausalLM
 
 from helpers import TINY_MIXERS, assert_close
 

@@ -6,7 +6,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from metaplastic import metaplastic, registry
-from metaplastic.models import MetaplasticConfig, MetaplasticForCausalLM, build_mixer, to_metaplastic
+from metaplastic import MetaplasticConfig, MetaplasticForCausalLM, build_mixer, to_metaplastic
 from metaplastic.oracles import relative_error
 
 from helpers import assert_close

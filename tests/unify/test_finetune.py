@@ -22,7 +22,7 @@ from safetensors.torch import load_file  # noqa: E402
 
 import metaplastic  # noqa: E402,F401  (registers the Auto classes)
 from metaplastic.cli import main  # noqa: E402
-from metaplastic.models import MetaplasticForCausalLM, convert_mamba2  # noqa: E402
+from metaplastic import MetaplasticForCausalLM, convert_mamba2  # noqa: E402
 
 from helpers import tiny_mamba2  # noqa: E402
 

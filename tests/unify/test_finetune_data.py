@@ -59,7 +59,7 @@ def test_text_file_uses_the_tokenizer_beside_the_model(tmp_path):
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
-    from metaplastic.models import MetaplasticConfig, MetaplasticForCausalLM
+    from metaplastic import MetaplasticConfig, MetaplasticForCausalLM
     path = tmp_path_factory.mktemp("ft_err") / "model"
     cfg = MetaplasticConfig(vocab_size=32, hidden_size=16, num_hidden_layers=1, mixer="meta_mamba2",
                             mixer_kwargs=dict(head_dim=8, state_size=4, importance_rank=2))

@@ -18,7 +18,7 @@ pytest.importorskip("transformers")
 from hostile import cli, one_line_error, remount_read_only, spawn, temp_names, tmpfs  # noqa: E402
 from metaplastic import finetune as ft  # noqa: E402
 from metaplastic.demo import build_tiny_mamba2  # noqa: E402
-from metaplastic.models import convert_checkpoint  # noqa: E402
+from metaplastic import convert_checkpoint  # noqa: E402
 
 SEQ = 16
 ARGS = ["--train", "all", "--seq-len", str(SEQ), "--global-batch", "2", "--lr", "1e-3", "--warmup", "1",

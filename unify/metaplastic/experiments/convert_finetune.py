@@ -10,7 +10,7 @@ Per seed:
    in ``decay_range``) and optimiser (:func:`metaplastic.experiments.mqar.fit`). Its final training loss
    and ``converged`` flag (final loss ≤ ``converged_loss``) are recorded.
 2. **Conversion** with the library's functions: each mixer through
-   :func:`metaplastic.models.to_metaplastic` (``init="identity"``: γ = 0) and the config through
+   :func:`metaplastic.to_metaplastic` (``init="identity"``: γ = 0) and the config through
    :func:`metaplastic.models.convert.twin_config`. The converted model must start equal to the source:
    the largest |logit difference| on test inputs, both models run in float64, must be ≤ ``identity_atol``
    (1e-9), or the run stops; the float32 difference is recorded too.
@@ -130,7 +130,9 @@ def build_source(cfg: ConvertFinetuneConfig) -> nn.Module:
     """The Mamba2 LM (seed torch first). Its mixers are initialised as in the MQAR harness: PyTorch's
     default initialisation (the LM's ``post_init`` draws every matrix from N(0, 0.02²), which leaves the
     mixers' outputs below the norms' ε at this width) and every decay started in ``decay_range``."""
-    from metaplastic.models import MetaplasticConfig, MetaplasticForCausalLM, build_mixer
+    from metaplastic.models.configuration import MetaplasticConfig
+    from metaplastic.models.modeling import MetaplasticForCausalLM
+    from metaplastic.models.mixers import build_mixer
     kwargs = dict(head_dim=cfg.head_dim, state_size=cfg.state_size, expand=2)
     config = MetaplasticConfig(vocab_size=cfg.vocab_size, hidden_size=cfg.d_model, num_hidden_layers=cfg.n_layers,
                                mixer="mamba2", mixer_kwargs=kwargs, use_cache=False)
@@ -144,7 +146,7 @@ def build_source(cfg: ConvertFinetuneConfig) -> nn.Module:
 def convert(source: nn.Module, rank: Optional[int], generator: torch.Generator) -> nn.Module:
     """The metaplastic twin of the LM ``source`` (``init="identity"``), through the library's
     :func:`to_metaplastic` (each mixer) and :func:`twin_config` (the config); ``source`` is unchanged."""
-    from metaplastic.models import to_metaplastic
+    from metaplastic.models.twins import to_metaplastic
     from metaplastic.models.convert import twin_config
     model = copy.deepcopy(source)
     for layer in model.backbone.layers:
@@ -168,7 +170,7 @@ def max_logit_difference(a: nn.Module, b: nn.Module, ids: torch.Tensor,
 
 def importance_parameters(model: nn.Module) -> List[str]:
     """Names of the parameters of every ``ImportancePath`` (the metaplastic path)."""
-    from metaplastic.models import ImportancePath
+    from metaplastic.models.importance import ImportancePath
     names = []
     for prefix, module in model.named_modules():
         if isinstance(module, ImportancePath):
@@ -188,7 +190,7 @@ def set_trainable(model: nn.Module, names: Optional[List[str]]) -> int:
 
 def gammas(model: nn.Module) -> List[List[float]]:
     """γ per layer and head (empty for a model without gates)."""
-    from metaplastic.models import ImportancePath
+    from metaplastic.models.importance import ImportancePath
     return [[round(g, 4) for g in m.gamma.detach().tolist()] for m in model.modules()
             if isinstance(m, ImportancePath) and m.gamma is not None]
 

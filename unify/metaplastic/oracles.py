@@ -223,7 +223,7 @@ def _run_longhorn(x: Inputs):
     """LongHorn = fla's ``naive_recurrent_gla`` with one head per value channel (the mapping of REFERENCES.md).
 
     This oracle restates the formula it checks: the mapping writes LongHorn's ``ε = β / (1 + β‖k‖²)`` and its
-    decay ``log1p(−ε k²)`` out by hand, the same closed form as ``unify/closed_forms.py``, so an error in that
+    decay ``log1p(−ε k²)`` out by hand, the same closed form as ``unify/metaplastic/closed_forms.py``, so an error in that
     formula shared by both sides would pass here. What it checks independently is the recurrence around it
     (decay before update, read-out, scale, layouts, initial and final states), with fla doing the arithmetic.
     The closed form itself is checked by the sympy theorem ``longhorn_is_diagonal_proximal`` (limit 4: ε is the

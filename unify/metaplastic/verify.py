@@ -87,7 +87,7 @@ def numeric_checks() -> List[NumericCheck]:
 
 
 def symbolic_checks(names: Optional[Sequence[str]] = None) -> list:
-    from .derivations import run_all  # sympy; imported only when asked for
+    from .derivations.proofs import run_all  # sympy; imported only when asked for
     return run_all(names)
 
 

@@ -335,7 +335,7 @@ CONFIGS: Dict[str, CapacityConfig] = {
 def importance_groups_supported() -> bool:
     """Whether the mixers of this installation take ``importance_groups``."""
     import inspect
-    from metaplastic.models import MIXERS
+    from metaplastic.models.mixers import MIXERS
     return "importance_groups" in inspect.signature(MIXERS["palimpsa"].__init__).parameters
 
 

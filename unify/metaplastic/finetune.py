@@ -130,7 +130,8 @@ def load_model(model_dir: Path) -> nn.Module:
         model_type = json.loads(config_path.read_text()).get("model_type")
     except json.JSONDecodeError as exc:
         raise UserError(f"--model {model_dir}: config.json is not valid JSON ({exc})") from None
-    from metaplastic.models import MetaplasticConfig, MetaplasticForCausalLM
+    from metaplastic.models.configuration import MetaplasticConfig
+    from metaplastic.models.modeling import MetaplasticForCausalLM
     if model_type != MetaplasticConfig.model_type:
         raise UserError(f"--model {model_dir} is a {model_type!r} model, not a metaplastic one "
                         f"(convert it first: metaplastic convert)")

@@ -140,7 +140,7 @@ def split_name(entry: str) -> Tuple[str, str]:
 
 def importance_groups_supported() -> bool:
     """Whether the mixers of this installation take ``importance_groups``."""
-    from metaplastic.models import MIXERS
+    from metaplastic.models.mixers import MIXERS
     return "importance_groups" in inspect.signature(MIXERS["palimpsa"].__init__).parameters
 
 
@@ -163,7 +163,7 @@ def build_matched_mixer(entry: str, d_model: int, budget: int,
                         extra: Optional[Dict[str, Any]] = None) -> Tuple[nn.Module, Dict[str, Any]]:
     """The mixer of ``entry`` (``NAME`` or ``NAME@width``) whose size (``state_size()`` or, for ``@width``,
     ``matrix_floats``) is the largest not above ``budget``; ``extra`` kwargs are passed to every candidate."""
-    from metaplastic.models import MIXERS, build_mixer
+    from metaplastic.models.mixers import MIXERS, build_mixer
     name, accounting = split_name(entry)
     if name not in MIXERS:
         raise ValueError(f"unknown model {name!r}; known mixers: {', '.join(MIXERS)}")
@@ -271,7 +271,7 @@ def _posterior(name: str) -> str:
 
 def validate_config(cfg: MQARConfig) -> None:
     """Raise ``ValueError`` naming the first bad field of ``cfg`` (before any training)."""
-    from metaplastic.models import MIXERS
+    from metaplastic.models.mixers import MIXERS
     positive = ("vocab_size", "d_model", "state_budget", "train_examples", "val_examples", "test_examples",
                 "epochs", "batch_size", "n_layers", "curve_points", "lr_select_seeds")
     for key in positive:
