@@ -10,8 +10,8 @@ Three stages, as in ``closed_forms`` (which this module checks, never copies):
      variance ``s_ij = 1/I_ij``; full: in the key covariance ``Σ = P^{-1}``), then in the mean;
    - ``solver="gradient"``: the precision as for ``exact``; the mean by one gradient step on ``F_t`` from the
      prior mean, preconditioned by the posterior precision ``Λ_t`` (at the prior mean the KL term has zero
-     gradient, so this is a step on the loss alone). THEORY.md §1 writes the step as ``Λ⁻^{-1}``; for the
-     point posterior ``Λ_t = Λ⁻ = Ip`` and the two agree, and for the diagonal posterior THEORY.md §2
+     gradient, so this is a step on the loss alone). docs/theory.md#the-free-energy-of-one-step writes the step as ``Λ⁻^{-1}``; for the
+     point posterior ``Λ_t = Λ⁻ = Ip`` and the two agree, and for the diagonal posterior docs/theory.md#closed-forms
      (metaplastic Gated DeltaNet) uses ``β / I_t``, the posterior precision, which is what is derived here;
    - ``transition="diagonal"``: the exact mean is affine in the prior mean, ``m_i = A_i μ⁻_i + c_i`` per value
      row; replace ``A_i`` (the matrix that multiplies the old state) by its diagonal.

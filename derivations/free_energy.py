@@ -1,4 +1,4 @@
-"""The one-step free energy ``F_t[q] = E_q[l_t(S)] + KL(q || p_t)`` of THEORY.md §1, written from the theory.
+"""The one-step free energy ``F_t[q] = E_q[l_t(S)] + KL(q || p_t)`` of docs/theory.md#the-free-energy-of-one-step, written from the theory.
 
 Nothing here is a model's update: this module only writes down Gaussian densities, expected losses and
 KL divergences. :mod:`metaplastic.derivations.derive` minimises them.
@@ -15,7 +15,7 @@ Expected losses (``E_q[S_ij S_ij'] = m_ij m_ij' + C_i[j, j']``):
 - ``dot``:        ``-Σ_i β_i v_i (m_i · k)``
 - ``dot_diag``:   ``dot + Σ_i (b_i / 2) Σ_j k_j² (m_ij² + C_i[j, j])``
 - ``regression``: ``Σ_i (β_i / 2) (v_i - m_i · k)² + (c_i / 2) kᵀ C_i k`` with curvature weight ``c_i = β_i``,
-  except for the diagonal posterior, where ``c_i = b_i``: THEORY.md §2 keeps the importance rate ``b`` free
+  except for the diagonal posterior, where ``c_i = b_i``: docs/theory.md#closed-forms keeps the importance rate ``b`` free
   ("a free b is an architecture choice"; ``b = β`` is the pure Bayesian free energy).
 """
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The theorems: every registry entry derived from its settings, and the limits of THEORY.md §3.
+"""The theorems: every registry entry derived from its settings, and the limits of docs/theory.md#the-limits.
 
 Each theorem is a function ``name(closed_form=None) -> TheoremRecord``. ``closed_form`` is the module whose
 ``prior / update / readout`` are checked (``metaplastic.closed_forms`` by default); passing a deliberately
@@ -418,7 +418,7 @@ _DERIVES: Dict[str, TheoremFn] = {}
 
 
 def theorems() -> List[TheoremFn]:
-    """Every theorem: the eight limits of THEORY.md §3, then ``derive_<model>`` for each registry entry."""
+    """Every theorem: the eight limits of docs/theory.md#the-limits, then ``derive_<model>`` for each registry entry."""
     for model in registry:
         if model not in _DERIVES:
             _DERIVES[model] = _derive_theorem(model)

@@ -34,7 +34,7 @@ import torch.nn.functional as F
 
 import metaplastic
 from metaplastic.errors import UserError
-from metaplastic.experiments._threads import torch_threads
+from .threads import torch_threads
 
 from .chunk import unsupported_reason
 from .dispatch import scan as dispatch_scan
@@ -249,18 +249,6 @@ def _fla_runs(shape: Tuple[int, ...], device: str, dtype: torch.dtype = torch.fl
     return runs
 
 
-def _paper_run(shape: Tuple[int, ...], device: str, dtype: torch.dtype = torch.float32):
-    """The paper's own Palimpsa chunk kernel, if a package providing it is importable (None otherwise)."""
-    for module, attr in (("palimpsa", "chunk_palimpsa"), ("palimpsa.ops", "chunk_palimpsa")):
-        try:
-            fn = getattr(__import__(module, fromlist=[attr]), attr)
-        except Exception:
-            continue
-        x = make_inputs("palimpsa", shape, "V", device, dtype=dtype)
-        return ("paper palimpsa kernel", lambda x: fn(x["q"], x["k"], x["v"], x["log_decay"], x["beta"], x["b"])[0], x)
-    return None
-
-
 # ------------------------------------------------------------------------------------------- the command
 def _parse_shape(text: Optional[str], device: str, quick: bool) -> Tuple[int, ...]:
     if text is None:
@@ -327,9 +315,6 @@ def run(args: argparse.Namespace) -> int:
     if device == "cuda":
         fla_note = fla_hopper_guard_bypass()
         externals = _fla_runs(shape, device, dtype)
-        paper = _paper_run(shape, device, dtype)
-        if paper is not None:
-            externals.append(paper)
 
     records: List[Dict] = []
     bar = tqdm(total=len(jobs) + len(externals), desc="bench kernels", unit="run")
@@ -362,10 +347,7 @@ def run(args: argparse.Namespace) -> int:
     print(format_table(records))
     summary = targets(records)
     if summary:
-        print("\ntargets:")
-        for t in summary:
-            ratio = "-" if t["value"] is None else f"{t['value']:.2f}"
-            print(f"  {t['name']:<58s} {ratio:>8s}  (target ≤ {t['target']})  {t['met']}")
+        print("\n" + format_targets(summary, device))
     if args.targets:
         try:
             with open(args.targets, "w") as fh:
@@ -460,6 +442,22 @@ def targets(records: List[Dict]) -> List[Dict]:
     return [{"name": name, "value": value, "target": target,
              "met": None if value is None or target is None else bool(value <= target)}
             for name, value, target in out]
+
+
+def format_targets(summary: List[Dict], device: str) -> str:
+    """:func:`targets` as text: one line per figure with its value, target and verdict (met / missed); a
+    figure that was not measured says so (the targets compare GPU kernels: on a CPU none is measured)."""
+    if all(t["value"] is None for t in summary):
+        where = "on a CPU" if device == "cpu" else "in this run"
+        return (f"targets: not measured {where} (they compare the Triton kernels with each other and with fla "
+                "on a GPU: metaplastic bench kernels --device cuda)")
+    lines = ["targets:"]
+    for t in summary:
+        value = "not measured" if t["value"] is None else f"{t['value']:.2f}"
+        target = "no target" if t["target"] is None else f"target ≤ {t['target']:g}"
+        verdict = {True: "met", False: "missed", None: ""}[t["met"]]
+        lines.append(f"  {t['name']:<58s} {value:>12s}  ({target})  {verdict}".rstrip())
+    return "\n".join(lines)
 
 
 def format_table(records: List[Dict]) -> str:

@@ -13,9 +13,10 @@ Three ``torch.autograd.Function``s, each with its own backward:
   ``q ∘ dq − k ∘ dk`` plus the chunk-end state term, reverse-cumulated inside each chunk.
 - :class:`DecayedScan`: every state ``h_t = α_t ∘ h_{t-1} + x_t`` of a linear recurrence, materialised
   (``x [B,H,T,P,K]``); its backward is the same scan run backwards in time.
-- :class:`DiagonalScan`: Palimpsa with ``b`` per value row, a two-level scan (see its docstring).
+- :class:`~metaplastic.kernels.chunk_per_value.DiagonalScan` (defined there, importable here): Palimpsa with
+  ``b`` per value row, a two-level scan (see its docstring).
 
-The models (THEORY.md §2), selected by the objective's settings:
+The models (docs/theory.md#closed-forms), selected by the objective's settings:
 
 - ``dot`` / point: ``S_t = α S_{t-1} + (β/Ip) v ⊗ k`` → one :class:`ChunkDot`.
 - ``dot_diag`` / diagonal (Palimpsa, meta_mamba2, meta_gla): ``M_t = α M_{t-1} + β v ⊗ k`` and
@@ -23,11 +24,11 @@ The models (THEORY.md §2), selected by the objective's settings:
 
   * ``b`` head-shared (``[B,T,H]``) or shared within G < V groups of value rows (``[B,T,H,G]``), and an
     initial precision constant within each group (and not requiring a gradient, which would be per row):
-    the precision of group g is a K-vector (THEORY.md limits 7 and 8), so the rows of group g read
+    the precision of group g is a K-vector (docs/theory.md#limit-8-grouped-importance; G = 1: limit 7), so the rows of group g read
     ``scale · M_t (q ⊘ I^{(g)}_t)``: :class:`~metaplastic.kernels.chunk_grouped.GroupedDiagonal`, G simple-GLA
     reads sharing keys, values, decays and ``M``. Cost as simple GLA plus the per-group ``[C, C]`` products.
-    (With another read primitive, the chunked Triton path, G = 1 is a :class:`DecayedScan` of width 1 for
-    ``I`` and one read with the rescaled query.)
+    (With another read primitive, the chunked Triton path, the group precisions are a :class:`DecayedScan`
+    of width G and the rows of group g are read with the query ``q ⊘ I^{(g)}_t``.)
   * ``b`` per value channel (``[B,T,H,V]``), or any other initial precision: ``Σ_j M_ij q_j / I_ij`` does
     not factor. :func:`metaplastic.kernels.chunk_per_value.per_value_scan`: on a CPU by default the fused C
     kernel of :mod:`metaplastic.kernels.cpu_per_value` where it builds, else :class:`DiagonalScan`, which
@@ -38,7 +39,6 @@ Elementwise glue (``β v``, ``b k²``, ``q ⊘ I``, the variance) runs through a
 """
 from __future__ import annotations
 
-import math
 from typing import Callable, Dict, Optional, Tuple, Union
 
 import torch
@@ -46,72 +46,23 @@ import torch
 from metaplastic.objective import Objective
 from metaplastic.scan import ScanResult, expand_groups
 
-from .entry import ScanCall, by_sequence, prepare, rows_constant, rows_constant_in_groups
-
 from . import nonfinite
-from .chunk_per_value import LOG_DECAY_FLOOR, per_value_scan
+from .chunk_grouped import grouped_diagonal
+from .chunk_per_value import DIAGONAL_CHUNK, DiagonalScan, per_value_scan
+from .chunking import (VECTOR_CHUNK, causal_mask, cumulated_log_decay, decay_matrix, exp_to, floor_log_decay,
+                       floored_grad, heads_first, pad_chunks, reverse_cumsum, unchunk)
+from .coverage import chunk_reason
+from .entry import ScanCall, by_sequence, prepare, rows_constant_in_groups
 
 Tensor = torch.Tensor
-VECTOR_CHUNK = 8  # chunk cap with vector decay: the [C, C, K] decay tensor costs C·K per token
-DIAGONAL_CHUNK = 16  # tokens per recomputed block of the per-value-b path (working set [B,H,C,2V,K])
+__all__ = ["ChunkDot", "DecayedScan", "DiagonalScan", "DIAGONAL_CHUNK", "VECTOR_CHUNK", "chunk_run", "chunk_scan",
+           "unsupported_reason"]
 
 
 # ----------------------------------------------------------------------------------------------- helpers
 def unsupported_reason(objective: Objective) -> Optional[str]:
     """Why the chunked path cannot run ``objective`` (None when it can)."""
-    if objective.likelihood in ("dot", "dot_diag"):
-        return None
-    return (f"the chunked path covers likelihood 'dot' and 'dot_diag' only, not {objective.likelihood!r} "
-            f"(posterior={objective.posterior!r}): use backend='triton' or 'reference'")
-
-
-def _pad_chunks(x: Tensor, C: int) -> Tensor:
-    """``[B, H, T, ...] -> [B, H, N, C, ...]``, zero-padded at the end of time (``N = ceil(T / C)``)."""
-    T = x.shape[2]
-    N = math.ceil(T / C)
-    if N * C != T:
-        pad = x.new_zeros(x.shape[:2] + (N * C - T,) + x.shape[3:])
-        x = torch.cat([x, pad], 2)
-    return x.reshape(x.shape[:2] + (N, C) + x.shape[3:])
-
-
-def _unchunk(x: Tensor, T: int) -> Tensor:
-    """``[B, H, N, C, ...] -> [B, H, T, ...]`` (drops the padding)."""
-    return x.reshape(x.shape[:2] + (x.shape[2] * x.shape[3],) + x.shape[4:])[:, :, :T]
-
-
-def _causal(C: int, device: torch.device) -> Tensor:
-    return torch.ones(C, C, dtype=torch.bool, device=device).tril()
-
-
-def _cumulated(gc: Tensor) -> Tensor:
-    """The cumulative log-decay inside each chunk, ``gc [..., C, Kg]`` -> float64 ``G``. Each log-decay is
-    clamped at ``LOG_DECAY_FLOOR`` (``exp`` of it is exactly 0: a reset stays a reset, and ``-inf - -inf``
-    never appears), and the sum is float64 so that ``G_t - G_s`` is exact even next to a ``-1e6``."""
-    return gc.to(torch.float64).clamp(min=LOG_DECAY_FLOOR).cumsum(-2)
-
-
-def _exp(x: Tensor, dtype: torch.dtype) -> Tensor:
-    return x.exp().to(dtype)
-
-
-def _decay_matrix(G: Tensor, mask: Tensor, dtype: torch.dtype) -> Tensor:
-    """``exp(G_t - G_s)`` for ``s ≤ t``, else 0 (by ``torch.where``, never by a product). ``G [..., C, Kg]``
-    (float64) -> ``[..., C, C]`` (Kg = 1) or ``[..., C, C, K]`` (vector decay), in ``dtype``."""
-    if G.shape[-1] == 1:
-        diff = G[..., :, None, 0] - G[..., None, :, 0]
-        return torch.where(mask, diff, float("-inf")).exp().to(dtype)
-    diff = G[..., :, None, :] - G[..., None, :, :]
-    return torch.where(mask[..., None], diff, float("-inf")).exp().to(dtype)
-
-
-def _decay_grad(dg: Tensor, g: Tensor) -> Tensor:
-    """No gradient reaches a log-decay below the floor (it was clamped: ``α`` is exactly 0 there)."""
-    return torch.where(g > LOG_DECAY_FLOOR, dg, torch.zeros_like(dg))
-
-
-def _reverse_cumsum(x: Tensor, dim: int) -> Tensor:
-    return x.flip(dim).cumsum(dim).flip(dim)
+    return chunk_reason(objective)
 
 
 # ------------------------------------------------------------------------------------------- ChunkDot
@@ -122,7 +73,7 @@ def _scores(qc: Tensor, kc: Tensor, D: Tensor) -> Tensor:
     else:
         A = ((qc[..., :, None, :] * kc[..., None, :, :]) * D).sum(-1)
     C = A.shape[-1]
-    return torch.where(_causal(C, A.device), A, torch.zeros((), dtype=A.dtype, device=A.device))
+    return torch.where(causal_mask(C, A.device), A, torch.zeros((), dtype=A.dtype, device=A.device))
 
 
 def chunk_dot_forward(q: Tensor, k: Tensor, v: Tensor, g: Tensor, S0: Tensor, scale: float,
@@ -133,19 +84,19 @@ def chunk_dot_forward(q: Tensor, k: Tensor, v: Tensor, g: Tensor, S0: Tensor, sc
     Returns ``o [B,H,T,V]`` and the boundary states ``[B,H,N+1,V,K]`` (the last is the final state).
     """
     T = q.shape[2]
-    qc, kc, vc, gc = (_pad_chunks(x, C) for x in (q, k, v, g))
-    G = _cumulated(gc)  # [B,H,N,C,Kg], float64
+    qc, kc, vc, gc = (pad_chunks(x, C) for x in (q, k, v, g))
+    G = cumulated_log_decay(gc)  # [B,H,N,C,Kg], float64
     G_last = G[..., -1:, :]
-    k_to_end = kc * _exp(G_last - G, q.dtype)
+    k_to_end = kc * exp_to(G_last - G, q.dtype)
     U = vc.transpose(-1, -2) @ k_to_end  # [B,H,N,V,K]: what a chunk writes, seen at its end
-    chunk_decay = _exp(G_last, q.dtype)  # [B,H,N,1,Kg]
+    chunk_decay = exp_to(G_last, q.dtype)  # [B,H,N,1,Kg]
     states = [S0]
     for n in range(qc.shape[2]):
         states.append(states[-1] * chunk_decay[:, :, n] + U[:, :, n])
     S_all = torch.stack(states, 2)
-    D = _decay_matrix(G, _causal(C, q.device), q.dtype)
-    o = (qc * _exp(G, q.dtype)) @ S_all[:, :, :-1].transpose(-1, -2) + _scores(qc, kc, D) @ vc
-    return _unchunk(o * scale, T), S_all
+    D = decay_matrix(G, causal_mask(C, q.device), q.dtype)
+    o = (qc * exp_to(G, q.dtype)) @ S_all[:, :, :-1].transpose(-1, -2) + _scores(qc, kc, D) @ vc
+    return unchunk(o * scale, T), S_all
 
 
 class ChunkDot(torch.autograd.Function):
@@ -168,13 +119,13 @@ class ChunkDot(torch.autograd.Function):
         q, k, v, g, S_all = ctx.saved_tensors
         scale, C = ctx.scale, ctx.C
         T = q.shape[2]
-        qc, kc, vc, gc, doc = (_pad_chunks(x, C) for x in (q, k, v, g, do))
+        qc, kc, vc, gc, doc = (pad_chunks(x, C) for x in (q, k, v, g, do))
         N = qc.shape[2]
-        G = _cumulated(gc)
-        eG = _exp(G, q.dtype)
+        G = cumulated_log_decay(gc)
+        eG = exp_to(G, q.dtype)
         G_last = G[..., -1:, :]
-        to_end = _exp(G_last - G, q.dtype)
-        chunk_decay = _exp(G_last, q.dtype)
+        to_end = exp_to(G_last - G, q.dtype)
+        chunk_decay = exp_to(G_last, q.dtype)
         # Reverse pass over chunk boundaries: dS_end[n] is the gradient reaching chunk n's end state.
         read = scale * (doc.transpose(-1, -2) @ (qc * eG))  # [B,H,N,V,K]: what chunk n reads of its start
         dS = dS_final
@@ -186,7 +137,7 @@ class ChunkDot(torch.autograd.Function):
         dS_end = torch.stack(ends, 2)
         starts = S_all[:, :, :-1]
         # Inside the chunks.
-        D = _decay_matrix(G, _causal(C, q.device), q.dtype)
+        D = decay_matrix(G, causal_mask(C, q.device), q.dtype)
         dA = (scale * (doc @ vc.transpose(-1, -2))).tril()  # [B,H,N,C,C] = d(o_t)/d(A_ts) summed over V
         if D.dim() == qc.dim():
             W = dA * D
@@ -204,8 +155,8 @@ class ChunkDot(torch.autograd.Function):
         dG[..., -1, :] += (dS_end * S_all[:, :, 1:]).sum(-2)
         if g.shape[-1] == 1:
             dG = dG.sum(-1, keepdim=True)
-        dg = _decay_grad(_reverse_cumsum(dG, -2), gc)
-        return (_unchunk(dq, T), _unchunk(dk, T), _unchunk(dv, T), _unchunk(dg, T), dS0, None, None)
+        dg = floored_grad(reverse_cumsum(dG, -2), gc)
+        return (unchunk(dq, T), unchunk(dk, T), unchunk(dv, T), unchunk(dg, T), dS0, None, None)
 
 
 # ----------------------------------------------------------------------------------------- DecayedScan
@@ -213,22 +164,22 @@ def decayed_scan_forward(x: Tensor, g: Tensor, h0: Optional[Tensor], C: int) -> 
     """All states of ``h_t = exp(g_t) ∘ h_{t-1} + x_t``: ``x [B,H,T,P,K]``, ``g [B,H,T,Kg]`` (decay over
     K, broadcast over P), ``h0 [B,H,P,K]`` or None (zero). Returns ``h [B,H,T,P,K]``."""
     B, H, T, P, K = x.shape
-    xc, gc = _pad_chunks(x, C), _pad_chunks(g, C)  # [B,H,N,C,P,K], [B,H,N,C,Kg]
+    xc, gc = pad_chunks(x, C), pad_chunks(g, C)  # [B,H,N,C,P,K], [B,H,N,C,Kg]
     N = xc.shape[2]
-    G = _cumulated(gc)
-    D = _decay_matrix(G, _causal(C, x.device), x.dtype)
+    G = cumulated_log_decay(gc)
+    D = decay_matrix(G, causal_mask(C, x.device), x.dtype)
     if D.dim() == gc.dim():  # scalar: one [C, C] matrix for all P·K features
         intra = (D @ xc.reshape(B, H, N, C, P * K)).reshape(xc.shape)
     else:  # vector: D [B,H,N,C,C,K] -> per key channel [..., K, C, C] @ [..., K, C, P]
         intra = (D.permute(0, 1, 2, 5, 3, 4) @ xc.permute(0, 1, 2, 5, 3, 4)).permute(0, 1, 2, 4, 5, 3)
-    chunk_decay = _exp(G[..., -1, None, :], x.dtype)  # [B,H,N,1,Kg]
+    chunk_decay = exp_to(G[..., -1, None, :], x.dtype)  # [B,H,N,1,Kg]
     S = x.new_zeros(B, H, P, K) if h0 is None else h0
     starts = []
     for n in range(N):
         starts.append(S)
         S = S * chunk_decay[:, :, n] + intra[:, :, n, -1]
-    h = intra + _exp(G, x.dtype)[..., None, :] * torch.stack(starts, 2)[:, :, :, None]
-    return _unchunk(h, T)
+    h = intra + exp_to(G, x.dtype)[..., None, :] * torch.stack(starts, 2)[:, :, :, None]
+    return unchunk(h, T)
 
 
 class DecayedScan(torch.autograd.Function):
@@ -260,106 +211,6 @@ class DecayedScan(torch.autograd.Function):
         return hhat, dg, dh0, None
 
 
-# ---------------------------------------------------------------------------------------- DiagonalScan
-class DiagonalScan(torch.autograd.Function):
-    """Palimpsa with ``b`` per value row, as a two-level scan. Level 1 walks the chunks and keeps only the
-    boundary states ``[M; J]`` (``J = I − Ip``; ``2·V·K/C`` numbers per token and head, saved for the
-    backward). Level 2 materialises one chunk's ``M_t, J_t`` together (``[B,H,c,2V,K]``) by a short
-    elementwise scan from the chunk-start state (``O(V·K)`` per token; on a CPU this is several times faster
-    than the equivalent ``[c, c]`` decay-matrix product, which costs ``c×`` the flops), then reads the chunk
-    out in one batch and drops it. The backward recomputes each chunk and runs the adjoint recurrence
-    ``Ĥ_t = dH_t + α_{t+1} Ĥ_{t+1}`` the same way.
-
-    Inputs ``[B,H,T,...]``: ``q, k [K]``, ``bv [V]`` (= β v), ``bb [P]`` (b, ``P`` = 1 or V), ``g [Kg]``;
-    ``M0, J0 [B,H,V,K]``; ``Ip [1,H,1,1,1]``. Returns ``o [B,H,T,V]``, ``var [B,H,T,V]`` (zeros unless
-    ``with_var``), ``M_T``, ``J_T``.
-    """
-
-    @staticmethod
-    def _states(k, bv, bb, alpha, start):
-        """``[M; J]`` of one chunk ``[B,H,c,2V,K]`` from ``start = [M; J]`` before it; ``alpha [B,H,c,1,Kg]``."""
-        B, H, c, K = k.shape
-        V = bv.shape[-1]
-        X = k.new_empty(B, H, c, 2 * V, K)
-        torch.mul(bv[..., :, None], k[..., None, :], out=X[:, :, :, :V])
-        X[:, :, :, V:] = bb[..., :, None] * (k * k)[..., None, :]  # bb may be [.., 1]: broadcast over V
-        h = start
-        for t in range(c):  # h_t = α_t h_{t-1} + x_t, written over x_t
-            h = torch.addcmul(X[:, :, t], alpha[:, :, t], h, out=X[:, :, t])
-        return X
-
-    @staticmethod
-    def forward(ctx, q, k, bv, bb, g, M0, J0, Ip, scale: float, C: int, with_var: bool):
-        q, k, bv, bb, g = (x.contiguous() for x in (q, k, bv, bb, g))
-        T, V = q.shape[2], bv.shape[-1]
-        alpha = g.exp()[..., None, :]  # [B,H,T,1,Kg]
-        o, var = q.new_zeros(bv.shape), q.new_zeros(bv.shape)
-        starts = [torch.cat([M0, J0], 2)]
-        for t0 in range(0, T, C):
-            sl = slice(t0, min(t0 + C, T))
-            MJ = DiagonalScan._states(k[:, :, sl], bv[:, :, sl], bb[:, :, sl], alpha[:, :, sl], starts[-1])
-            starts.append(MJ[:, :, -1].clone())
-            I = MJ[:, :, :, V:].add_(Ip)  # J -> I in place
-            qs = q[:, :, sl, :, None]
-            o[:, :, sl] = scale * ((MJ[:, :, :, :V] / I) @ qs)[..., 0]
-            if with_var:
-                var[:, :, sl] = scale * scale * (I.reciprocal_() @ (qs * qs))[..., 0]
-        starts = torch.stack(starts, 2)
-        ctx.save_for_backward(q, k, bv, bb, g, Ip, starts)
-        ctx.scale, ctx.C, ctx.with_var = scale, C, with_var
-        return o, var, starts[:, :, -1, :V], starts[:, :, -1, V:]
-
-    @staticmethod
-    def backward(ctx, do, dvar, dM_T, dJ_T):
-        q, k, bv, bb, g, Ip, starts = ctx.saved_tensors
-        scale, C = ctx.scale, ctx.C
-        B, H, T, V = bv.shape
-        do, dvar = do.contiguous(), dvar.contiguous()
-        alpha = g.exp()[..., None, :]
-        dq, dk, dbv, dbb, dg = (torch.zeros_like(x) for x in (q, k, bv, bb, g))
-        dIp = torch.zeros_like(Ip)
-        d_end = torch.cat([dM_T, dJ_T], 2)  # gradient reaching the chunk's last state, [B,H,2V,K]
-        t0s = list(range(0, T, C))
-        for n in reversed(range(len(t0s))):
-            sl = slice(t0s[n], min(t0s[n] + C, T))
-            c = sl.stop - sl.start
-            qc, kc, bvc, bbc, doc = q[:, :, sl], k[:, :, sl], bv[:, :, sl], bb[:, :, sl], do[:, :, sl]
-            al = alpha[:, :, sl]
-            MJ = DiagonalScan._states(kc, bvc, bbc, al, starts[:, :, n])
-            invI = (MJ[:, :, :, V:] + Ip).reciprocal_()
-            mu = MJ[:, :, :, :V] * invI
-            # read-out o = scale · mu q (and var = scale² · (1/I) q²): local gradients of M and J
-            dq_c = scale * (doc[..., None, :] @ mu)[..., 0, :]
-            L = q.new_empty(B, H, c, 2 * V, q.shape[-1])
-            dM = L[:, :, :, :V]
-            torch.mul(scale * doc[..., :, None] * qc[..., None, :], invI, out=dM)
-            torch.mul(dM, mu, out=L[:, :, :, V:]).neg_()
-            if ctx.with_var:
-                dvc = dvar[:, :, sl]
-                dq_c = dq_c + 2 * scale * scale * qc * (dvc[..., None, :] @ invI)[..., 0, :]
-                L[:, :, :, V:] -= scale * scale * dvc[..., :, None] * (qc * qc)[..., None, :] * invI * invI
-            dIp += L[:, :, :, V:].sum((0, 2, 3, 4)).view(dIp.shape)
-            # adjoint recurrence, backwards through the chunk (written over L)
-            h = L[:, :, c - 1].add_(d_end)
-            for t in range(c - 2, -1, -1):
-                h = torch.addcmul(L[:, :, t], al[:, :, t + 1], h, out=L[:, :, t])
-            MJh = L
-            d_end = al[:, :, 0] * MJh[:, :, 0]  # through α of the chunk's first token
-            Mh, Jh = MJh[:, :, :, :V], MJh[:, :, :, V:]
-            # the writes x = [bv ⊗ k; b ⊗ k²] and the decays (Σ_i Ĥ_i x_i = k · (bᵀ Ĥ))
-            k2 = kc * kc
-            dbv[:, :, sl] = (Mh @ kc[..., :, None])[..., 0]
-            dbb_c = (Jh @ k2[..., :, None])[..., 0]
-            dbb[:, :, sl] = dbb_c.sum(-1, keepdim=True) if bb.shape[-1] == 1 else dbb_c
-            dkM = (bvc[..., None, :] @ Mh)[..., 0, :]
-            dkJ = (bbc.expand(B, H, c, V)[..., None, :] @ Jh)[..., 0, :]
-            dk[:, :, sl] = dkM + 2 * kc * dkJ
-            dq[:, :, sl] = dq_c
-            dG = (MJh * MJ).sum(-2) - kc * dkM - k2 * dkJ  # Σ_i Ĥ_t ∘ (h_t − x_t) = Σ_i Ĥ_t ∘ α_t h_{t-1}
-            dg[:, :, sl] = dG.sum(-1, keepdim=True) if g.shape[-1] == 1 else dG
-        return dq, dk, dbv, dbb, dg, d_end[:, :, :V], d_end[:, :, V:], dIp, None, None, None
-
-
 # ------------------------------------------------------------------------------------------ the models
 def grouped_applies(groups: int, V: int, I0: Tensor, check_values: Optional[bool] = None) -> bool:
     """Whether the grouped path (:mod:`.chunk_grouped`) runs ``groups`` importance groups: fewer groups than
@@ -386,31 +237,22 @@ def native_beats_grouped(K: int, V: int, *xs: Tensor) -> bool:
     return K * V <= NATIVE_MAX_KV and native_reason(*xs) is None
 
 
-def _heads_first(x: Optional[Tensor], dtype: torch.dtype) -> Optional[Tensor]:
-    """``[B, T, H, ...] -> [B, H, T, ...]`` in ``dtype``; a ``[B, T, H]`` gate gets a trailing 1."""
-    if x is None:
-        return None
-    x = x.to(dtype)
-    if x.dim() == 3:
-        x = x[..., None]
-    return x.transpose(1, 2)
-
-
 def _chunk_dense(objective: Objective, q, k, v, log_decay, beta, b, Ip: Tensor, scale: float,
                  initial_state: Optional[Dict[str, Tensor]], output_variance: bool, dtype: torch.dtype,
                  C: int, dot: Optional[Callable] = None, check_values: Optional[bool] = None) -> ScanResult:
-    """One batch of equal-length sequences. Returns output ``[B,T,H,V]`` (dtype), final state, variance.
-    ``dot`` is the gated linear-attention primitive (:class:`ChunkDot`, or the Triton one)."""
+    """One batch of equal-length sequences with finite inputs (a log-decay of ``-inf`` allowed). Returns
+    output ``[B,T,H,V]`` (dtype), final state, variance. ``dot`` is the gated linear-attention primitive
+    (:class:`ChunkDot`, or the Triton one, which also takes one query per group ``[B,H,T,G,K]``)."""
     B, T, H, K = q.shape
     V = v.shape[-1]
     torch_read = dot is None
     dot = ChunkDot.apply if dot is None else dot
-    qh, kh, vh = (_heads_first(x, dtype) for x in (q, k, v))  # [B,H,T,D]
-    g = _heads_first(log_decay, dtype)
+    qh, kh, vh = (heads_first(x, dtype) for x in (q, k, v))  # [B,H,T,D]
+    g = heads_first(log_decay, dtype)
     # [B,H,T,Kg]; a log-decay at or below the floor is exactly a reset (α = 0) for every primitive below,
     # the Triton one included (-inf would give -inf - -inf = NaN inside a chunk)
-    g = qh.new_zeros(B, H, T, 1) if g is None else g.clamp(min=LOG_DECAY_FLOOR)
-    beta_h = _heads_first(beta, dtype)  # [B,H,T,1|V]
+    g = qh.new_zeros(B, H, T, 1) if g is None else floor_log_decay(g)
+    beta_h = heads_first(beta, dtype)  # [B,H,T,1|V]
     Ip4 = Ip.view(1, H, 1, 1)
     init = None if initial_state is None else {key: x.to(dtype) for key, x in initial_state.items()}
 
@@ -428,8 +270,8 @@ def _chunk_dense(objective: Objective, q, k, v, log_decay, beta, b, Ip: Tensor, 
     groups = 1 if (b is None or b.dim() == 3) else b.shape[-1]
     native = torch_read and groups < V and native_beats_grouped(K, V, qh, kh, vh)
     if torch_read and not native and grouped_applies(groups, V, I0, check_values):
-        # THEORY.md limits 7-8: G simple-GLA reads sharing keys, values, decays and M (chunk_grouped.py)
-        b_h = qh.new_zeros(B, H, T, 1) if b is None else _heads_first(b, dtype)
+        # docs/theory.md#limit-8-grouped-importance (G = 1: limit 7): G simple-GLA reads sharing keys, values, decays and M (chunk_grouped.py)
+        b_h = qh.new_zeros(B, H, T, 1) if b is None else heads_first(b, dtype)
         J0 = I0[:, :, ::V // groups] - Ip4
         o, var, M_T, J_T = grouped_diagonal(qh, kh, vh, beta_h, b_h, g, M0, J0, Ip, scale, C, output_variance)
         I_T = (J_T + Ip4).repeat_interleave(V // groups, dim=2)
@@ -437,25 +279,27 @@ def _chunk_dense(objective: Objective, q, k, v, log_decay, beta, b, Ip: Tensor, 
                           None if var is None else var.transpose(1, 2))
     bv = vh if beta_h is None else beta_h * vh
     k2 = kh * kh
-    # The fast path needs I_0 constant over value rows; it cannot give a per-row gradient of I_0.
-    head_shared = (not native and (b is None or b.dim() == 3)
-                   and not (torch.is_grad_enabled() and I0.requires_grad)
-                   and rows_constant(I0, check_values))
-    if head_shared:  # THEORY.md limit 7 with another read primitive: o = scale · M_t (q ⊘ I_t)
-        b_h = _heads_first(b, dtype)
-        xJ = (torch.zeros_like(k2) if b_h is None else b_h * k2)[:, :, :, None, :]  # [B,H,T,1,K]
-        J = DecayedScan.apply(xJ, g, (I0 - Ip4)[:, :, :1], C)[:, :, :, 0]
-        I = Ip4 + J  # [B,H,T,K]
-        o, M_T = dot(qh / I, kh, bv, g, M0, scale, C)
+    # The rescaled read needs I_0 constant over the rows of each group; it gives no per-row gradient of I_0.
+    rescaled = (not native and (groups == 1 or not torch_read)
+                and not (torch.is_grad_enabled() and I0.requires_grad)
+                and rows_constant_in_groups(I0, groups, check_values))
+    if rescaled:  # docs/theory.md#limit-8-grouped-importance with another read primitive: rows of group g read M_t (q ⊘ I⁽ᵍ⁾_t)
+        R = V // groups
+        b_h = heads_first(b, dtype)  # [B,H,T,G] or None
+        xJ = (torch.zeros_like(k2)[:, :, :, None] if b_h is None
+              else b_h[..., None] * k2[:, :, :, None])  # [B,H,T,G,K]
+        I = Ip4[..., None] + DecayedScan.apply(xJ, g, (I0 - Ip4)[:, :, ::R], C)  # [B,H,T,G,K]
+        r = qh[:, :, :, None] / I  # one query per group
+        o, M_T = dot(r[:, :, :, 0] if groups == 1 else r, kh, bv, g, M0, scale, C)
         var = None
         if output_variance:
-            var = (scale * scale * (qh * qh / I).sum(-1, keepdim=True)).expand(B, H, T, V).transpose(1, 2)
-        I_T = I[:, :, -1, None, :].expand(B, H, V, K)
+            var = (scale * scale * (qh[:, :, :, None] * r).sum(-1)).repeat_interleave(R, -1).transpose(1, 2)
+        I_T = I[:, :, -1].repeat_interleave(R, 2)  # [B,H,V,K]
         return ScanResult(o.transpose(1, 2), {"mu": M_T / I_T, "I": I_T}, var)
 
     # b per value row (or an initial precision that varies within a group): materialise M_t and I_t,
     # one chunk of at most DIAGONAL_CHUNK tokens at a time.
-    b_h = qh.new_zeros(B, H, T, 1) if b is None else _heads_first(expand_groups(b, V), dtype)
+    b_h = qh.new_zeros(B, H, T, 1) if b is None else heads_first(expand_groups(b, V), dtype)
     Ip5 = Ip.view(1, H, 1, 1, 1)
     o, var, M_T, J_T = per_value_scan(qh, kh, bv, b_h, g, M0, I0 - Ip4, Ip5, scale, C, output_variance)
     I_T = J_T + Ip4
@@ -467,7 +311,7 @@ def chunk_scan(objective: Objective, q: Tensor, k: Tensor, v: Tensor, *, log_dec
                prior_precision: Union[float, Tensor] = 1.0, lam: Optional[Tensor] = None, scale: float = 1.0,
                initial_state: Optional[Dict[str, Tensor]] = None, output_final_state: bool = False,
                output_variance: bool = False, cu_seqlens: Optional[Tensor] = None,
-               chunk_size: int = 64, _dot: Optional[Callable] = None) -> ScanResult:
+               chunk_size: int = 64) -> ScanResult:
     """The chunked path: same arguments and result as :func:`metaplastic.scan` (``[B,T,H,D]`` layout), plus
     ``chunk_size``. Covers likelihood ``dot`` (point posterior) and ``dot_diag`` (diagonal posterior);
     anything else raises ``ValueError``. Computes in float64 if any of q, k, v is float64, else float32.
@@ -479,12 +323,16 @@ def chunk_scan(objective: Objective, q: Tensor, k: Tensor, v: Tensor, *, log_dec
     call = prepare(objective, q, k, v, log_decay=log_decay, beta=beta, b=b, prior_precision=prior_precision,
                    lam=lam, scale=scale, initial_state=initial_state, output_final_state=output_final_state,
                    output_variance=output_variance, cu_seqlens=cu_seqlens)
-    return chunk_run(call, chunk_size, _dot)
+    return chunk_run(call, chunk_size)
 
 
 def chunk_run(call: ScanCall, chunk_size: int = 64, dot: Optional[Callable] = None) -> ScanResult:
-    """:func:`chunk_scan` on a validated :class:`~metaplastic.kernels.entry.ScanCall`; ``dot`` is the gated
-    linear-attention primitive (:class:`ChunkDot` by default)."""
+    """:func:`chunk_scan` on a validated :class:`~metaplastic.kernels.entry.ScanCall`: the one chunked router
+    of the torch (``chunk``) and Triton (``triton_chunk``) backends. ``dot`` is the gated linear-attention
+    primitive (:class:`ChunkDot` by default; the Triton one for ``triton_chunk``). Per sequence: non-finite
+    inputs sanitised (:func:`~metaplastic.kernels.nonfinite.sanitize`), log-decays floored
+    (:func:`~metaplastic.kernels.chunking.floor_log_decay`), the chunked work, then the outputs that the
+    recurrence makes non-finite poisoned (:func:`~metaplastic.kernels.nonfinite.poison`)."""
     reason = unsupported_reason(call.objective)
     if reason is not None:
         raise ValueError(reason)
@@ -500,6 +348,3 @@ def chunk_run(call: ScanCall, chunk_size: int = 64, dot: Optional[Callable] = No
                            c.output_variance, c.dtype, C, dot, c.check_values)
         return nonfinite.poison(c.objective, res, marks)
     return by_sequence(call, dense)
-
-
-from .chunk_grouped import grouped_diagonal  # noqa: E402  (it imports this module's helpers)

@@ -1,4 +1,4 @@
-"""Grouped importance on the chunked torch path: Palimpsa as G simple-GLA reads (THEORY.md limits 7 and 8).
+"""Grouped importance on the chunked torch path: Palimpsa as G simple-GLA reads (docs/theory.md#limit-8-grouped-importance; G = 1: limit 7).
 
 The V value rows of a head are split into G contiguous groups of ``R = V/G`` rows sharing one importance
 rate ``b_t[g]``. With an initial precision constant within each group, the precision of every row of group
@@ -22,11 +22,11 @@ and head. The backward recomputes the chunk-boundary states of ``M`` and ``J`` (
 chunks backwards, recomputing each chunk's intermediates and running the adjoint recurrences of ``M`` and
 ``J``.
 
-Non-finite inputs stay causal (:func:`grouped_diagonal`): non-finite entries are replaced by 0 with
-``torch.where`` before any product, and outputs from the first non-finite token on are set to NaN (a
-non-finite ``q_t`` poisons ``o_t`` only). A log-decay of ``-inf`` (α = 0) resets the state as in the
-reference: log-decays are clamped below at ``LOG_DECAY_FLOOR`` (where ``exp`` is exactly 0) and cumulated
-in float64, so every exponent stays finite and ≤ 0 and ``G_t − G_s`` is exact next to a reset.
+Inputs are finite here: the chunked router (:func:`metaplastic.kernels.chunk.chunk_run`) sanitises
+non-finite inputs before and poisons the outputs they reach after, and floors the log-decay
+(:func:`metaplastic.kernels.chunking.floor_log_decay`; a ``-inf``, α = 0, resets the state as in the
+reference). Log-decays are cumulated in float64, so every exponent stays finite and ≤ 0 and ``G_t − G_s`` is
+exact next to a reset.
 """
 from __future__ import annotations
 
@@ -34,8 +34,7 @@ from typing import Optional, Tuple
 
 import torch
 
-from .chunk import VECTOR_CHUNK, _causal, _cumulated, _decay_matrix, _exp, _pad_chunks, _unchunk
-from .chunk_per_value import LOG_DECAY_FLOOR
+from .chunking import VECTOR_CHUNK, causal_mask, cumulated_log_decay, decay_matrix, exp_to, pad_chunks, unchunk
 
 Tensor = torch.Tensor
 
@@ -68,12 +67,12 @@ class _Chunk:
         V, G = w.shape[-1], b.shape[-1]
         self.q, self.k, self.w, self.b = q, k, w, b
         dt = q.dtype
-        Gc = _cumulated(g)  # [B,H,C,Kg], float64
+        Gc = cumulated_log_decay(g)  # [B,H,C,Kg], float64
         G_last = Gc[:, :, -1:]
-        self.eG = _exp(Gc, dt)
-        self.to_end = _exp(G_last - Gc, dt)
-        self.decay = _exp(G_last, dt)  # [B,H,1,Kg], the whole chunk's decay
-        self.D = _decay_matrix(Gc, mask, dt)  # [B,H,C,C] or [B,H,C,C,K]
+        self.eG = exp_to(Gc, dt)
+        self.to_end = exp_to(G_last - Gc, dt)
+        self.decay = exp_to(G_last, dt)  # [B,H,1,Kg], the whole chunk's decay
+        self.D = decay_matrix(Gc, mask, dt)  # [B,H,C,C] or [B,H,C,C,K]
         self.k2 = k * k
         self.xJ = b[..., :, None] * self.k2[..., None, :]  # b[g] k², [B,H,C,G,K]
         self.J = _intra(self.D, self.xJ) + self.eG[..., None, :] * J_start[:, :, None]  # J^{(g)}_t
@@ -96,9 +95,9 @@ class _Chunk:
 def _boundaries(k, w, b, g, M0, J0, C: int):
     """``M`` and ``J`` at every chunk start (and the end): ``[B,H,N+1,V,K]``, ``[B,H,N+1,G,K]``. Inputs are
     chunked ``[B,H,N,C,...]``."""
-    Gc = _cumulated(g)
-    to_end = _exp(Gc[..., -1:, :] - Gc, k.dtype)
-    decay = _exp(Gc[..., -1:, :], k.dtype)
+    Gc = cumulated_log_decay(g)
+    to_end = exp_to(Gc[..., -1:, :] - Gc, k.dtype)
+    decay = exp_to(Gc[..., -1:, :], k.dtype)
     U = w.transpose(-1, -2) @ (k * to_end)  # [B,H,N,V,K]: what a chunk writes, seen at its end
     UJ = b.transpose(-1, -2) @ (to_end * k * k)  # [B,H,N,G,K]: Σ_s e^{G_C − G_s} b_s[g] k_s²
     Ms, Js = [M0], [J0]
@@ -122,8 +121,8 @@ class GroupedDiagonal(torch.autograd.Function):
     def forward(ctx, q, k, v, beta, b, g, M0, J0, Ip, scale: float, C: int, with_var: bool):
         T = q.shape[2]
         w = v if beta is None else v * beta  # β v
-        qc, kc, wc, bc, gc = (_pad_chunks(x, C) for x in (q, k, w, b, g))
-        mask = _causal(C, q.device)
+        qc, kc, wc, bc, gc = (pad_chunks(x, C) for x in (q, k, w, b, g))
+        mask = causal_mask(C, q.device)
         o = q.new_empty(wc.shape)
         var = q.new_zeros(bc.shape)
         M, J = M0, J0
@@ -135,7 +134,7 @@ class GroupedDiagonal(torch.autograd.Function):
             M, J = ch.M_end, ch.J[:, :, -1]
         ctx.save_for_backward(q, k, v, beta, b, g, M0, J0, Ip)
         ctx.scale, ctx.C, ctx.with_var = scale, C, with_var
-        return _unchunk(o, T), _unchunk(var, T), M, J.clone()
+        return unchunk(o, T), unchunk(var, T), M, J.clone()
 
     @staticmethod
     def backward(ctx, do, dvar, dM_T, dJ_T):
@@ -143,10 +142,10 @@ class GroupedDiagonal(torch.autograd.Function):
         scale, C, with_var = ctx.scale, ctx.C, ctx.with_var
         T, G = q.shape[2], b.shape[-1]
         w = v if beta is None else v * beta
-        qc, kc, wc, bc, gc, doc = (_pad_chunks(x, C) for x in (q, k, w, b, g, do))
-        dvc = _pad_chunks(dvar, C) if with_var else None
+        qc, kc, wc, bc, gc, doc = (pad_chunks(x, C) for x in (q, k, w, b, g, do))
+        dvc = pad_chunks(dvar, C) if with_var else None
         N = qc.shape[2]
-        mask = _causal(C, q.device)
+        mask = causal_mask(C, q.device)
         M_starts, J_starts = _boundaries(kc, wc, bc, gc, M0, J0, C)
         dq, dk, dw, db, dg = (torch.zeros_like(x) for x in (qc, kc, wc, bc, gc))
         dIp = torch.zeros_like(Ip)
@@ -192,60 +191,28 @@ class GroupedDiagonal(torch.autograd.Function):
             dg_n = dGc.flip(-2).cumsum(-2).flip(-2)
             dg[:, :, n] = (dg_n + dgJ).sum(-1, keepdim=True) if gc.shape[-1] == 1 else dg_n + dgJ
             dq[:, :, n] = dq_n
-        dw = _unchunk(dw, T)
+        dw = unchunk(dw, T)
         dv = dw if beta is None else dw * beta
         dbeta = None
         if beta is not None:
             dbeta = dw * v
             dbeta = dbeta.sum(-1, keepdim=True) if beta.shape[-1] == 1 else dbeta
-        return (_unchunk(dq, T), _unchunk(dk, T), dv, dbeta, _unchunk(db, T), _unchunk(dg, T), dM, dJ, dIp,
+        return (unchunk(dq, T), unchunk(dk, T), dv, dbeta, unchunk(db, T), unchunk(dg, T), dM, dJ, dIp,
                 None, None, None)
-
-
-def _poison(x: Tensor) -> Tensor:
-    """``[B,H,T]``: True where any entry of ``x [B,H,T,...]`` is NaN or ±inf."""
-    return (~torch.isfinite(x)).flatten(3).any(-1) if x.dim() > 3 else ~torch.isfinite(x)
 
 
 def grouped_diagonal(q: Tensor, k: Tensor, v: Tensor, beta: Optional[Tensor], b: Tensor, g: Tensor,
                      M0: Tensor, J0: Tensor, Ip: Tensor, scale: float, C: int, with_var: bool
                      ) -> Tuple[Tensor, Optional[Tensor], Tensor, Tensor]:
-    """Grouped Palimpsa (see the module docstring), heads-first: ``q, k [B,H,T,K]``, ``v [B,H,T,V]``,
-    ``beta [B,H,T,1|V]`` or None, ``b [B,H,T,G]``, ``g [B,H,T,Kg]``, ``M0 [B,H,V,K]``, ``J0 [B,H,G,K]``,
+    """Grouped Palimpsa (see the module docstring), heads-first, finite inputs: ``q, k [B,H,T,K]``,
+    ``v [B,H,T,V]``, ``beta [B,H,T,1|V]`` or None, ``b [B,H,T,G]``, ``g [B,H,T,Kg]`` (floored), ``M0 [B,H,V,K]``, ``J0 [B,H,G,K]``,
     ``Ip [H]``. Returns ``o [B,H,T,V]``, ``var [B,H,T,V]`` or None, ``M_T [B,H,V,K]``, ``J_T [B,H,G,K]``.
     """
     B, H, T = q.shape[:3]
     V, G = v.shape[-1], b.shape[-1]
     if g.shape[-1] != 1:
         C = min(C, VECTOR_CHUNK)
-    bad_state = None
-    bad_q = None
-    inputs = [x for x in (q, k, v, beta, b) if x is not None]
-    g_bad = torch.isnan(g) | (g == float("inf"))
-    if not (all(bool(torch.isfinite(x).all()) for x in inputs) and not bool(g_bad.any())):
-        # causal handling of non-finite inputs: zero them before any product, poison outputs from there on
-        bad_q = _poison(q)
-        bad_now = _poison(k) | _poison(v) | _poison(b) | g_bad.flatten(3).any(-1)
-        if beta is not None:
-            bad_now = bad_now | _poison(beta)
-        bad_state = bad_now.cumsum(-1) > 0  # [B,H,T]
-        zero = torch.zeros((), dtype=q.dtype, device=q.device)
-        q, k, v, b = (torch.where(torch.isfinite(x), x, zero) for x in (q, k, v, b))
-        if beta is not None:
-            beta = torch.where(torch.isfinite(beta), beta, zero)
-        g = torch.where(g_bad, zero, g)
-    g = g.clamp(min=LOG_DECAY_FLOOR)
     Ip5 = Ip.view(1, H, 1, 1, 1)
     o, var, M_T, J_T = GroupedDiagonal.apply(q, k, v, beta, b, g, M0, J0, Ip5, scale, C, with_var)
-    if with_var:
-        var = var[..., None].expand(B, H, T, G, V // G).reshape(B, H, T, V)
-    else:
-        var = None
-    if bad_state is not None:
-        nan = torch.full((), float("nan"), dtype=o.dtype, device=o.device)
-        bad_o = (bad_state | bad_q)[..., None]
-        o = torch.where(bad_o, nan, o)
-        var = None if var is None else torch.where(bad_o, nan, var)
-        end = bad_state[:, :, -1, None, None]
-        M_T, J_T = torch.where(end, nan, M_T), torch.where(end, nan, J_T)
+    var = var[..., None].expand(B, H, T, G, V // G).reshape(B, H, T, V) if with_var else None
     return o, var, M_T, J_T

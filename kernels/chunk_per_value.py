@@ -2,7 +2,7 @@
 
 Three forms compute it exactly. ``"native"`` (the CPU default where it builds, any decay): the fused C kernel
 of :mod:`metaplastic.kernels.cpu_per_value`, one pass per token over the ``[V, K]`` states, nothing of size
-``T·V·K`` materialised. ``"scan"`` (the torch default, any decay): :class:`metaplastic.kernels.chunk.DiagonalScan`,
+``T·V·K`` materialised. ``"scan"`` (the torch default, any decay): :class:`DiagonalScan`,
 ``M_t, J_t`` materialised token by token inside blocks of tokens. ``"matmul"`` (scalar decay):
 :class:`PerValueScan`, below. These two torch forms are bound by passes over the ``T·V·K`` materialised
 numbers; measured on a CPU at one thread (``metaplastic bench models`` shape), the matmul form is 15-20%
@@ -10,9 +10,9 @@ slower, so it is not the torch default. Both run on at most :data:`INTRA_OP_THRE
 
 The matmul form, ``b`` per value row and scalar (per-head) decay.
 
-The recurrence (THEORY.md §2, ``J = I − Ip``): ``M_t = α_t M_{t-1} + bv_t ⊗ k_t``, ``J_t = α_t J_{t-1} +
+The recurrence (docs/theory.md#closed-forms, ``J = I − Ip``): ``M_t = α_t M_{t-1} + bv_t ⊗ k_t``, ``J_t = α_t J_{t-1} +
 b_t ⊗ k_t²``, ``o_t = scale · Σ_j M_t[i,j] q_t[j] / (Ip + J_t[i,j])``. ``I_t = Ip + J_t`` does not factor over
-``(i, j)`` (THEORY.md, the per-value compute floor), so it is materialised; ``M_t`` is not.
+``(i, j)`` (docs/theory.md#the-per-value-cost-floor), so it is materialised; ``M_t`` is not.
 
 Chunks of ``C`` tokens, ``G`` the cumulative log-decay inside a chunk, ``D[t,s] = exp(G_t − G_s)`` (s ≤ t),
 ``e_t = exp(G_t)``; ``M0, J0`` the chunk's start state. Everything inside a chunk is a batched matrix product
@@ -47,20 +47,21 @@ from typing import Optional, Tuple
 
 import torch
 
-from metaplastic.experiments._threads import torch_threads
+from .chunking import LOG_DECAY_FLOOR, cumulated_log_decay
+from .threads import torch_threads
 
 Tensor = torch.Tensor
 PER_VALUE_CHUNK = 8  # tokens per chunk: the intra-chunk products cost ~2·C flops per materialised number
 BLOCK_ELEMENTS = 1 << 20  # numbers of one [V, C, K] block batch (chunks and heads grouped up to this size)
 INTRA_OP_THREADS = 1  # torch threads inside the path (see the module docstring)
-LOG_DECAY_FLOOR = -800.0  # exp(-800) == 0 in float64 and float32: a log-decay at or below it is a full reset
+DIAGONAL_CHUNK = 16  # tokens per recomputed block of the "scan" form (working set [B,H,C,2V,K])
 
 
 def _prepare(g: Tensor, C: int, dtype: torch.dtype) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     """``g [BH, N, C]`` -> ``D [BH,N,C,C]``, ``e [BH,N,C]``, ``to_end [BH,N,C]``, ``e_C [BH,N]`` (in ``dtype``).
 
     ``G`` is cumulated in float64 from the clamped log-decay; only differences ``≤ 0`` are exponentiated."""
-    G = g.to(torch.float64).clamp(min=LOG_DECAY_FLOOR).cumsum(-1)
+    G = cumulated_log_decay(g, -1)
     causal = torch.ones(C, C, dtype=torch.bool, device=g.device).tril()
     diff = G[..., :, None] - G[..., None, :]
     D = torch.where(causal, diff, torch.full_like(diff, -math.inf)).exp()
@@ -131,6 +132,105 @@ def _chunked_inputs(q, k, bv, bb, g, C: int):
     bbc = _chunked(flat(bb.expand(B, H, T, V)), C)
     gc = _chunked(flat(g)[..., 0], C)
     return flat, (qc, kc, bvc, bbc, gc)
+
+class DiagonalScan(torch.autograd.Function):
+    """Palimpsa with ``b`` per value row, as a two-level scan. Level 1 walks the chunks and keeps only the
+    boundary states ``[M; J]`` (``J = I − Ip``; ``2·V·K/C`` numbers per token and head, saved for the
+    backward). Level 2 materialises one chunk's ``M_t, J_t`` together (``[B,H,c,2V,K]``) by a short
+    elementwise scan from the chunk-start state (``O(V·K)`` per token; on a CPU this is several times faster
+    than the equivalent ``[c, c]`` decay-matrix product, which costs ``c×`` the flops), then reads the chunk
+    out in one batch and drops it. The backward recomputes each chunk and runs the adjoint recurrence
+    ``Ĥ_t = dH_t + α_{t+1} Ĥ_{t+1}`` the same way.
+
+    Inputs ``[B,H,T,...]``: ``q, k [K]``, ``bv [V]`` (= β v), ``bb [P]`` (b, ``P`` = 1 or V), ``g [Kg]``;
+    ``M0, J0 [B,H,V,K]``; ``Ip [1,H,1,1,1]``. Returns ``o [B,H,T,V]``, ``var [B,H,T,V]`` (zeros unless
+    ``with_var``), ``M_T``, ``J_T``.
+    """
+
+    @staticmethod
+    def _states(k, bv, bb, alpha, start):
+        """``[M; J]`` of one chunk ``[B,H,c,2V,K]`` from ``start = [M; J]`` before it; ``alpha [B,H,c,1,Kg]``."""
+        B, H, c, K = k.shape
+        V = bv.shape[-1]
+        X = k.new_empty(B, H, c, 2 * V, K)
+        torch.mul(bv[..., :, None], k[..., None, :], out=X[:, :, :, :V])
+        X[:, :, :, V:] = bb[..., :, None] * (k * k)[..., None, :]  # bb may be [.., 1]: broadcast over V
+        h = start
+        for t in range(c):  # h_t = α_t h_{t-1} + x_t, written over x_t
+            h = torch.addcmul(X[:, :, t], alpha[:, :, t], h, out=X[:, :, t])
+        return X
+
+    @staticmethod
+    def forward(ctx, q, k, bv, bb, g, M0, J0, Ip, scale: float, C: int, with_var: bool):
+        q, k, bv, bb, g = (x.contiguous() for x in (q, k, bv, bb, g))
+        T, V = q.shape[2], bv.shape[-1]
+        alpha = g.exp()[..., None, :]  # [B,H,T,1,Kg]
+        o, var = q.new_zeros(bv.shape), q.new_zeros(bv.shape)
+        starts = [torch.cat([M0, J0], 2)]
+        for t0 in range(0, T, C):
+            sl = slice(t0, min(t0 + C, T))
+            MJ = DiagonalScan._states(k[:, :, sl], bv[:, :, sl], bb[:, :, sl], alpha[:, :, sl], starts[-1])
+            starts.append(MJ[:, :, -1].clone())
+            I = MJ[:, :, :, V:].add_(Ip)  # J -> I in place
+            qs = q[:, :, sl, :, None]
+            o[:, :, sl] = scale * ((MJ[:, :, :, :V] / I) @ qs)[..., 0]
+            if with_var:
+                var[:, :, sl] = scale * scale * (I.reciprocal_() @ (qs * qs))[..., 0]
+        starts = torch.stack(starts, 2)
+        ctx.save_for_backward(q, k, bv, bb, g, Ip, starts)
+        ctx.scale, ctx.C, ctx.with_var = scale, C, with_var
+        return o, var, starts[:, :, -1, :V], starts[:, :, -1, V:]
+
+    @staticmethod
+    def backward(ctx, do, dvar, dM_T, dJ_T):
+        q, k, bv, bb, g, Ip, starts = ctx.saved_tensors
+        scale, C = ctx.scale, ctx.C
+        B, H, T, V = bv.shape
+        do, dvar = do.contiguous(), dvar.contiguous()
+        alpha = g.exp()[..., None, :]
+        dq, dk, dbv, dbb, dg = (torch.zeros_like(x) for x in (q, k, bv, bb, g))
+        dIp = torch.zeros_like(Ip)
+        d_end = torch.cat([dM_T, dJ_T], 2)  # gradient reaching the chunk's last state, [B,H,2V,K]
+        t0s = list(range(0, T, C))
+        for n in reversed(range(len(t0s))):
+            sl = slice(t0s[n], min(t0s[n] + C, T))
+            c = sl.stop - sl.start
+            qc, kc, bvc, bbc, doc = q[:, :, sl], k[:, :, sl], bv[:, :, sl], bb[:, :, sl], do[:, :, sl]
+            al = alpha[:, :, sl]
+            MJ = DiagonalScan._states(kc, bvc, bbc, al, starts[:, :, n])
+            invI = (MJ[:, :, :, V:] + Ip).reciprocal_()
+            mu = MJ[:, :, :, :V] * invI
+            # read-out o = scale · mu q (and var = scale² · (1/I) q²): local gradients of M and J
+            dq_c = scale * (doc[..., None, :] @ mu)[..., 0, :]
+            L = q.new_empty(B, H, c, 2 * V, q.shape[-1])
+            dM = L[:, :, :, :V]
+            torch.mul(scale * doc[..., :, None] * qc[..., None, :], invI, out=dM)
+            torch.mul(dM, mu, out=L[:, :, :, V:]).neg_()
+            if ctx.with_var:
+                dvc = dvar[:, :, sl]
+                dq_c = dq_c + 2 * scale * scale * qc * (dvc[..., None, :] @ invI)[..., 0, :]
+                L[:, :, :, V:] -= scale * scale * dvc[..., :, None] * (qc * qc)[..., None, :] * invI * invI
+            dIp += L[:, :, :, V:].sum((0, 2, 3, 4)).view(dIp.shape)
+            # adjoint recurrence, backwards through the chunk (written over L)
+            h = L[:, :, c - 1].add_(d_end)
+            for t in range(c - 2, -1, -1):
+                h = torch.addcmul(L[:, :, t], al[:, :, t + 1], h, out=L[:, :, t])
+            MJh = L
+            d_end = al[:, :, 0] * MJh[:, :, 0]  # through α of the chunk's first token
+            Mh, Jh = MJh[:, :, :, :V], MJh[:, :, :, V:]
+            # the writes x = [bv ⊗ k; b ⊗ k²] and the decays (Σ_i Ĥ_i x_i = k · (bᵀ Ĥ))
+            k2 = kc * kc
+            dbv[:, :, sl] = (Mh @ kc[..., :, None])[..., 0]
+            dbb_c = (Jh @ k2[..., :, None])[..., 0]
+            dbb[:, :, sl] = dbb_c.sum(-1, keepdim=True) if bb.shape[-1] == 1 else dbb_c
+            dkM = (bvc[..., None, :] @ Mh)[..., 0, :]
+            dkJ = (bbc.expand(B, H, c, V)[..., None, :] @ Jh)[..., 0, :]
+            dk[:, :, sl] = dkM + 2 * kc * dkJ
+            dq[:, :, sl] = dq_c
+            dG = (MJh * MJ).sum(-2) - kc * dkM - k2 * dkJ  # Σ_i Ĥ_t ∘ (h_t − x_t) = Σ_i Ĥ_t ∘ α_t h_{t-1}
+            dg[:, :, sl] = dG.sum(-1, keepdim=True) if g.shape[-1] == 1 else dG
+        return dq, dk, dbv, dbb, dg, d_end[:, :, :V], d_end[:, :, V:], dIp, None, None, None
+
 
 class PerValueScan(torch.autograd.Function):
     """Per-value Palimpsa with scalar decay (see the module docstring).
@@ -321,12 +421,11 @@ def per_value_scan(q: Tensor, k: Tensor, bv: Tensor, bb: Tensor, g: Tensor, M0: 
     ``(o, var, M_T, J_T)``.
 
     ``form``: ``"native"`` (:mod:`metaplastic.kernels.cpu_per_value`, the fused C kernel; CPU, any decay;
-    chunks capped at its ``NATIVE_CHUNK``), ``"scan"`` (:class:`metaplastic.kernels.chunk.DiagonalScan`,
+    chunks capped at its ``NATIVE_CHUNK``), ``"scan"`` (:class:`DiagonalScan`,
     token by token inside blocks of ``DIAGONAL_CHUNK`` tokens; any decay) or ``"matmul"``
     (:class:`PerValueScan`, scalar decay; chunks capped at :data:`PER_VALUE_CHUNK`); the torch forms run on
     at most :data:`INTRA_OP_THREADS` torch threads. Default :data:`FORM`, or when None
     :func:`default_form`. ``"native"`` where the kernel cannot run raises ``ValueError`` naming why."""
-    from .chunk import DIAGONAL_CHUNK
     form = FORM if form is None else form
     if form is None:
         form = default_form(q, k, bv, bb, g, M0, J0, Ip)
@@ -341,29 +440,19 @@ def per_value_scan(q: Tensor, k: Tensor, bv: Tensor, bb: Tensor, g: Tensor, M0: 
     if form == "matmul" and g.shape[-1] == 1:
         return PerValueScan.apply(q, k, bv, bb, g, M0, J0, Ip, scale, max(1, min(chunk_size, PER_VALUE_CHUNK)),
                                   with_var)
-    return _capped_scan().apply(q, k, bv, bb, g, M0, J0, Ip, scale, max(1, min(chunk_size, DIAGONAL_CHUNK)),
+    return CappedDiagonalScan.apply(q, k, bv, bb, g, M0, J0, Ip, scale, max(1, min(chunk_size, DIAGONAL_CHUNK)),
                                 with_var)
 
 
-_CAPPED = None
+class CappedDiagonalScan(DiagonalScan):
+    """:class:`DiagonalScan` with forward and backward on at most :data:`INTRA_OP_THREADS` torch threads."""
 
+    @staticmethod
+    def forward(ctx, *args):
+        with torch_threads(min(INTRA_OP_THREADS, torch.get_num_threads())):
+            return DiagonalScan.forward(ctx, *args)
 
-def _capped_scan():
-    """:class:`metaplastic.kernels.chunk.DiagonalScan` with forward and backward on the thread cap (built on
-    first use: chunk.py imports this module)."""
-    global _CAPPED
-    if _CAPPED is None:
-        from .chunk import DiagonalScan
-
-        class CappedDiagonalScan(DiagonalScan):
-            @staticmethod
-            def forward(ctx, *args):
-                with torch_threads(min(INTRA_OP_THREADS, torch.get_num_threads())):
-                    return DiagonalScan.forward(ctx, *args)
-
-            @staticmethod
-            def backward(ctx, *grads):
-                with torch_threads(min(INTRA_OP_THREADS, torch.get_num_threads())):
-                    return DiagonalScan.backward(ctx, *grads)
-        _CAPPED = CappedDiagonalScan
-    return _CAPPED
+    @staticmethod
+    def backward(ctx, *grads):
+        with torch_threads(min(INTRA_OP_THREADS, torch.get_num_threads())):
+            return DiagonalScan.backward(ctx, *grads)

@@ -15,7 +15,7 @@ Backward. ``_chunk_dstates_kernel`` runs the state's cotangent backwards over th
 cumulated log-decay's cotangent from its start state, its end-state cotangent and its own tokens.
 
 Groups. The query may be one per group of ``V/NG`` contiguous value rows (``[B,H,T,NG,K]``): a value tile
-never straddles two groups. Palimpsa with ``b`` head-shared (THEORY.md limit 7) or grouped (limit 8) is this
+never straddles two groups. Palimpsa with ``b`` head-shared (docs/theory.md#limit-7-head-shared-importance) or grouped (limit 8) is this
 read of the numerator ``M`` with the query ``q ⊘ I⁽ᵍ⁾_t``; the group precisions come from the torch
 :class:`~metaplastic.kernels.chunk.DecayedScan` (width ``NG``). The kernels compute in float32 (``tl.dot``
 uses TF32 when ``torch.backends.cuda.matmul.allow_tf32`` is set), in float64 for float64 inputs.
@@ -31,9 +31,9 @@ import triton.language as tl
 from metaplastic.objective import Objective
 from metaplastic.scan import ScanResult
 
-from .chunk import DecayedScan, _heads_first, chunk_run
-from .dispatch import triton_chunk_reason
-from .entry import ScanCall, by_sequence, prepare, triton_unavailable_reason
+from .chunk import chunk_run
+from .coverage import triton_chunk_reason
+from .entry import ScanCall, prepare, triton_unavailable_reason
 
 Tensor = torch.Tensor
 
@@ -345,7 +345,7 @@ class TritonChunkDot(torch.autograd.Function):
     """:class:`~metaplastic.kernels.chunk.ChunkDot` on the Triton kernels, forward and backward:
     ``o_t = scale · S_t q_t`` with ``S_t = exp(g_t) S_{t-1} + v_t ⊗ k_t`` (one decay per head and token);
     returns ``(o, S_T)``. ``q [B,H,T,K]``, or ``[B,H,T,NG,K]``: value rows ``[i·V/NG, (i+1)·V/NG)`` are read
-    with query ``i`` (grouped importance, THEORY.md limit 8). Saves the inputs and the ``N + 1`` boundary
+    with query ``i`` (grouped importance, docs/theory.md#limit-8-grouped-importance). Saves the inputs and the ``N + 1`` boundary
     states (``V·K/C`` numbers per token and head)."""
 
     @staticmethod
@@ -381,46 +381,12 @@ def chunk_triton_scan(objective: Objective, q: Tensor, k: Tensor, v: Tensor, *,
 
 
 def chunk_triton_run(call: ScanCall, chunk_size: int = 64) -> ScanResult:
-    """:func:`chunk_triton_scan` on a validated :class:`~metaplastic.kernels.entry.ScanCall`."""
+    """:func:`chunk_triton_scan` on a validated :class:`~metaplastic.kernels.entry.ScanCall`: the chunked router
+    (:func:`~metaplastic.kernels.chunk.chunk_run`, which sanitises, floors and poisons) with
+    :class:`TritonChunkDot` as its read (one query per importance group with grouped ``b``)."""
     reason = triton_chunk_reason(call.objective, call.b, call.initial_state, call.check_values, call.shape[-1])
     if reason is None:
         reason = triton_unavailable_reason(call.q.device)
     if reason is not None:
         raise ValueError(reason)
-    if call.b_groups <= 1:
-        return chunk_run(call, chunk_size, TritonChunkDot.apply)
-    if not (isinstance(chunk_size, int) and chunk_size >= 1):
-        raise ValueError(f"chunk_size must be a positive integer, got {chunk_size!r}")
-    C = min(chunk_size, call.shape[1]) if call.bounds is None else chunk_size
-    return by_sequence(call, lambda c: _grouped_dense(c, C))
-
-
-def _grouped_dense(c: ScanCall, C: int) -> ScanResult:
-    """Palimpsa with ``b [B,T,H,G]`` on one dense batch (THEORY.md limit 8): the group precisions
-    ``J⁽ᵍ⁾_t = α J⁽ᵍ⁾_{t-1} + b_t[g] k_t²`` (``I = Ip + J``) by a decayed scan of width G, then one
-    :class:`TritonChunkDot` read of ``M`` with the query ``q ⊘ I⁽ᵍ⁾`` for the rows of group ``g``."""
-    B, T, H, K, V = c.shape
-    dt = c.dtype
-    NG = c.b_groups
-    VG = V // NG
-    qh, kh, vh = (_heads_first(x, dt) for x in (c.q, c.k, c.v))  # [B,H,T,D]
-    g = _heads_first(c.log_decay, dt)
-    g = qh.new_zeros(B, H, T, 1) if g is None else g
-    beta = _heads_first(c.beta, dt)
-    bv = vh if beta is None else beta * vh
-    Ip = c.prior_precision.view(1, H, 1, 1)
-    if c.initial_state is None:
-        M0, J0 = qh.new_zeros(B, H, V, K), qh.new_zeros(B, H, NG, K)
-    else:
-        I0 = c.initial_state["I"].to(dt)
-        M0 = I0 * c.initial_state["mu"].to(dt)
-        J0 = I0.view(B, H, NG, VG, K)[:, :, :, 0] - Ip
-    bg = _heads_first(c.b, dt)  # [B,H,T,NG]
-    xJ = bg[..., None] * (kh * kh)[:, :, :, None, :]  # [B,H,T,NG,K]
-    I = Ip[..., None] + DecayedScan.apply(xJ, g, J0, C)  # [B,H,T,NG,K]
-    o, M_T = TritonChunkDot.apply(qh[:, :, :, None, :] / I, kh, bv, g, M0, c.scale, C)
-    var = None
-    if c.output_variance:
-        var = (c.scale * c.scale * (qh[:, :, :, None, :] ** 2 / I).sum(-1)).repeat_interleave(VG, -1).transpose(1, 2)
-    I_T = I[:, :, -1].repeat_interleave(VG, 2)  # [B,H,V,K]
-    return ScanResult(o.transpose(1, 2), {"mu": M_T / I_T, "I": I_T}, var)
+    return chunk_run(call, chunk_size, TritonChunkDot.apply)

@@ -5,7 +5,9 @@ is in that module's docstring and at the top of the C source): one (batch, head)
 token, the ``[V, K]`` states ``M, J`` updated and read in one pass (key column innermost, vectorised), so
 nothing of size ``T·V·K`` is materialised. The forward saves the states at every ``C``-th token; the backward
 recomputes one chunk of ``C`` tokens from its checkpoint into a small buffer and runs the adjoint recurrence
-backwards through it. Single-threaded per call (the ctypes call releases the GIL).
+backwards through it. Single-threaded per call (the ctypes call releases the GIL). Forward and backward are
+``torch.library`` custom operators (``metaplastic::per_value_forward``, ``metaplastic::per_value_backward``),
+so ``torch.compile`` keeps a model that calls them in one graph.
 
 Build: on first use the source is compiled with the system C compiler (``CC`` of ``sysconfig``, else ``cc``,
 else ``gcc``) with :data:`FLAGS` (no ``-ffast-math``: IEEE arithmetic, so NaN and inf propagate) into the
@@ -32,7 +34,6 @@ from pathlib import Path
 from typing import Optional, Tuple
 
 import torch
-from torch.autograd.function import once_differentiable
 
 Tensor = torch.Tensor
 SOURCE = Path(__file__).with_name("cpu_per_value.c")
@@ -182,6 +183,7 @@ def library() -> Optional[ctypes.CDLL]:
     return _LIB
 
 
+@torch.compiler.assume_constant_result  # torch.compile evaluates it once per trace, outside the graph
 def native_unavailable_reason() -> Optional[str]:
     """Why the compiled kernel cannot run here (None when it can)."""
     if os.environ.get(DISABLE_ENV, "1") == "0":
@@ -232,53 +234,88 @@ def _contiguous(*xs: Tensor):
     return tuple(x.contiguous() for x in xs)
 
 
-class NativePerValueScan(torch.autograd.Function):
-    """Per-value Palimpsa by the C kernel. Inputs and outputs as
-    :class:`metaplastic.kernels.chunk_per_value.PerValueScan` (``g [B,H,T,1]`` or ``[B,H,T,K]``,
-    ``bb [B,H,T,1]`` or ``[B,H,T,V]``, ``Ip [1,H,1,1,1]``); saved: the inputs and the checkpoints."""
+# The kernel's forward and backward are ``torch.library`` custom operators: ``torch.compile`` traces a call
+# to them as one opaque node (its output shapes from the fake implementation) instead of breaking the graph
+# at the ctypes call, and autograd reaches the backward through ``register_autograd``.
+@torch.library.custom_op("metaplastic::per_value_forward", mutates_args=())
+def per_value_forward(q: Tensor, k: Tensor, bv: Tensor, bb: Tensor, g: Tensor, M0: Tensor, J0: Tensor, Ip_h: Tensor,
+                      scale: float, C: int, with_var: bool, checkpoints: bool
+                      ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """The C forward: ``(o [B,H,T,V], var [B,H,T,V] (zeros unless with_var), M_T, J_T [B,H,V,K], ckpt)``;
+    ``ckpt`` is ``[B·H, ceil(T/C), 2, V, K]`` with ``checkpoints``, else empty. ``Ip_h``: ``[H]``."""
+    q, k, bv, bb, g, M0, J0, Ip_h = _contiguous(q, k, bv, bb, g, M0, J0, Ip_h)
+    o, var, M_T, J_T, ckpt = _forward(q, k, bv, bb, g, M0, J0, Ip_h, scale, C, with_var, checkpoints)
+    return o, (var if with_var else torch.zeros_like(o)), M_T, J_T, (ckpt if checkpoints else q.new_empty(0))
 
-    @staticmethod
-    def forward(ctx, q, k, bv, bb, g, M0, J0, Ip, scale: float, C: int, with_var: bool):
-        q, k, bv, bb, g, M0, J0 = _contiguous(q, k, bv, bb, g, M0, J0)
-        Ip_h = Ip.reshape(-1).contiguous()
-        o, var, M_T, J_T, ckpt = _forward(q, k, bv, bb, g, M0, J0, Ip_h, scale, C, with_var, True)
-        ctx.save_for_backward(q, k, bv, bb, g, Ip_h, ckpt)
-        ctx.scale, ctx.C, ctx.with_var, ctx.ip_shape = scale, C, with_var, Ip.shape
-        ctx.set_materialize_grads(False)
-        return o, (var if with_var else torch.zeros_like(o)), M_T, J_T
 
-    @staticmethod
-    @once_differentiable  # the C backward builds no graph: a second derivative raises instead of being wrong
-    def backward(ctx, do, dvar, dM_T, dJ_T):
-        q, k, bv, bb, g, Ip_h, ckpt = ctx.saved_tensors
-        B, H, T, K = q.shape
-        V, C = bv.shape[-1], ctx.C
-        suffix, real = _DTYPES[q.dtype]
-        do = q.new_zeros(B, H, T, V) if do is None else do.contiguous()
-        dvar = dvar.contiguous() if (ctx.with_var and dvar is not None) else None
-        dM_T = None if dM_T is None else dM_T.contiguous()
-        dJ_T = None if dJ_T is None else dJ_T.contiguous()
-        dq, dk, dbv, dbb, dg = (torch.empty_like(x) for x in (q, k, bv, bb, g))
-        dM0, dJ0 = q.new_empty(B, H, V, K), q.new_empty(B, H, V, K)
-        dIp = q.new_empty(B, H)
-        work = q.new_empty((C + 1) * 2 * V * K + 7 * K)
-        getattr(library(), f"pv_backward_{suffix}")(
-            *_dims(q, bv, bb, g, C), _p(q), _p(k), _p(bv), _p(bb), _p(g), _p(Ip_h), real(ctx.scale), _p(ckpt),
-            _p(do), _p(dvar), _p(dM_T), _p(dJ_T), _p(dq), _p(dk), _p(dbv), _p(dbb), _p(dg), _p(dM0), _p(dJ0),
-            _p(dIp), _p(work))
-        return dq, dk, dbv, dbb, dg, dM0, dJ0, dIp.sum(0).view(ctx.ip_shape), None, None, None
+@per_value_forward.register_fake
+def _per_value_forward_fake(q, k, bv, bb, g, M0, J0, Ip_h, scale, C, with_var, checkpoints):
+    B, H, T, K = q.shape
+    V = bv.shape[-1]
+    ckpt = q.new_empty(B * H, -(-T // C), 2, V, K) if checkpoints else q.new_empty(0)
+    return (q.new_empty(B, H, T, V), q.new_empty(B, H, T, V), q.new_empty(B, H, V, K), q.new_empty(B, H, V, K),
+            ckpt)
+
+
+@torch.library.custom_op("metaplastic::per_value_backward", mutates_args=())
+def per_value_backward(q: Tensor, k: Tensor, bv: Tensor, bb: Tensor, g: Tensor, Ip_h: Tensor, ckpt: Tensor,
+                       do: Tensor, dvar: Optional[Tensor], dM_T: Tensor, dJ_T: Tensor, scale: float, C: int
+                       ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """The C backward from the saved inputs and checkpoints: ``(dq, dk, dbv, dbb, dg, dM0, dJ0, dIp_h [H])``
+    (``dvar`` None: the variance was not an output)."""
+    B, H, T, K = q.shape
+    V = bv.shape[-1]
+    suffix, real = _DTYPES[q.dtype]
+    do, dM_T, dJ_T = _contiguous(do, dM_T, dJ_T)
+    dvar = None if dvar is None else dvar.contiguous()
+    dq, dk, dbv, dbb, dg = (torch.empty_like(x) for x in (q, k, bv, bb, g))
+    dM0, dJ0 = q.new_empty(B, H, V, K), q.new_empty(B, H, V, K)
+    dIp = q.new_empty(B, H)
+    work = q.new_empty((C + 1) * 2 * V * K + 7 * K)
+    getattr(library(), f"pv_backward_{suffix}")(
+        *_dims(q, bv, bb, g, C), _p(q), _p(k), _p(bv), _p(bb), _p(g), _p(Ip_h), real(scale), _p(ckpt),
+        _p(do), _p(dvar), _p(dM_T), _p(dJ_T), _p(dq), _p(dk), _p(dbv), _p(dbb), _p(dg), _p(dM0), _p(dJ0),
+        _p(dIp), _p(work))
+    return dq, dk, dbv, dbb, dg, dM0, dJ0, dIp.sum(0)
+
+
+@per_value_backward.register_fake
+def _per_value_backward_fake(q, k, bv, bb, g, Ip_h, ckpt, do, dvar, dM_T, dJ_T, scale, C):
+    B, H, T, K = q.shape
+    V = bv.shape[-1]
+    return (*(torch.empty_like(x) for x in (q, k, bv, bb, g)), q.new_empty(B, H, V, K), q.new_empty(B, H, V, K),
+            q.new_empty(H))
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    q, k, bv, bb, g, M0, J0, Ip_h, scale, C, with_var, checkpoints = inputs
+    ctx.save_for_backward(q, k, bv, bb, g, Ip_h, output[4])
+    ctx.scale, ctx.C, ctx.with_var = scale, C, with_var
+
+
+def _backward(ctx, do, dvar, dM_T, dJ_T, dckpt):
+    """Gradients of :func:`per_value_forward`'s tensor inputs (the backward builds no graph of its own: a
+    second derivative raises, as no autograd formula is registered for :func:`per_value_backward`)."""
+    q, k, bv, bb, g, Ip_h, ckpt = ctx.saved_tensors
+    grads = per_value_backward(q, k, bv, bb, g, Ip_h, ckpt, do, dvar if ctx.with_var else None, dM_T, dJ_T,
+                               ctx.scale, ctx.C)
+    return (*grads, None, None, None, None)
+
+
+per_value_forward.register_autograd(_backward, setup_context=_setup_context)
 
 
 def native_per_value_scan(q: Tensor, k: Tensor, bv: Tensor, bb: Tensor, g: Tensor, M0: Tensor, J0: Tensor,
                           Ip: Tensor, scale: float, chunk_size: int = NATIVE_CHUNK, with_var: bool = False
                           ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
-    """``(o, var, M_T, J_T)`` by the C kernel (shapes as :class:`NativePerValueScan`; ``var`` zeros unless
-    ``with_var``). Without autograd the forward keeps no checkpoints. Needs :func:`native_reason` None."""
+    """``(o, var, M_T, J_T)`` by the C kernel (inputs and outputs as
+    :class:`metaplastic.kernels.chunk_per_value.PerValueScan`: ``g [B,H,T,1]`` or ``[B,H,T,K]``, ``bb [B,H,T,1]``
+    or ``[B,H,T,V]``, ``Ip [1,H,1,1,1]``; ``var`` zeros unless ``with_var``). The forward keeps checkpoints for
+    the backward only when autograd needs them. Needs :func:`native_reason` None."""
     C = max(1, min(int(chunk_size), NATIVE_CHUNK))
     xs = (q, k, bv, bb, g, M0, J0, Ip)
-    if torch.is_grad_enabled() and any(x.requires_grad for x in xs):
-        return NativePerValueScan.apply(q, k, bv, bb, g, M0, J0, Ip, scale, C, with_var)
+    checkpoints = torch.is_grad_enabled() and any(x.requires_grad for x in xs)
     q, k, bv, bb, g, M0, J0 = _contiguous(q, k, bv, bb, g, M0, J0)
-    o, var, M_T, J_T, _ = _forward(q, k, bv, bb, g, M0, J0, Ip.reshape(-1).contiguous(), scale, C, with_var,
-                                   False)
-    return o, (var if with_var else torch.zeros_like(o)), M_T, J_T
+    o, var, M_T, J_T, _ = per_value_forward(q, k, bv, bb, g, M0, J0, Ip.reshape(-1).contiguous(), float(scale), C,
+                                            bool(with_var), checkpoints)
+    return o, var, M_T, J_T

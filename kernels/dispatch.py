@@ -15,96 +15,101 @@ Backends:
 - ``auto``:             ``triton`` on CUDA tensors; on other devices ``chunk`` where it covers the
                         likelihood, else ``reference``.
 
-The Triton modules are imported only when chosen.
+The concrete backends are one table, :data:`TABLE` ``{backend: (coverage rule, run)}``: the rules live in
+the Triton-free :mod:`metaplastic.kernels.coverage` (``COVERAGE``), and each run imports its backend's module
+when called, so the Triton modules are imported only when chosen. The module files do not carry the backend
+names: the table's comment names each backend's module. A new backend is one row of :data:`TABLE` (with its
+rule in ``COVERAGE``), plus its place in :data:`PREFERENCES` if a composite should choose it; the composites
+``triton`` and ``auto`` are lists of concrete backends there.
 """
 from __future__ import annotations
 
-from typing import Dict, Optional, Union
+from typing import Callable, Dict, Optional, Tuple, Union
 
 import torch
 
 from metaplastic.objective import Objective
 from metaplastic.readout_solver import ReadoutSolver
 from metaplastic.scan import ScanResult
-from metaplastic.scan import scan as reference_scan
+from metaplastic.scan import reference_run
 
 from . import chunk as _chunk
-from .entry import ScanCall, prepare, rows_constant_in_groups, triton_unavailable_reason
+from .coverage import COVERAGE, Rule, Settings, per_value_reason, triton_chunk_reason
+from .entry import ScanCall, prepare
 
 Tensor = torch.Tensor
+#: ``run(call, chunk_size)``: a validated call run by one backend.
+Runner = Callable[[ScanCall, int], ScanResult]
+__all__ = ["BACKENDS", "PREFERENCES", "TABLE", "per_value_reason", "run", "scan", "select_backend",
+           "triton_chunk_reason"]
+
+
+def _run_reference(call: ScanCall, chunk_size: int) -> ScanResult:
+    return reference_run(call)
+
+
+def _run_chunk(call: ScanCall, chunk_size: int) -> ScanResult:
+    return _chunk.chunk_run(call, chunk_size)
+
+
+def _run_triton_chunk(call: ScanCall, chunk_size: int) -> ScanResult:
+    from .chunk_triton import chunk_triton_run
+    return chunk_triton_run(call, chunk_size)
+
+
+def _run_triton_per_value(call: ScanCall, chunk_size: int) -> ScanResult:
+    from .per_value import per_value_run
+    return per_value_run(call)
+
+
+def _run_triton_recurrent(call: ScanCall, chunk_size: int) -> ScanResult:
+    from .fused_recurrent import fused_recurrent_run
+    return fused_recurrent_run(call)
+
+
+#: Every concrete backend: ``(coverage rule, run)``. The rules live in :mod:`metaplastic.kernels.coverage`
+#: (Triton-free); each run imports its module when called. Module of each backend: ``reference``
+#: :mod:`metaplastic.scan`, ``chunk`` :mod:`~metaplastic.kernels.chunk`, ``triton_chunk``
+#: :mod:`~metaplastic.kernels.chunk_triton`, ``triton_per_value`` :mod:`~metaplastic.kernels.per_value`,
+#: ``triton_recurrent`` :mod:`~metaplastic.kernels.fused_recurrent`.
+TABLE: Dict[str, Tuple[Rule, Runner]] = {
+    "reference": (COVERAGE["reference"], _run_reference),
+    "chunk": (COVERAGE["chunk"], _run_chunk),
+    "triton_chunk": (COVERAGE["triton_chunk"], _run_triton_chunk),
+    "triton_per_value": (COVERAGE["triton_per_value"], _run_triton_per_value),
+    "triton_recurrent": (COVERAGE["triton_recurrent"], _run_triton_recurrent),
+}
+#: The composite backends: the first backend of the list whose rule covers the settings. ``auto`` means
+#: ``triton`` on CUDA tensors. A composite that none covers refuses with its last backend's refusal, worded
+#: with the composite's name.
+PREFERENCES: Dict[str, Tuple[str, ...]] = {
+    "triton": ("triton_chunk", "triton_per_value", "triton_recurrent"),
+    "auto": ("chunk", "reference"),
+}
 BACKENDS = ("auto", "triton", "triton_chunk", "triton_per_value", "triton_recurrent", "chunk", "reference")
-
-
-def per_value_reason(objective: Objective) -> Optional[str]:
-    """Why the per-value Palimpsa kernel cannot run ``objective`` (None when it can)."""
-    if not (objective.likelihood == "dot_diag" and objective.posterior == "diagonal"):
-        return ("the per-value kernel runs likelihood 'dot_diag' with posterior 'diagonal', not "
-                f"{objective.describe()}")
-    if objective.forgetting == "vector":
-        return "the per-value kernel supports forgetting 'none' or 'scalar', not 'vector'"
-    return None
-
-
-def triton_chunk_reason(objective: Objective, b: Optional[Tensor], initial_state: Optional[Dict[str, Tensor]],
-                        check_values: Optional[bool] = None, V: Optional[int] = None) -> Optional[str]:
-    """Why the chunked Triton path cannot run these settings (None when it can). ``V``: the value width
-    (None: a 4-d ``b`` counts as per value channel)."""
-    reason = _chunk.unsupported_reason(objective)
-    if reason is not None:
-        return reason.replace("the chunked path", "the chunked Triton path")
-    if objective.forgetting == "vector":
-        return "the chunked Triton path supports forgetting 'none' or 'scalar', not 'vector' (GLA)"
-    if objective.likelihood == "dot_diag":
-        groups = 1 if b is None or b.dim() == 3 else b.shape[-1]
-        if b is not None and b.dim() == 4 and (V is None or (groups == V and V > 1) or V % groups):
-            return ("the chunked Triton path needs a head-shared importance rate b [B,T,H] (THEORY.md limit 7) "
-                    "or one per group of value rows [B,T,H,G] (limit 8); b is per value channel [B,T,H,V]")
-        I0 = None if initial_state is None else initial_state.get("I")
-        if isinstance(I0, Tensor) and I0.dim() == 4:
-            if I0.shape[2] % groups or not rows_constant_in_groups(I0, groups, check_values):
-                return ("the chunked Triton path needs an initial precision I that is constant over the value "
-                        "rows of each importance group")
-    return None
 
 
 def select_backend(objective: Objective, device: torch.device, backend: str = "auto",
                    b: Optional[Tensor] = None, initial_state: Optional[Dict[str, Tensor]] = None,
                    check_values: Optional[bool] = None, V: Optional[int] = None) -> str:
-    """The concrete backend (``reference``, ``chunk``, ``triton_chunk`` or ``triton_recurrent``) that
-    ``backend`` means for these settings on ``device``; ``ValueError`` naming why if it cannot run."""
+    """The concrete backend (a key of :data:`TABLE`) that ``backend`` means for these settings on ``device``;
+    ``ValueError`` naming why if it cannot run. ``b``: ``[B,T,H]``, ``[B,T,H,G]`` or ``[B,T,H,V]`` (None);
+    ``V``: the value width (None: a 4-d ``b`` counts as per value channel)."""
     if backend not in BACKENDS:
         raise ValueError(f"backend={backend!r} is not one of {BACKENDS}")
-    device = torch.device(device)
-    if backend == "auto":
-        if device.type == "cuda":
-            backend = "triton"
-        else:
-            return "chunk" if _chunk.unsupported_reason(objective) is None else "reference"
-    if backend == "reference":
-        return backend
-    if backend == "chunk":
-        reason = _chunk.unsupported_reason(objective)
-        if reason is not None:
-            raise ValueError(f"backend='chunk' cannot run {objective.describe()}: {reason}")
-        return backend
-    reason = triton_unavailable_reason(device)
-    if reason is not None:
-        raise ValueError(f"backend={backend!r}: {reason}")
-    if backend == "triton_recurrent":
-        return backend
-    if backend == "triton_per_value":
-        reason = per_value_reason(objective)
-        if reason is not None:
-            raise ValueError(f"backend='triton_per_value' cannot run {objective.describe()}: {reason}")
-        return backend
-    reason = triton_chunk_reason(objective, b, initial_state, check_values, V)
-    if backend == "triton_chunk":
-        if reason is not None:
-            raise ValueError(f"backend='triton_chunk' cannot run {objective.describe()}: {reason}")
-        return backend
-    if reason is None:
-        return "triton_chunk"
-    return "triton_per_value" if per_value_reason(objective) is None else "triton_recurrent"
+    settings = Settings(objective, torch.device(device), b, initial_state, check_values, V)
+    if backend == "auto" and settings.device.type == "cuda":
+        backend = "triton"
+    *first, last = PREFERENCES.get(backend, (backend,))
+    for name in first:
+        rule, _ = TABLE[name]
+        if rule(name, settings) is None:
+            return name
+    rule, _ = TABLE[last]
+    refusal = rule(backend, settings)  # a composite's refusal carries its own name
+    if refusal is not None:
+        raise ValueError(refusal)
+    return last
 
 
 def scan(objective: Objective, q: Tensor, k: Tensor, v: Tensor, *, log_decay: Optional[Tensor] = None,
@@ -116,39 +121,25 @@ def scan(objective: Objective, q: Tensor, k: Tensor, v: Tensor, *, log_decay: Op
          readout: Optional[ReadoutSolver] = None) -> ScanResult:
     """:func:`metaplastic.scan` (same arguments, same :class:`~metaplastic.ScanResult`) run by ``backend``.
 
-    ``backend``: ``"auto" | "triton" | "triton_chunk" | "triton_recurrent" | "chunk" | "reference"`` (see
+    ``backend``: one of :data:`BACKENDS` (see
     the module docstring). ``chunk_size`` is the chunk length of the chunked paths. ``check_values``: check
     the values of CUDA tensors on the host (a synchronisation; by default they are checked on the device,
     see :mod:`metaplastic.kernels.entry`). ``readout``: the full posterior's read-out solve
     (:class:`~metaplastic.ReadoutSolver`; None: exact), run by ``reference`` and ``triton_recurrent``.
     """
-    if not isinstance(q, Tensor):
-        raise ValueError(f"q must be a tensor [B, T, H, K], got {type(q).__name__}")
-    V = v.shape[-1] if isinstance(v, Tensor) and v.dim() == 4 else None
-    chosen = select_backend(objective, q.device, backend, b, initial_state, check_values, V)
-    if chosen == "reference":
-        return reference_scan(objective, q, k, v, log_decay=log_decay, beta=beta, b=b,
-                              prior_precision=prior_precision, lam=lam, scale=scale, initial_state=initial_state,
-                              output_final_state=output_final_state, output_variance=output_variance,
-                              cu_seqlens=cu_seqlens, readout=readout)
+    if backend not in BACKENDS:
+        raise ValueError(f"backend={backend!r} is not one of {BACKENDS}")
     call = prepare(objective, q, k, v, log_decay=log_decay, beta=beta, b=b, prior_precision=prior_precision,
                    lam=lam, scale=scale, initial_state=initial_state, output_final_state=output_final_state,
                    output_variance=output_variance, cu_seqlens=cu_seqlens, check_values=check_values,
                    readout=readout)
+    chosen = select_backend(objective, q.device, backend, call.b, initial_state, check_values, call.shape[-1])
     return run(call, chosen, chunk_size)
 
 
 def run(call: ScanCall, backend: str, chunk_size: int = 64) -> ScanResult:
     """Run a validated call by a concrete backend (one that :func:`select_backend` returns)."""
-    if backend == "chunk":
-        return _chunk.chunk_run(call, chunk_size)
-    if backend == "triton_chunk":
-        from .chunk_triton import chunk_triton_run
-        return chunk_triton_run(call, chunk_size)
-    if backend == "triton_per_value":
-        from .per_value import per_value_run
-        return per_value_run(call)
-    if backend == "triton_recurrent":
-        from .fused_recurrent import fused_recurrent_run
-        return fused_recurrent_run(call)
-    raise ValueError(f"backend={backend!r} is not a concrete fast path")
+    if backend not in TABLE:
+        raise ValueError(f"backend={backend!r} is not a concrete fast path")
+    _, runner = TABLE[backend]
+    return runner(call, chunk_size)

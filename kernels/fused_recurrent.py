@@ -30,7 +30,6 @@ dtype and each gradient its input's dtype.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Dict, Optional, Union
 
 import torch
@@ -44,92 +43,9 @@ from metaplastic.scan import scan as reference_scan
 
 from .entry import ScanCall, prepare, triton_unavailable_reason
 from .flags import DIAGONAL, FULL, POINT, kernel_flags
+from .recurrent_step import _load_token, _Plan, _prior, _update  # noqa: F401  (the step; _Plan: the call)
 
 Tensor = torch.Tensor
-
-
-# ----------------------------------------------------------------------------------------------------
-# One step, row form (shared by the forward and the backward kernels)
-# ----------------------------------------------------------------------------------------------------
-
-@triton.jit
-def _load_token(q, k, v, g, beta, b, t, i_h, o_k, o_v, m_k, m_v,
-                H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-                FORGET: tl.constexpr, HAS_BETA: tl.constexpr, BETA_PER_V: tl.constexpr,
-                HAS_B: tl.constexpr, B_PER_V: tl.constexpr, DTYPE: tl.constexpr):
-    """Token ``t`` of head ``i_h``: q, k ``[BK]``; v, β, b ``[BV]``; decay α ``[1, BK]`` (1 if no forgetting)."""
-    p_k = (t * H + i_h) * K + o_k
-    p_v = (t * H + i_h) * V + o_v
-    qt = tl.load(q + p_k, mask=m_k, other=0.).to(DTYPE)
-    kt = tl.load(k + p_k, mask=m_k, other=0.).to(DTYPE)
-    vt = tl.load(v + p_v, mask=m_v, other=0.).to(DTYPE)
-    if HAS_BETA:
-        if BETA_PER_V:
-            bt = tl.load(beta + p_v, mask=m_v, other=0.).to(DTYPE)
-        else:
-            bt = tl.zeros([BV], dtype=DTYPE) + tl.load(beta + t * H + i_h).to(DTYPE)
-    else:
-        bt = tl.full([BV], 1., DTYPE)
-    if HAS_B:
-        if B_PER_V:
-            bb = tl.load(b + p_v, mask=m_v, other=0.).to(DTYPE)
-        else:
-            bb = tl.zeros([BV], dtype=DTYPE) + tl.load(b + t * H + i_h).to(DTYPE)
-    else:
-        bb = tl.zeros([BV], dtype=DTYPE)
-    if FORGET == 1:
-        a = tl.zeros([1, BK], dtype=DTYPE) + tl.exp(tl.load(g + t * H + i_h).to(DTYPE))
-    elif FORGET == 2:
-        a = tl.exp(tl.load(g + p_k, mask=m_k, other=0.).to(DTYPE))[None, :]
-    else:
-        a = tl.full([1, BK], 1., DTYPE)
-    return qt, kt, vt, bt, bb, a
-
-
-@triton.jit
-def _prior(s1, s2, a, ip, POSTERIOR: tl.constexpr, FORGET: tl.constexpr):
-    """Stabilised forgetting -> prior mean rows ``m`` and prior precision ``P⁻`` (point: the scalar Ip).
-
-    diagonal: ``P⁻ = α I + (1 − α) Ip``, ``m = α I μ / P⁻``; point: ``m = α S``.
-    """
-    if POSTERIOR == 0:
-        Pm = ip
-        if FORGET == 0:
-            m = s1
-        else:
-            m = a * s1
-    else:
-        if FORGET == 0:
-            Pm = s2
-            m = s1
-        else:
-            Pm = a * s2 + (1. - a) * ip
-            m = a * s2 * s1 / Pm
-    return m, Pm
-
-
-@triton.jit
-def _update(m, Pm, kt, vt, bt, bb, POSTERIOR: tl.constexpr, UPDATE: tl.constexpr):
-    """The token's evidence -> posterior mean rows ``mu`` and precision ``P = P⁻ + b k²`` (see flags.py)."""
-    k_ = kt[None, :]
-    if POSTERIOR == 1:
-        P = Pm + bb[:, None] * (k_ * k_)
-    else:
-        P = Pm
-    if UPDATE == 0:
-        mu = (Pm * m + (bt * vt)[:, None] * k_) / P
-    elif UPDATE == 1:
-        r = vt - tl.sum(m * k_, 1)
-        mu = m + (bt * r)[:, None] * k_ / P
-    else:
-        d = k_ / Pm
-        c = bt / (1. + bt * tl.sum(d * k_, 1))
-        if UPDATE == 2:
-            r = vt - tl.sum(m * k_, 1)
-            mu = m + (c * r)[:, None] * d
-        else:
-            mu = m + c[:, None] * d * (vt[:, None] - k_ * m)
-    return mu, P
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -283,45 +199,6 @@ def fused_recurrent_fwd_kernel(
 # ----------------------------------------------------------------------------------------------------
 # Host side
 # ----------------------------------------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class _Plan:
-    """Everything about a call that is not a differentiable tensor."""
-
-    flags: Dict[str, int]
-    B: int
-    T: int
-    H: int
-    K: int
-    V: int
-    N: int
-    BK: int
-    BV: int
-    BV_bwd: int  # value rows per backward program (more live tensors: a smaller block)
-    C: int
-    cg_steps: int
-    cg_start: int  # 0 zero, 1 previous token's solution, 2 q / (diag P + ε)
-    cg_eps: float
-    dtype: torch.dtype
-    ip: Tensor           # [H] prior precision, compute dtype
-    scale: Tensor        # [1] read-out scale, compute dtype
-    lam: Optional[Tensor]
-    cu_seqlens: Tensor   # [N+1] int32 (dense batches become packed ones)
-    seg_offsets: Tensor  # [N] int32, index of each sequence's first checkpoint
-    n_segments: int
-    output_variance: bool
-    output_final_state: bool
-    beta_per_v: bool
-    b_per_v: bool
-
-    @property
-    def NV(self) -> int:
-        return triton.cdiv(self.V, self.BV)
-
-    @property
-    def NV_bwd(self) -> int:
-        return triton.cdiv(self.V, self.BV_bwd)
-
 
 def _is_interpreted() -> bool:
     return type(fused_recurrent_fwd_kernel).__name__ == "InterpretedFunction"
@@ -503,89 +380,3 @@ def fused_recurrent_run(call: ScanCall, cg_steps: Optional[int] = None, checkpoi
     if output_final_state:
         final = {key: x for key, x in zip(keys, (ht_1, ht_2))}
     return ScanResult(output, final, variance)
-
-
-# ----------------------------------------------------------------------------------------------------
-# A measurement: ``python -m metaplastic.kernels.fused_recurrent [--B 8 --T 4096 --H 16 --K 128 --V 128]``
-# ----------------------------------------------------------------------------------------------------
-
-def _main(argv=None) -> int:  # pragma: no cover - a timing run, meant for a GPU
-    """Median forward and forward+backward times of the kernel per model, and the bytes it saves for the
-    backward per token and head (checkpoints only; the inputs are saved too, as by any autograd op)."""
-    import argparse
-    import time
-
-    from metaplastic.registry import registry
-
-    p = argparse.ArgumentParser(description=_main.__doc__)
-    for name, default in (("B", 8), ("T", 4096), ("H", 16), ("K", 128), ("V", 128), ("reps", 5)):
-        p.add_argument(f"--{name}", type=int, default=default)
-    p.add_argument("--models", default="mamba2,gla,gated_deltanet,longhorn,palimpsa,meta_gated_deltanet")
-    p.add_argument("--dtype", default="bfloat16", choices=("float32", "float16", "bfloat16"))
-    args = p.parse_args(argv)
-    dev = "cuda" if torch.cuda.is_available() else "cpu"
-    dtype = getattr(torch, args.dtype)
-    B, T, H, K, V = args.B, args.T, args.H, args.K, args.V
-    card = torch.cuda.get_device_name() if dev == "cuda" else "cpu (Triton interpreter)"
-    print(f"device: {card}; B={B} T={T} H={H} K={K} V={V} {args.dtype}; median of {args.reps}")
-
-    def sync():
-        if dev == "cuda":
-            torch.cuda.synchronize()
-
-    def median_ms(fn):
-        fn()
-        sync()
-        times = []
-        for _ in range(args.reps):
-            t0 = time.perf_counter()
-            fn()
-            sync()
-            times.append(1e3 * (time.perf_counter() - t0))
-        return sorted(times)[len(times) // 2]
-
-    for name in args.models.split(","):
-        spec = registry[name]
-        obj = spec.objective
-        gen = torch.Generator(device=dev).manual_seed(0)
-        q = torch.randn(B, T, H, K, device=dev, generator=gen).to(dtype)
-        k = torch.nn.functional.normalize(torch.randn(B, T, H, K, device=dev, generator=gen), dim=-1).to(dtype)
-        v = torch.randn(B, T, H, V, device=dev, generator=gen).to(dtype)
-        kw = {"scale": spec.scale_for(K)}
-        if obj.forgetting != "none":
-            shape = (B, T, H) if obj.forgetting == "scalar" else (B, T, H, K)
-            kw["log_decay"] = -0.1 * torch.rand(shape, device=dev, generator=gen)
-        kw["beta"] = torch.rand((B, T, H, V) if spec.beta_per_value else (B, T, H), device=dev, generator=gen)
-        if obj.posterior == "diagonal":
-            kw["b"] = torch.rand(B, T, H, V, device=dev, generator=gen)
-        leaves = [q, k, v] + [x for x in kw.values() if isinstance(x, Tensor)]
-
-        def fwd():
-            with torch.no_grad():
-                fused_recurrent_scan(obj, q, k, v, **kw)
-
-        def fwdbwd():
-            for x in leaves:
-                x.requires_grad_(True)
-            out = fused_recurrent_scan(obj, q, k, v, **kw).output
-            grads = torch.autograd.grad(out.float().square().sum(), leaves)
-            for x in leaves:
-                x.requires_grad_(False)
-            return out, grads
-
-        for x in leaves:
-            x.requires_grad_(True)
-        node = fused_recurrent_scan(obj, q, k, v, **kw).output.grad_fn
-        while type(node).__name__ != "FusedRecurrentFunctionBackward":
-            node = node.next_functions[0][0]
-        saved = sum(x.numel() * x.element_size() for x in node.saved_tensors[8:] if x is not None)
-        del node
-        for x in leaves:
-            x.requires_grad_(False)
-        print(f"{name:22s} fwd {median_ms(fwd):9.2f} ms   fwd+bwd {median_ms(fwdbwd):9.2f} ms   "
-              f"saved state {saved / (B * T * H):6.0f} B/token/head", flush=True)
-    return 0
-
-
-if __name__ == "__main__":  # pragma: no cover
-    raise SystemExit(_main())

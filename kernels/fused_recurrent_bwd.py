@@ -36,7 +36,7 @@ import triton
 import triton.language as tl
 
 from .flags import DIAGONAL
-from .fused_recurrent import _load_token, _Plan, _prior, _update
+from .recurrent_step import _load_token, _Plan, _prior, _update
 
 Tensor = torch.Tensor
 

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One prepared GPU check: compiled-Triton correctness of the kernels, then the kernel benchmark with fla's
-# chunk kernels timed in the same run. Writes logs, JUnit XML and JSON under OUTDIR (default $OUT).
-# Usage: bash kernels/gpu_check.sh [OUTDIR]      (at most about 9.5 minutes; DRY_RUN=1: print the steps;
+# chunk kernels timed in the same run. Writes logs, JUnit XML and JSON under OUTDIR (default: $OUT when set,
+# else gpu_out). Usage, from the repository root: bash kernels/gpu_check.sh [OUTDIR]
+#        (at most about 9.5 minutes; DRY_RUN=1: print the steps;
 #        STEPS=tests_new,bench,tests_recurrent,tests_models picks steps; LIMIT_TESTS, LIMIT_BENCH in seconds)
 # Needs `python3` with a CUDA torch and triton. fla wheels placed in .whl/ are installed to /tmp/site first.
 set -u

@@ -73,8 +73,10 @@ def sanitize(objective: Objective, q: Tensor, k: Tensor, v: Tensor, log_decay: O
         state_bad = _or(*(_bad(x) for x in initial_state.values()))
     parts = [_bad(q), _bad(k), _bad(v), g_bad, _bad(beta), _bad(b), state_bad]
     # On a CPU an all-finite call returns at once; on a GPU that test would synchronise with the host, so
-    # the masks are always computed there (elementwise work on the device, no synchronisation).
-    if q.device.type == "cpu" and not any(bool(p.any()) for p in parts if p is not None):
+    # the masks are always computed there (elementwise work on the device, no synchronisation), and so they are
+    # under torch.compile (reading the test into Python would break the graph).
+    if q.device.type == "cpu" and not torch.compiler.is_compiling() \
+            and not any(bool(p.any()) for p in parts if p is not None):
         return (q, k, v, log_decay, beta, b, initial_state), None
     q_bad, k_bad, v_bad, _, beta_bad, b_bad, _ = parts
     clean_g = None if log_decay is None else torch.where(g_bad, torch.zeros_like(log_decay), log_decay)

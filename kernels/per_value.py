@@ -1,6 +1,6 @@
 """Palimpsa with an importance rate per value row (``b [B,T,H,V]``): Triton forward and backward.
 
-The ``dot_diag`` recurrence is elementwise in (value row i, key column j) (THEORY.md §2):
+The ``dot_diag`` recurrence is elementwise in (value row i, key column j) (docs/theory.md#closed-forms):
 
     M_t = α_t M_{t-1} + (β v_t) ⊗ k_t,   J_t = α_t J_{t-1} + b_t ⊗ k_t²,   I_t = Ip + J_t,
     o_t = scale · Σ_j (M_t / I_t)_ij q_t,j,   var_t = scale² · Σ_j q_t,j² / I_t,ij
@@ -15,15 +15,18 @@ inside the program. Every ``C`` tokens it stores ``(M, J)`` (``2·V·K·4/C`` by
 Backward (``_pv_bwd_kernel``): one program per (key tile, value tile, sequence·head) walks the segments
 of ``C`` tokens in reverse, and each segment's sub-chunks of ``CS`` tokens in reverse. For a sub-chunk it
 rebuilds the start state from the segment's saved state (elementwise, over the earlier sub-chunks), then
-all ``CS`` states at once as a matrix product with the masked decay matrix ``D[t,s] = exp(G_t − G_s)``
-(``s ≤ t``): ``M = D (β v ⊗ k) + exp(G) ⊗ M_start``, and the adjoint states
-``Ĥ = Dᵀ L + exp(G_C − G) ⊗ Ĥ_end`` (``L`` the read-out's local gradients), so no state goes to global
-memory per token. Partial sums of ``dq``, ``dk`` (over value tiles), ``d(βv)``, ``db`` (over key tiles)
-and ``dg`` (over both) are written per tile and summed on the host.
+all ``CS`` states at once as an associative scan over the sub-chunk's tokens of the pairs
+``(α_t, β v_t ⊗ k_t)`` (and ``(α_t, b_t ⊗ k_t²)``), ``M_t = α_t M_{t-1} + β v_t ⊗ k_t``, plus
+``exp(G_t) ⊗ M_start``; the adjoint states ``Ĥ_t = L_t + α_{t+1} Ĥ_{t+1}`` (``L`` the read-out's local
+gradients, the cotangent carried from the later sub-chunks entering at the last token) as the same scan in
+reverse. Each is one multiply-add per synapse and token in registers (no matrix product, no state in
+global memory per token). The decay's cotangent is ``Σ L_t ∘ S_t − Σ Ĥ_t ∘ (write_t)`` summed from the
+sub-chunk's end, plus ``Σ Ĥ_end ∘ S_end`` at its last token (exact: no division by a decay). Partial sums of
+``dq``, ``dk`` (over value tiles), ``d(βv)``, ``db`` (over key tiles) and ``dg`` (over both) are written per
+tile and summed on the host.
 
 Covers ``dot_diag`` / diagonal with scalar or no forgetting (Palimpsa, MetaMamba2). Inputs fp16 / bf16 /
-fp32 are computed in fp32, fp64 in fp64. On a GPU the matrix products run as 3×TF32 (``tf32x3``),
-accurate to about fp32.
+fp32 are computed in fp32 (every product in IEEE fp32, no TF32), fp64 in fp64.
 """
 from __future__ import annotations
 
@@ -36,12 +39,13 @@ import triton.language as tl
 from metaplastic.scan import ScanResult
 from metaplastic.scan import scan as reference_scan
 
-from .dispatch import per_value_reason
+from .coverage import per_value_reason
 from .entry import ScanCall, by_sequence, triton_unavailable_reason
 
 Tensor = torch.Tensor
 SEGMENT = 64     # tokens between saved states (2 KB per token and head at K = V = 128, fp32)
-SUB_CHUNK = 16   # tokens rebuilt together in the backward (tl.dot's smallest tile)
+SUB_CHUNK = 16   # tokens rebuilt together in the backward
+BWD_WARPS = 8    # warps per backward program
 
 
 @triton.jit
@@ -117,17 +121,22 @@ def _pv_fwd_kernel(q, k, v, beta, b, g, ip, M0, J0, o, var, ck_M, ck_J, MT, JT, 
 
 
 @triton.jit
+def _decay_scan_combine(a1, m1, j1, a2, m2, j2):
+    """Two first-order recurrences ``y_t = a_t y_{t-1} + x_t`` sharing their decays, as an associative scan."""
+    return a1 * a2, a2 * m1 + m2, a2 * j1 + j2
+
+
+@triton.jit
 def _pv_bwd_kernel(q, k, v, beta, b, g, ip, ck_M, ck_J, do, dvar, dMT, dJT, dq, dk, dbv, db, dg, dM0, dJ0, scale, T,
                    NS, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
                    C: tl.constexpr, CS: tl.constexpr, HAS_BETA: tl.constexpr, BETA_PER_V: tl.constexpr,
                    B_PER_V: tl.constexpr, HAS_G: tl.constexpr, HAS_DVAR: tl.constexpr, HAS_DFINAL: tl.constexpr,
-                   PRECISION: tl.constexpr, DTYPE: tl.constexpr):
+                   DTYPE: tl.constexpr):
     """Grid ``(NK, NV, B·H)``, layouts as the forward's. Writes partials ``dq, dk [NV,B,T,H,K]``,
     ``d(βv) [NK,B,T,H,V]``, ``db [NK,B,T,H,V]`` (or ``[NK·NV,B,T,H]`` for a head-shared b), ``dg [NK·NV,B,T,H]``
     and the initial state's cotangents ``dM0, dJ0 [B·H,V,K]``."""
     i_k, i_v, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
     i_b, i_h = i_bh // H, i_bh % H
-    NK = tl.num_programs(0)
     NV = tl.num_programs(1)
     BH = tl.num_programs(2)
     o_k = i_k * BK + tl.arange(0, BK)
@@ -138,12 +147,17 @@ def _pv_bwd_kernel(q, k, v, beta, b, g, ip, ck_M, ck_J, do, dvar, dMT, dJT, dq, 
     m_vk = m_v[:, None] & m_k[None, :]
     p_s = i_bh * V * K + o_v[:, None] * K + o_k[None, :]
     ipv = tl.load(ip + i_h).to(DTYPE)
-    causal = o_c[:, None] >= o_c[None, :]
-    dM = tl.zeros([BV, BK], dtype=DTYPE)  # cotangent of the state after the current position
+    first = (o_c == 0)[:, None, None]
+    last = (o_c == CS - 1)[:, None, None]
+    dM = tl.zeros([BV, BK], dtype=DTYPE)  # cotangent of the state after the current sub-chunk
     dJ = tl.zeros([BV, BK], dtype=DTYPE)
     if HAS_DFINAL:
         dM = tl.load(dMT + p_s, mask=m_vk, other=0.).to(DTYPE)
         dJ = tl.load(dJT + p_s, mask=m_vk, other=0.).to(DTYPE)
+    # Σ dM ∘ M + Σ dJ ∘ J over this tile at the end of the next sub-chunk to walk (the decay's boundary term);
+    # for the last sub-chunk it is taken from its own final row below
+    bnd = tl.sum(tl.zeros([CS], dtype=DTYPE), 0)
+    at_end = 1
     for i_r in range(NS):
         i_s = NS - 1 - i_r
         p_c = (i_bh * NS + i_s) * V * K + o_v[:, None] * K + o_k[None, :]
@@ -176,7 +190,7 @@ def _pv_bwd_kernel(q, k, v, beta, b, g, ip, ck_M, ck_J, do, dvar, dMT, dJT, dq, 
                     wt = tl.exp(Gl - Gw)[:, None]
                     Mu = tl.exp(Gl) * Mu + tl.sum((bvw * wt)[:, :, None] * kw[:, None, :], 0)
                     Ju = tl.exp(Gl) * Ju + tl.sum((bw * wt)[:, :, None] * (kw * kw)[:, None, :], 0)
-                # this sub-chunk's states, all at once
+                # this sub-chunk's states: M_t = a_t M_{t-1} + β v_t ⊗ k_t as one scan over its tokens
                 t = t0 + o_c
                 m_t = t < T
                 m_tk = m_t[:, None] & m_k[None, :]
@@ -184,9 +198,8 @@ def _pv_bwd_kernel(q, k, v, beta, b, g, ip, ck_M, ck_J, do, dvar, dMT, dJT, dq, 
                 gu = tl.zeros([CS], dtype=DTYPE)
                 if HAS_G:
                     gu = tl.load(g + (i_b * T + t) * H + i_h, mask=m_t, other=0.).to(DTYPE)
-                G = tl.cumsum(gu, 0)
-                Gl = tl.sum(gu, 0)
-                D = tl.exp(tl.where(causal, G[:, None] - G[None, :], float("-inf")))
+                gn = tl.sum(tl.where(o_c[None, :] == o_c[:, None] + 1, gu[None, :], 0.), 1)  # g_{t+1}, 0 at the end
+                eG = tl.exp(tl.cumsum(gu, 0))[:, None, None]
                 qu = tl.load(q + ((i_b * T + t[:, None]) * H + i_h) * K + o_k[None, :], mask=m_tk, other=0.).to(DTYPE)
                 ku = tl.load(k + ((i_b * T + t[:, None]) * H + i_h) * K + o_k[None, :], mask=m_tk, other=0.).to(DTYPE)
                 bvu = _load_bv(v, beta, i_b, i_h, t, o_v, m_t, m_v, T, H, V, CS, BV, HAS_BETA, BETA_PER_V, DTYPE)
@@ -196,39 +209,49 @@ def _pv_bwd_kernel(q, k, v, beta, b, g, ip, ck_M, ck_J, do, dvar, dMT, dJT, dq, 
                 else:
                     bu = tl.zeros([CS, BV], dtype=DTYPE) + tl.load(b + (i_b * T + t) * H + i_h, mask=m_t,
                                                                    other=0.).to(DTYPE)[:, None]
-                dou = tl.load(do + ((i_b * T + t[:, None]) * H + i_h) * V + o_v[None, :], mask=m_tv, other=0.).to(DTYPE)
+                su = scale * tl.load(do + ((i_b * T + t[:, None]) * H + i_h) * V + o_v[None, :], mask=m_tv,
+                                     other=0.).to(DTYPE)
                 k2 = ku * ku
+                A = tl.broadcast_to(tl.exp(gu)[:, None, None], [CS, BV, BK])
                 XM = bvu[:, :, None] * ku[:, None, :]
                 XJ = bu[:, :, None] * k2[:, None, :]
-                eG = tl.exp(G)[:, None, None]
-                Mall = tl.reshape(tl.dot(D, tl.reshape(XM, [CS, BV * BK]), input_precision=PRECISION,
-                                         out_dtype=DTYPE), [CS, BV, BK]) + eG * Mu[None, :, :]
-                Jall = tl.reshape(tl.dot(D, tl.reshape(XJ, [CS, BV * BK]), input_precision=PRECISION,
-                                         out_dtype=DTYPE), [CS, BV, BK]) + eG * Ju[None, :, :]
+                _, Mall, Jall = tl.associative_scan((A, XM, XJ), 0, _decay_scan_combine)
+                Mall += eG * Mu[None, :, :]
+                Jall += eG * Ju[None, :, :]
+                if HAS_DFINAL:
+                    if at_end == 1:  # the final state is the last row (tokens past T leave it unchanged)
+                        fin = tl.where(last, Mall * dM[None, :, :] + Jall * dJ[None, :, :], 0.)
+                        bnd = tl.sum(tl.sum(tl.sum(fin, 2), 1), 0)
+                at_end = 0
                 invI = 1. / (ipv + Jall)
                 mu = Mall * invI
-                # the read-out's local gradients
-                dq_t = scale * tl.sum(dou[:, :, None] * mu, 1)
-                LM = (scale * dou)[:, :, None] * qu[:, None, :] * invI
+                # the read-out's local gradients L (its sum over keys couples nothing else)
+                dqr = tl.sum(su[:, :, None] * mu, 1)
+                LM = su[:, :, None] * qu[:, None, :] * invI
                 LJ = -LM * mu
+                dq_t = dqr
                 if HAS_DVAR:
-                    dvu = tl.load(dvar + ((i_b * T + t[:, None]) * H + i_h) * V + o_v[None, :], mask=m_tv,
-                                  other=0.).to(DTYPE)
-                    dq_t += 2. * scale * scale * qu * tl.sum(dvu[:, :, None] * invI, 1)
-                    LJ -= (scale * scale * dvu)[:, :, None] * (qu * qu)[:, None, :] * invI * invI
-                # adjoint states, all at once: Ĥ = Dᵀ L + exp(G_last − G) ⊗ Ĥ_end
-                to_end = tl.exp(Gl - G)[:, None, None]
-                HM = tl.reshape(tl.dot(tl.trans(D), tl.reshape(LM, [CS, BV * BK]), input_precision=PRECISION,
-                                       out_dtype=DTYPE), [CS, BV, BK]) + to_end * dM[None, :, :]
-                HJ = tl.reshape(tl.dot(tl.trans(D), tl.reshape(LJ, [CS, BV * BK]), input_precision=PRECISION,
-                                       out_dtype=DTYPE), [CS, BV, BK]) + to_end * dJ[None, :, :]
-                dM = tl.sum(eG * LM, 0) + tl.exp(Gl) * dM
-                dJ = tl.sum(eG * LJ, 0) + tl.exp(Gl) * dJ
-                # the writes β v ⊗ k, b ⊗ k² and the decays
+                    dvu = scale * scale * tl.load(dvar + ((i_b * T + t[:, None]) * H + i_h) * V + o_v[None, :],
+                                                  mask=m_tv, other=0.).to(DTYPE)
+                    dq_t += 2. * qu * tl.sum(dvu[:, :, None] * invI, 1)
+                    LJ -= dvu[:, :, None] * (qu * qu)[:, None, :] * invI * invI
+                # the decay's cotangent, part 1: Σ L ∘ state per token (Σ LM ∘ M = Σ_j q_j dqr_j)
+                dG = tl.sum(qu * dqr, 1) + tl.sum(tl.sum(LJ * Jall, 2), 1)
+                # adjoint states Ĥ_t = L_t + a_{t+1} Ĥ_{t+1}, the carried cotangent entering at the last row
+                Cn = tl.broadcast_to(tl.exp(gn)[:, None, None], [CS, BV, BK])
+                _, HM, HJ = tl.associative_scan((Cn, LM + tl.where(last, dM[None, :, :], 0.),
+                                                 LJ + tl.where(last, dJ[None, :, :], 0.)),
+                                                0, _decay_scan_combine, reverse=True)
+                a0 = tl.exp(tl.sum(tl.where(o_c == 0, gu, 0.), 0))
+                dM = a0 * tl.sum(tl.where(first, HM, 0.), 0)
+                dJ = a0 * tl.sum(tl.where(first, HJ, 0.), 0)
+                # the writes β v ⊗ k, b ⊗ k² and the decays (part 2: − Σ Ĥ ∘ write; summed from the end)
                 dbv_t = tl.sum(HM * ku[:, None, :], 2)
                 db_t = tl.sum(HJ * k2[:, None, :], 2)
                 dk_t = tl.sum(HM * bvu[:, :, None], 1) + 2. * ku * tl.sum(HJ * bu[:, :, None], 1)
-                dg_t = tl.sum(tl.sum(HM * (Mall - XM) + HJ * (Jall - XJ), 2), 1)
+                dG -= tl.sum(dbv_t * bvu + db_t * bu, 1)
+                dg_t = tl.cumsum(dG, 0, reverse=True) + bnd
+                bnd = tl.sum(tl.sum(dM * Mu + dJ * Ju, 1), 0)
                 p_tk = (i_v * BH * T + (i_b * T + t[:, None]) * H + i_h) * K + o_k[None, :]
                 tl.store(dq + p_tk, dq_t, mask=m_tk)
                 tl.store(dk + p_tk, dk_t, mask=m_tk)
@@ -246,8 +269,8 @@ def _blocks(K: int, V: int, block_k: Optional[int], block_v: Optional[int]):
     """Forward: value rows per program (all K columns); backward: key and value tile."""
     BK_all = triton.next_power_of_2(K)
     BV_fwd = min(triton.next_power_of_2(V), max(1, 2048 // BK_all))
-    BK = block_k or min(BK_all, 32)
-    BV = block_v or min(triton.next_power_of_2(V), 8)
+    BK = block_k or min(BK_all, 16)  # [SUB_CHUNK, 16, 16] tiles at 8 warps: no spills at K = V = 128 (sm_90a)
+    BV = block_v or min(triton.next_power_of_2(V), 16)
     return BK_all, BV_fwd, BK, BV
 
 
@@ -277,6 +300,7 @@ class PerValuePalimpsa(torch.autograd.Function):
             HAS_INIT=True, OUTPUT_VAR=with_var, SAVE=True, STORE_FINAL=True,
             DTYPE=tl.float64 if dt == torch.float64 else tl.float32)
         ctx.save_for_backward(q, k, v, beta, b, g, ip, ck_M, ck_J)
+        ctx.set_materialize_grads(False)  # an unused output's cotangent stays None: nothing to read
         ctx.meta = (float(scale), with_var, C, CS, blocks)
         return o, (var if with_var else None), M_T, J_T
 
@@ -306,14 +330,13 @@ class PerValuePalimpsa(torch.autograd.Function):
         db = torch.empty(*((NK, B, T, H, V) if per_v else (NK * NV, B, T, H)), dtype=dt, device=dev)
         dg = torch.empty(NK * NV, B, T, H, dtype=dt, device=dev)
         dM0, dJ0 = torch.empty(BH, V, K, dtype=dt, device=dev), torch.empty(BH, V, K, dtype=dt, device=dev)
-        precision = "ieee" if (dt == torch.float64 or not q.is_cuda) else "tf32x3"
         _pv_bwd_kernel[(NK, NV, BH)](
             q, k, v, q if beta is None else beta, b, q if g is None else g, ip, ck_M, ck_J, do,
             dvar.contiguous() if has_dvar else do, dM_T if has_dfinal else do, dJ_T if has_dfinal else do,
             dq, dk, dbv, db, dg, dM0, dJ0, scale, T, NS, H=H, K=K, V=V, BK=BK, BV=BV, C=C, CS=CS,
             HAS_BETA=beta is not None, BETA_PER_V=beta is not None and beta.dim() == 4, B_PER_V=per_v,
-            HAS_G=g is not None, HAS_DVAR=has_dvar, HAS_DFINAL=has_dfinal, PRECISION=precision,
-            DTYPE=tl.float64 if dt == torch.float64 else tl.float32)
+            HAS_G=g is not None, HAS_DVAR=has_dvar, HAS_DFINAL=has_dfinal,
+            DTYPE=tl.float64 if dt == torch.float64 else tl.float32, num_warps=BWD_WARPS)
         dbv = dbv.sum(0)  # d(β v)
         dv = dbv if beta is None else dbv * (beta if beta.dim() == 4 else beta[..., None])
         dbeta = None
@@ -329,7 +352,7 @@ def per_value_run(call: ScanCall, segment: int = SEGMENT, sub_chunk: int = SUB_C
                   block_k: Optional[int] = None, block_v: Optional[int] = None) -> ScanResult:
     """Palimpsa (``dot_diag`` / diagonal, scalar or no forgetting) with any ``b`` by the per-value Triton
     kernels (a validated :class:`~metaplastic.kernels.entry.ScanCall`). ``segment``: tokens between the
-    saved states (a multiple of ``sub_chunk``; on a GPU ``sub_chunk`` ≥ 16, a power of two)."""
+    saved states (a multiple of ``sub_chunk``, a power of two)."""
     reason = per_value_reason(call.objective) or triton_unavailable_reason(call.q.device)
     if reason is not None:
         raise ValueError(reason)

@@ -35,7 +35,7 @@ def resolve_rank(rank: RankSpec, hidden_size: int) -> int:
 def memory_floats(objective: Objective, H: int, K: int, V: int, groups: Optional[int] = None) -> int:
     """Floats in the recurrent memory of one sequence: ``S``; ``mu`` and ``I``; or ``G`` and ``H``. With
     ``groups`` importance groups (diagonal posterior, G < V) the precision is one K-vector per group
-    (THEORY.md limit 8): ``V·K + G·K`` per head."""
+    (docs/theory.md#limit-8-grouped-importance): ``V·K + G·K`` per head."""
     if objective.posterior == "point":
         return H * V * K
     if objective.posterior == "diagonal":

@@ -1,6 +1,6 @@
 """``metaplastic bench convert``: conversion time and peak memory at mamba2-130m shapes (random weights).
 
-Builds a Hugging Face-format checkpoint with the shapes of ``state-spaces/mamba2-130m`` (REFERENCES.md:
+Builds a Hugging Face-format checkpoint with the shapes of ``state-spaces/mamba2-130m`` (docs/references.md#mamba2-130m-shapes:
 vocab 50288 × 768, 24 layers, 24 heads × 64, N = 128, one group, tied embeddings), then runs, each in a
 fresh process so that its peak resident memory is its own:
 
@@ -62,7 +62,7 @@ def build_checkpoint(path: Path, seed: int = 0, shapes: Dict[str, object] = MAMB
 
     from .checkpoint_io import StreamingSafetensorsWriter
     from .convert import lm_shapes
-    from .source_mamba2 import Mamba2Arch, point_config
+    from .convert.source_mamba2 import Mamba2Arch, point_config
     path.mkdir(parents=True, exist_ok=True)
     Mamba2Config(**shapes, pad_token_id=0, bos_token_id=0, eos_token_id=0).save_pretrained(path)
     arch = Mamba2Arch(**shapes, use_bias=False, use_conv_bias=True,

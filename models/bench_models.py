@@ -30,7 +30,7 @@ from typing import Callable, Dict, List, Optional, Sequence
 import torch
 
 from metaplastic.errors import UserError
-from metaplastic.experiments._threads import torch_threads
+from metaplastic.kernels.threads import torch_threads
 
 DEFAULT_SHAPE = dict(hidden_size=256, num_hidden_layers=4, num_heads=8, head_dim=64, state_size=64, n_groups=1,
                      expand=2, conv_kernel=4, tie_word_embeddings=True)

@@ -23,7 +23,7 @@ class MetaplasticConfig(PretrainedConfig):
         importance_groups: importance groups per head for every mixer with an importance path (a diagonal
             posterior): None (default) is one importance rate per value channel, the paper's layer; an int G
             (dividing the head's value width) shares each rate within G contiguous groups of value rows
-            (THEORY.md limit 8; G = 1: one rate per head). A layer's own ``mixer_kwargs["importance_groups"]``
+            (docs/theory.md#limit-8-grouped-importance; G = 1: one rate per head). A layer's own ``mixer_kwargs["importance_groups"]``
             takes precedence.
     """
 
@@ -87,9 +87,9 @@ class MetaplasticConfig(PretrainedConfig):
         """The paper authors' ``model_type`` (``"palimpsa"`` or ``"meta_mamba2"``) with every mixer option set
         to their choice; ``fields`` are their config's fields, with their names and defaults
         (e.g. ``authors_preset("palimpsa", hidden_size=768, num_heads=16, head_dim=48, expand_v=1,
-        num_hidden_layers=19)``). See :mod:`metaplastic.models.authors_config`."""
-        from .authors_config import authors_config
-        return authors_config(model_type, **fields)
+        num_hidden_layers=19)``). See :mod:`metaplastic.models.convert.authors_config`."""
+        from .convert.authors_config import authors_config
+        return cls(**authors_config(model_type, **fields))
 
     def mixer_for(self, layer_idx: int) -> str:
         """The mixer name of layer ``layer_idx``."""

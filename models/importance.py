@@ -1,10 +1,10 @@
-"""The importance path that makes a point-posterior mixer metaplastic (THEORY.md §4, §5).
+"""The importance path that makes a point-posterior mixer metaplastic (docs/theory.md#parameterisations, docs/theory.md#converting-a-checkpoint).
 
     b = γ · rate · σ(W_b2 W_b1 h) · softplus(b_scale)        [B, T, H, G]
 
 one rate per value channel (``G = V``, the paper's layer, the default) or, with ``importance_groups = G``
 (G dividing the head's value width V), one rate shared by each of G contiguous groups of ``V/G`` value rows
-(THEORY.md limit 8; ``G = 1``: head-shared, limit 7). ``W_b2`` then produces ``H·G`` rates.
+(docs/theory.md#limit-8-grouped-importance; ``G = 1``: head-shared, limit 7). ``W_b2`` then produces ``H·G`` rates.
 
 ``rate`` is the mixer's own write-rate gate (Δ for Mamba2, β for Gated DeltaNet and LongHorn), ``γ`` a
 per-head gate (γ = 0: b ≡ 0, and the mixer is output-identical to its point-posterior source, limit 2),
@@ -14,7 +14,7 @@ and ``Ip = exp(Ip_log)`` the prior precision of p_0, a frozen buffer (0, i.e. Ip
 Initialisation laws (:data:`INITS`):
 
 - ``identity``: W_b1, W_b2 ~ N(0, 0.02²), W_b2's bias 0, b_scale = 1 (raw), γ = 0 (output-preserving);
-- ``paper``: the paper's surgery (AUTHORS_FORMAT.md §3–4): W_b1 ~ N(0, 0.02²), W_b2 ~ U(±rank^{-1/2})
+- ``paper``: the paper's surgery (docs/authors.md#their-surgery-script): W_b1 ~ N(0, 0.02²), W_b2 ~ U(±rank^{-1/2})
   (PyTorch's default ``Linear`` law), bias 0, b_scale = 1 (raw, softplus 1.313), γ = 1;
 - ``paper-finetuning``: as ``paper`` with b_scale (raw) ~ U(0.1, 1) (their ``finetuning=True``).
 

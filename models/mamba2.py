@@ -6,13 +6,13 @@
     y = scan(q = C, k = B, v = x, log_decay = Δ·A, beta = Δ)  + D·x       (B, C: groups → heads, contiguous)
     out = out_proj(norm_G(y ∘ silu(z)))                                      (gate, then grouped RMSNorm)
 
-Options that reproduce the paper authors' MetaMamba2 exactly (AUTHORS_FORMAT.md; defaults are transformers'):
+Options that reproduce the paper authors' MetaMamba2 exactly (docs/authors.md#the-metamamba2-layer; defaults are transformers'):
 ``norm_per_group=False`` (one gated RMSNorm over the whole d_inner), ``A_init_range=(0, 16)`` (A ~ U(0, 16)
 instead of transformers' A = 1..H), and the importance path's ``importance_rank="auto"``,
 ``importance_bias=False``, ``importance_gate=False``, ``importance_init="paper"``.
 
 ``MetaMamba2`` runs the same gates through the ``meta_mamba2`` objective (diagonal posterior) with
-``b = γ · Δ · σ(W_b2 W_b1 h) · softplus(b_scale)``; at γ = 0 it is Mamba2 (THEORY.md limit 1).
+``b = γ · Δ · σ(W_b2 W_b1 h) · softplus(b_scale)``; at γ = 0 it is Mamba2 (docs/theory.md#limit-1-palimpsa-without-importance).
 """
 from __future__ import annotations
 
@@ -46,7 +46,7 @@ class Mamba2(Mixer):
         ``n_groups`` groups (transformers, mamba_ssm) or over the whole d_inner (False: the paper authors').
         ``A_init_range``: None gives A = 1..H (transformers), ``(lo, hi)`` draws A ~ U(lo, hi).
         ``importance_*``: the importance path of the metaplastic twin (:meth:`Mixer._add_importance`);
-        ``importance_groups``: one rate per group of value rows (THEORY.md limit 8; None: per value channel)."""
+        ``importance_groups``: one rate per group of value rows (docs/theory.md#limit-8-grouped-importance; None: per value channel)."""
         d_inner = expand * hidden_size
         if head_dim is None:
             head_dim = d_inner // num_heads if num_heads else min(64, d_inner)

@@ -23,6 +23,11 @@ from .configuration import MetaplasticConfig
 from .importance import ImportancePath, getattr_path
 from .mixers import build_mixer
 
+try:  # transformers >= 4.52: gradient_checkpointing_enable() checkpoints each block's forward
+    from transformers.modeling_layers import GradientCheckpointingLayer
+except ImportError:  # pragma: no cover
+    GradientCheckpointingLayer = nn.Module
+
 
 @dataclass
 class MetaplasticCausalLMOutput(ModelOutput):
@@ -46,7 +51,7 @@ class GatedMLP(nn.Module):
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
-class MetaplasticBlock(nn.Module):
+class MetaplasticBlock(GradientCheckpointingLayer):
     """``h + mixer(norm(h))``, then ``h + mlp(mlp_norm(h))`` when the config has an MLP."""
 
     def __init__(self, config: MetaplasticConfig, layer_idx: int) -> None:
@@ -102,7 +107,7 @@ class MetaplasticPreTrainedModel(PreTrainedModel):
     base_model_prefix = "backbone"
     _no_split_modules = ["MetaplasticBlock"]
     _is_stateful = True
-    supports_gradient_checkpointing = False
+    supports_gradient_checkpointing = GradientCheckpointingLayer is not nn.Module
 
     def _init_weights(self, module: nn.Module) -> None:
         """transformers' default, then each importance path redrawn from its own law (children are visited
@@ -167,3 +172,13 @@ class MetaplasticForCausalLM(MetaplasticPreTrainedModel, GenerationMixin):
             loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1),
                                    ignore_index=-100)
         return MetaplasticCausalLMOutput(loss=loss, logits=logits, cache=cache if use_cache else None)
+
+
+def register_auto_classes() -> None:
+    """Idempotent: transformers' ``AutoConfig`` and ``AutoModelForCausalLM`` resolve ``model_type: metaplastic``."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+    AutoConfig.register(MetaplasticConfig.model_type, MetaplasticConfig, exist_ok=True)
+    AutoModelForCausalLM.register(MetaplasticConfig, MetaplasticForCausalLM, exist_ok=True)
+
+
+register_auto_classes()  # on import of the model, as ``import fla`` registers fla's models

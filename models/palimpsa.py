@@ -10,7 +10,7 @@ Sizes: ``num_heads`` q/k heads of ``head_dim · expand_k`` channels, ``num_v_hea
 a multiple of it) value heads of ``head_dim · expand_v``, one memory per value head; value head j reads q/k
 head ``j // (num_v_heads / num_heads)`` and that head's Δ projection.
 
-Options that reproduce the paper authors' layer exactly (AUTHORS_FORMAT.md §3; defaults are fla's
+Options that reproduce the paper authors' layer exactly (docs/authors.md#the-palimpsa-layer; defaults are fla's
 conventions): ``l2_norm="normalize"`` (``F.normalize``), ``bs_bias=False``, ``A_init_range=(0, 16)``, and the
 importance path's ``importance_rank="auto"``, ``importance_bias=False``, ``importance_init="paper"``.
 ``use_gate=False`` drops the output gate (RMSNorm only), ``use_short_conv=False`` the convolutions (SiLU only),

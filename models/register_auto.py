@@ -1,20 +1,8 @@
-"""Registers ``MetaplasticConfig`` / ``MetaplasticForCausalLM`` with transformers' Auto classes (on import)."""
-from transformers import AutoConfig, AutoModelForCausalLM
+"""Registers ``MetaplasticConfig`` / ``MetaplasticForCausalLM`` with transformers' Auto classes (on import).
 
-from .configuration import MetaplasticConfig
-from .modeling import MetaplasticForCausalLM
-
-
-def register() -> None:
-    """Idempotent: ``AutoConfig`` / ``AutoModelForCausalLM`` resolve ``model_type: metaplastic``."""
-    try:
-        AutoConfig.register(MetaplasticConfig.model_type, MetaplasticConfig)
-    except ValueError:  # already registered
-        pass
-    try:
-        AutoModelForCausalLM.register(MetaplasticConfig, MetaplasticForCausalLM)
-    except ValueError:
-        pass
-
+Importing :mod:`metaplastic.models.modeling` does the same (and ``import metaplastic`` does it as soon as the
+program imports transformers): this module is the explicit spelling.
+"""
+from .modeling import register_auto_classes as register
 
 register()

@@ -1,4 +1,4 @@
-"""``to_metaplastic``: the metaplastic twin of a point-posterior mixer (THEORY.md limit 2, §5).
+"""``to_metaplastic``: the metaplastic twin of a point-posterior mixer (docs/theory.md#limit-2-metaplastic-twins, docs/theory.md#converting-a-checkpoint).
 
 The twin is the mixer class whose registry entry has ``base == mixer.registry_name`` (``meta_mamba2`` for
 ``mamba2``, ...). Its objective is ``metaplastic(mixer.objective)``; every original weight is copied, and

@@ -1,5 +1,6 @@
-"""Shared test helpers: random scan inputs for any objective, tiny Mamba2 / Gated DeltaNet models, one
-``assert_close``.
+"""Shared test helpers: random scan inputs for any objective (:func:`scan_inputs`), one comparison of a scan
+path against the reference scan with every gradient (:func:`check_against_reference`), tiny Mamba2 / Gated
+DeltaNet models, one ``assert_close``.
 
 Imported as ``from helpers import ...`` (``tests/conftest.py`` puts ``tests/`` on ``sys.path``).
 """
@@ -7,12 +8,12 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Dict, Optional, Union
+from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 
 import metaplastic
-from metaplastic import Objective
+from metaplastic import Objective, ScanResult
 from metaplastic.registry import ModelSpec
 
 Tensor = torch.Tensor
@@ -53,16 +54,19 @@ def random_inputs(model: Union[str, ModelSpec, Objective], B: int = 2, T: int = 
                   *, seed: int = 0, beta_per_value: Optional[bool] = None, b_per_value: bool = True,
                   b_zero: bool = False, prior_precision: bool = True, keys: Union[str, float] = "unit",
                   decay_min: float = 0.5, init: Optional[str] = None, N: Optional[int] = None,
+                  groups: Optional[int] = None, beta_min: float = 0.0,
                   dtype: torch.dtype = torch.float64, device: Union[str, torch.device] = "cpu") -> Dict[str, object]:
     """Valid random keyword inputs of :func:`metaplastic.scan` for ``model`` (registry name, spec or objective).
 
     ``q, k, v [B, T, H, K|V]``; ``log_decay`` ``[B, T, H]`` (scalar forgetting) or ``[B, T, H, K]`` (vector),
-    decays uniform in ``(decay_min, 1)``; ``beta`` in (0, 1), ``[B, T, H, V]`` when ``beta_per_value`` (default:
-    the registry entry's) else ``[B, T, H]``; diagonal posterior: ``b`` in (0, 1) (``[B, T, H, V]`` or head-shared
-    ``[B, T, H]``; zeros with ``b_zero``) and ``prior_precision [H]`` in (0.5, 1.5) (1.0 with ``b_zero``; none
-    when ``prior_precision`` is False); full posterior: ``lam [H, K]`` in (0.25, 1.25).
+    decays uniform in ``(decay_min, 1)``; ``beta`` in ``(beta_min, beta_min + 1)``, ``[B, T, H, V]`` when
+    ``beta_per_value`` (default: the registry entry's) else ``[B, T, H]``; diagonal posterior: ``b`` in (0, 1)
+    (``[B, T, H, V]``, head-shared ``[B, T, H]``, or one per group of value rows ``[B, T, H, groups]`` when
+    ``groups`` is given; zeros with ``b_zero``) and ``prior_precision [H]`` in (0.5, 1.5) (1.0 with ``b_zero``;
+    none when ``prior_precision`` is False); full posterior: ``lam [H, K]`` in (0.25, 1.25).
     ``keys``: ``"unit"`` (unit-norm rows) or a number (standard normal times it). ``init``: None, ``"random"``
-    (a random initial state of ``N`` sequences, default ``B``), or ``"shared"`` (the precision ``I`` constant over V).
+    (a random initial state of ``N`` sequences, default ``B``), or ``"shared"`` (the precision ``I`` constant over
+    the value rows of each importance group: over V without ``groups``).
     """
     spec = metaplastic.registry[model] if isinstance(model, str) else model
     obj = spec if isinstance(spec, Objective) else spec.objective
@@ -82,9 +86,9 @@ def random_inputs(model: Union[str, ModelSpec, Objective], B: int = 2, T: int = 
     if obj.forgetting != "none":
         shape = (B, T, H, K) if obj.forgetting == "vector" else (B, T, H)
         x["log_decay"] = torch.log(decay_min + (1 - decay_min) * u(*shape))
-    x["beta"] = u(B, T, H, V) if beta_per_value else u(B, T, H)
+    x["beta"] = beta_min + (u(B, T, H, V) if beta_per_value else u(B, T, H))
     if obj.posterior == "diagonal":
-        shape = (B, T, H, V) if b_per_value else (B, T, H)
+        shape = (B, T, H, groups) if groups is not None else (B, T, H, V) if b_per_value else (B, T, H)
         x["b"] = torch.zeros(shape, dtype=torch.float64) if b_zero else u(*shape)
         if prior_precision:
             x["prior_precision"] = 1.0 if b_zero else 0.5 + u(H)
@@ -95,12 +99,24 @@ def random_inputs(model: Union[str, ModelSpec, Objective], B: int = 2, T: int = 
         if obj.posterior == "point":
             x["initial_state"] = {"S": r(n, H, V, K)}
         elif obj.posterior == "diagonal":
-            I0 = 0.5 + u(n, H, V if init == "random" else 1, K)
-            x["initial_state"] = {"mu": r(n, H, V, K), "I": I0.expand(n, H, V, K).clone()}
+            if init == "random":
+                I0 = 0.5 + u(n, H, V, K)
+            else:  # constant over the value rows of each of the G groups
+                G = groups or 1
+                I0 = (0.5 + u(n, H, G, 1, K)).expand(n, H, G, V // G, K).reshape(n, H, V, K)
+            x["initial_state"] = {"mu": r(n, H, V, K), "I": I0.clone()}
         else:
             R = r(n, H, K, K)
             x["initial_state"] = {"G": r(n, H, V, K), "H": R @ R.transpose(-1, -2) / K}
     return {key: _to(val, dtype, device) for key, val in x.items()}
+
+
+def scan_inputs(model: Union[str, ModelSpec, Objective], B: int = 2, T: int = 7, H: int = 2, K: int = 5,
+                V: int = 3, **options) -> Tuple[Objective, Dict[str, object]]:
+    """``(objective, inputs)``: the objective of ``model`` and :func:`random_inputs` ``(model, B, T, H, K, V,
+    **options)``."""
+    spec = metaplastic.registry[model] if isinstance(model, str) else model
+    return (spec if isinstance(spec, Objective) else spec.objective), random_inputs(model, B, T, H, K, V, **options)
 
 
 def _to(val, dtype, device):
@@ -109,6 +125,97 @@ def _to(val, dtype, device):
     if isinstance(val, dict):
         return {key: t.to(device, dtype) for key, t in val.items()}
     return val
+
+
+# --- a scan path against the reference scan, with every gradient ----------------------------------------
+
+def scan_leaves(x: Dict[str, object], dtype: Optional[torch.dtype] = None,
+                device: Union[str, torch.device, None] = None, *,
+                grad_initial_precision: bool = True) -> Tuple[Dict[str, object], Dict[str, Tensor]]:
+    """Fresh copies of the scan inputs ``x`` (in ``dtype`` on ``device``; None keeps each tensor's) that are
+    autograd leaves: ``(inputs, {name: leaf})``, every tensor requiring a gradient except the initial precision
+    ``I`` without ``grad_initial_precision``. Names: the keyword, or ``initial_state.KEY``."""
+    out: Dict[str, object] = {}
+    flat: Dict[str, Tensor] = {}
+
+    def leaf(name: str, t: Tensor, grad: bool = True) -> Tensor:
+        t = t.detach().to(device or t.device, dtype or t.dtype).clone().requires_grad_(grad)
+        if grad:
+            flat[name] = t
+        return t
+
+    for key, val in x.items():
+        if key == "initial_state" and val is not None:
+            out[key] = {s: leaf(f"{key}.{s}", t, s != "I" or grad_initial_precision) for s, t in val.items()}
+        else:
+            out[key] = leaf(key, val) if isinstance(val, Tensor) else val
+    return out, flat
+
+
+def random_cotangents(res: ScanResult, seed: int = 1) -> List[Tensor]:
+    """Standard normal float64 CPU weights, one per output of ``res``: output, variance (if any), then the
+    final state by sorted key (if any)."""
+    gen = torch.Generator().manual_seed(seed)
+    outputs = [res.output] + ([res.variance] if res.variance is not None else [])
+    outputs += [res.final_state[key] for key in sorted(res.final_state or {})]
+    return [torch.randn(t.shape, generator=gen, dtype=torch.float64) for t in outputs]
+
+
+def cotangent_loss(res: ScanResult, weights: Sequence[Tensor]) -> Tensor:
+    """``Σ weights · outputs`` in float64 on the CPU, outputs in :func:`random_cotangents`' order: a loss whose
+    gradient sends a distinct random cotangent into every output entry."""
+    outputs = [res.output] + ([res.variance] if res.variance is not None else [])
+    outputs += [res.final_state[key] for key in sorted(res.final_state or {})]
+    assert len(outputs) == len(weights), "the result's outputs do not match the cotangents"
+    return sum((t.double().cpu() * w).sum() for t, w in zip(outputs, weights))
+
+
+def check_against_reference(objective: Objective, x: Dict[str, object], run: Callable[..., ScanResult], *,
+                            rtol: float, grad_rtol: Optional[float] = None, dtype: Optional[torch.dtype] = None,
+                            device: Union[str, torch.device, None] = None, cu_seqlens: Optional[Tensor] = None,
+                            reference_inputs: Optional[Callable[[Dict[str, object]], Dict[str, object]]] = None,
+                            grad_initial_precision: bool = True, may_vanish: Sequence[str] = (),
+                            output_final_state: bool = True, output_variance: Optional[bool] = None,
+                            **kw) -> Tuple[ScanResult, ScanResult]:
+    """``run(objective, **inputs, **kw)`` (the path under test, on copies of ``x`` in ``dtype`` on ``device``;
+    None keeps ``x``'s) against :func:`metaplastic.scan` with autograd (on float64 CPU copies of the same
+    values; ``reference_inputs`` maps those first, e.g. to expand a grouped ``b``). ``kw``: the scan's other
+    keywords (``scale``...), given to both; ``output_variance`` defaults to a non-point posterior.
+
+    Asserts: the output has the inputs' dtype; the output, the variance and every final state (the same keys)
+    equal the reference's within ``rtol`` (:func:`assert_close`); under one random cotangent per output
+    (:func:`random_cotangents`) the gradient of every leaf (:func:`scan_leaves`; ``I`` only with
+    ``grad_initial_precision``) is finite, the reference's is not zero everywhere (one that is cannot test
+    anything; the leaves named in ``may_vanish`` may be, and are then compared to 1e-12), and the two agree
+    within ``grad_rtol`` (default ``rtol``). Returns ``(reference, result)``.
+    """
+    if output_variance is None:
+        output_variance = objective.posterior != "point"
+    kw = dict(kw, output_final_state=output_final_state, output_variance=output_variance)
+    ref_x, ref_leaves = scan_leaves(x, torch.float64, "cpu", grad_initial_precision=grad_initial_precision)
+    ref = metaplastic.scan(objective, **(reference_inputs(ref_x) if reference_inputs else ref_x), **kw,
+                           cu_seqlens=cu_seqlens)
+    got_x, got_leaves = scan_leaves(x, dtype, device, grad_initial_precision=grad_initial_precision)
+    cu = None if cu_seqlens is None else cu_seqlens.to(got_x["q"].device)
+    got = run(objective, **got_x, **kw, cu_seqlens=cu)
+    assert got.output.dtype == got_x["q"].dtype, f"output dtype {got.output.dtype}, inputs {got_x['q'].dtype}"
+    assert_close(got.output, ref.output, rtol=rtol, msg="output")
+    if ref.variance is not None:
+        assert_close(got.variance, ref.variance, rtol=rtol, msg="variance")
+    assert set(got.final_state or {}) == set(ref.final_state or {})
+    for key in ref.final_state or {}:
+        assert_close(got.final_state[key], ref.final_state[key], rtol=rtol, msg=f"final state {key}")
+    weights = random_cotangents(ref)
+    g_ref = torch.autograd.grad(cotangent_loss(ref, weights), list(ref_leaves.values()))
+    g_got = torch.autograd.grad(cotangent_loss(got, weights), list(got_leaves.values()))
+    for name, a, b in zip(ref_leaves, g_ref, g_got):
+        assert torch.isfinite(b).all(), f"non-finite gradient of {name}"
+        if name in may_vanish:
+            assert_close(b, a, rtol=grad_rtol or rtol, atol=1e-12, msg=f"gradient of {name}")
+            continue
+        assert a.abs().max() > 0, f"the reference gradient of {name} is zero everywhere: it cannot test anything"
+        assert_close(b, a, rtol=grad_rtol or rtol, msg=f"gradient of {name}")
+    return ref, got
 
 
 # --- tiny models ------------------------------------------------------------------------------------
@@ -158,7 +265,7 @@ def write_hf(model, path: Path, shard: bool = False) -> Path:
 
 def write_mamba_ssm(model, path: Path, weights: str = "bin", pad_multiple: int = 16,
                     unpadded_vocab: Optional[int] = None) -> Path:
-    """A directory in the original mamba_ssm layout (REFERENCES.md): config with d_model / ssm_cfg, the
+    """A directory in the original mamba_ssm layout (docs/references.md#original-format): config with d_model / ssm_cfg, the
     singular ``backbone.embedding.weight``, ``ngroups`` inside ``ssm_cfg``, a padded vocabulary."""
     c = model.config
     path.mkdir(parents=True, exist_ok=True)

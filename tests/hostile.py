@@ -1,16 +1,21 @@
-"""Tools of the hostile tests: small file systems (full, read-only), the CLI in-process and as a subprocess."""
+"""Tools of the hostile tests: small file systems (full, read-only), the CLI in-process and as a subprocess,
+scan inputs outside the theory's domain and non-finite values injected into them."""
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import subprocess
 import sys
 from pathlib import Path
-from typing import Iterator, List, Sequence, Tuple
+from typing import Dict, Iterator, List, Sequence, Tuple
 
 import pytest
+import torch
 
 from metaplastic.cli import main
+
+from helpers import assert_close, random_inputs
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -62,3 +67,45 @@ def spawn(argv: Sequence[str], **kwargs) -> subprocess.Popen:
 def temp_names(directory: Path) -> List[str]:
     """The names of the temporary files/directories (``.X.partial-…``, ``.X.replaced-…``) in ``directory``."""
     return sorted(p.name for p in directory.iterdir() if ".partial-" in p.name or ".replaced-" in p.name)
+
+
+# --- scans ------------------------------------------------------------------------------------------
+
+def scan_tensors(B: int = 1, T: int = 5, H: int = 2, K: int = 4, V: int = 3,
+                 seed: int = 0) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Valid float32 ``q, k [B,T,H,K]`` (N(0, 1)), ``v [B,T,H,V]`` and ``log_decay [B,T,H]`` (decays in
+    (1/e, 1)), fresh tensors that a test may damage in place."""
+    x = random_inputs("mamba2", B, T, H, K, V, seed=seed, keys=1.0, decay_min=math.exp(-1), dtype=torch.float32)
+    return x["q"], x["k"], x["v"], x["log_decay"]
+
+
+def refused_scan_calls(B: int, T: int, H: int, K: int, V: int,
+                       log_decay: torch.Tensor) -> List[Tuple[str, Dict[str, object]]]:
+    """``(what, keyword changes)`` of Palimpsa calls (inputs of these sizes, b head-shared) that the reference
+    scan refuses."""
+    return [
+        ("float cu_seqlens", dict(cu_seqlens=torch.tensor([0.0, 2.0, float(T)]))),
+        ("2-d cu_seqlens", dict(cu_seqlens=torch.tensor([[0, 2, T]]))),
+        ("cu_seqlens not ending at T", dict(cu_seqlens=torch.tensor([0, 2, T - 1]))),
+        ("positive log_decay", dict(log_decay=log_decay.abs() + 0.1)),
+        ("zero prior_precision", dict(prior_precision=torch.zeros(H))),
+        ("integer prior_precision", dict(prior_precision=torch.ones(H, dtype=torch.int64))),
+        ("G not dividing V", dict(b=torch.rand(B, T, H, 2))),
+        ("b of the wrong length", dict(b=torch.rand(B, T + 1, H))),
+        ("lam on a diagonal posterior", dict(lam=torch.ones(H, K))),
+        ("variance of nothing", dict(initial_state={"mu": torch.zeros(1, H, V, K)})),
+    ]
+
+
+def damaged(x: Dict[str, torch.Tensor], damage: Sequence[Tuple[str, tuple, float]]) -> Dict[str, torch.Tensor]:
+    """A copy of the inputs ``x`` with ``x[key][index] = value`` for each ``(key, index, value)`` of ``damage``."""
+    bad = {key: val.clone() for key, val in x.items()}
+    for key, index, value in damage:
+        bad[key][index] = value
+    return bad
+
+
+def close_where_finite(got: torch.Tensor, ref: torch.Tensor, what: str, *, rtol: float, atol: float = 0.0) -> None:
+    """``got`` equals ``ref`` (:func:`helpers.assert_close`) wherever ``ref`` is finite."""
+    finite = torch.isfinite(ref)
+    assert_close(got[finite], ref[finite], rtol=rtol, atol=atol, msg=what)

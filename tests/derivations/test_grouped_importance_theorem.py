@@ -1,4 +1,4 @@
-"""The theorem of THEORY.md limit 8 (grouped importance): it holds, it is listed by ``verify --symbolic``, and a
+"""The theorem of docs/theory.md#limit-8-grouped-importance (grouped importance): it holds, it is listed by ``verify --symbolic``, and a
 wrong closed form makes it fail. The planted errors edit one line of the *source* of ``metaplastic.closed_forms``."""
 import inspect
 import types

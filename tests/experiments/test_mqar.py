@@ -141,7 +141,7 @@ def test_cli_quick_end_to_end(tmp_path):
     assert rc == 0
     result = json.loads((tmp_path / "mqar.json").read_text())
     assert result["config"]["smoke"] is True and result["config"]["filler"] == "random"
-    for entry, accounting in (("mamba2", "matched floats"), ("meta_mamba2@width", "matched key width")):
+    for entry, accounting in (("mamba2", "floats = shape"), ("meta_mamba2@width", "matched shape")):
         r = result["results"][entry]
         assert r["accounting"] == accounting and r["parameters"] > 0 and set(r["lr_selection"]) == {"0.001", "0.003"}
         assert [s["pairs"] for s in r["settings"]] == [2, 4] and r["converged"] in ("0/2", "1/2", "2/2")

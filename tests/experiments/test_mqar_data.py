@@ -88,3 +88,49 @@ def test_bad_settings(T, P, V, match):
 def test_bad_filler():
     with pytest.raises(ValueError, match="filler"):
         mqar(2, 16, 2, 16, torch.Generator(), filler="ones")
+
+
+@pytest.mark.parametrize("filler", ["random", "zero"])
+@pytest.mark.parametrize("T,P,V", [(48, 6, 48), (64, 8, 64), (18, 4, 16)])
+def test_dense_layout_makes_every_even_slot_after_the_context_a_query(T, P, V, filler):
+    """The authors' layout: every key is queried at least once, every even slot after the context holds a
+    query of a key of the example labelled with its value, the odd slots hold the filler."""
+    inputs, labels = mqar(40, T, P, V, torch.Generator().manual_seed(5), filler=filler, layout="dense")
+    for x, y in zip(inputs.tolist(), labels.tolist()):
+        keys, values = x[0:2 * P:2], x[1:2 * P:2]
+        answer = dict(zip(keys, values))
+        even = range(2 * P, T - (T - 2 * P) % 2, 2)
+        assert [t for t in range(T) if y[t] != IGNORE] == list(even)
+        assert all(x[t] in answer and y[t] == answer[x[t]] for t in even)
+        assert set(x[t] for t in even) == set(keys)
+        odd = [x[t] for t in range(2 * P + 1, T, 2)]
+        assert all(tok == 0 for tok in odd) if filler == "zero" else all(0 <= tok < V for tok in odd)
+
+
+def test_dense_and_zoology_layouts_agree_at_four_tokens_per_pair():
+    """At seq_len = 4P (every setting the authors ran) every even slot is already a query: the same examples."""
+    for filler in ("random", "zero"):
+        a = mqar(20, 32, 8, 64, torch.Generator().manual_seed(6), filler=filler)
+        b = mqar(20, 32, 8, 64, torch.Generator().manual_seed(6), filler=filler, layout="dense")
+        assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+
+
+def test_dense_extra_queries_draw_keys_uniformly():
+    """The further queries (beyond each key's first) pick the P keys uniformly: counts per context position
+    within 6 binomial standard deviations."""
+    T, P, V, n = 64, 4, 32, 400
+    inputs, labels = mqar(n, T, P, V, torch.Generator().manual_seed(7), filler="zero", layout="dense")
+    counts = torch.zeros(P)
+    for x in inputs.tolist():
+        keys = x[0:2 * P:2]
+        for t in range(2 * P, T, 2):
+            counts[keys.index(x[t])] += 1
+    counts -= n  # each key's first query
+    total = float(counts.sum())
+    sd = math.sqrt(total * (1 / P) * (1 - 1 / P))
+    assert float((counts - total / P).abs().max()) < 6 * sd, counts
+
+
+def test_bad_layout():
+    with pytest.raises(ValueError, match="layout"):
+        mqar(2, 16, 2, 16, torch.Generator(), layout="sparse")

@@ -87,3 +87,16 @@ def test_capacity_set_runs(tmp_path):
     assert out["config"]["name"] == "quick" and out["config"]["K"] == 8 and out["config"]["importance_groups"] is None
     assert out["results"]["isotropic"]["mamba2"]["N"] == [2, 4]
     assert capacity.CONFIGS["full"].trials == 64
+
+
+def test_dictionary_fields_merge_over_the_config():
+    base = mqar.replace(mqar.CONFIGS["quick"], mixer_kwargs={"palimpsa": {"expand_v": 2, "num_heads": 2},
+                                                             "mamba2": {"n_groups": 4}})
+    cfg = apply_overrides(base, ['mixer_kwargs={"palimpsa": {"expand_v": 1, "num_heads": null}, "mamba2": null, '
+                                 '"gated_deltanet": {"num_heads": 8}}'])
+    assert cfg.mixer_kwargs == {"palimpsa": {"expand_v": 1}, "gated_deltanet": {"num_heads": 8}}
+    assert base.mixer_kwargs["palimpsa"] == {"expand_v": 2, "num_heads": 2}
+    with pytest.raises(ValueError, match="mixer_kwargs: expected a JSON object"):
+        apply_overrides(base, ["mixer_kwargs=[1]"])
+    assert apply_overrides(base, ['filler=["zero", "random"]']).filler == ("zero", "random")
+    assert apply_overrides(base, ["filler=zero"]).filler == "zero"

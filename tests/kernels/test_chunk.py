@@ -14,7 +14,7 @@ from metaplastic.kernels.chunk_per_value import PerValueScan
 from metaplastic.kernels import cpu_per_value
 from metaplastic.oracles import ORACLES, scan_kwargs
 
-from helpers import assert_close, random_inputs
+from helpers import assert_close, check_against_reference, scan_inputs, scan_leaves
 
 CHUNK_MODELS = [name for name, spec in metaplastic.registry.items()
                 if spec.objective.likelihood in ("dot", "dot_diag")]
@@ -24,55 +24,15 @@ TOL = 1e-10  # float64 against float64: rounding only
 SHAPES = [(2, 1, 2, 5, 3, 4), (1, 13, 3, 5, 3, 4), (2, 9, 2, 4, 6, 16)]
 
 
-def make_inputs(name, B, T, H, K, V, *, b_per_value=False, init=None, seed=0, N=None):
-    """float64 inputs for registry entry ``name`` (keys not normalised, b head-shared unless ``b_per_value``);
-    ``init`` None, "random", or "shared" (I constant over V)."""
-    x = random_inputs(name, B, T, H, K, V, seed=seed, keys=1.0, b_per_value=b_per_value, init=init, N=N)
-    return metaplastic.registry[name].objective, x
-
-
-def _leaves(x, initial_precision_grad=True):
-    leaves = [val for val in x.values() if isinstance(val, torch.Tensor)]
-    leaves += [val for key, val in x.get("initial_state", {}).items() if key != "I" or initial_precision_grad]
-    for t in leaves:
-        t.requires_grad_(True)
-    return leaves
-
-
-def _loss(res):
-    """A loss that touches every output with distinct weights."""
-    w = torch.linspace(-1, 1, res.output.numel(), dtype=torch.float64, device=res.output.device).view_as(res.output)
-    loss = (res.output * w).sum()
-    for val in (res.final_state or {}).values():
-        loss = loss + 0.3 * (val * val.detach().sin()).sum()
-    if res.variance is not None:
-        loss = loss + (res.variance * w.cos()).sum()
-    return loss
+INPUTS = dict(keys=1.0)  # keys N(0, 1), not normalised (b head-shared unless b_per_value=True)
 
 
 def _compare(obj, x, *, cu_seqlens=None, chunk_size=4, initial_precision_grad=True):
-    leaves = _leaves(x, initial_precision_grad)
-    kw = dict(scale=0.7, output_final_state=True, output_variance=obj.posterior == "diagonal", cu_seqlens=cu_seqlens)
-    ref = metaplastic.scan(obj, **x, **kw)
-    got = chunk_scan(obj, **x, **kw, chunk_size=chunk_size)
-    assert got.output.shape == ref.output.shape and got.output.dtype == ref.output.dtype
-    assert_close(got.output, ref.output, rtol=TOL)
-    assert set(got.final_state) == set(ref.final_state)
-    for key in ref.final_state:
-        assert got.final_state[key].shape == ref.final_state[key].shape
-        assert_close(got.final_state[key], ref.final_state[key], rtol=TOL, msg=str(key))
-    if ref.variance is not None:
-        assert_close(got.variance, ref.variance, rtol=TOL)
-    g_ref = torch.autograd.grad(_loss(ref), leaves)
-    g_got = torch.autograd.grad(_loss(got), leaves)
     # with T = 1 and a zero initial state the decay multiplies nothing: its gradient is truly 0
     decay_dead = x["q"].shape[1] == 1 and "initial_state" not in x
-    for leaf, a, b in zip(leaves, g_ref, g_got):
-        if decay_dead and leaf is x.get("log_decay"):
-            assert (b - a).abs().max() <= 1e-12
-            continue
-        assert a.abs().max() > 0, "a gradient that is zero everywhere cannot test anything"
-        assert_close(b, a, rtol=TOL, msg=str(tuple(leaf.shape)))
+    check_against_reference(obj, x, lambda o, **kw: chunk_scan(o, **kw, chunk_size=chunk_size), rtol=TOL,
+                            cu_seqlens=cu_seqlens, grad_initial_precision=initial_precision_grad,
+                            may_vanish=("log_decay",) if decay_dead else (), scale=0.7)
 
 
 def _cases():
@@ -91,8 +51,8 @@ def _cases():
 @pytest.mark.parametrize("name,shape,b_per_value,init", list(_cases()))
 def test_chunk_matches_reference_scan(name, shape, b_per_value, init):
     B, T, H, K, V, C = shape
-    obj, x = make_inputs(name, B, T, H, K, V, b_per_value=b_per_value, init=init and init.split("+")[0],
-                         seed=T + K)
+    obj, x = scan_inputs(name, B, T, H, K, V, b_per_value=b_per_value, init=init and init.split("+")[0],
+                         seed=T + K, **INPUTS)
     _compare(obj, x, chunk_size=C, initial_precision_grad=init != "shared")
 
 
@@ -102,7 +62,7 @@ def test_chunk_varlen(name, b_per_value):
     if b_per_value and metaplastic.registry[name].objective.posterior != "diagonal":
         pytest.skip("b only exists for the diagonal posterior")
     cu = torch.tensor([0, 5, 5, 12, 13])  # includes an empty sequence and one of length 1
-    obj, x = make_inputs(name, 1, 13, 2, 5, 3, b_per_value=b_per_value, init="random", N=4, seed=3)
+    obj, x = scan_inputs(name, 1, 13, 2, 5, 3, b_per_value=b_per_value, init="random", N=4, seed=3, **INPUTS)
     _compare(obj, x, cu_seqlens=cu, chunk_size=4)
 
 
@@ -149,9 +109,11 @@ def test_gradcheck_decayed_scan(vector):
 
 @pytest.mark.parametrize("b_per_value", [False, True])
 def test_gradcheck_palimpsa(b_per_value):
-    obj, x = make_inputs("palimpsa", 1, 5, 2, 3, 2, b_per_value=b_per_value, init="shared", seed=7)
+    obj, x = scan_inputs("palimpsa", 1, 5, 2, 3, 2, b_per_value=b_per_value, init="shared", seed=7, **INPUTS)
     names = [key for key in x if key != "initial_state"]
-    leaves = _leaves(x, initial_precision_grad=b_per_value)  # head-shared b: the fast path (I_0 without grad)
+    # head-shared b: the fast path (I_0 without grad)
+    _, leaves = scan_leaves(x, grad_initial_precision=b_per_value)
+    leaves = list(leaves.values())
     I0 = x["initial_state"]["I"]
 
     def f(*args):
@@ -164,7 +126,7 @@ def test_gradcheck_palimpsa(b_per_value):
 
 
 def test_chunk_float32_and_bfloat16_inputs():
-    obj, x = make_inputs("palimpsa", 2, 20, 2, 8, 8, seed=11)
+    obj, x = scan_inputs("palimpsa", 2, 20, 2, 8, 8, seed=11, b_per_value=False, **INPUTS)
     ref = metaplastic.scan(obj, **x, scale=0.5, output_variance=True)
     x32 = {key: val.float() for key, val in x.items()}
     got = chunk_scan(obj, **x32, scale=0.5, output_variance=True, chunk_size=8)
@@ -180,7 +142,7 @@ def test_chunk_float32_and_bfloat16_inputs():
 
 def test_chunk_strong_decay_is_finite():
     """Cumulative log-decays far below float32's exp range inside one chunk: exponents stay ≤ 0."""
-    obj, x = make_inputs("gla", 1, 64, 1, 4, 4, seed=2)
+    obj, x = scan_inputs("gla", 1, 64, 1, 4, 4, seed=2, b_per_value=False, **INPUTS)
     x["log_decay"] = x["log_decay"] * 0 - 30.0
     x32 = {key: val.float() for key, val in x.items()}
     got = chunk_scan(obj, **x32, chunk_size=64)
@@ -191,13 +153,13 @@ def test_chunk_strong_decay_is_finite():
 
 @pytest.mark.parametrize("name,message", [("deltanet", "regression"), ("mesanet", "regression")])
 def test_chunk_rejects_other_likelihoods(name, message):
-    obj, x = make_inputs("simple_gla", 1, 3, 1, 2, 2)
+    obj, x = scan_inputs("simple_gla", 1, 3, 1, 2, 2, b_per_value=False, **INPUTS)
     with pytest.raises(ValueError, match=message):
         chunk_scan(metaplastic.registry[name].objective, x["q"], x["k"], x["v"])
 
 
 def test_chunk_rejects_bad_arguments():
-    obj, x = make_inputs("simple_gla", 1, 3, 1, 2, 2)
+    obj, x = scan_inputs("simple_gla", 1, 3, 1, 2, 2, b_per_value=False, **INPUTS)
     with pytest.raises(ValueError, match="chunk_size"):
         chunk_scan(obj, **x, chunk_size=0)
     with pytest.raises(ValueError, match="log_decay"):
@@ -213,7 +175,7 @@ def test_chunk_rejects_bad_arguments():
     ("meta_gla", True, None, {"per-value"})])
 def test_chunk_takes_the_limit7_fast_path(monkeypatch, name, b_per_value, init, expected):
     """Head-shared b with a row-constant I_0: the precision is a K-vector, read as simple GLA with q ⊘ I
-    (THEORY.md limit 7, the grouped path with G = 1); otherwise the per-value path materialises I chunk by
+    (docs/theory.md#limit-7-head-shared-importance, the grouped path with G = 1); otherwise the per-value path materialises I chunk by
     chunk (a token-by-token block scan: kernels/chunk_per_value.py). The torch routing, with the fused C
     kernel off (on, it takes these small shapes whatever b's groups: tests/kernels/test_grouped_importance.py)."""
     monkeypatch.setenv("METAPLASTIC_CPU_KERNEL", "0")
@@ -235,7 +197,7 @@ def test_chunk_takes_the_limit7_fast_path(monkeypatch, name, b_per_value, init, 
     spy(GroupedDiagonal, lambda a: "GroupedDiagonal")
     native = cpu_per_value.native_per_value_scan
     monkeypatch.setattr(cpu_per_value, "native_per_value_scan", lambda *a, **kw: used.add("native") or native(*a, **kw))
-    obj, x = make_inputs(name, 1, 6, 1, 2, 3, b_per_value=b_per_value, init=init)
+    obj, x = scan_inputs(name, 1, 6, 1, 2, 3, b_per_value=b_per_value, init=init, **INPUTS)
     chunk_scan(obj, **x)
     assert used == expected
 
@@ -265,28 +227,14 @@ def test_triton_chunk_matches_reference(name, shape, init):
     """The Triton forward in float32 against the float64 reference (≤ 1e-4), and the gradients through it."""
     from metaplastic.kernels.chunk_triton import chunk_triton_scan
     B, T, H, K, V, C = shape
-    obj, x = make_inputs(name, B, T, H, K, V, init=init, seed=T)
-    kw = dict(scale=0.7, output_final_state=True, output_variance=obj.posterior == "diagonal")
-    leaves = _leaves(x, initial_precision_grad=False)
-    ref = metaplastic.scan(obj, **x, **kw)
-    x32 = _to_device32(x)
-    leaves32 = _leaves(x32, initial_precision_grad=False)
-    got = chunk_triton_scan(obj, **x32, **kw, chunk_size=C)
-    assert got.output.dtype == torch.float32
-    assert_close(got.output.cpu(), ref.output, rtol=1e-4)
-    for key in ref.final_state:
-        assert_close(got.final_state[key].cpu(), ref.final_state[key], rtol=1e-4, msg=str(key))
-    if ref.variance is not None:
-        assert_close(got.variance.cpu(), ref.variance, rtol=1e-4)
-    g_ref = torch.autograd.grad(_loss(ref), leaves)
-    g_got = torch.autograd.grad(_loss(got), leaves32)
-    for a, b in zip(g_ref, g_got):
-        assert_close(b.cpu(), a, rtol=1e-4)
+    obj, x = scan_inputs(name, B, T, H, K, V, init=init, seed=T, b_per_value=False, **INPUTS)
+    check_against_reference(obj, x, lambda o, **kw: chunk_triton_scan(o, **kw, chunk_size=C), rtol=1e-4,
+                            dtype=torch.float32, device=DEVICE, grad_initial_precision=False, scale=0.7)
 
 
 def test_triton_chunk_varlen():
     from metaplastic.kernels.chunk_triton import chunk_triton_scan
-    obj, x = make_inputs("palimpsa", 1, 20, 2, 5, 3, init="shared", N=3, seed=4)
+    obj, x = scan_inputs("palimpsa", 1, 20, 2, 5, 3, init="shared", N=3, seed=4, b_per_value=False, **INPUTS)
     cu = torch.tensor([0, 3, 20, 20])
     kw = dict(scale=0.5, output_final_state=True, output_variance=True, cu_seqlens=cu)
     ref = metaplastic.scan(obj, **x, **kw)
@@ -301,7 +249,7 @@ def test_triton_chunk_varlen():
                                                       ("deltanet", False, "regression")])
 def test_triton_chunk_rejects_uncovered_settings(name, b_per_value, message):
     from metaplastic.kernels.chunk_triton import chunk_triton_scan
-    obj, x = make_inputs(name, 1, 3, 1, 2, 2, b_per_value=b_per_value)
+    obj, x = scan_inputs(name, 1, 3, 1, 2, 2, b_per_value=b_per_value, **INPUTS)
     with pytest.raises(ValueError, match=message):
         chunk_triton_scan(obj, **_to_device32(x))
 
@@ -309,7 +257,7 @@ def test_triton_chunk_rejects_uncovered_settings(name, b_per_value, message):
 def test_triton_chunk_kernel_tiles():
     """Several key and value tiles (K = 40, V = 35 in tiles of 16) and T not a multiple of the chunk."""
     from metaplastic.kernels.chunk_triton import chunk_dot_triton_forward
-    obj, x = make_inputs("simple_gla", 1, 37, 2, 40, 35, init="random", seed=9)
+    obj, x = scan_inputs("simple_gla", 1, 37, 2, 40, 35, init="random", seed=9, b_per_value=False, **INPUTS)
     ref = metaplastic.scan(obj, x["q"], x["k"], x["v"], log_decay=x["log_decay"], scale=0.3,
                            initial_state=x["initial_state"], output_final_state=True)
     heads_first = {key: x[key].float().transpose(1, 2).to(DEVICE) for key in ("q", "k", "v", "log_decay")}

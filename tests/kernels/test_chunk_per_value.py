@@ -13,43 +13,17 @@ from metaplastic.kernels.chunk import chunk_scan
 from metaplastic.kernels.chunk_per_value import PerValueScan
 from metaplastic.kernels.cpu_per_value import native_unavailable_reason
 
-from helpers import assert_close
+from helpers import check_against_reference, random_inputs
 
-TOL = 1e-10
-
-
-def _inputs(B, T, H, K, V, seed, N=None):
-    gen = torch.Generator().manual_seed(seed)
-    d = dict(dtype=torch.float64, generator=gen)
-    N = B if N is None else N
-    x = {"q": torch.randn(B, T, H, K, **d), "k": torch.randn(B, T, H, K, **d), "v": torch.randn(B, T, H, V, **d),
-         "log_decay": torch.log(0.3 + 0.7 * torch.rand(B, T, H, **d)), "beta": torch.rand(B, T, H, **d),
-         "b": torch.rand(B, T, H, V, **d), "prior_precision": 0.5 + torch.rand(H, **d)}
-    x["initial_state"] = {"mu": torch.randn(N, H, V, K, **d), "I": 0.5 + torch.rand(N, H, V, K, **d)}
-    return x
+TOL = 1e-10  # float64 against float64: rounding only
+PALIMPSA = metaplastic.registry["palimpsa"].objective
+# the inputs of every test here: keys N(0, 1), decays in (0.3, 1), b per value row, a random initial state
+INPUTS = dict(keys=1.0, decay_min=0.3, init="random")
 
 
 def _check(x, chunk_size, cu_seqlens=None):
-    obj = metaplastic.registry["palimpsa"].objective
-    leaves = [t for t in x.values() if isinstance(t, torch.Tensor)] + list(x["initial_state"].values())
-    for t in leaves:
-        t.requires_grad_(True)
-    kw = dict(scale=0.6, output_final_state=True, output_variance=True, cu_seqlens=cu_seqlens)
-    ref = metaplastic.scan(obj, **x, **kw)
-    got = chunk_scan(obj, **x, **kw, chunk_size=chunk_size)
-    assert_close(got.output, ref.output, rtol=TOL, msg="output")
-    assert_close(got.variance, ref.variance, rtol=TOL, msg="variance")
-    for key in ("mu", "I"):
-        assert_close(got.final_state[key], ref.final_state[key], rtol=TOL, msg=key)
-
-    def loss(res):
-        w = torch.linspace(-1, 1, res.output.numel(), dtype=torch.float64).view_as(res.output)
-        return ((res.output * w).sum() + (res.variance * w.cos()).sum()
-                + sum((s * s.detach().sin()).sum() for s in res.final_state.values()))
-
-    for a, b, leaf in zip(torch.autograd.grad(loss(ref), leaves), torch.autograd.grad(loss(got), leaves), leaves):
-        assert a.abs().max() > 0
-        assert_close(b, a, rtol=TOL, msg=f"gradient {tuple(leaf.shape)}")
+    check_against_reference(PALIMPSA, x, lambda obj, **kw: chunk_scan(obj, **kw, chunk_size=chunk_size), rtol=TOL,
+                            cu_seqlens=cu_seqlens, scale=0.6)
 
 
 @pytest.mark.parametrize("chunk_size", [1, 3, 8])
@@ -57,7 +31,7 @@ def _check(x, chunk_size, cu_seqlens=None):
 def test_matmul_form_matches_reference(monkeypatch, chunk_size, block):
     monkeypatch.setattr(chunk_per_value, "FORM", "matmul")
     monkeypatch.setattr(chunk_per_value, "BLOCK_ELEMENTS", block)
-    _check(_inputs(2, 11, 3, 4, 3, seed=chunk_size), chunk_size)
+    _check(random_inputs("palimpsa", 2, 11, 3, 4, 3, seed=chunk_size, **INPUTS), chunk_size)
 
 
 @pytest.mark.parametrize("form", chunk_per_value.FORMS)
@@ -65,7 +39,8 @@ def test_per_value_varlen(monkeypatch, form):
     if form == "native" and native_unavailable_reason() is not None:
         pytest.skip(native_unavailable_reason())
     monkeypatch.setattr(chunk_per_value, "FORM", form)
-    _check(_inputs(1, 12, 2, 3, 4, seed=7, N=3), 4, cu_seqlens=torch.tensor([0, 5, 5, 12]))
+    x = random_inputs("palimpsa", 1, 12, 2, 3, 4, seed=7, N=3, **INPUTS)
+    _check(x, 4, cu_seqlens=torch.tensor([0, 5, 5, 12]))
 
 
 @pytest.mark.parametrize("with_var", [False, True])
@@ -99,11 +74,11 @@ def test_per_value_runs_on_the_thread_cap(monkeypatch, form):
 
     before = torch.get_num_threads()
     monkeypatch.setattr(torch, "addcmul", spy)
-    x = _inputs(1, 6, 1, 2, 2, seed=0)
+    x = random_inputs("palimpsa", 1, 6, 1, 2, 2, seed=0, **INPUTS)
     x["q"].requires_grad_(True)
     torch.set_num_threads(2)
     try:
-        chunk_scan(metaplastic.registry["palimpsa"].objective, **x).output.sum().backward()
+        chunk_scan(PALIMPSA, **x).output.sum().backward()
         assert torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(before)

@@ -1,7 +1,7 @@
 """The chunked Triton path, forward and Triton backward, against autograd through the reference scan.
 
 ``dot`` / point (Mamba2 / simple GLA / linear attention) and Palimpsa with a head-shared or grouped
-importance rate (THEORY.md limits 7 and 8; the reference gets the grouped b expanded to one rate per value
+importance rate (docs/theory.md#limit-7-head-shared-importance and docs/theory.md#limit-8-grouped-importance; the reference gets the grouped b expanded to one rate per value
 row). Float64 through the Triton interpreter on CPU (tests/conftest.py sets it), float32 on a GPU.
 """
 import math
@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import metaplastic
-from helpers import assert_close
+from helpers import assert_close, check_against_reference, scan_inputs
 from metaplastic.kernels.dispatch import scan as dispatch_scan
 
 ON_GPU = torch.cuda.is_available()
@@ -19,93 +19,22 @@ DTYPE = torch.float32 if ON_GPU else torch.float64  # the interpreter runs float
 TOL = 1e-5 if ON_GPU else 1e-10
 
 
-def _inputs(name, B, T, H, K, V, groups=None, init=False, N=None, seed=0):
-    """Random valid float64 inputs (unit-norm keys, decays in [0.5, 1)); ``groups``: b [B,T,H,G]."""
-    gen = torch.Generator().manual_seed(seed)
-    obj = metaplastic.registry[name].objective
-    d = dict(dtype=torch.float64, generator=gen)
-    x = {"q": torch.randn(B, T, H, K, **d), "k": torch.nn.functional.normalize(torch.randn(B, T, H, K, **d), dim=-1),
-         "v": torch.randn(B, T, H, V, **d)}
-    if obj.forgetting != "none":
-        x["log_decay"] = torch.log(0.5 + 0.5 * torch.rand(B, T, H, **d))
-    x["beta"] = 0.5 + torch.rand(B, T, H, **d)
-    if obj.posterior == "diagonal":
-        x["b"] = torch.rand(B, T, H, **d) if groups is None else torch.rand(B, T, H, groups, **d)
-    if init:
-        n = B if N is None else N
-        if obj.posterior == "point":
-            x["initial_state"] = {"S": torch.randn(n, H, V, K, **d)}
-        else:
-            G = 1 if groups is None else groups
-            I0 = (1 + torch.rand(n, H, G, 1, K, **d)).expand(n, H, G, V // G, K).reshape(n, H, V, K)
-            x["initial_state"] = {"mu": torch.randn(n, H, V, K, **d), "I": I0.clone()}
-    return obj, x
-
-
-def _leaves(x):
-    """Fresh leaf copies (with grad) of every tensor in ``x`` except the initial precision."""
-    out = {}
-    for key, val in x.items():
-        if key == "initial_state":
-            out[key] = {s: (t.detach().clone().requires_grad_(s != "I") if s != "I" else t.clone())
-                        for s, t in val.items()}
-        else:
-            out[key] = val.detach().clone().requires_grad_()
-    return out
-
-
-def _flat(x):
-    leaves = []
-    for key, val in x.items():
-        leaves += [t for t in val.values() if t.requires_grad] if key == "initial_state" else [val]
-    return leaves
-
-
-def _to(x, dtype, device):
-    return {key: (_to(val, dtype, device) if isinstance(val, dict) else val.detach().to(device, dtype).requires_grad_(
-        val.requires_grad)) for key, val in x.items()}
-
-
-def _loss(res, weights):
-    total = (res.output.double().cpu() * weights[0]).sum()
-    if res.final_state is not None:
-        for i, key in enumerate(sorted(res.final_state)):
-            total = total + (res.final_state[key].double().cpu() * weights[1 + i]).sum()
-    if res.variance is not None:
-        total = total + (res.variance.double().cpu() * weights[-1]).sum()
-    return total
+# unit-norm keys, decays in (0.5, 1), β in (0.5, 1.5) per head, b head-shared (or grouped: groups=G), the
+# prior precision 1; init="shared": an initial state whose precision I is constant within each group of rows
+INPUTS = dict(beta_min=0.5, beta_per_value=False, b_per_value=False, prior_precision=False)
 
 
 def _check(name, x, groups=None, cu_seqlens=None, chunk_size=16, **kw):
     """Outputs, final states, variance and every gradient of ``backend='triton_chunk'`` against autograd
     through :func:`metaplastic.scan` (grouped b expanded per value row for the reference)."""
-    obj = metaplastic.registry[name].objective
-    kw = dict(kw, output_final_state=True, output_variance=obj.posterior == "diagonal")
-    ref_x = _leaves(x)
-    ref_kw = dict(ref_x)
-    if groups is not None:
-        V = x["v"].shape[-1]
-        ref_kw["b"] = ref_x["b"].repeat_interleave(V // groups, -1)
-    ref = metaplastic.scan(obj, **ref_kw, **kw, cu_seqlens=cu_seqlens)
-    got_x = _to(_leaves(x), DTYPE, DEVICE)
-    got = dispatch_scan(obj, **got_x, **kw, cu_seqlens=None if cu_seqlens is None else cu_seqlens.to(DEVICE),
-                        backend="triton_chunk", chunk_size=chunk_size)
-    assert_close(got.output.cpu(), ref.output, rtol=TOL)
-    for key in ref.final_state:
-        assert_close(got.final_state[key].cpu(), ref.final_state[key], rtol=TOL, msg=str(key))
-    if ref.variance is not None:
-        assert_close(got.variance.cpu(), ref.variance, rtol=TOL)
-    gen = torch.Generator().manual_seed(1)
-    weights = [torch.randn(ref.output.shape, generator=gen, dtype=torch.float64)]
-    weights += [torch.randn(ref.final_state[key].shape, generator=gen, dtype=torch.float64)
-                for key in sorted(ref.final_state)]
-    if ref.variance is not None:
-        weights.append(torch.randn(ref.variance.shape, generator=gen, dtype=torch.float64))
-    g_ref = torch.autograd.grad(_loss(ref, weights), _flat(ref_x))
-    g_got = torch.autograd.grad(_loss(got, weights), _flat(got_x))
-    for a, b in zip(g_ref, g_got):
-        assert torch.isfinite(b).all()
-        assert_close(b.cpu(), a, rtol=TOL)
+    def expand_b(ref_x):
+        return dict(ref_x, b=ref_x["b"].repeat_interleave(x["v"].shape[-1] // groups, -1))
+
+    def run(obj, **inputs):
+        return dispatch_scan(obj, **inputs, backend="triton_chunk", chunk_size=chunk_size)
+    check_against_reference(metaplastic.registry[name].objective, x, run, rtol=TOL, dtype=DTYPE, device=DEVICE,
+                            cu_seqlens=cu_seqlens, reference_inputs=None if groups is None else expand_b,
+                            grad_initial_precision=False, **kw)
 
 
 @pytest.mark.parametrize("name,shape,init", [
@@ -114,20 +43,21 @@ def _check(name, x, groups=None, cu_seqlens=None, chunk_size=16, **kw):
     ("palimpsa", (1, 18, 2, 5, 3), True),       # head-shared b (limit 7), initial state, variance
 ])
 def test_triton_chunk_backward_matches_reference(name, shape, init):
-    obj, x = _inputs(name, *shape, init=init, seed=sum(shape))
+    obj, x = scan_inputs(name, *shape, init="shared" if init else None, seed=sum(shape), **INPUTS)
     _check(name, x, scale=0.7)
 
 
 @pytest.mark.parametrize("groups,V,init", [(2, 4, False), (3, 6, True)])
 def test_triton_chunk_grouped_importance(groups, V, init):
     """Palimpsa with b [B,T,H,G] (limit 8): G reads of one numerator with queries q ⊘ J⁽ᵍ⁾."""
-    obj, x = _inputs("palimpsa", 1, 19, 2, 4, V, groups=groups, init=init, seed=groups)
+    obj, x = scan_inputs("palimpsa", 1, 19, 2, 4, V, groups=groups, init="shared" if init else None, seed=groups,
+                         **INPUTS)
     _check("palimpsa", x, groups=groups, scale=0.6)
 
 
 def test_triton_chunk_backward_varlen():
     cu = torch.tensor([0, 3, 3, 20])  # an empty sequence; one spans two chunks
-    obj, x = _inputs("palimpsa", 1, 20, 1, 4, 4, groups=2, init=True, N=3, seed=4)
+    obj, x = scan_inputs("palimpsa", 1, 20, 1, 4, 4, groups=2, init="shared", N=3, seed=4, **INPUTS)
     _check("palimpsa", x, groups=2, cu_seqlens=cu, scale=0.5)
 
 
@@ -158,7 +88,7 @@ def test_triton_chunk_masks_later_tokens(later_log_decay):
     leaves the earlier outputs unchanged; with the finite log-decay the gradients that reach the earlier
     tokens stay finite too (with -inf, ``G_t − G_s`` of two later tokens is ``−∞ + ∞``: the cumulated
     log-decay's own gradient is undefined there, as in any cumulative-decay formulation)."""
-    obj, x = _inputs("mamba2", 1, 12, 1, 4, 4, seed=2)
+    obj, x = scan_inputs("mamba2", 1, 12, 1, 4, 4, seed=2, **INPUTS)
     xs = {key: val.to(DEVICE, DTYPE) for key, val in x.items()}
     base = dispatch_scan(obj, **xs, backend="triton_chunk", chunk_size=16).output
     bad = {key: val.clone() for key, val in xs.items()}

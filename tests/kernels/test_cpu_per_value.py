@@ -16,7 +16,7 @@ from metaplastic.kernels import chunk_per_value
 from metaplastic.kernels import cpu_per_value as cpv
 from metaplastic.kernels.dispatch import scan as kernel_scan
 
-from helpers import assert_close, random_inputs
+from helpers import assert_close, check_against_reference, random_inputs
 
 pytestmark = pytest.mark.skipif(cpv.compiler() is None, reason="no C compiler (sysconfig CC, cc, gcc)")
 TOL = 1e-10
@@ -37,37 +37,12 @@ def native(monkeypatch):
     return calls
 
 
-def _leaves(x):
-    return [t for t in x.values() if isinstance(t, torch.Tensor)] + list((x.get("initial_state") or {}).values())
-
-
-def _loss(res, with_var):
-    w = torch.linspace(-1, 1, res.output.numel(), dtype=torch.float64).view_as(res.output)
-    total = (res.output * w).sum() + sum((s * s.detach().sin()).sum() for s in res.final_state.values())
-    return total + ((res.variance * w.cos()).sum() if with_var else 0)
-
-
 def _compare(model, x, with_var, chunk_size, rtol, grad_rtol=None):
-    obj = metaplastic.registry[model].objective
-    leaves = _leaves(x)
-    for t in leaves:
-        t.requires_grad_(True)
-    kw = dict(scale=0.6, output_final_state=True, output_variance=with_var)
-    ref_x = {key: (val.detach().double().requires_grad_(True) if isinstance(val, torch.Tensor) else
-                   {k2: v2.detach().double().requires_grad_(True) for k2, v2 in val.items()} if isinstance(val, dict)
-                   else val) for key, val in x.items()}
-    ref = metaplastic.scan(obj, **ref_x, **kw)
-    got = kernel_scan(obj, **x, **kw, backend="chunk", chunk_size=chunk_size)
-    assert_close(got.output, ref.output, rtol=rtol, msg="output")
-    if with_var:
-        assert_close(got.variance, ref.variance, rtol=rtol, msg="variance")
-    for key in ("mu", "I"):
-        assert_close(got.final_state[key], ref.final_state[key], rtol=rtol, msg=key)
-    g_ref = torch.autograd.grad(_loss(ref, with_var), _leaves(ref_x))
-    g_got = torch.autograd.grad(_loss(got, with_var), leaves)
-    for a, b, leaf in zip(g_ref, g_got, leaves):
-        assert a.abs().max() > 0
-        assert_close(b, a, rtol=grad_rtol or rtol, msg=f"gradient {tuple(leaf.shape)}")
+    """``backend='chunk'`` (in ``x``'s dtype) against the float64 reference scan, with every gradient."""
+    def run(obj, **kw):
+        return kernel_scan(obj, **kw, backend="chunk", chunk_size=chunk_size)
+    check_against_reference(metaplastic.registry[model].objective, x, run, rtol=rtol, grad_rtol=grad_rtol,
+                            output_variance=with_var, scale=0.6)
 
 
 @pytest.mark.parametrize("model", ["palimpsa", "meta_gla"])  # scalar and per-key decay

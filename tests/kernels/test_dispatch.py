@@ -1,19 +1,19 @@
 """``metaplastic.kernels.dispatch.scan``: the backend it picks, the ones it refuses (by name), and its results."""
+import subprocess
+import sys
+
 import pytest
 import torch
 
 import metaplastic
 from metaplastic.kernels.dispatch import BACKENDS, scan, select_backend
 
-from helpers import assert_close, random_inputs
+from helpers import assert_close, scan_inputs
 
 CPU, CUDA = torch.device("cpu"), torch.device("cuda")
 
 
-def _inputs(name, B=1, T=6, H=2, K=3, V=2, b_per_value=False, seed=0):
-    x = random_inputs(name, B, T, H, K, V, seed=seed, beta_per_value=False, b_per_value=b_per_value,
-                      prior_precision=False, decay_min=0.6)
-    return metaplastic.registry[name].objective, x
+INPUTS = dict(beta_per_value=False, prior_precision=False, decay_min=0.6)  # B=1, H=2, K=3, V=2 below
 
 
 @pytest.mark.parametrize("name", list(metaplastic.registry))
@@ -39,13 +39,13 @@ def test_auto_on_cuda(name):
 
 @pytest.mark.parametrize("name", ["deltanet", "gated_deltanet", "longhorn", "mesanet", "meta_gated_deltanet"])
 def test_chunk_backend_refuses_regression_by_name(name):
-    obj, x = _inputs(name)
+    obj, x = scan_inputs(name, 1, 6, 2, 3, 2, b_per_value=False, **INPUTS)
     with pytest.raises(ValueError, match=r"backend='chunk'.*regression"):
         scan(obj, **x, backend="chunk")
 
 
 def test_unknown_backend_and_missing_device(monkeypatch):
-    obj, x = _inputs("mamba2")
+    obj, x = scan_inputs("mamba2", 1, 6, 2, 3, 2, b_per_value=False, **INPUTS)
     with pytest.raises(ValueError, match="backend='cuda' is not one of"):
         scan(obj, **x, backend="cuda")
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
@@ -65,7 +65,7 @@ def test_triton_chunk_refuses_vector_forgetting():
                                               ("gated_deltanet", False)])
 def test_dispatch_results_equal_the_reference(name, b_per_value):
     """auto / chunk / reference through the dispatcher give metaplastic.scan's result (float64)."""
-    obj, x = _inputs(name, b_per_value=b_per_value, T=9)
+    obj, x = scan_inputs(name, 1, 9, 2, 3, 2, b_per_value=b_per_value, **INPUTS)
     kw = dict(scale=0.5, output_final_state=True, output_variance=obj.posterior != "point")
     ref = metaplastic.scan(obj, **x, **kw)
     backends = ["auto", "reference"] + (["chunk"] if obj.likelihood != "regression" else [])
@@ -89,7 +89,7 @@ def test_dispatch_triton_in_the_interpreter(backend, name):
         import metaplastic.kernels.fused_recurrent  # noqa: F401
     except ImportError as exc:
         pytest.skip(f"fused recurrent kernel not available: {exc}")
-    obj, x = _inputs(name, T=5)
+    obj, x = scan_inputs(name, 1, 5, 2, 3, 2, b_per_value=False, **INPUTS)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     x32 = {key: val.float().to(device) for key, val in x.items()}
     ref = metaplastic.scan(obj, **x, scale=0.5)
@@ -118,12 +118,33 @@ def test_bench_kernels_cli(tmp_path, capsys):
         assert r["error"] is None and r["device"] == "cpu" and r["shape"] == "B=1,T=9,H=1,K=4,V=8"
         assert r["date"] and r["torch"] == torch.__version__ and r["machine"] and r["threads"] == 1
         assert r["fwd_ms"] > 0 and r["fwdbwd_ms"] > 0 and r["saved_bytes_per_token_head"] > 0
-    assert "palimpsa" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "palimpsa" in printed
+    assert "targets: not measured on a CPU" in printed and "None" not in printed, printed
     assert main(["bench", "kernels", "--models", "nope"]) == 2
     assert main(["bench", "kernels", "--shape", "1,2,3"]) == 2
     if not torch.cuda.is_available():
         assert main(["bench", "kernels", "--device", "cuda"]) == 2
     assert "error:" in capsys.readouterr().err
+
+
+def test_bench_kernels_target_lines_read_as_words():
+    """Each target line says its value, its target and met / missed; what was not measured, or has no target,
+    says so in words (never ``None``)."""
+    from metaplastic.kernels.bench import format_targets
+    summary = [{"name": "a ÷ b", "value": 1.0, "target": 1.25, "met": True},
+               {"name": "c ÷ b", "value": 2.0, "target": 1.3, "met": False},
+               {"name": "d ÷ b", "value": None, "target": 3.0, "met": None},
+               {"name": "e ÷ b", "value": 2.5, "target": None, "met": None}]
+    lines = format_targets(summary, "cuda").splitlines()
+    assert lines[0] == "targets:" and len(lines) == 5
+    assert "1.00" in lines[1] and lines[1].endswith("(target ≤ 1.25)  met")
+    assert lines[2].endswith("(target ≤ 1.3)  missed")
+    assert "not measured" in lines[3] and lines[3].endswith("(target ≤ 3)")
+    assert "2.50" in lines[4] and lines[4].endswith("(no target)")
+    assert "None" not in "\n".join(lines)
+    unmeasured = [dict(t, value=None, met=None) for t in summary]
+    assert format_targets(unmeasured, "cpu").startswith("targets: not measured on a CPU")
 
 
 def test_bench_kernels_groups_dtype_targets(tmp_path):
@@ -143,3 +164,32 @@ def test_bench_kernels_groups_dtype_targets(tmp_path):
     names = [t["name"] for t in json.loads(tgt.read_text())]
     assert any("per-value" in n for n in names) and any("fla" in n for n in names)
     assert main(["bench", "kernels", "--device", "cpu", "--shape", "1,9,1,4,4", "--groups", "3"]) == 2
+
+
+def test_the_table_names_every_backend_once():
+    """Every concrete backend is one row ``(coverage rule, run)``, its rule the one of the Triton-free
+    coverage module; the composites list rows only."""
+    from metaplastic.kernels.coverage import COVERAGE
+    from metaplastic.kernels.dispatch import PREFERENCES, TABLE
+    assert set(TABLE) | set(PREFERENCES) == set(BACKENDS) and not set(TABLE) & set(PREFERENCES)
+    assert all(TABLE[name][0] is COVERAGE[name] for name in TABLE) and set(COVERAGE) == set(TABLE)
+    assert all(name in TABLE for names in PREFERENCES.values() for name in names)
+
+
+def test_choosing_a_backend_imports_no_triton():
+    """Every choice, on either device, for every registry entry, is made without importing Triton."""
+    code = ("import os, sys, torch, metaplastic\n"
+            "os.environ['TRITON_INTERPRET'] = '1'\n"
+            "from metaplastic.kernels.dispatch import BACKENDS, select_backend\n"
+            "for spec in metaplastic.registry.values():\n"
+            "    for device in ('cpu', 'cuda'):\n"
+            "        for backend in BACKENDS:\n"
+            "            for b in (None, torch.zeros(1, 1, 2, 4)):\n"
+            "                try:\n"
+            "                    select_backend(spec.objective, torch.device(device), backend, b=b, V=4)\n"
+            "                except ValueError:\n"
+            "                    pass\n"
+            "print('triton' in sys.modules)")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "False"

@@ -25,7 +25,7 @@ def test_prepare_validates_once_and_normalises():
     assert call.with_b_per_value().b.shape == (1, 7, 2, 4)
     one = prepare(obj, **dict(x, b=x["b"][..., :1]))
     assert one.b.shape == (1, 7, 2) and one.b_groups == 1  # one group is head-shared
-    with pytest.raises(ValueError, match="G dividing V"):
+    with pytest.raises(ValueError, match="G must divide the value width V = 4"):
         prepare(obj, **dict(x, b=torch.rand(1, 7, 2, 3, dtype=torch.float64)))
     with pytest.raises(ValueError, match="log_decay"):
         prepare(obj, **dict(x, log_decay=None))
@@ -47,7 +47,7 @@ def test_rows_constant_and_triton_reason(monkeypatch):
 
 def test_grouped_b_through_the_torch_path_and_varlen():
     """b [B,T,H,G] through backend='chunk' with packed sequences equals the reference with b expanded per
-    value row (THEORY.md limit 8), outputs and final states."""
+    value row (docs/theory.md#limit-8-grouped-importance), outputs and final states."""
     obj, x = _palimpsa(T=9, G=2, seed=3)
     cu = torch.tensor([0, 2, 2, 9])
     kw = dict(scale=0.7, output_final_state=True, output_variance=True, cu_seqlens=cu)

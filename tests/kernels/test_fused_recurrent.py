@@ -406,6 +406,7 @@ for name in sys.argv[1:]:
     base = dict(H=16, K=128, V=128, BK=128, C=64, **fl, HAS_BETA=True, BETA_PER_V=spec.beta_per_value,
                 HAS_B=fl["POSTERIOR"] == 1, B_PER_V=True, DTYPE=tl.float32)
     compile_(fused_recurrent_fwd_kernel, dict(base, BV=_block_v(fl["POSTERIOR"], 128, 128, None), CG_STEPS=128,
+             CG_START=1, CG_EPS=0.0,
              OUTPUT_VAR=fl["POSTERIOR"] > 0, HAS_INIT=True, STORE_FINAL=True, SAVE_CKPT=fl["POSTERIOR"] < 2))
     if fl["POSTERIOR"] < 2:
         compile_(fused_recurrent_bwd_kernel, dict(base, BV=_block_v(fl["POSTERIOR"], 128, 128, None, True),

@@ -1,4 +1,4 @@
-"""Grouped importance (THEORY.md limit 8): ``b [B,T,H,G]`` shared within G contiguous groups of value rows.
+"""Grouped importance (docs/theory.md#limit-8-grouped-importance): ``b [B,T,H,G]`` shared within G contiguous groups of value rows.
 
 Yardsticks nobody here wrote or that are written out independently here:
 
@@ -16,7 +16,7 @@ import metaplastic
 from metaplastic.kernels.dispatch import scan as kernel_scan
 from metaplastic.kernels.chunk import chunk_scan
 
-from helpers import assert_close
+from helpers import assert_close, check_against_reference, random_inputs
 
 PALIMPSA = metaplastic.registry["palimpsa"].objective
 META_GLA = metaplastic.registry["meta_gla"].objective  # vector (per key channel) forgetting
@@ -30,18 +30,11 @@ def grouped_path_on_cpu(monkeypatch):
     monkeypatch.setenv("METAPLASTIC_CPU_KERNEL", "0")
 
 
-def inputs(B, T, H, K, V, G, *, vector=False, beta_per_value=False, seed=0, dtype=torch.float64):
-    gen = torch.Generator().manual_seed(seed)
-    d = dict(dtype=dtype, generator=gen)
-    x = dict(q=torch.randn(B, T, H, K, **d), k=torch.randn(B, T, H, K, **d), v=torch.randn(B, T, H, V, **d),
-             log_decay=torch.log(0.5 + 0.5 * torch.rand(*((B, T, H, K) if vector else (B, T, H)), **d)),
-             beta=torch.rand(*((B, T, H, V) if beta_per_value else (B, T, H)), **d),
-             b=torch.rand(B, T, H, G, **d), prior_precision=0.5 + torch.rand(H, **d))
-    return x
+INPUTS = dict(keys=1.0)  # keys N(0, 1), decays in (0.5, 1), b [B,T,H,G] in (0, 1), prior precision in (0.5, 1.5)
 
 
 def limit8_by_hand(q, k, v, log_decay, beta, b, prior_precision, scale):
-    """THEORY.md limit 8 written out: per group a K-vector J, the shared numerator M, o[i] = scale Σ_j M q / J."""
+    """docs/theory.md#limit-8-grouped-importance written out: per group a K-vector J, the shared numerator M, o[i] = scale Σ_j M q / J."""
     B, T, H, K = q.shape
     V, G = v.shape[-1], b.shape[-1]
     R = V // G
@@ -64,13 +57,13 @@ def limit8_by_hand(q, k, v, log_decay, beta, b, prior_precision, scale):
 
 @pytest.mark.parametrize("G", [1, 2, 4])
 def test_reference_scan_with_groups_is_limit8_written_out(G):
-    x = inputs(2, 6, 2, 3, 4, G)
+    x = random_inputs("palimpsa", 2, 6, 2, 3, 4, groups=G, beta_per_value=False, **INPUTS)
     res = metaplastic.scan(PALIMPSA, scale=0.7, **x)
     assert_close(res.output, limit8_by_hand(scale=0.7, **x), rtol=TOL, msg="output")
 
 
 def test_one_group_is_head_shared_and_all_groups_are_per_value():
-    x = inputs(1, 5, 2, 3, 4, 1)
+    x = random_inputs("palimpsa", 1, 5, 2, 3, 4, groups=1, beta_per_value=False, **INPUTS)
     shared = metaplastic.scan(PALIMPSA, **{**x, "b": x["b"][..., 0]}).output
     assert_close(metaplastic.scan(PALIMPSA, **x).output, shared, rtol=TOL)
     assert_close(kernel_scan(PALIMPSA, **x, backend="chunk").output, shared, rtol=TOL)
@@ -78,7 +71,7 @@ def test_one_group_is_head_shared_and_all_groups_are_per_value():
 
 @pytest.mark.parametrize("backend", ["reference", "chunk"])
 def test_groups_that_do_not_divide_v_are_refused_by_name(backend):
-    x = inputs(1, 3, 1, 2, 4, 3)
+    x = random_inputs("palimpsa", 1, 3, 1, 2, 4, groups=3, beta_per_value=False, **INPUTS)
     with pytest.raises(ValueError) as info:
         kernel_scan(PALIMPSA, **x, backend=backend)
     message = str(info.value)
@@ -87,33 +80,16 @@ def test_groups_that_do_not_divide_v_are_refused_by_name(backend):
 
 # --- the chunked torch path against the reference -------------------------------------------------------
 
-def _loss(res, V):
-    w = torch.linspace(-1, 1, res.output.numel(), dtype=torch.float64).view_as(res.output)
-    loss = (res.output * w).sum() + (res.variance * w.cos()).sum()
-    return loss + 0.3 * sum((s * s.detach().sin()).sum() for s in res.final_state.values())
-
-
 @pytest.mark.parametrize("G,vector,beta_per_value,C", [
     (1, False, False, 4), (2, False, False, 4), (4, False, True, 16), (2, True, False, 4), (4, True, True, 3),
     (8, False, False, 4)])
 def test_chunk_matches_reference_with_every_gradient(G, vector, beta_per_value, C):
+    """An initial state whose precision is constant within each group (without a gradient: the grouped path)."""
     B, T, H, K, V = 2, 11, 2, 3, 8
-    x = inputs(B, T, H, K, V, G, vector=vector, beta_per_value=beta_per_value)
-    obj = META_GLA if vector else PALIMPSA
-    gen = torch.Generator().manual_seed(5)
-    I0 = (0.5 + torch.rand(B, H, G, K, dtype=torch.float64, generator=gen)).repeat_interleave(V // G, 2)
-    mu0 = torch.randn(B, H, V, K, dtype=torch.float64, generator=gen)
-    leaves = [t.requires_grad_() for t in list(x.values()) + [mu0]]
-    kw = dict(scale=0.6, initial_state={"mu": mu0, "I": I0}, output_final_state=True, output_variance=True)
-    ref = metaplastic.scan(obj, **x, **kw)
-    got = chunk_scan(obj, **x, chunk_size=C, **kw)
-    assert_close(got.output, ref.output, rtol=TOL, msg="output")
-    assert_close(got.variance, ref.variance, rtol=TOL, msg="variance")
-    for key in ("mu", "I"):
-        assert_close(got.final_state[key], ref.final_state[key], rtol=TOL, msg=key)
-    names = list(x) + ["mu0"]
-    for name, a, e in zip(names, torch.autograd.grad(_loss(got, V), leaves), torch.autograd.grad(_loss(ref, V), leaves)):
-        assert_close(a, e, rtol=TOL, msg=f"d{name}")
+    x = random_inputs("meta_gla" if vector else "palimpsa", B, T, H, K, V, groups=G, beta_per_value=beta_per_value,
+                      init="shared", **INPUTS)
+    check_against_reference(META_GLA if vector else PALIMPSA, x, lambda o, **kw: chunk_scan(o, **kw, chunk_size=C),
+                            rtol=TOL, grad_initial_precision=False, scale=0.6)
 
 
 @pytest.mark.parametrize("G", [1, 2])
@@ -121,7 +97,7 @@ def test_chunk_equals_fla_simple_gla_read_with_rescaled_query(G):
     """Limits 7 (G = 1) and 8: each group's rows are fla's simple-GLA read of (β v)[rows] with q ⊘ I^{(g)}."""
     from fla.ops.simple_gla.naive import naive_recurrent_simple_gla
     B, T, H, K, V = 1, 12, 2, 4, 4
-    x = inputs(B, T, H, K, V, G)
+    x = random_inputs("palimpsa", B, T, H, K, V, groups=G, beta_per_value=False, **INPUTS)
     Ip = x["prior_precision"].view(1, 1, H, 1)
     a = x["log_decay"].exp()[..., None]
     Is = []
@@ -146,7 +122,7 @@ def test_chunk_equals_fla_simple_gla_read_with_rescaled_query(G):
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
 def test_non_finite_input_does_not_touch_earlier_outputs(name, bad):
     B, T, H, K, V, G, t = 1, 12, 2, 3, 4, 2, 6
-    x = inputs(B, T, H, K, V, G)
+    x = random_inputs("palimpsa", B, T, H, K, V, groups=G, beta_per_value=False, **INPUTS)
     clean = metaplastic.scan(PALIMPSA, **x).output
     x[name] = x[name].clone()
     x[name][0, t, 0] = bad  # (a log-decay of -inf is valid: α = 0; +inf and NaN are not)
@@ -163,7 +139,7 @@ def test_non_finite_input_does_not_touch_earlier_outputs(name, bad):
 @pytest.mark.parametrize("vector", [False, True])
 def test_zero_decay_resets_and_extreme_decays_stay_finite(vector):
     B, T, H, K, V, G = 1, 14, 1, 3, 4, 2
-    x = inputs(B, T, H, K, V, G, vector=vector)
+    x = random_inputs("meta_gla" if vector else "palimpsa", B, T, H, K, V, groups=G, beta_per_value=False, **INPUTS)
     x["log_decay"] = x["log_decay"].clone()
     x["log_decay"][0, 4] = -math.inf  # α = 0: the state restarts from the prior
     x["log_decay"][0, 9] = -1e30
@@ -184,7 +160,7 @@ def test_zero_decay_resets_and_extreme_decays_stay_finite(vector):
 # --- packing, dispatch, memory ------------------------------------------------------------------------
 
 def test_packed_sequences_with_groups():
-    x = inputs(1, 10, 2, 3, 4, 2)
+    x = random_inputs("palimpsa", 1, 10, 2, 3, 4, groups=2, beta_per_value=False, **INPUTS)
     cu = torch.tensor([0, 3, 3, 10])
     ref = metaplastic.scan(PALIMPSA, **x, cu_seqlens=cu, output_final_state=True)
     got = kernel_scan(PALIMPSA, **x, cu_seqlens=cu, output_final_state=True, backend="chunk", chunk_size=4)
@@ -222,17 +198,9 @@ def test_initial_precision_varying_within_a_group_takes_the_per_value_path():
     """I_0 that differs between rows of one group (or needs a gradient) does not factor per group: the chunked
     path expands b to one rate per row and still matches the reference, gradients included."""
     B, T, H, K, V, G = 1, 7, 2, 3, 4, 2
-    x = inputs(B, T, H, K, V, G)
-    gen = torch.Generator().manual_seed(9)
-    init = {"mu": torch.randn(B, H, V, K, dtype=torch.float64, generator=gen),
-            "I": 0.5 + torch.rand(B, H, V, K, dtype=torch.float64, generator=gen)}
-    leaves = [t.requires_grad_() for t in list(x.values()) + list(init.values())]
-    ref = metaplastic.scan(PALIMPSA, **x, initial_state=init, output_final_state=True)
-    got = chunk_scan(PALIMPSA, **x, initial_state=init, output_final_state=True, chunk_size=4)
-    assert_close(got.output, ref.output, rtol=TOL)
-    loss = lambda r: r.output.sum() + r.final_state["I"].sum()  # noqa: E731
-    for a, e in zip(torch.autograd.grad(loss(got), leaves), torch.autograd.grad(loss(ref), leaves)):
-        assert_close(a, e, rtol=TOL)
+    x = random_inputs("palimpsa", B, T, H, K, V, groups=G, beta_per_value=False, init="random", seed=9, **INPUTS)
+    check_against_reference(PALIMPSA, x, lambda o, **kw: chunk_scan(o, **kw, chunk_size=4), rtol=TOL,
+                            output_variance=False)
 
 
 def test_cpu_kernel_runs_grouped_b_repeated_over_its_rows(monkeypatch):
@@ -246,13 +214,6 @@ def test_cpu_kernel_runs_grouped_b_repeated_over_its_rows(monkeypatch):
     native = cpu_per_value.native_per_value_scan
     monkeypatch.setattr(cpu_per_value, "native_per_value_scan", lambda *a, **kw: calls.append(1) or native(*a, **kw))
     B, T, H, K, V, G = 2, 11, 2, 3, 8, 2
-    x = inputs(B, T, H, K, V, G, vector=True, beta_per_value=True)
-    leaves = [t.requires_grad_() for t in x.values()]
-    kw = dict(scale=0.6, output_final_state=True, output_variance=True)
-    ref = metaplastic.scan(META_GLA, **x, **kw)
-    got = chunk_scan(META_GLA, **x, chunk_size=4, **kw)
+    x = random_inputs("meta_gla", B, T, H, K, V, groups=G, beta_per_value=True, **INPUTS)
+    check_against_reference(META_GLA, x, lambda o, **kw: chunk_scan(o, **kw, chunk_size=4), rtol=TOL, scale=0.6)
     assert calls, "the fused CPU kernel did not run"
-    assert_close(got.output, ref.output, rtol=TOL, msg="output")
-    assert_close(got.variance, ref.variance, rtol=TOL, msg="variance")
-    for name, a, e in zip(x, torch.autograd.grad(_loss(got, V), leaves), torch.autograd.grad(_loss(ref, V), leaves)):
-        assert_close(a, e, rtol=TOL, msg=f"d{name}")

@@ -1,5 +1,5 @@
 """The mixer options that reproduce the paper authors' layers, each against a reference nobody here wrote or
-against the law AUTHORS_FORMAT.md states; today's defaults stay as they were."""
+against the law docs/authors.md#initialisation-laws states; today's defaults stay as they were."""
 import math
 
 import pytest

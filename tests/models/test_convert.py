@@ -102,6 +102,64 @@ def test_bfloat16_weights_are_the_source_rounded(tmp_path):
     assert model.lm_head.weight.dtype == torch.bfloat16
 
 
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_verify_compares_a_rounded_dst_with_the_source_rounded_alike(tmp_path, capsys, dtype):
+    """A bfloat16 / float16 DST holds the source's weights rounded: transformers' Mamba2 holding the same
+    rounded weights gives its logits up to float32 arithmetic (the verify bounds, 1e-4 and 1e-5 relative),
+    while the unrounded source is further away than those bounds (so the reference matters)."""
+    skip_unless_grouped(2)
+    source = tiny_mamba2()
+    write_hf(source, tmp_path / "src")
+    assert main(["convert", str(tmp_path / "src"), str(tmp_path / "dst"), "--dtype", dtype, "--verify",
+                 "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert f"verify: OK (identity init: logits equal those of the transformers Mamba2ForCausalLM with its weights " \
+           f"rounded to {dtype}" in out, out
+    dst = AutoModelForCausalLM.from_pretrained(tmp_path / "dst", dtype=torch.float32)
+    rounded = tiny_mamba2()
+    with torch.no_grad():
+        for p in rounded.parameters():
+            p.copy_(p.to(getattr(torch, dtype)).float())
+    assert_close(logits(dst, IDS), logits(rounded, IDS), rtol=1e-5)
+    assert relative_error(logits(dst, IDS), logits(source, IDS)) > 1e-4
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16"])
+def test_verify_fails_when_dst_departs_by_less_than_the_rounding(tmp_path, capsys, monkeypatch, dtype):
+    """A stored weight 1 % off (the final norm's scale, so every logit moves by about 1 %) is caught in every
+    dtype, although in bfloat16 it moves the logits less than the rounding itself does (a tolerance scaled to
+    the rounding's effect would pass it)."""
+    from metaplastic.models import checkpoint_io
+    from metaplastic.models.convert import verify_verdict
+    skip_unless_grouped(2)
+    write_hf(tiny_mamba2(), tmp_path / "src")
+    write = checkpoint_io.StreamingSafetensorsWriter.write
+
+    def one_percent_off(self, name, tensor):
+        write(self, name, tensor * 1.01 if name == "backbone.norm_f.weight" else tensor)
+
+    monkeypatch.setattr(checkpoint_io.StreamingSafetensorsWriter, "write", one_percent_off)
+    result = convert_mamba2(tmp_path / "src", tmp_path / "dst", dtype=dtype, verify=True, progress=False,
+                            log=lambda line: None)
+    passed, line = verify_verdict(result, "identity")
+    assert passed is False and line.startswith("verify: FAILED"), line
+    assert result.max_abs_diff <= 1e-4  # the in-memory conversion is right: the stored file departs
+    if dtype == "bfloat16":
+        assert result.max_abs_diff_rounded < result.rounding_effect
+    rc = main(["convert", str(tmp_path / "src"), str(tmp_path / "dst"), "--dtype", dtype, "--verify", "--force",
+               "--no-progress"])
+    out = capsys.readouterr().out
+    assert rc == 1 and "verify: FAILED" in out and "verify: OK" not in out, out
+
+
+def test_verify_gives_no_verdict_for_an_init_that_changes_the_outputs(tmp_path, capsys):
+    write_hf(tiny_mamba2(), tmp_path / "src")
+    assert main(["convert", str(tmp_path / "src"), str(tmp_path / "dst"), "--init", "paper", "--verify",
+                 "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert "verify: no verdict: --init paper" in out and "verify: OK" not in out, out
+
+
 def test_finetuning_a_converted_model_opens_gamma_and_lowers_the_loss(tmp_path):
     write_hf(tiny_mamba2(), tmp_path / "src")
     convert_mamba2(tmp_path / "src", tmp_path / "dst", progress=False)
@@ -119,3 +177,14 @@ def test_finetuning_a_converted_model_opens_gamma_and_lowers_the_loss(tmp_path):
     assert gammas.abs().max() > 1e-3, gammas
     assert losses[-1] < losses[0], losses
     assert all(math.isfinite(x) for x in losses)
+
+
+def test_help_names_every_architecture_convert_reads(capsys, monkeypatch):
+    from metaplastic.models.convert import FORMATS
+    monkeypatch.setenv("COLUMNS", "300")  # argparse wraps at the terminal's width: one line per command
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    line = next(line for line in capsys.readouterr().out.splitlines() if line.strip().startswith("convert "))
+    # the authors' architectures (Palimpsa, MetaMamba2) are named together as "paper-authors"
+    for name in {*(a for fmt in FORMATS if fmt.name != "authors" for a in fmt.architectures), "paper-authors"}:
+        assert name in line, (name, line)

@@ -1,9 +1,9 @@
 """`metaplastic convert` on checkpoints written by the paper authors' code (``model_type`` ``palimpsa`` and
-``meta_mamba2``; AUTHORS_FORMAT.md).
+``meta_mamba2``; docs/authors.md#their-format).
 
 The checkpoints are built here by hand in their layout: their config fields, their key names and shapes
 (§2), random weights, tied heads left out of the file as their exporter does, safetensors or ``.bin``. The
-expected logits come from an oracle written from AUTHORS_FORMAT.md §3 with pieces nobody here wrote – fla's
+expected logits come from an oracle written from docs/authors.md#the-forward-pass with pieces nobody here wrote – fla's
 pure-torch norms (``rms_norm_ref``; the gated one with ``norm_before_gate`` True for Palimpsa, False over
 the whole d_inner for MetaMamba2) – plus the documented steps: causal depthwise convolutions with SiLU,
 ``F.normalize`` on q and k, the gates, and the recurrence as a plain token-by-token loop:
@@ -150,7 +150,7 @@ def write_authors(path, cfg, state, fmt="safetensors"):
     return path
 
 
-# --- the oracle (AUTHORS_FORMAT.md §3) -------------------------------------------------------------
+# --- the oracle (docs/authors.md#the-forward-pass) -------------------------------------------------------------
 
 def causal_conv(x, weight, bias=None):
     """Depthwise causal convolution then SiLU: ``x [B, T, C]``, ``weight [C, 1, W]``."""
@@ -322,7 +322,7 @@ def cfg_ip_log(overrides):
     return overrides.get("metaplasticity", True)
 
 
-# --- their surgery (AUTHORS_FORMAT.md §3–4) ----------------------------------------------------------
+# --- their surgery (docs/authors.md#their-surgery-script) ----------------------------------------------------------
 
 def _std_close(x, expected, rel=0.15):
     return abs(x.std().item() - expected) < rel * expected

@@ -115,3 +115,23 @@ def test_process_exit_code(tmp_path):
                            str(tmp_path / "dst")], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2
     assert len(proc.stderr.strip().splitlines()) == 1 and "does not exist" in proc.stderr
+
+
+@pytest.mark.parametrize("cfg, expected", [
+    ({"model_type": "mamba2"}, ("hf", "Mamba2")),
+    ({"d_model": 64, "n_layer": 2}, ("mamba_ssm", "Mamba2")),
+    ({"model_type": "gated_deltanet"}, ("fla", "Gated DeltaNet")),
+    ({"model_type": "gla"}, ("fla", "GLA")),
+    ({"model_type": "palimpsa"}, ("authors", "Palimpsa")),
+    ({"model_type": "meta_mamba2"}, ("authors", "MetaMamba2")),
+    ({"model_type": "mamba"}, None), ({"model_type": "mesa_net"}, None), ({"model_type": "llama"}, None), ({}, None),
+])
+def test_each_config_is_recognised_by_at_most_one_source_format(cfg, expected):
+    """The table of source formats has one row per format; no two rows claim the same ``config.json``."""
+    from metaplastic.models.convert import FORMATS
+    claims = [fmt for fmt in FORMATS if fmt.recognise(cfg)]
+    if expected is None:
+        assert claims == []
+        return
+    assert len(claims) == 1, [fmt.name for fmt in claims]
+    assert claims[0].name == expected[0] and expected[1] in claims[0].architectures

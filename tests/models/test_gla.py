@@ -112,7 +112,7 @@ def open_importance(mixer):
 @pytest.mark.parametrize("G", [1, 2])
 def test_grouped_meta_gla_equals_the_reference_scan_with_b_expanded(G, monkeypatch):
     """The grouped path with per-key decay (the mixer's own scan) against the reference scan given b per value
-    row, each group's rate repeated over its rows (THEORY.md limit 8), float64."""
+    row, each group's rate repeated over its rows (docs/theory.md#limit-8-grouped-importance), float64."""
     import metaplastic.models.gla as gla_module
     from metaplastic.kernels.dispatch import scan
     torch.manual_seed(0)

@@ -1,4 +1,4 @@
-"""``importance_groups`` on the mixers and in ``MetaplasticConfig`` (THEORY.md limit 8).
+"""``importance_groups`` on the mixers and in ``MetaplasticConfig`` (docs/theory.md#limit-8-grouped-importance).
 
 Yardsticks: a grouped model equals the per-value model whose importance rows are repeated within each group
 (so the grouped fast path is checked against the per-value path, which materialises every precision), and

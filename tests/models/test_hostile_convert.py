@@ -160,7 +160,7 @@ def test_verify_is_never_ok_on_non_finite_differences(capsys, monkeypatch, tmp_p
     def fake(*args, **kwargs):
         return convert_module.ConversionResult(Path(args[1]), "hf", 1, 4, max_abs_diff=float("nan"),
                                                max_abs_diff_reloaded=0.0, reference="x")
-    monkeypatch.setattr(convert_module, "convert_checkpoint", fake)
+    monkeypatch.setattr(convert_module.command, "convert_checkpoint", fake)
     rc = cli(capsys, "convert", tmp_path / "a", tmp_path / "b", "--verify")[0]
     out = capsys.readouterr().out
     assert rc == 1 and "verify: OK" not in out
@@ -185,7 +185,7 @@ def test_full_disk_is_refused_up_front_and_mid_write(capsys, src, tmp_path, monk
         rc, err = convert(capsys, src, mnt / "dst")
         assert rc == 2
         one_line_error(err, "MiB free")
-        monkeypatch.setattr(convert_module, "check_free_space", lambda dst, needed: None)
+        monkeypatch.setattr(convert_module.pipeline, "check_free_space", lambda dst, needed: None)
         rc, err = convert(capsys, src, mnt / "dst")
         assert rc == 2
         one_line_error(err, "no space left on device")

@@ -1,5 +1,5 @@
 """``to_metaplastic``: for every point-posterior mixer (Mamba2, Gated DeltaNet with and without grouped value
-heads, LongHorn, GLA) the twin at identity init computes the mixer's outputs (THEORY.md limit 2), also after a
+heads, LongHorn, GLA) the twin at identity init computes the mixer's outputs (docs/theory.md#limit-2-metaplastic-twins), also after a
 save/load round trip; the twin runs ``metaplastic(objective)``; opening γ changes the outputs."""
 import pytest
 import torch

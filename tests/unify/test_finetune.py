@@ -1,7 +1,7 @@
 """`metaplastic finetune` on CPU (gloo): a tiny Mamba2 built with transformers, converted, then fine-tuned.
 
-- two processes under torchrun (FSDP2 shards) follow the loss curve of one process with the same global
-  batch, and end at the same weights (float tolerance: only reduction order differs);
+- two processes (FSDP2 shards; started by torchrun or by ``--nproc-per-node``) follow the loss curve of one
+  process with the same global batch, and end at the same weights (float tolerance: only reduction order differs);
 - a run stopped after step k and resumed from its DCP checkpoint ends bit-identical to an uninterrupted one;
 - on MQAR-style data, `--train metaplastic` moves γ off 0, lowers the loss, and leaves every other weight alone.
 """
@@ -100,12 +100,15 @@ def test_resume_after_stop_equals_uninterrupted(work, single, capsys):
         assert torch.equal(a[key], b[key]), key
 
 
-def test_two_processes_match_one(work, single):
+@pytest.mark.parametrize("launcher", ["torchrun", "nproc-per-node"])
+def test_two_processes_match_one(work, single, launcher):
+    """Two processes started by torchrun, or by the command's own ``--nproc-per-node`` launcher."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(torchrun(work, "two", *COMMON, "--micro-batch", "2"), capture_output=True, text=True,
-                          timeout=240, env=env)
+    start = torchrun if launcher == "torchrun" else nproc_per_node
+    proc = subprocess.run(start(work, f"two-{launcher}", *COMMON, "--micro-batch", "2"), capture_output=True,
+                          text=True, timeout=240, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    run = work / "two"
+    run = work / f"two-{launcher}"
     assert json.loads((run / "run.json").read_text())["world_size"] == 2
     one, two = losses(single), losses(run)
     assert len(two) == 6
@@ -155,6 +158,12 @@ def torchrun(work: Path, out: str, *extra: str, nproc: int = 2) -> list:
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
             "-m", "metaplastic", "finetune", "--model", str(work / "model"), "--data", str(work / "tokens.npy"),
             "--out", str(work / out), *extra]
+
+
+def nproc_per_node(work: Path, out: str, *extra: str, nproc: int = 2) -> list:
+    """``metaplastic finetune --nproc-per-node NPROC ...``: the command's own launcher."""
+    return [sys.executable, "-m", "metaplastic", "finetune", f"--nproc-per-node={nproc}", "--model",
+            str(work / "model"), "--data", str(work / "tokens.npy"), "--out", str(work / out), *extra]
 
 
 def descendants(pid: int) -> list:

@@ -1,11 +1,16 @@
 """``metaplastic finetune`` attacked: a fresh run into a finished one, bad numbers, a corrupt or dangling
 ``latest``, a checkpoint save killed while it rewrites the step ``latest`` names, ``--resume`` with another
-model, full and read-only disks, a second run into the same ``--out``, kills at random moments."""
+model, full and read-only disks, a second run into the same ``--out``, kills at random moments, user errors under
+torchrun and under the command's own ``--nproc-per-node`` launcher."""
 import hashlib
 import json
+import os
 import random
+import re
 import shutil
 import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -15,7 +20,7 @@ import torch
 
 pytest.importorskip("transformers")
 
-from hostile import cli, one_line_error, remount_read_only, spawn, temp_names, tmpfs  # noqa: E402
+from hostile import ROOT, cli, one_line_error, remount_read_only, spawn, temp_names, tmpfs  # noqa: E402
 from metaplastic import finetune as ft  # noqa: E402
 from metaplastic.demo import build_tiny_mamba2  # noqa: E402
 from metaplastic import convert_checkpoint  # noqa: E402
@@ -168,6 +173,99 @@ def test_a_second_run_into_the_same_out_is_refused(capsys, work, finished, tmp_p
     one_line_error(err, "is being written by process")
 
 
+def torchrun_finetune(work: Path, out: Path, nproc: int, *extra: str) -> subprocess.CompletedProcess:
+    """``torchrun --standalone --nproc_per_node NPROC -m metaplastic finetune ...`` from the repository root."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+                           "-m", "metaplastic", "finetune", "--model", str(work / "model"), "--data",
+                           str(work / "tokens.npy"), "--out", str(out), *ARGS, *extra],
+                          capture_output=True, text=True, timeout=240, env=env, cwd=str(ROOT))
+
+
+def assert_one_line_worker_error(proc: subprocess.CompletedProcess, *words: str) -> None:
+    """The job's log holds the worker's error line once, no traceback through our code, and torchrun reports
+    exit code 2 for the first failed worker (torchrun's own report and exit code 1 are its launcher's)."""
+    errors = [line for line in proc.stderr.splitlines() if "metaplastic finetune: error:" in line]
+    assert len(errors) == 1, proc.stderr
+    for word in words:
+        assert word in errors[0], (word, errors[0])
+    assert not re.search(r'File "[^"]*/metaplastic/(?:\w+/)?\w+\.py"', proc.stderr), proc.stderr
+    assert proc.returncode != 0
+    root_cause = proc.stderr.split("Root Cause", 1)[-1]
+    assert re.search(r"exitcode\s*:\s*2\b", root_cause), proc.stderr[-2000:]
+
+
+@pytest.mark.parametrize("nproc", [1, 2])
+def test_a_user_error_under_torchrun_is_one_line_and_exit_code_2(work, finished, tmp_path, nproc):
+    """docs/finetune.md's one-process run, then the same command under torchrun into the same --out: every
+    worker meets the error before any process group starts; the line appears once, whatever the world size."""
+    out = copy_run(finished, tmp_path)
+    before = digest(out)
+    proc = torchrun_finetune(work, out, nproc, "--steps", "2")
+    assert_one_line_worker_error(proc, "already holds a run", "--resume", "--overwrite")
+    assert digest(out) == before
+
+
+@pytest.mark.slow
+def test_a_user_error_after_the_process_group_started_is_one_line_under_torchrun(work, finished, tmp_path):
+    """The lock on --out is taken once the ranks have joined (rank 0 takes it, every rank learns the outcome):
+    a held lock stops every worker with exit code 2, the line printed once."""
+    from metaplastic.safe_io import DirLock
+    out = copy_run(finished, tmp_path)
+    with DirLock(out, "--out"):
+        proc = torchrun_finetune(work, out, 2, "--steps", "6", "--resume")
+    assert_one_line_worker_error(proc, "is being written by process")
+
+
+def nproc_per_node_finetune(work: Path, out: Path, nproc: int, *extra: str) -> subprocess.CompletedProcess:
+    """``metaplastic finetune --nproc-per-node NPROC ...`` (the command's own launcher) from the repository root."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, "-m", "metaplastic", "finetune", f"--nproc-per-node={nproc}", "--model",
+                           str(work / "model"), "--data", str(work / "tokens.npy"), "--out", str(out), *ARGS, *extra],
+                          capture_output=True, text=True, timeout=240, env=env, cwd=str(ROOT))
+
+
+def test_nproc_per_node_refuses_a_user_error_in_one_line_before_any_worker(work, finished, tmp_path):
+    """docs/finetune.md's one-process run, then a distributed run into the same --out with the command's own
+    launcher: the launcher finds the error itself, before any worker starts: one stderr line, exit code 2."""
+    out = copy_run(finished, tmp_path)
+    before = digest(out)
+    proc = nproc_per_node_finetune(work, out, 2, "--steps", "2")
+    assert proc.returncode == 2, proc.stderr
+    assert len(proc.stderr.splitlines()) == 1, proc.stderr  # no worker (it would load the model) said anything
+    one_line_error(proc.stderr, "already holds a run", "--resume", "--overwrite")
+    assert proc.stdout == ""
+    assert digest(out) == before
+    assert not (out.parent / f".{out.name}.lock").exists()
+
+
+@pytest.mark.slow
+def test_nproc_per_node_prints_a_worker_user_error_once_with_exit_code_2(work, finished, tmp_path):
+    """An error only the workers can find (a --resume checkpoint made with another --seed, read once the ranks
+    have joined): the launcher prints the workers' line once, with no traceback and none of the elastic agent's
+    report, and exits 2."""
+    out = copy_run(finished, tmp_path)
+    checkpoints = digest(out / "checkpoints")
+    proc = nproc_per_node_finetune(work, out, 2, "--steps", "6", "--resume", "--seed", "1")
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    one_line_error(proc.stderr, "was made with seed=0", "this run has 1")
+    assert proc.stderr.strip().splitlines()[-1].startswith("metaplastic finetune: error: checkpoint ")
+    assert not re.search(r"^[IWE]\d{4} |ChildFailedError|Root Cause", proc.stderr, re.M), proc.stderr[-3000:]
+    assert digest(out / "checkpoints") == checkpoints
+    assert not (out.parent / f".{out.name}.lock").exists()
+
+
+@pytest.mark.parametrize("nproc, env, word", [(0, {}, "--nproc-per-node must be at least 1"),
+                                              (2, {"RANK": "0", "LOCAL_RANK": "0"}, "leave it out under torchrun")])
+def test_nproc_per_node_out_of_place_is_refused(capsys, monkeypatch, work, tmp_path, nproc, env, word):
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    rc, err = finetune(capsys, work, tmp_path / "out", "--steps", "2", f"--nproc-per-node={nproc}")
+    assert rc == 2
+    one_line_error(err, word)
+    assert not (tmp_path / "out").exists()
+
+
 def test_read_only_and_full_disks(capsys, work, tmp_path):
     with tmpfs(tmp_path / "ro") as mnt:
         remount_read_only(mnt)
@@ -222,3 +320,39 @@ def test_a_model_config_of_the_wrong_type_or_range_is_named(capsys, work, tmp_pa
     assert rc == 2
     one_line_error(err, word)
     assert time.perf_counter() - started < 20  # refused before allocating anything
+
+
+_SLOW_SAVE = """
+import sys, time
+from pathlib import Path
+import torch.distributed.checkpoint as dcp
+from metaplastic.cli import main
+original = dcp.save
+def slow_save(*args, **kwargs):
+    result = original(*args, **kwargs)  # the checkpoint's files are written: the signal arrives before rename
+    Path(sys.argv[1]).touch()
+    time.sleep(120)
+    return result
+dcp.save = slow_save
+sys.exit(main(sys.argv[2:]))
+"""
+
+
+def test_finetune_stopped_by_sigterm_while_saving_leaves_nothing(work, tmp_path):
+    """SIGTERM while a checkpoint is being written: exit 143 (128 + SIGTERM), no temporary checkpoint
+    directory, no ``latest``, no lock beside ``--out``."""
+    out, ready = tmp_path / "run", tmp_path / "ready"
+    argv = ["finetune", "--model", work / "model", "--data", work / "tokens.npy", "--out", out, *ARGS,
+            "--steps", "2", "--save-every", "1"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-c", _SLOW_SAVE, str(ready), *map(str, argv)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=env, cwd=str(ROOT))
+    end = time.monotonic() + 300
+    while time.monotonic() < end and proc.poll() is None and not ready.exists():
+        time.sleep(0.01)
+    assert ready.exists(), proc.communicate()[1]
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143, err
+    assert temp_names(out / "checkpoints") == [] and temp_names(out) == []
+    assert not (out / "checkpoints" / "latest").exists() and not (tmp_path / ".run.lock").exists()

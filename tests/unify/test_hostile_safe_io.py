@@ -77,3 +77,73 @@ def test_second_writer_is_refused_and_a_dead_owners_lock_taken_over(tmp_path):
     with DirLock(target, "DST") as lock:
         assert json.loads(lock.path.read_text())["pid"] == os.getpid()
     assert not (tmp_path / ".dst.lock").exists()
+
+
+# --- SIGTERM: what schedulers and `timeout` send -------------------------------------------------------------
+# The child writes, touches READY at a known moment, then keeps writing slowly; the parent sends SIGTERM once
+# READY exists, so the signal always arrives mid-write.
+_SLOW_CONVERT = """
+import sys, time
+from pathlib import Path
+from metaplastic.cli import main
+from metaplastic.models.checkpoint_io import StreamingSafetensorsWriter
+original = StreamingSafetensorsWriter.write
+def slow_write(self, name, tensor):
+    original(self, name, tensor)
+    Path(sys.argv[3]).touch()
+    time.sleep(0.5)
+StreamingSafetensorsWriter.write = slow_write
+sys.exit(main(["convert", sys.argv[1], sys.argv[2], "--no-progress"]))
+"""
+
+_SLOW_DIR = """
+import sys, time
+from pathlib import Path
+from metaplastic.safe_io import DirLock, Terminated, atomic_dir, sigterm_as_interrupt
+dst = Path(sys.argv[1])
+try:
+    with sigterm_as_interrupt(), DirLock(dst, "DST"), atomic_dir(dst) as tmp:
+        (tmp / "half").write_bytes(bytes(1 << 20))
+        Path(sys.argv[2]).touch()
+        time.sleep(120)
+except Terminated:
+    sys.exit(Terminated.exit_code)
+"""
+
+
+def _terminate_mid_write(script, *args, ready, timeout=300.0):
+    """Run ``python -c script *args``, send SIGTERM once ``ready`` exists; returns ``(exit code, stderr)``."""
+    import signal
+    import time
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-c", script, *map(str, args)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=env)
+    end = time.monotonic() + timeout
+    while time.monotonic() < end and proc.poll() is None and not ready.exists():
+        time.sleep(0.01)
+    assert ready.exists(), proc.communicate()[1]
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    return proc.returncode, err
+
+
+def test_sigterm_inside_an_atomic_dir_removes_it_and_the_lock(tmp_path):
+    dst = tmp_path / "dst"
+    code, err = _terminate_mid_write(_SLOW_DIR, dst, tmp_path / "ready", ready=tmp_path / "ready")
+    assert code == 143, err
+    assert temp_names(tmp_path) == [] and not (tmp_path / ".dst.lock").exists() and not dst.exists()
+
+
+def test_a_conversion_stopped_by_sigterm_leaves_nothing(tmp_path):
+    """``metaplastic convert`` gets SIGTERM while writing DST: it exits 143 (128 + SIGTERM) and leaves no
+    ``.DST.partial-*`` directory, no ``.DST.lock`` and no DST."""
+    pytest.importorskip("transformers")
+    from metaplastic.demo import build_tiny_mamba2
+    src = build_tiny_mamba2(tmp_path / "src")
+    out = tmp_path / "out"
+    out.mkdir()
+    dst = out / "dst"
+    code, err = _terminate_mid_write(_SLOW_CONVERT, src, dst, tmp_path / "ready", ready=tmp_path / "ready")
+    assert code == 143, err
+    assert temp_names(out) == [] and not (out / ".dst.lock").exists() and not dst.exists()
+    assert sorted(p.name for p in out.iterdir()) == []

@@ -1,4 +1,4 @@
-"""The full posterior's read-out solvers against fla's naive MesaNet functions (REFERENCES.md).
+"""The full posterior's read-out solvers against fla's naive MesaNet functions (docs/references.md#reference-functions-on-a-cpu).
 
 fla's ``naive_mesa_net_CG`` runs ``max_CG_iteration`` conjugate-gradient steps from ``x_0 = 0`` on
 ``(H_t + diag λ) x = q_t`` with ``1e-5`` added to both denominators, H_t the chunk-wise state at the token;

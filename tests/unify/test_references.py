@@ -1,4 +1,4 @@
-"""The reference scan against implementations nobody here wrote (REFERENCES.md).
+"""The reference scan against implementations nobody here wrote (docs/references.md#reference-functions-on-a-cpu).
 
 The fla naive functions and transformers' references compute in float32 (they cast their inputs), so a
 correct float64 scan differs from them by ~1e-7 relative; 1e-6 is the bound that float32 imposes here.

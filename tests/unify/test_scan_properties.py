@@ -12,14 +12,13 @@ from helpers import random_inputs
 torch.manual_seed(0)
 
 
-def inputs(spec, T=10, H=3, init=False, **kwargs):
-    """Valid random float64 inputs for ``spec``'s objective (unit-norm keys, decays in (0.6, 1))."""
-    return random_inputs(spec, T=T, H=H, decay_min=0.6, init="random" if init else None, **kwargs)
+# valid random float64 inputs (unit-norm keys, decays in (0.6, 1)); T = 10, H = 3 unless given
+INPUTS = dict(decay_min=0.6)
 
 
 def test_palimpsa_with_b_zero_is_mamba2():
     """Limit 1: Palimpsa with b ≡ 0 and Ip = 1 equals Mamba2 (float64, 1e-12)."""
-    x = inputs(registry["palimpsa"], b_zero=True)
+    x = random_inputs(registry["palimpsa"], b_zero=True, T=10, H=3, **INPUTS)
     pal = scan(registry["palimpsa"].objective, **x, output_final_state=True)
     x.pop("b"); x.pop("prior_precision")
     m2 = scan(registry["mamba2"].objective, **x, output_final_state=True)
@@ -30,7 +29,7 @@ def test_palimpsa_with_b_zero_is_mamba2():
 
 def test_palimpsa_with_b_zero_and_prior_precision_is_dot_with_beta_over_ip():
     """Limit 1 with Ip ≠ 1: dot/point with β/Ip."""
-    x = inputs(registry["palimpsa"], b_zero=True)
+    x = random_inputs(registry["palimpsa"], b_zero=True, T=10, H=3, **INPUTS)
     Ip = 2.5
     pal = scan(registry["palimpsa"].objective, **{**x, "prior_precision": Ip})
     x.pop("b"); x.pop("prior_precision")
@@ -43,7 +42,7 @@ def test_metaplastic_twin_at_b_zero_is_the_model(name):
     """Limit 2: metaplastic(X) at b ≡ 0, Ip = 1 equals X, for every point-posterior entry."""
     spec = registry[name]
     twin = metaplastic.metaplastic(spec.objective)
-    x = inputs(spec, init=True)
+    x = random_inputs(spec, init="random", T=10, H=3, **INPUTS)
     ref = scan(spec.objective, **x, output_final_state=True)
     S0 = x["initial_state"]["S"]
     y = dict(x, b=torch.zeros_like(x["v"]), initial_state={"mu": S0, "I": torch.ones_like(S0)})
@@ -55,7 +54,7 @@ def test_metaplastic_twin_at_b_zero_is_the_model(name):
 @pytest.mark.parametrize("name", list(registry))
 def test_two_halves_equal_whole(name):
     spec = registry[name]
-    x = inputs(spec, T=9, init=True, seed=3)
+    x = random_inputs(spec, T=9, init="random", seed=3, H=3, **INPUTS)
     whole = scan(spec.objective, **x, output_final_state=True)
     cut = 4
     first = {key: (val[:, :cut] if key in ("q", "k", "v", "log_decay", "beta", "b") else val) for key, val in x.items()}
@@ -72,7 +71,7 @@ def test_varlen_equals_separate_sequences(name):
     spec = registry[name]
     lengths = [3, 0, 5, 1]
     T = sum(lengths)
-    x = inputs(spec, B=1, T=T, init=False, seed=5)
+    x = random_inputs(spec, B=1, T=T, seed=5, H=3, **INPUTS)
     cu = torch.tensor([0, 3, 3, 8, 9])
     packed = scan(spec.objective, **x, cu_seqlens=cu, output_final_state=True)
     for n, (s, e) in enumerate(zip(cu[:-1].tolist(), cu[1:].tolist())):
@@ -87,7 +86,7 @@ def test_varlen_equals_separate_sequences(name):
 
 def test_float32_runs_and_agrees_with_float64():
     spec = registry["palimpsa"]
-    x = inputs(spec)
+    x = random_inputs(spec, T=10, H=3, **INPUTS)
     ref = scan(spec.objective, **x)
     x32 = {key: (val.float() if torch.is_tensor(val) else val) for key, val in x.items()}
     got = scan(spec.objective, **x32)
@@ -104,7 +103,7 @@ def _z_bound(n: int) -> float:
 def test_diagonal_predictive_variance_matches_monte_carlo(name):
     """Var[o] of the mean-field posterior vs samples S_ij ~ N(mu_ij, 1/I_ij), o = scale · S q."""
     spec = registry[name]
-    x = inputs(spec, B=1, T=6, H=2, K=5, V=3, seed=11)
+    x = random_inputs(spec, B=1, T=6, H=2, K=5, V=3, seed=11, **INPUTS)
     scale = spec.scale_for(5)
     res = scan(spec.objective, **x, scale=scale, output_final_state=True, output_variance=True)
     mu, I = res.final_state["mu"][0], res.final_state["I"][0]  # [H, V, K]
@@ -122,7 +121,7 @@ def test_diagonal_predictive_variance_matches_monte_carlo(name):
 def test_full_predictive_variance_matches_monte_carlo():
     """MesaNet's matrix-normal posterior: rows s_i ~ N(G_i P^-1, P^-1), Var[o_i] = qᵀ P^-1 q."""
     spec = registry["mesanet"]
-    x = inputs(spec, B=1, T=6, H=2, K=4, V=4, seed=12)
+    x = random_inputs(spec, B=1, T=6, H=2, K=4, V=4, seed=12, **INPUTS)
     res = scan(spec.objective, **x, output_final_state=True, output_variance=True)
     G, Hm = res.final_state["G"][0], res.final_state["H"][0]
     P = Hm + torch.diag_embed(x["lam"])
@@ -142,6 +141,6 @@ def test_full_predictive_variance_matches_monte_carlo():
 
 def test_point_posterior_has_no_variance():
     spec = registry["mamba2"]
-    x = inputs(spec)
+    x = random_inputs(spec, T=10, H=3, **INPUTS)
     with pytest.raises(ValueError, match="point"):
         scan(spec.objective, **x, output_variance=True)

@@ -12,6 +12,7 @@ import sys
 from typing import List, Optional, Sequence
 
 from metaplastic.errors import UserError
+from metaplastic.safe_io import Terminated, sigterm_as_interrupt
 
 # command -> (module, one-line help)
 COMMANDS = {
@@ -19,13 +20,14 @@ COMMANDS = {
     "verify": ("metaplastic.verify", "check the registry: symbolic derivations and numeric references"),
     "table1": ("metaplastic.derivations.table1", "print the paper's Table 1, computed from the registry"),
     "convert": ("metaplastic.models.convert",
-                "convert a Mamba2, Gated DeltaNet or paper-authors checkpoint to a metaplastic one"),
+                "convert a Mamba2, Gated DeltaNet, GLA or paper-authors checkpoint to a metaplastic one"),
     "capacity": ("metaplastic.experiments.capacity", "memory capacity without training (recall vs N)"),
     "mqar": ("metaplastic.experiments.mqar", "multi-query associative recall: train and evaluate"),
     "convert-finetune": ("metaplastic.experiments.convert_finetune",
                          "train a Mamba2 on recall, convert it (identity), fine-tune three ways, compare recall"),
     "demo": ("metaplastic.demo", "the tour: verification, Table 1, conversion, capacity"),
-    "finetune": ("metaplastic.finetune", "fine-tune a metaplastic model (single process or torchrun + FSDP2)"),
+    "finetune": ("metaplastic.finetune", "fine-tune a metaplastic model (one process, --nproc-per-node N, or torchrun; FSDP2)"),
+    "eval": ("metaplastic.evaluate", "evaluate with lm-evaluation-harness (its own arguments, our models registered)"),
 }
 # bench subcommands -> (module, help)
 BENCHES = {
@@ -33,6 +35,9 @@ BENCHES = {
     "convert": ("metaplastic.models.bench", "time a conversion at mamba2-130m shapes against load+save"),
     "models": ("metaplastic.models.bench_models",
                "time transformers' Mamba2 LM, its metaplastic twin and its conversion (fwd, fwd+bwd)"),
+    "compile": ("metaplastic.kernels.compile_report",
+                "compile every Triton kernel for sm_90a / sm_80 without a GPU: registers, spills, shared memory"),
+    "traffic": ("metaplastic.kernels.traffic", "modelled HBM bytes and FLOPs per token and head, against the floors"),
 }
 
 
@@ -59,7 +64,7 @@ def build_parser(argv: Sequence[str]) -> argparse.ArgumentParser:
             _add_module_parser(sub, name, module, help_)
         else:
             sub.add_parser(name, help=help_)
-    bench = sub.add_parser("bench", help="benchmarks: kernels, convert, models")
+    bench = sub.add_parser("bench", help="benchmarks: kernels, convert, models, compile, traffic")
     bench_sub = bench.add_subparsers(dest="bench", metavar="BENCH")
     for name, (module, help_) in BENCHES.items():
         if wanted == "bench" and (len(argv) < 2 or argv[1] == name):
@@ -81,7 +86,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         parser.print_help()
         return 2
     try:
-        return int(run(args) or 0)
+        with sigterm_as_interrupt():  # SIGTERM cleans up as SIGINT does: partial outputs removed, locks released
+            return int(run(args) or 0)
     except UserError as exc:
         print(f"metaplastic {args.command}: error: {exc}", file=sys.stderr)
         return 2
@@ -89,6 +95,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         from .safe_io import describe
         print(f"metaplastic {args.command}: error: {describe(exc)}", file=sys.stderr)
         return 2
+    except Terminated:
+        return Terminated.exit_code
     except KeyboardInterrupt:
         return 130
 

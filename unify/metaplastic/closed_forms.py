@@ -1,4 +1,4 @@
-"""The closed-form one-step updates of THEORY.md §2, written once.
+"""The closed-form one-step updates of docs/theory.md#closed-forms, written once.
 
 This module is the single source of truth for every model's update. It is written with array
 operations only (``+ - * / @``, indexing with ``None``, ``.sum(-1)``), so the *same* functions run on
@@ -103,7 +103,7 @@ def prior(objective: Objective, state: State, gates: Gates) -> State:
 
 
 def update(objective: Objective, prior_state: State, k: Any, v: Any, gates: Gates) -> State:
-    """The posterior after the token's evidence, as the solver reaches it (THEORY.md §2)."""
+    """The posterior after the token's evidence, as the solver reaches it (docs/theory.md#closed-forms)."""
     lik, post, solver, transition = (objective.likelihood, objective.posterior, objective.solver,
                                      objective.transition)
     beta, b, Ip = gates.beta, gates.b, gates.Ip
@@ -188,7 +188,7 @@ def key_solution(objective: Objective, state: State, q: Any, gates: Gates, solve
 
 def readout(objective: Objective, state: State, q: Any, gates: Gates, scale: Any,
             output_variance: bool = False, solution: Any = None) -> Tuple[Any, Optional[Any]]:
-    """``o = scale · E[S] q`` ``[..., V]`` and, if asked, ``Var[o]`` ``[..., V]`` (THEORY.md §2). For the full
+    """``o = scale · E[S] q`` ``[..., V]`` and, if asked, ``Var[o]`` ``[..., V]`` (docs/theory.md#closed-forms). For the full
     posterior ``solution`` is ``(H + diag λ)^{-1} q`` as :func:`key_solution` gives it (None: solved exactly)."""
     post = objective.posterior
     if post == "point":

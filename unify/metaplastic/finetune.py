@@ -1,10 +1,13 @@
 """``metaplastic finetune``: fine-tune a metaplastic model, on one process or many (torchrun + FSDP2).
 
     metaplastic finetune --model DIR --data tokens.npy --out RUN [options]
+    metaplastic finetune --nproc-per-node N --model DIR --data tokens.npy --out RUN [options]
     torchrun --nproc_per_node=N -m metaplastic finetune --model DIR --data tokens.npy --out RUN [options]
 
-One code path for both: without torchrun the command starts a one-process group itself, so a single
+One code path for all: without torchrun the command starts a one-process group itself, so a single
 process runs the same FSDP2 model, the same DCP checkpoints and the same data rule as N processes.
+``--nproc-per-node N`` checks every input first, then starts N torchrun-style workers on this machine
+(:mod:`metaplastic.finetune_launch`).
 
 - Model: a ``MetaplasticForCausalLM`` directory (``model_type: metaplastic``, e.g. from ``metaplastic
   convert``), loaded in float32. ``--train metaplastic`` trains only the metaplastic path (the parameters of
@@ -27,6 +30,7 @@ process runs the same FSDP2 model, the same DCP checkpoints and the same data ru
 from __future__ import annotations
 
 import argparse
+import contextlib
 import io
 import json
 import math
@@ -36,6 +40,7 @@ import re
 import shutil
 import sys
 import time
+import traceback
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
@@ -48,9 +53,10 @@ from torch import nn
 
 from metaplastic.errors import UserError
 from .finetune_data import DTYPES, DataError, PackedSequences, load_tokens
+from .finetune_launch import launch, leave_user_error, under_launcher
 from .models.importance import project_importance_
 from .safe_io import (DirLock, atomic_dir, atomic_write, check_output_location, clean_stale_in, describe,
-                      replace_dir, temp_path, writing)
+                      replace_dir, sigterm_as_interrupt, temp_path, writing)
 
 TRAIN_CHOICES = ("metaplastic", "all")
 
@@ -284,8 +290,10 @@ def save_checkpoint(root: Path, step: int, model, optimizer, scheduler, meta: Di
         dcp.save({"model": model_sd, "optim": optim_sd, "trainer": blob}, checkpoint_id=str(tmp))
     except BaseException as exc:  # DCP's CheckpointException is a BaseException
         failed = _save_failure(exc, root)
-        if failed is None:
-            raise  # interrupted: the temporary directory stays for the next run to remove
+        if failed is None:  # interrupted (SIGINT, SIGTERM): alone, remove what was written; else the next run does
+            if dev.world == 1:
+                shutil.rmtree(tmp, ignore_errors=True)
+            raise
     failures: List[object] = [None] * dev.world
     dist.all_gather_object(failures, failed)
     if any(failures):
@@ -471,11 +479,12 @@ def validate(cfg: FinetuneConfig, world: int) -> int:
     return micro
 
 
-def prepare(cfg: FinetuneConfig):
-    """Validate ``cfg`` and load what it names: ``(model, data, micro_batch, trainable names)``.
+def prepare(cfg: FinetuneConfig, world: Optional[int] = None):
+    """Validate ``cfg`` for ``world`` ranks (default: torchrun's ``WORLD_SIZE``) and load what it names:
+    ``(model, data, micro_batch, trainable names)``.
 
     Everything a user can get wrong is checked here, before any process group starts."""
-    micro = validate(cfg, world_size_from_env())
+    micro = validate(cfg, world_size_from_env() if world is None else world)
     check_run_dir(cfg)
     model = load_model(Path(cfg.model))
     try:
@@ -551,7 +560,10 @@ def train(cfg: FinetuneConfig) -> Dict[str, object]:
     model, data, micro, trainable = prepare(cfg)
     out, model_class = Path(cfg.out), type(model)
     dev = start_processes(cfg.device)
-    lock = DirLock(out, "--out") if dev.rank == 0 else None
+    # rank 0 locks --out, unless the launcher that started this worker holds the lock for the whole job
+    lock = DirLock(out, "--out") if dev.rank == 0 and not under_launcher() else None
+    stack = contextlib.ExitStack()
+    stack.enter_context(sigterm_as_interrupt())  # SIGTERM cleans up as SIGINT does: partial outputs, the lock
     try:
         flags = [None]
         if lock is not None:
@@ -567,6 +579,7 @@ def train(cfg: FinetuneConfig) -> Dict[str, object]:
     finally:
         if lock is not None:
             lock.release()
+        stack.close()
         if dev.owns_group and not _torchrun_worker():
             dist.destroy_process_group()  # a torchrun worker leaves through run()'s os._exit instead
 
@@ -693,6 +706,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="exit after step K as if preempted (no export); continue later with --resume")
     add("--overwrite", action="store_true",
         help="start afresh in an --out that holds a run: remove its run.json, metrics.jsonl, checkpoints/, model/")
+    add("--nproc-per-node", type=int, default=None, metavar="N",
+        help="check every input, then start N workers on this machine (as torchrun --standalone would): a user "
+             "error is one line and exit code 2, from this command; one machine only (several: torchrun)")
 
 
 def config_from_args(args: argparse.Namespace) -> FinetuneConfig:
@@ -701,15 +717,64 @@ def config_from_args(args: argparse.Namespace) -> FinetuneConfig:
     return FinetuneConfig(**{k: v for k, v in vars(args).items() if k in fields})
 
 
+# A torchrun worker other than its node's local rank 0 that meets a user error waits this long before it
+# prints: when local rank 0 meets the same error (the usual case: every rank checks the same inputs) it exits
+# first and the agent stops the others, so the node's log holds the line once.
+PEER_ERROR_GRACE_S = 20.0
+
+
 def run(args: argparse.Namespace) -> int:
-    train(config_from_args(args))
-    if _torchrun_worker():
-        # Leave without C++ teardown: tearing gloo down at exit sometimes aborted a worker whose job had
-        # finished ("terminate called without an active exception", about 1 run in 16 on this machine).
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(0)
-    return 0
+    nproc = getattr(args, "nproc_per_node", None)
+    if nproc is not None and _torchrun_worker():
+        raise UserError("--nproc-per-node starts workers itself: leave it out under torchrun")
+    if nproc is not None:
+        return launch(config_from_args(args), nproc, prepare)
+    if not _torchrun_worker():
+        train(config_from_args(args))
+        return 0
+    code = 0
+    try:
+        train(config_from_args(args))
+    except (UserError, OSError) as exc:
+        code = 2
+        try:
+            _report_worker_error(exc)
+        except KeyboardInterrupt:  # stopped by the agent while waiting for local rank 0, which reported it
+            pass
+    except Exception as exc:  # noqa: BLE001  (a crash: its traceback, here and in torchrun's error file)
+        code = 1
+        traceback.print_exc()
+        _record_crash(exc)
+    # Leave without C++ teardown, whatever the outcome: tearing gloo down at exit sometimes aborted a worker
+    # whose job had finished ("terminate called without an active exception", about 1 run in 16 on this
+    # machine), and that abort would replace exit code 2 of a user error by a crash.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
+def _report_worker_error(exc: BaseException) -> None:
+    """A worker's user error as the one line the command prints in one process. Under ``--nproc-per-node``
+    the worker leaves it to the launcher, which prints it once and exits 2. Under torchrun the worker prints
+    it; torchrun itself then reports the worker's exit code 2 in its own words and exits 1 (its launcher does
+    so for any failed worker); the line above its report names the problem."""
+    message = describe(exc) if isinstance(exc, OSError) else str(exc)
+    if under_launcher():
+        leave_user_error(message)
+    if int(os.environ.get("LOCAL_RANK", "0")) != 0:
+        time.sleep(PEER_ERROR_GRACE_S)  # stopped here by the agent when local rank 0 failed too
+        message = f"rank {os.environ.get('RANK', '?')}: {message}"
+    if not under_launcher():
+        print(f"metaplastic finetune: error: {message}", file=sys.stderr, flush=True)
+
+
+def _record_crash(exc: BaseException) -> None:
+    """The exception in torchrun's error file for this worker (``TORCHELASTIC_ERROR_FILE``), which its
+    report and the ``--nproc-per-node`` launcher name."""
+    if os.environ.get("TORCHELASTIC_ERROR_FILE"):
+        from torch.distributed.elastic.multiprocessing.errors import ErrorHandler
+        with contextlib.suppress(Exception):
+            ErrorHandler().record_exception(exc)
 
 
 def _torchrun_worker() -> bool:

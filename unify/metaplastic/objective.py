@@ -1,4 +1,4 @@
-"""The one free-energy objective (THEORY.md §1) and its settings.
+"""The one free-energy objective (docs/theory.md#the-free-energy-of-one-step) and its settings.
 
 A memory model is five settings of
 
@@ -77,7 +77,7 @@ class Objective:
 
 
 def metaplastic(objective: Objective) -> Objective:
-    """The metaplastic counterpart of ``objective`` (THEORY.md limit 2).
+    """The metaplastic counterpart of ``objective`` (docs/theory.md#limit-2-metaplastic-twins).
 
     The posterior becomes ``diagonal`` and a ``dot`` likelihood becomes ``dot_diag`` (a ``dot`` loss has no
     curvature, so without the diagonal term no precision would accumulate); everything else is kept.

@@ -1,4 +1,4 @@
-"""Independent references (REFERENCES.md), adapted to this package's layout.
+"""Independent references (docs/references.md#reference-functions-on-a-cpu), adapted to this package's layout.
 
 Each :class:`Oracle` builds valid random inputs in *its* parameterisation (Mamba2's ``Δ·A`` decay, for
 instance), runs the implementation nobody here wrote, and returns ``(output [B,T,H,V], final_state)``
@@ -220,7 +220,7 @@ def _run_gated_deltanet_transformers(x: Inputs):
 
 
 def _run_longhorn(x: Inputs):
-    """LongHorn = fla's ``naive_recurrent_gla`` with one head per value channel (the mapping of REFERENCES.md).
+    """LongHorn = fla's ``naive_recurrent_gla`` with one head per value channel (docs/references.md#the-longhorn-mapping).
 
     This oracle restates the formula it checks: the mapping writes LongHorn's ``ε = β / (1 + β‖k‖²)`` and its
     decay ``log1p(−ε k²)`` out by hand, the same closed form as ``unify/metaplastic/closed_forms.py``, so an error in that
@@ -266,7 +266,7 @@ ORACLES: Tuple[Oracle, ...] = (
     Oracle("gated_deltanet", "fla naive_recurrent_gated_delta_rule", _delta_inputs(True), _run_gated_deltanet, "fla"),
     Oracle("gated_deltanet", "transformers torch_recurrent_gated_delta_rule (qwen3_next)", _delta_inputs(True),
            _run_gated_deltanet_transformers, "transformers"),
-    Oracle("longhorn", "fla naive_recurrent_gla, one head per value channel (REFERENCES.md mapping)",
+    Oracle("longhorn", "fla naive_recurrent_gla, one head per value channel (docs/references.md#the-longhorn-mapping)",
            _longhorn_inputs, _run_longhorn, "fla"),
     Oracle("mesanet", "fla naive_mesa_net_exact", _mesanet_inputs, _run_mesanet, "fla", needs_square=True),
 )

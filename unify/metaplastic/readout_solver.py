@@ -1,6 +1,6 @@
 """How the full posterior reads out: the solve of ``(H_t + diag λ) x = q_t`` behind ``o_t = G_t x``.
 
-The objective (THEORY.md §2) defines the read-out through the exact solution. MesaNet's published kernels
+The objective (docs/theory.md#closed-forms) defines the read-out through the exact solution. MesaNet's published kernels
 (fla's ``chunk_mesa_net`` and ``mesa_net_decoding_one_step``) replace it by a fixed number of
 conjugate-gradient steps; :class:`ReadoutSolver` names that computation so it can be reproduced:
 

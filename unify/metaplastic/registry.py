@@ -2,7 +2,7 @@
 
 ``metaplastic.registry["mamba2"].objective`` is all the scan, the kernels and the derivations need to run
 or derive Mamba2's memory; the rest of a spec is documentation (citation, read-out scale, which limit of
-THEORY.md §3 relates it to Palimpsa, how the model parameterises its gates).
+docs/theory.md#the-limits relates it to Palimpsa, how the model parameterises its gates).
 """
 from __future__ import annotations
 
@@ -25,7 +25,7 @@ class ModelSpec:
     scale: Union[float, str] = 1.0  # a number, or "K^-1/2"
     relation: str = ""  # how it relates to Palimpsa, naming the limit
     limits: Tuple[str, ...] = ()  # theorem names of metaplastic.derivations that connect it
-    gates: str = ""  # THEORY.md §4: how the model's layer produces α, β, b
+    gates: str = ""  # docs/theory.md#parameterisations: how the model's layer produces α, β, b
     beta_per_value: bool = False  # β is [B,T,H,V] (one rate per value row) in the model
     base: str = ""  # for a diagonal-posterior entry: the point-posterior model it reduces to at b ≡ 0
 
@@ -35,14 +35,18 @@ class ModelSpec:
 
 
 def _specs() -> Tuple[ModelSpec, ...]:
-    la = Objective("dot", "point", "exact", "exact", "none")
-    sgla = Objective("dot", "point", "exact", "exact", "scalar")
-    gla = Objective("dot", "point", "exact", "exact", "vector")
-    delta = Objective("regression", "point", "gradient", "exact", "none")
-    gdn = Objective("regression", "point", "gradient", "exact", "scalar")
-    longhorn = Objective("regression", "point", "exact", "diagonal", "none")
-    mesa = Objective("regression", "full", "exact", "exact", "scalar")
-    palimpsa = Objective("dot_diag", "diagonal", "exact", "exact", "scalar")
+    la = Objective(likelihood="dot", posterior="point", solver="exact", transition="exact", forgetting="none")
+    sgla = Objective(likelihood="dot", posterior="point", solver="exact", transition="exact", forgetting="scalar")
+    gla = Objective(likelihood="dot", posterior="point", solver="exact", transition="exact", forgetting="vector")
+    delta = Objective(likelihood="regression", posterior="point", solver="gradient",
+                      transition="exact", forgetting="none")
+    gdn = Objective(likelihood="regression", posterior="point", solver="gradient",
+                    transition="exact", forgetting="scalar")
+    longhorn = Objective(likelihood="regression", posterior="point", solver="exact",
+                         transition="diagonal", forgetting="none")
+    mesa = Objective(likelihood="regression", posterior="full", solver="exact", transition="exact", forgetting="scalar")
+    palimpsa = Objective(likelihood="dot_diag", posterior="diagonal", solver="exact",
+                         transition="exact", forgetting="scalar")
     return (
         ModelSpec("linear_attention", la, "Katharopoulos et al., Transformers are RNNs, ICML 2020", INV_SQRT_K,
                   "Palimpsa with b ≡ 0, no forgetting (limits 1, 2)", ("palimpsa_to_mamba2", "metaplastic_identity"),
@@ -85,11 +89,11 @@ def _specs() -> Tuple[ModelSpec, ...]:
         ModelSpec("meta_gated_deltanet", metaplastic(gdn), "Bonnet et al., 2026 (metaplastic Gated DeltaNet)",
                   INV_SQRT_K, "preconditioned gradient step on a diagonal posterior; at b ≡ 0 it is GDN (limit 2)",
                   ("metaplastic_identity",), "as Gated DeltaNet, plus b", base="gated_deltanet"),
-        ModelSpec("meta_gla", metaplastic(gla), "metaplastic GLA (this toolkit, THEORY.md limit 2)", INV_SQRT_K,
+        ModelSpec("meta_gla", metaplastic(gla), "metaplastic GLA (this toolkit, docs/theory.md#limit-2-metaplastic-twins)", INV_SQRT_K,
                   "Palimpsa with per-channel decay; at b ≡ 0 it is GLA (limit 2); b shared in G groups of value "
                   "rows: G GLA reads with q ⊘ J (limit 8)", ("metaplastic_identity", "grouped_importance_is_gla"),
                   "as GLA, plus b = γ · σ(W_b2 W_b1 h) · softplus(b_scale) per value channel or group", base="gla"),
-        ModelSpec("meta_longhorn", metaplastic(longhorn), "metaplastic LongHorn (this toolkit, THEORY.md §2)", 1.0,
+        ModelSpec("meta_longhorn", metaplastic(longhorn), "metaplastic LongHorn (this toolkit, docs/theory.md#closed-forms)", 1.0,
                   "diagonal Kalman step with a diagonal transition; at b ≡ 0 it is LongHorn (limit 2)",
                   ("metaplastic_identity",), "as LongHorn, plus b", beta_per_value=True, base="longhorn"),
     )

@@ -11,6 +11,10 @@ Names used beside a final path ``P`` (in the same directory, so a rename is atom
 
 Every ``OSError`` raised while writing becomes a :class:`~metaplastic.errors.UserError` naming the path and the
 reason (disk full, read-only file system, permission denied), after what was written has been removed.
+
+A process stopped by SIGINT (``KeyboardInterrupt``) or, inside :func:`sigterm_as_interrupt`, by SIGTERM (what
+schedulers and ``timeout`` send; :class:`Terminated`) removes what it was writing and releases its locks on the
+way out. Only SIGKILL leaves names behind, which the next writer of the same path removes.
 """
 from __future__ import annotations
 
@@ -20,8 +24,10 @@ import json
 import os
 import re
 import shutil
+import signal
 import socket
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Iterator, Optional, Union
@@ -77,6 +83,36 @@ def _remove(path: Path) -> None:
         pass
     except OSError:
         pass  # best effort: the error that brought us here is the one to report
+
+
+# ----------------------------------------------------------------------------------------------- signals
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised in the main thread as SIGINT raises ``KeyboardInterrupt`` (of which it is a kind), so
+    the same clean-up runs: every ``except BaseException`` / ``finally`` that removes partial outputs and
+    releases locks. A command stopped this way exits with 128 + 15 = 143."""
+
+    exit_code = 128 + signal.SIGTERM
+
+
+def _raise_terminated(signum, frame) -> None:
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second SIGTERM must not interrupt the clean-up
+    raise Terminated(f"terminated by signal {signum}")
+
+
+@contextlib.contextmanager
+def sigterm_as_interrupt() -> Iterator[None]:
+    """Inside the block, SIGTERM raises :class:`Terminated` in the main thread; the previous handler is restored
+    after. Does nothing outside the main thread or where SIGTERM already has a handler of the program's own."""
+    if (threading.current_thread() is not threading.main_thread()
+            or signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL):
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, _raise_terminated)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 # ------------------------------------------------------------------------------------ output locations

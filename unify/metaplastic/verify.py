@@ -2,7 +2,7 @@
 
 - ``--numeric`` runs every registry entry through ``metaplastic.scan`` against the independent
   implementations installed (fla's naive functions, transformers' Mamba2 and Gated DeltaNet references;
-  LongHorn through the GLA mapping of REFERENCES.md) and prints the largest relative error of each. A
+  LongHorn through the GLA mapping of docs/references.md#the-longhorn-mapping) and prints the largest relative error of each. A
   metaplastic entry has no reference of its own: it is checked at ``b ≡ 0`` against its base model's
   reference (limit 2), which is what a reference can say about it. A missing reference is *skipped*,
   never passed.

@@ -9,7 +9,7 @@ and at every smaller N of the grid (0 if the smallest N already fails).
 
 Every model has the same memory matrix, ``V × K`` (default K = V = 32), one head. The metaplastic
 models also carry the per-synapse precision ``I``; with the constant, head-shared importance rate used
-here it depends on the key channel only (THEORY.md limit 7), i.e. K extra floats. MesaNet carries the
+here it depends on the key channel only (docs/theory.md#limit-7-head-shared-importance), i.e. K extra floats. MesaNet carries the
 K × K key precision ``H``.
 
 Gates, all constant over the sequence, from a small grid per model (the setting with the largest
@@ -47,7 +47,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .. import closed_forms
-from ._threads import torch_threads
+from metaplastic.kernels.threads import torch_threads
 from ..registry import registry
 from ..scan import scan
 

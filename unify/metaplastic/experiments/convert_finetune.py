@@ -37,7 +37,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ._threads import torch_threads
+from metaplastic.kernels.threads import torch_threads
 from .mqar import evaluate, final_loss, fit, is_converged, loss_curve, spread, usable_decay_
 from .mqar_data import FILLERS, check_setting, mqar
 

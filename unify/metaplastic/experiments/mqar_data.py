@@ -19,6 +19,12 @@ One example of length ``seq_len`` with ``P`` pairs and vocabulary ``vocab_size``
   independently per position (so a filler can repeat a key or a value of the example, unlabelled); with
   ``filler="zero"`` the token 0, which a model can learn to skip.
 
+``layout="zoology"`` (the default) queries every key once, as above. ``layout="dense"`` makes *every* even
+slot after the context a query (the layout of the Palimpsa authors' MQAR runs, whose settings all have
+``seq_len = 4P``): the P queries above are placed first, from the same random draws, and every even slot
+still free holds a further query of a key drawn uniformly from the example's P keys, labelled with its
+value. At ``seq_len = 4P`` every even slot is already a query and the two layouts give the same examples.
+
 Requires ``seq_len ≥ 4P`` and ``P < vocab_size // 2``.
 """
 from __future__ import annotations
@@ -29,6 +35,7 @@ import torch
 
 IGNORE = -100
 FILLERS = ("random", "zero")
+LAYOUTS = ("zoology", "dense")
 
 
 def check_setting(seq_len: int, num_pairs: int, vocab_size: int) -> None:
@@ -43,11 +50,13 @@ def check_setting(seq_len: int, num_pairs: int, vocab_size: int) -> None:
 
 
 def mqar(num_examples: int, seq_len: int, num_pairs: int, vocab_size: int, generator: torch.Generator,
-         power_a: float = 0.01, filler: str = "random") -> Tuple[torch.Tensor, torch.Tensor]:
+         power_a: float = 0.01, filler: str = "random", layout: str = "zoology") -> Tuple[torch.Tensor, torch.Tensor]:
     """``(inputs, labels)``, both ``[num_examples, seq_len]`` int64 (see the module docstring)."""
     check_setting(seq_len, num_pairs, vocab_size)
     if filler not in FILLERS:
         raise ValueError(f"filler must be one of {FILLERS}, got {filler!r}")
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
     n, P = num_examples, num_pairs
     half = vocab_size // 2
     # sampling without replacement: the first P of a random permutation (argsort of uniform noise)
@@ -63,6 +72,14 @@ def mqar(num_examples: int, seq_len: int, num_pairs: int, vocab_size: int, gener
     query_pos = 2 * P + 2 * gaps
     inputs.scatter_(1, query_pos, keys)
     labels.scatter_(1, query_pos, values)
+    if layout == "dense" and space > P:  # the even slots still free: queries of keys drawn uniformly
+        free = torch.ones(n, space, dtype=torch.bool)
+        free.scatter_(1, gaps, False)
+        slots = free.nonzero()  # [m, 2]: (example, slot), every free slot once
+        which = torch.randint(P, (len(slots),), generator=generator)
+        rows, pos = slots[:, 0], 2 * P + 2 * slots[:, 1]
+        inputs[rows, pos] = keys[rows, which]
+        labels[rows, pos] = values[rows, which]
     if filler == "random":
         noise = torch.randint(vocab_size, (n, seq_len), generator=generator)
         fill = labels == IGNORE

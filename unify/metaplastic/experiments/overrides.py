@@ -2,8 +2,11 @@
 
 VALUE is parsed as JSON (``epochs=6``, ``lrs=[1e-3, 3e-3]``, ``'settings=[[64, 8], [64, 16]]'``,
 ``device="cpu"``; a bare word that is not JSON is taken as a string: ``filler=zero``). The value is checked
-against the field's type annotation (int, float, str, bool, Optional[...], Tuple[..., ...] and nested
-tuples); an unknown key or a value of the wrong type raises ``ValueError`` naming the key.
+against the field's type annotation (int, float, str, bool, Optional[...], Union[...], Tuple[..., ...],
+nested tuples and Dict[str, ...]); an unknown key or a value of the wrong type raises ``ValueError`` naming
+the key. A dictionary field is *merged* over the config's value, key by key and one level down
+(``mixer_kwargs={"palimpsa": {"expand_v": 2}}`` changes Palimpsa's ``expand_v`` and keeps its other
+options and every other model's); a key set to ``null`` removes it.
 """
 from __future__ import annotations
 
@@ -56,6 +59,11 @@ def coerce(key: str, value: Any, annotation: Any) -> Any:
         if len(value) != len(args):
             raise ValueError(f"{key}: expected a list of {len(args)} items, got {value!r}")
         return tuple(coerce(key, v, a) for v, a in zip(value, args))
+    if origin in (dict, Dict):
+        if not isinstance(value, dict):
+            raise ValueError(f"{key}: expected a JSON object, got {value!r}")
+        kt, vt = args if args else (str, Any)
+        return {coerce(key, k, kt): (None if v is None else coerce(f"{key}.{k}", v, vt)) for k, v in value.items()}
     if annotation is bool:
         if not isinstance(value, bool):
             raise ValueError(f"{key}: expected true or false, got {value!r}")
@@ -90,7 +98,29 @@ def apply_overrides(cfg: C, items: Sequence[str], frozen: Sequence[str] = ("name
             settable = ", ".join(sorted(f for f in fields if f not in frozen))
             raise ValueError(f"--set {key}: unknown key; settable keys: {settable}")
         changes[key] = coerce(key, value, hints[key])
+        if isinstance(changes[key], dict) and isinstance(getattr(cfg, key), dict):
+            changes[key] = merge_dicts(getattr(cfg, key), changes[key])
     return dataclasses.replace(cfg, **changes)
+
+
+def merge_dicts(base: Dict[str, Any], update: Dict[str, Any]) -> Dict[str, Any]:
+    """``update`` merged over ``base`` (new dictionaries, neither argument changed): a key whose both values
+    are dictionaries is merged one level down, any other key replaced; a value ``None`` removes the key."""
+    out = {k: (dict(v) if isinstance(v, dict) else v) for k, v in base.items()}
+    for k, v in update.items():
+        if v is None:
+            out.pop(k, None)
+        elif isinstance(v, dict) and isinstance(out.get(k), dict):
+            inner = dict(out[k])
+            for k2, v2 in v.items():
+                if v2 is None:
+                    inner.pop(k2, None)
+                else:
+                    inner[k2] = v2
+            out[k] = inner
+        else:
+            out[k] = v
+    return out
 
 
 def config_for_run(args: Any, config_from_args: Callable[[Any], C], device: Optional[str] = None) -> C:

@@ -25,20 +25,30 @@ Curve = Tuple[Sequence[float], ...]
 
 
 def style(label: str) -> Tuple[Optional[str], str]:
-    """Colour and line style of a curve: the model's; ``NAME@width`` (matched key width) dotted."""
-    name, _, accounting = label.partition("@")
-    color, line = STYLES.get(name, (None, "-"))
-    return color, (":" if accounting else line)
+    """Colour and line style of a curve: the model's; ``NAME@shape`` (``@width``) dotted, a ``b ≡ 0`` control
+    ``not_NAME`` dash-dotted in its model's colour; a suffix after a space (``"palimpsa (zero filler)"``)
+    is ignored."""
+    name, _, accounting = label.split(" ")[0].partition("@")
+    control = name.startswith("not_") and name[4:] in STYLES
+    color, line = STYLES.get(name[4:] if control else name, (None, "-"))
+    if control:
+        return color, "-."
+    return color, (":" if accounting in ("shape", "width") else line)
 
 
 def curve_panels(path: Union[str, Path], panels: Mapping[str, Mapping[str, Curve]], *, xlabel: str,
                  ylabel: str, title: str, hline: Optional[float] = None, logx: bool = False,
-                 extra: Optional[Tuple[str, str, Mapping[str, Curve], Optional[float]]] = None) -> Path:
+                 extra: Optional[Tuple[str, str, Mapping[str, Curve], Optional[float]]] = None,
+                 differences: Optional[Tuple[str, Sequence[str], Mapping[str, Tuple[Sequence[float], ...]]]] = None
+                 ) -> Path:
     """Write a PNG with one panel per key of ``panels``; each panel maps a label to ``(x, y[, yerr])``.
 
-    ``extra = (title, xlabel, curves, hline)``: one more panel, log-scaled y, no y limits (loss curves)."""
+    ``extra = (title, xlabel, curves, hline)``: one more panel, log-scaled y, no y limits (loss curves).
+    ``differences = (title, tick labels, {label: (x, mean, half-width, decided)})``: a last panel of paired
+    differences with error bars around 0 at integer positions ``x`` naming the ticks; a filled marker where
+    ``decided`` is true, an open one elsewhere."""
     path = Path(path)
-    n = max(len(panels), 1) + (extra is not None)
+    n = max(len(panels), 1) + (extra is not None) + (differences is not None)
     fig, axes = plt.subplots(1, n, figsize=(max(5.2 * n, 7.5), 4.2), squeeze=False)  # room for the title
     for ax, (panel, curves) in zip(axes[0], panels.items()):
         for label, curve in curves.items():
@@ -58,7 +68,7 @@ def curve_panels(path: Union[str, Path], panels: Mapping[str, Mapping[str, Curve
         ax.set_ylim(-0.02, 1.02)
         ax.grid(alpha=0.3)
     if extra is not None:
-        ax = axes[0][-1]
+        ax = axes[0][max(len(panels), 1)]
         panel, xlabel_extra, curves, line_at = extra
         for label, curve in curves.items():
             color, line = style(label)
@@ -69,7 +79,25 @@ def curve_panels(path: Union[str, Path], panels: Mapping[str, Mapping[str, Curve
         ax.set_title(panel)
         ax.set_xlabel(xlabel_extra)
         ax.grid(alpha=0.3)
-    axes[0][-1].legend(fontsize=8, loc="best")
+    axes[0][n - 1 - (differences is not None)].legend(fontsize=8, loc="best")
+    if differences is not None:
+        ax = axes[0][-1]
+        panel, ticks, rows = differences
+        width = 0.6 / max(len(rows), 1)
+        for i, (label, (x, mean, half, decided)) in enumerate(rows.items()):
+            color = f"C{i % 10}"
+            xs = [v - 0.3 + (i + 0.5) * width for v in x]
+            ax.errorbar(xs, list(mean), yerr=list(half), fmt="none", ecolor=color, capsize=2)
+            for xv, yv, dv in zip(xs, mean, decided):
+                ax.plot([xv], [yv], "o", color=color, markerfacecolor=color if dv else "white")
+            ax.plot([], [], "o", color=color, label=label)
+        ax.axhline(0.0, color="grey", linewidth=0.8)
+        ax.set_xticks(range(len(ticks)))
+        ax.set_xticklabels(list(ticks), rotation=45, ha="right", fontsize=7)
+        ax.set_title(panel)
+        ax.set_ylabel("accuracy difference a − b")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7, loc="best")
     fig.suptitle(title)
     fig.tight_layout()
     from ..safe_io import atomic_file

@@ -1,22 +1,25 @@
-"""Mamba2 checkpoints in either format of REFERENCES.md: architecture, key map and point-posterior config.
+"""Mamba2 checkpoints in either format of docs/references.md#mamba2-checkpoints: two source formats
+(:data:`HF`, :data:`MAMBA_SSM`), their architecture, key map and point-posterior config.
 
 - Hugging Face: ``config.json`` with ``model_type: "mamba2"``; the key names are ours.
-- original mamba_ssm: ``config.json`` with ``d_model`` / ``n_layer`` / ``ssm_cfg``. The embedding is
-  ``backbone.embedding.weight`` (renamed by :func:`adapt_store`), its rows are the vocabulary padded to
-  ``pad_vocab_size_multiple``, and ``ngroups`` lives inside ``ssm_cfg``.
+- original mamba_ssm: ``config.json`` with ``d_model`` / ``n_layer`` / ``ssm_cfg`` and no ``model_type``. The
+  embedding is ``backbone.embedding.weight`` (renamed by :func:`adapt_store`), its rows are the vocabulary
+  padded to ``pad_vocab_size_multiple``, and ``ngroups`` lives inside ``ssm_cfg``.
 
-:func:`arch_from_config` detects the format and reads the architecture (:class:`Mamba2Arch`), refusing
-other model types and unsupported options by name (:class:`CheckpointError`); :func:`point_config` is the
-``MetaplasticConfig`` with ``mamba2`` mixers computing the same function.
+:func:`arch_from_config` reads the architecture (:class:`Mamba2Arch`) of either format, refusing unsupported
+options by name (:class:`CheckpointError`); :func:`point_config` is the ``MetaplasticConfig`` with ``mamba2``
+mixers computing the same function.
 """
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Dict, Optional, Tuple
 
-from .checkpoint_io import CheckpointError, TensorStore, get_bool, get_float, get_int
-from .configuration import MetaplasticConfig
+from ..checkpoint_io import CheckpointError, TensorStore, get_bool, get_float, get_int, open_store
+from ..configuration import MetaplasticConfig
+from .reading import SourceCheckpoint, SourceFormat, check_keys, check_layer_count
 
 
 @dataclass(frozen=True)
@@ -49,13 +52,6 @@ class Mamba2Arch:
                     n_groups=self.n_groups, conv_kernel=self.conv_kernel, use_bias=self.use_bias,
                     use_conv_bias=self.use_conv_bias, time_step_limit=list(self.time_step_limit),
                     layer_norm_epsilon=self.layer_norm_epsilon)
-
-
-_NOT_MAMBA2 = {  # refused by name (Gated DeltaNet is read by source_fla, not here)
-    "mamba": "a Mamba (v1) checkpoint",
-    "gated_deltanet": "a Gated DeltaNet checkpoint (convert it with metaplastic.convert_checkpoint)",
-    "mesa_net": "a MesaNet checkpoint (not supported: its full posterior has no point-posterior source)",
-}
 
 
 def _arch_from_hf(cfg: dict) -> Mamba2Arch:
@@ -126,24 +122,25 @@ def _limit(value, key: str) -> Tuple[float, float]:
     return low, high
 
 
+def is_hf(cfg: dict) -> bool:
+    """Whether ``config.json`` is a Hugging Face Mamba2 config."""
+    return cfg.get("model_type") == "mamba2"
+
+
+def is_mamba_ssm(cfg: dict) -> bool:
+    """Whether ``config.json`` is an original mamba_ssm config (``d_model`` and no ``model_type``)."""
+    return cfg.get("model_type") is None and "d_model" in cfg
+
+
 def arch_from_config(cfg: dict) -> Tuple[str, Mamba2Arch]:
-    """``(format, architecture)`` of a Mamba2 ``config.json`` (format ``"hf"`` or ``"mamba_ssm"``); every other
-    model type and every unsupported option raises :class:`CheckpointError` naming it."""
-    model_type = cfg.get("model_type")
-    if model_type == "mamba2":
+    """``(format, architecture)`` of a Mamba2 ``config.json`` (format ``"hf"`` or ``"mamba_ssm"``); every
+    unsupported option (and a config of neither format) raises :class:`CheckpointError` naming it."""
+    if is_hf(cfg):
         fmt, arch = "hf", _arch_from_hf(cfg)
-    elif model_type is None and "d_model" in cfg:
+    elif is_mamba_ssm(cfg):
         fmt, arch = "mamba_ssm", _arch_from_mamba_ssm(cfg)
-    elif model_type in _NOT_MAMBA2:
-        raise CheckpointError(f"model_type {model_type!r} is {_NOT_MAMBA2[model_type]}, not Mamba2 or Gated DeltaNet")
-    elif "num_attention_heads" in cfg or "n_head" in cfg:
-        raise CheckpointError(f"model_type {model_type!r} is a Transformer checkpoint (attention layers): only "
-                              "Mamba2 and Gated DeltaNet checkpoints convert")
-    elif model_type is None:
-        raise CheckpointError("config.json has neither 'model_type' (Hugging Face) nor 'd_model' (mamba_ssm)")
     else:
-        raise CheckpointError(f"unknown model_type {model_type!r}: only Mamba2 (Hugging Face, mamba_ssm) and "
-                              "Gated DeltaNet (fla) checkpoints convert")
+        raise CheckpointError("config.json is not a Mamba2 config of the Hugging Face or mamba_ssm format")
     if arch.num_heads * arch.head_dim != arch.expand * arch.hidden_size:
         raise CheckpointError(f"num_heads·head_dim = {arch.num_heads}·{arch.head_dim} differs from "
                               f"expand·hidden_size = {arch.expand}·{arch.hidden_size}")
@@ -171,3 +168,18 @@ def point_config(arch: Mamba2Arch) -> MetaplasticConfig:
                              residual_in_fp32=arch.residual_in_fp32, tie_word_embeddings=arch.tie_word_embeddings,
                              pad_token_id=arch.pad_token_id, bos_token_id=arch.bos_token_id,
                              eos_token_id=arch.eos_token_id)
+
+
+def open_checkpoint(directory: Path, cfg: dict) -> SourceCheckpoint:
+    """The Mamba2 checkpoint in ``directory`` (either format), its layer count and keys checked."""
+    fmt, arch = arch_from_config(cfg)
+    store = open_store(directory)
+    adapt_store(store)
+    check_layer_count(store, arch.num_hidden_layers)
+    ckpt = SourceCheckpoint(directory, fmt, arch, point_config(arch), store, source_key, architecture="Mamba2")
+    check_keys(ckpt)
+    return ckpt
+
+
+HF = SourceFormat("hf", ("Mamba2",), recognise=is_hf, open=open_checkpoint)
+MAMBA_SSM = SourceFormat("mamba_ssm", ("Mamba2",), recognise=is_mamba_ssm, open=open_checkpoint)

@@ -1,6 +1,7 @@
-"""Reading Gated DeltaNet checkpoints in fla's format (``GatedDeltaNetForCausalLM.save_pretrained``).
+"""Gated DeltaNet checkpoints in fla's format (``GatedDeltaNetForCausalLM.save_pretrained``): the source format
+:data:`GATED_DELTANET`.
 
-``config.json`` has ``model_type: "gated_deltanet"``; the weights are named (REFERENCES.md)::
+``config.json`` has ``model_type: "gated_deltanet"``; the weights are named (docs/references.md#fla-checkpoints)::
 
     model.embeddings.weight
     model.layers.{i}.attn_norm.weight
@@ -9,17 +10,19 @@
     model.norm.weight,  lm_head.weight (absent when tied)
 
 Such a model is a :class:`MetaplasticForCausalLM` with ``gated_deltanet`` mixers and a SwiGLU MLP per block
-(:func:`point_config`); :func:`source_key` maps our key names onto fla's. Options that change the layer's
-math and that our mixer does not implement are refused by name (:func:`arch_from_fla`).
+(:func:`point_config`); :func:`source_key` maps our key names onto fla's (those of its GLA too). Options that
+change the layer's math and that our mixer does not implement are refused by name (:func:`arch_from_fla`).
 """
 from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Dict, Optional
 
-from .checkpoint_io import CheckpointError, get_bool, get_float, get_int
-from .configuration import MetaplasticConfig
+from ..checkpoint_io import CheckpointError, get_bool, get_float, get_int, open_store
+from ..configuration import MetaplasticConfig
+from .reading import SourceCheckpoint, SourceFormat, check_keys, check_layer_count
 
 # fla's GatedDeltaNetConfig defaults (used when config.json omits a field)
 DEFAULTS = dict(expand_v=2.0, use_gate=True, use_short_conv=True, allow_neg_eigval=False, conv_size=4, head_dim=256,
@@ -127,3 +130,26 @@ def source_key(key: str) -> str:
         if pattern.match(key):
             return pattern.sub(repl, key, count=1)
     return key
+
+
+def is_gated_deltanet(cfg: dict) -> bool:
+    """Whether ``config.json`` is fla's Gated DeltaNet config."""
+    return cfg.get("model_type") == "gated_deltanet"
+
+
+def open_checkpoint(directory: Path, cfg: dict) -> SourceCheckpoint:
+    """The Gated DeltaNet checkpoint in ``directory``, its layer count and keys checked (errors name the
+    architecture)."""
+    try:
+        arch = arch_from_fla(cfg)
+        store = open_store(directory)
+        check_layer_count(store, arch.num_hidden_layers)
+        ckpt = SourceCheckpoint(directory, "fla", arch, point_config(arch), store, source_key,
+                                architecture="Gated DeltaNet", fla_model="GatedDeltaNetForCausalLM")
+        check_keys(ckpt)
+    except CheckpointError as exc:
+        raise CheckpointError(f"Gated DeltaNet checkpoint: {exc}") from None
+    return ckpt
+
+
+GATED_DELTANET = SourceFormat("fla", ("Gated DeltaNet",), recognise=is_gated_deltanet, open=open_checkpoint)

@@ -1,8 +1,9 @@
-"""The paper authors' model types (``palimpsa``, ``meta_mamba2``) as a :class:`MetaplasticConfig`.
+"""The paper authors' model types (``palimpsa``, ``meta_mamba2``) as the fields of a ``MetaplasticConfig``.
 
-:func:`authors_config` takes the fields of their ``PalimpsaConfig`` / ``MetaMamba2Config`` (AUTHORS_FORMAT.md §1,
-with their defaults) and returns the config whose model computes exactly what theirs computes, with every
-mixer option set to their choice:
+:func:`authors_config` takes the fields of their ``PalimpsaConfig`` / ``MetaMamba2Config`` (docs/authors.md#their-configs,
+with their defaults) and returns the keyword arguments of the
+:class:`~metaplastic.models.configuration.MetaplasticConfig` whose model computes exactly what theirs computes
+(``MetaplasticConfig.authors_preset`` builds it), with every mixer option set to their choice:
 
 - ``palimpsa``: ``palimpsa`` mixers with ``l2_norm="normalize"``, ``bs_bias=False``, ``A_init_range=(0, 16)``,
   ``importance_rank = beta_step_rank`` (``"auto"``: ceil(hidden/16)), ``importance_bias=False``, no gate γ,
@@ -22,11 +23,9 @@ from __future__ import annotations
 import math
 from typing import Any, Dict
 
-from .configuration import MetaplasticConfig
-
 MODEL_TYPES = ("palimpsa", "meta_mamba2")
 
-# their config defaults (AUTHORS_FORMAT.md §1)
+# their config defaults (docs/authors.md#their-configs)
 PALIMPSA_DEFAULTS: Dict[str, Any] = dict(
     hidden_size=2048, head_dim=256, num_heads=6, num_v_heads=None, expand_k=1, expand_v=2.0, beta_step_rank="auto",
     use_gate=True, use_short_conv=True, conv_size=4, norm_eps=1e-6, metaplasticity=True, use_residual=True,
@@ -86,9 +85,9 @@ def palimpsa_intermediate_size(hidden: int, hidden_ratio: Any, intermediate_size
     return 256 * ((width + 255) // 256)
 
 
-def authors_config(model_type: str, **fields: Any) -> MetaplasticConfig:
-    """The :class:`MetaplasticConfig` of the authors' ``model_type`` with their config ``fields`` (their names
-    and defaults). Raises ``ValueError`` for an option these mixers cannot reproduce."""
+def authors_config(model_type: str, **fields: Any) -> Dict[str, Any]:
+    """The ``MetaplasticConfig`` keyword arguments of the authors' ``model_type`` with their config ``fields``
+    (their names and defaults). Raises ``ValueError`` for an option these mixers cannot reproduce."""
     refusals(model_type, fields)
     if model_type == "palimpsa":
         return _palimpsa(PALIMPSA_DEFAULTS | fields)
@@ -101,15 +100,15 @@ def _importance(c: Dict[str, Any]) -> Dict[str, Any]:
                 importance_init=("paper-finetuning" if c["finetuning"] else "paper") if meta else "identity")
 
 
-def _lm(c: Dict[str, Any], **kwargs: Any) -> MetaplasticConfig:
-    return MetaplasticConfig(vocab_size=_int(c, "vocab_size"), hidden_size=_int(c, "hidden_size"),
-                             num_hidden_layers=_int(c, "num_hidden_layers"), layer_norm_epsilon=float(c["norm_eps"]),
-                             tie_word_embeddings=bool(c["tie_word_embeddings"]),
-                             initializer_range=float(c["initializer_range"]), pad_token_id=c["pad_token_id"],
-                             bos_token_id=c["bos_token_id"], eos_token_id=c["eos_token_id"], **kwargs)
+def _lm(c: Dict[str, Any], **kwargs: Any) -> Dict[str, Any]:
+    return dict(vocab_size=_int(c, "vocab_size"), hidden_size=_int(c, "hidden_size"),
+                num_hidden_layers=_int(c, "num_hidden_layers"), layer_norm_epsilon=float(c["norm_eps"]),
+                tie_word_embeddings=bool(c["tie_word_embeddings"]), initializer_range=float(c["initializer_range"]),
+                pad_token_id=c["pad_token_id"], bos_token_id=c["bos_token_id"], eos_token_id=c["eos_token_id"],
+                **kwargs)
 
 
-def _palimpsa(c: Dict[str, Any]) -> MetaplasticConfig:
+def _palimpsa(c: Dict[str, Any]) -> Dict[str, Any]:
     hidden = _int(c, "hidden_size")
     mixer = dict(num_heads=_int(c, "num_heads"), head_dim=_int(c, "head_dim"), expand_k=float(c["expand_k"]),
                  expand_v=float(c["expand_v"]),
@@ -124,7 +123,7 @@ def _palimpsa(c: Dict[str, Any]) -> MetaplasticConfig:
                intermediate_size=palimpsa_intermediate_size(hidden, c["hidden_ratio"], c["intermediate_size"]))
 
 
-def _meta_mamba2(c: Dict[str, Any]) -> MetaplasticConfig:
+def _meta_mamba2(c: Dict[str, Any]) -> Dict[str, Any]:
     hidden, expand, head_dim = _int(c, "hidden_size"), _int(c, "expand"), _int(c, "head_dim")
     num_heads = _int(c, "num_heads") if c["num_heads"] is not None else int(expand * hidden / head_dim)
     try:

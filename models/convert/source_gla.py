@@ -1,4 +1,5 @@
-"""Reading Gated Linear Attention checkpoints in fla's format (``GLAForCausalLM.save_pretrained``).
+"""Gated Linear Attention checkpoints in fla's format (``GLAForCausalLM.save_pretrained``): the source format
+:data:`GLA`.
 
 ``config.json`` has ``model_type: "gla"``; the weights are named (fla/models/gla)::
 
@@ -11,7 +12,7 @@
     model.norm.weight,  lm_head.weight (absent when tied)
 
 Such a model is a :class:`MetaplasticForCausalLM` with ``gla`` mixers and a SwiGLU MLP per block
-(:func:`point_config`); the key names are those of fla's Gated DeltaNet (:func:`source_fla.source_key`).
+(:func:`point_config`); the key names are those of fla's Gated DeltaNet (:func:`.source_gated_deltanet.source_key`).
 fla's block builds each layer with ``gate_low_rank_dim = 16``, ``gate_logit_normalizer = 16`` and no
 convolution bias. Options that change the layer's math and that our ``gla`` mixer does not implement are
 refused by name (:func:`arch_from_fla`).
@@ -19,12 +20,14 @@ refused by name (:func:`arch_from_fla`).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Dict, Optional
 
-from .checkpoint_io import CheckpointError, get_bool, get_float, get_int
-from .configuration import MetaplasticConfig
-from .gla import FEATURE_MAPS
-from .source_fla import mlp_width, source_key  # noqa: F401  (the key names are the same)
+from ..checkpoint_io import CheckpointError, get_bool, get_float, get_int, open_store
+from ..configuration import MetaplasticConfig
+from ..gla import FEATURE_MAPS
+from .reading import SourceCheckpoint, SourceFormat, check_keys, check_layer_count
+from .source_gated_deltanet import mlp_width, source_key  # the key names and MLP width are those of Gated DeltaNet
 
 # fla's GLAConfig defaults (used when config.json omits a field)
 DEFAULTS = dict(expand_k=0.5, expand_v=1.0, hidden_ratio=4, intermediate_size=None, num_heads=4, num_kv_heads=None,
@@ -125,3 +128,25 @@ def point_config(arch: GLAArch) -> MetaplasticConfig:
                              layer_norm_epsilon=arch.norm_eps, residual_in_fp32=False,
                              tie_word_embeddings=arch.tie_word_embeddings, pad_token_id=arch.pad_token_id,
                              bos_token_id=arch.bos_token_id, eos_token_id=arch.eos_token_id)
+
+
+def is_gla(cfg: dict) -> bool:
+    """Whether ``config.json`` is fla's GLA config."""
+    return cfg.get("model_type") == "gla"
+
+
+def open_checkpoint(directory: Path, cfg: dict) -> SourceCheckpoint:
+    """The GLA checkpoint in ``directory``, its layer count and keys checked (errors name the architecture)."""
+    try:
+        arch = arch_from_fla(cfg)
+        store = open_store(directory)
+        check_layer_count(store, arch.num_hidden_layers)
+        ckpt = SourceCheckpoint(directory, "fla", arch, point_config(arch), store, source_key, architecture="GLA",
+                                fla_model="GLAForCausalLM")
+        check_keys(ckpt)
+    except CheckpointError as exc:
+        raise CheckpointError(f"GLA checkpoint: {exc}") from None
+    return ckpt
+
+
+GLA = SourceFormat("fla", ("GLA",), recognise=is_gla, open=open_checkpoint)

@@ -1,10 +1,10 @@
-"""Reading checkpoints written by the paper authors' code (``model_type`` ``palimpsa`` or ``meta_mamba2``;
-AUTHORS_FORMAT.md), and their surgery.
+"""Checkpoints written by the paper authors' code (``model_type`` ``palimpsa`` or ``meta_mamba2``;
+docs/authors.md#their-format): the source format :data:`AUTHORS`, and their surgery.
 
 Their Hugging Face export (``save_pretrained``) holds ``config.json`` (their config fields; MetaMamba2's may
 contain ``Infinity`` in ``time_step_limit``), one ``model.safetensors`` (or ``pytorch_model.bin``) and the
 tokenizer; a tied ``lm_head.weight`` is left out. The model becomes the :class:`MetaplasticConfig` of
-:func:`metaplastic.models.authors_config.authors_config` and the keys are renamed (:func:`source_key`):
+:meth:`MetaplasticConfig.authors_preset` and the keys are renamed (:func:`source_key`):
 
 | ours | theirs (Palimpsa) | theirs (MetaMamba2) |
 |---|---|---|
@@ -20,7 +20,7 @@ tokenizer; a tied ``lm_head.weight`` is left out. The model becomes the :class:`
 ``init="identity"`` keeps every weight: the converted logits equal theirs. A checkpoint trained with
 ``metaplasticity=false`` (b ≡ 0) converts to the metaplastic mixer with its gate closed (γ = 0, their saved
 b-parameters kept), so fine-tuning can open it. ``init="paper"`` / ``"paper-finetuning"`` is their surgery
-(AUTHORS_FORMAT.md §4): every key whose name contains ``b_proj``, ``b_rank_proj``, ``b_scale``, ``Ip_log`` or
+(docs/authors.md#their-surgery-script): every key whose name contains ``b_proj``, ``b_rank_proj``, ``b_scale``, ``Ip_log`` or
 ``bs_proj`` is dropped and drawn again by their laws (W_b1 ~ N(0, 0.02²), W_b2 ~ U(±rank^{-1/2}), b_scale = 1
 raw or U(0.1, 1) raw, Ip_log = 0, bs_proj ~ N(0, 0.02²)), into the metaplastic model without a gate.
 """
@@ -28,14 +28,16 @@ from __future__ import annotations
 
 import copy
 import re
+from pathlib import Path
 from typing import Any, Dict, Optional
 
 import torch
 
-from .authors_config import MODEL_TYPES, authors_config
-from .base import resolve_rank
-from .checkpoint_io import CheckpointError
-from .configuration import MetaplasticConfig
+from ..base import resolve_rank
+from ..checkpoint_io import CheckpointError, open_store
+from ..configuration import MetaplasticConfig
+from .authors_config import MODEL_TYPES
+from .reading import SourceCheckpoint, SourceFormat, check_keys
 
 ARCHITECTURES = {"palimpsa": "Palimpsa", "meta_mamba2": "MetaMamba2"}
 DROPPED = ("b_proj", "b_rank_proj", "b_scale", "Ip_log", "bs_proj")  # their surgery drops keys containing these
@@ -59,7 +61,7 @@ def source_config(cfg: dict) -> MetaplasticConfig:
                                                                  "transformers_version", "torch_dtype", "dtype")}
     meta = bool(fields.get("metaplasticity", True))
     try:
-        config = authors_config(model_type, **{**fields, "metaplasticity": True})
+        config = MetaplasticConfig.authors_preset(model_type, **{**fields, "metaplasticity": True})
     except ValueError as exc:
         raise CheckpointError(f"{ARCHITECTURES[model_type]} checkpoint: {exc}") from None
     if not meta:  # their plain model: the same layer with b ≡ 0, i.e. the gate closed
@@ -121,7 +123,7 @@ def layer_tensors(tensor, key, config: MetaplasticConfig, layer: int, init: str,
                   generator: torch.Generator) -> Dict[str, torch.Tensor]:
     """Layer ``layer``'s mixer state dict for the converted ``config``: ``tensor(their key)`` for every kept
     weight; γ = 0 where absent (identity); the dropped keys drawn again by their laws (surgery)."""
-    from .mixers import MIXERS
+    from ..mixers import MIXERS
     with torch.device("meta"):
         mixer = MIXERS[config.mixer_for(layer)](config.hidden_size, **config.mixer_kwargs_for(layer))
     fresh: Dict[str, Any] = {}
@@ -139,3 +141,20 @@ def layer_tensors(tensor, key, config: MetaplasticConfig, layer: int, init: str,
         else:
             out[name] = tensor(theirs)
     return out
+
+
+def open_checkpoint(directory: Path, cfg: dict) -> SourceCheckpoint:
+    """The authors' checkpoint in ``directory``, its keys checked (errors name the architecture)."""
+    config = source_config(cfg)
+    model_type = cfg["model_type"]
+    ckpt = SourceCheckpoint(directory, "authors", model_type, config, open_store(directory), source_key(model_type),
+                            architecture=ARCHITECTURES[model_type],
+                            target=lambda init, rank: target_config(config, init, rank), layer_fn=layer_tensors)
+    try:
+        check_keys(ckpt)
+    except CheckpointError as exc:
+        raise CheckpointError(f"{ckpt.architecture} checkpoint: {exc}") from None
+    return ckpt
+
+
+AUTHORS = SourceFormat("authors", tuple(ARCHITECTURES.values()), recognise=is_authors, open=open_checkpoint)

@@ -1,0 +1,142 @@
+"""One token of the fused recurrent kernel, row form: shared by the forward (``fused_recurrent.py``) and the
+backward (``fused_recurrent_bwd.py``) Triton kernels, with the host-side plan of a call.
+
+:func:`_load_token` reads token ``t`` of a head, :func:`_prior` applies the stabilised forgetting and
+:func:`_update` the token's evidence (the row forms of :mod:`metaplastic.kernels.flags`).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Dict, Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from . import flags
+
+Tensor = torch.Tensor
+# the flags of flags.py by name, as constants a Triton kernel may read
+_POINT, _DIAGONAL = tl.constexpr(flags.POINT), tl.constexpr(flags.DIAGONAL)
+_HEBBIAN, _GRADIENT, _EXACT = tl.constexpr(flags.HEBBIAN), tl.constexpr(flags.GRADIENT), tl.constexpr(flags.EXACT)
+_FORGET_NONE, _FORGET_SCALAR = tl.constexpr(flags.FORGET_NONE), tl.constexpr(flags.FORGET_SCALAR)
+_FORGET_VECTOR = tl.constexpr(flags.FORGET_VECTOR)
+
+
+@triton.jit
+def _load_token(q, k, v, g, beta, b, t, i_h, o_k, o_v, m_k, m_v,
+                H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+                FORGET: tl.constexpr, HAS_BETA: tl.constexpr, BETA_PER_V: tl.constexpr,
+                HAS_B: tl.constexpr, B_PER_V: tl.constexpr, DTYPE: tl.constexpr):
+    """Token ``t`` of head ``i_h``: q, k ``[BK]``; v, β, b ``[BV]``; decay α ``[1, BK]`` (1 if no forgetting)."""
+    p_k = (t * H + i_h) * K + o_k
+    p_v = (t * H + i_h) * V + o_v
+    qt = tl.load(q + p_k, mask=m_k, other=0.).to(DTYPE)
+    kt = tl.load(k + p_k, mask=m_k, other=0.).to(DTYPE)
+    vt = tl.load(v + p_v, mask=m_v, other=0.).to(DTYPE)
+    if HAS_BETA:
+        if BETA_PER_V:
+            bt = tl.load(beta + p_v, mask=m_v, other=0.).to(DTYPE)
+        else:
+            bt = tl.zeros([BV], dtype=DTYPE) + tl.load(beta + t * H + i_h).to(DTYPE)
+    else:
+        bt = tl.full([BV], 1., DTYPE)
+    if HAS_B:
+        if B_PER_V:
+            bb = tl.load(b + p_v, mask=m_v, other=0.).to(DTYPE)
+        else:
+            bb = tl.zeros([BV], dtype=DTYPE) + tl.load(b + t * H + i_h).to(DTYPE)
+    else:
+        bb = tl.zeros([BV], dtype=DTYPE)
+    if FORGET == _FORGET_SCALAR:
+        a = tl.zeros([1, BK], dtype=DTYPE) + tl.exp(tl.load(g + t * H + i_h).to(DTYPE))
+    elif FORGET == _FORGET_VECTOR:
+        a = tl.exp(tl.load(g + p_k, mask=m_k, other=0.).to(DTYPE))[None, :]
+    else:
+        a = tl.full([1, BK], 1., DTYPE)
+    return qt, kt, vt, bt, bb, a
+
+
+@triton.jit
+def _prior(s1, s2, a, ip, POSTERIOR: tl.constexpr, FORGET: tl.constexpr):
+    """Stabilised forgetting -> prior mean rows ``m`` and prior precision ``P⁻`` (point: the scalar Ip).
+
+    diagonal: ``P⁻ = α I + (1 − α) Ip``, ``m = α I μ / P⁻``; point: ``m = α S``.
+    """
+    if POSTERIOR == _POINT:
+        Pm = ip
+        if FORGET == _FORGET_NONE:
+            m = s1
+        else:
+            m = a * s1
+    else:
+        if FORGET == _FORGET_NONE:
+            Pm = s2
+            m = s1
+        else:
+            Pm = a * s2 + (1. - a) * ip
+            m = a * s2 * s1 / Pm
+    return m, Pm
+
+
+@triton.jit
+def _update(m, Pm, kt, vt, bt, bb, POSTERIOR: tl.constexpr, UPDATE: tl.constexpr):
+    """The token's evidence -> posterior mean rows ``mu`` and precision ``P = P⁻ + b k²`` (see flags.py)."""
+    k_ = kt[None, :]
+    if POSTERIOR == _DIAGONAL:
+        P = Pm + bb[:, None] * (k_ * k_)
+    else:
+        P = Pm
+    if UPDATE == _HEBBIAN:
+        mu = (Pm * m + (bt * vt)[:, None] * k_) / P
+    elif UPDATE == _GRADIENT:
+        r = vt - tl.sum(m * k_, 1)
+        mu = m + (bt * r)[:, None] * k_ / P
+    else:
+        d = k_ / Pm
+        c = bt / (1. + bt * tl.sum(d * k_, 1))
+        if UPDATE == _EXACT:
+            r = vt - tl.sum(m * k_, 1)
+            mu = m + (c * r)[:, None] * d
+        else:
+            mu = m + c[:, None] * d * (vt[:, None] - k_ * m)
+    return mu, P
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """Everything about a call that is not a differentiable tensor."""
+
+    flags: Dict[str, int]
+    B: int
+    T: int
+    H: int
+    K: int
+    V: int
+    N: int
+    BK: int
+    BV: int
+    BV_bwd: int  # value rows per backward program (more live tensors: a smaller block)
+    C: int
+    cg_steps: int
+    cg_start: int  # 0 zero, 1 previous token's solution, 2 q / (diag P + ε)
+    cg_eps: float
+    dtype: torch.dtype
+    ip: Tensor           # [H] prior precision, compute dtype
+    scale: Tensor        # [1] read-out scale, compute dtype
+    lam: Optional[Tensor]
+    cu_seqlens: Tensor   # [N+1] int32 (dense batches become packed ones)
+    seg_offsets: Tensor  # [N] int32, index of each sequence's first checkpoint
+    n_segments: int
+    output_variance: bool
+    output_final_state: bool
+    beta_per_v: bool
+    b_per_v: bool
+
+    @property
+    def NV(self) -> int:
+        return triton.cdiv(self.V, self.BV)
+
+    @property
+    def NV_bwd(self) -> int:
+        return triton.cdiv(self.V, self.BV_bwd)

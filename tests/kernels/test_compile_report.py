@@ -1,0 +1,150 @@
+"""``metaplastic bench compile`` and ``bench traffic`` without a GPU.
+
+A representative subset (the per-value kernels and Mamba2's chunked kernels, bf16, sm_90a) is compiled in
+a fresh process without ``TRITON_INTERPRET``; the full set is the committed
+``kernels/results/compile_sm90.json`` / ``compile_sm80.json``. The report's registers, spills and stack are
+checked against ``ptxas -v`` run here on the dumped PTX (Triton's bundled ptxas, parsed by this file's own
+patterns) and against the cubin Triton built itself (``cuobjdump``).
+"""
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("triton.backends.nvidia")
+
+ROOT = Path(__file__).resolve().parents[2]
+CASES = [("palimpsa", "V", "triton_per_value"), ("mamba2", "-", "triton_chunk")]
+# Spills measured at the benchmark configuration (sm_90a, 4 warps, Triton 3.9), bytes per thread.
+KNOWN_SPILLS = {"_chunk_bwd_dqk_kernel": "255 registers, ~630 B spill stores / ~610 B loads"}
+
+_SCRIPT = r'''
+import json, sys
+from metaplastic.kernels import compile_report as cr
+cases = [tuple(c) for c in json.loads(sys.argv[1])]
+rep = cr.build_report("sm_90a", dtypes=["bfloat16"], dump=sys.argv[2], cases=cases, progress=False)
+open(sys.argv[3], "w").write(json.dumps(rep))
+'''
+
+
+@pytest.fixture(scope="module")
+def compiled(tmp_path_factory):
+    out = tmp_path_factory.mktemp("compile")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_DEFAULT_FP_FUSION"] = "1"
+    proc = subprocess.run([sys.executable, "-c", _SCRIPT, json.dumps(CASES), str(out / "dump"), str(out / "r.json")],
+                          env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads((out / "r.json").read_text()), out / "dump"
+
+
+def _ptxas_v(ptx: Path) -> str:
+    from triton.backends.nvidia.compiler import get_ptxas
+    cmd = [get_ptxas(90).path, "-lineinfo", "-v", "--regAllocOptLevel=2", "--gpu-name=sm_90a", str(ptx),
+           "-o", os.devnull]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout + proc.stderr
+
+
+def test_report_equals_ptxas_on_the_dumped_ptx(compiled):
+    report, dump = compiled
+    kernels = {e["kernel"] for e in report["kernels"]}
+    assert {"_pv_fwd_kernel", "_pv_bwd_kernel", "_chunk_states_kernel", "_chunk_output_kernel",
+            "_chunk_dstates_kernel", "_chunk_bwd_dv_kernel", "_chunk_bwd_dqk_kernel"} <= kernels
+    for e in report["kernels"]:
+        name = f"{e['id']}-sm_90a"
+        meta = json.loads((dump / f"{name}.json").read_text())
+        assert meta["constexprs"] == e["constexprs"] and meta["num_warps"] == e["num_warps"]
+        log = _ptxas_v(dump / f"{name}.ptx")
+        regs = int(re.search(r"Used (\d+) registers", log).group(1))
+        stores, loads = map(int, re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", log).groups())
+        stack = int(re.search(r"(\d+) bytes stack frame", log).group(1))
+        assert (regs, stores, loads, stack) == (e["registers"], e["spill_stores"], e["spill_loads"],
+                                                e["stack_bytes"]), name
+        assert (e["cubin_registers"], e["cubin_stack_bytes"]) == (regs, stack), name  # Triton's own cubin
+
+
+def test_the_benchmark_launch_is_recorded(compiled):
+    report, _ = compiled
+    by = {e["kernel"]: e for e in report["kernels"]}
+    fwd, bwd = by["_pv_fwd_kernel"], by["_pv_bwd_kernel"]
+    # per_value._blocks at K = V = 128: forward 16 rows x all 128 columns, backward 16 x 16 tiles at 8 warps
+    assert (fwd["constexprs"]["BV"], fwd["constexprs"]["BK"]) == (16, 128)
+    assert (bwd["constexprs"]["BK"], bwd["constexprs"]["BV"], bwd["constexprs"]["CS"]) == (16, 16, 16)
+    assert bwd["num_warps"] == 8
+    assert fwd["grid_at_bench_shape"] == [8, 8 * 16] and bwd["grid_at_bench_shape"] == [8, 8, 8 * 16]
+    assert fwd["signature"]["q"] == "*bf16"
+
+
+def _spill_params():
+    return [pytest.param(k, marks=pytest.mark.xfail(reason=f"spills at the benchmark shape: {KNOWN_SPILLS[k]}",
+                                                    strict=True) if k in KNOWN_SPILLS else ())
+            for k in ("_pv_fwd_kernel", "_pv_bwd_kernel", "_chunk_states_kernel", "_chunk_output_kernel",
+                      "_chunk_dstates_kernel", "_chunk_bwd_dv_kernel", "_chunk_bwd_dqk_kernel")]
+
+
+@pytest.mark.parametrize("kernel", _spill_params())
+def test_no_spill_and_shared_memory_fits(compiled, kernel):
+    report, _ = compiled
+    for e in (e for e in report["kernels"] if e["kernel"] == kernel):
+        assert not e["shared_overflow"], (kernel, e["shared_bytes"])
+        assert e["spill_stores"] == 0 and e["spill_loads"] == 0, (kernel, e["spill_stores"], e["spill_loads"])
+
+
+def test_chunked_kernels_use_hopper_tensor_cores(compiled):
+    report, _ = compiled
+    for e in report["kernels"]:
+        if e["module"] == "chunk_triton":
+            assert e["tensor_core"]["wgmma"] > 0, e["kernel"]
+
+
+def test_occupancy_by_hand():
+    """255 registers x 4 warps: 255·32 rounded up to 256 per warp = 8192 -> 8 warps by registers -> 2 blocks
+    of 4 warps: 8 of 64 warps (CUDA occupancy rules); 96 registers -> 3072 per warp -> 21 warps -> 5 blocks."""
+    from metaplastic.kernels.compile_report import occupancy
+    assert occupancy("sm_90a", 255, 0, 4, 132)["warps_per_sm"] == 8
+    assert occupancy("sm_90a", 96, 512, 4, 132)["blocks_per_sm"] == 5
+    assert occupancy("sm_80", 32, 100 * 1024, 4, 1)["limited_by"] == ["shared_memory"]
+
+
+def _per_value_parts():
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    script = ("import json; from metaplastic.kernels import traffic, launches\n"
+              "r = launches.record('palimpsa', 'V', 'triton_per_value')\n"
+              "print(json.dumps(traffic.case_traffic(r)['parts']))")
+    proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def test_traffic_counts_the_per_value_forward_inputs():
+    """The per-value forward at the benchmark shape: q and k (bf16) read once per value tile (8 tiles),
+    v once, b (fp32) once, g (fp32) per tile, states 2·V·K·4/64 written: the model's figure by hand."""
+    parts = _per_value_parts()
+    K = V = 128
+    read = 8 * 2 * K * 2 + V * 2 + 8 * 4 + V * 4 + 8 * 4 + 2 * V * K * 4 / 4096  # q,k; v; beta; b; g; M0,J0
+    written = 2 * V * K * 4 / 64 + 2 * V * K * 4 / 4096 + V * 4  # checkpoints, final state, o (fp32)
+    assert parts["fwd _pv_fwd_kernel"]["read"] == pytest.approx(read, abs=0.1)
+    assert parts["fwd _pv_fwd_kernel"]["written"] == pytest.approx(written, abs=0.1)
+
+
+def test_traffic_counts_the_per_value_backward_loads_and_stores():
+    """The per-value backward at the benchmark shape, counted by hand from the kernel: 8 key x 8 value tiles
+    of 16; per program q (bf16) and do (fp32) once; k, v (bf16), b (fp32), β and g (fp32, one per token and
+    program) once for the sub-chunk and on average 1.5 times more to rebuild its start state (sub-chunks 0..3
+    of a 64-token segment re-read 0, 1, 2, 3 earlier ones); the saved states once. Written: fp32 partials of
+    dq, dk per value tile, of d(βv), db per key tile, of dg per program, and the initial state's cotangents."""
+    parts = _per_value_parts()
+    K = V = 128
+    NK = NV = 8
+    reads = 2.5
+    read = NV * K * 2 + NK * V * 4 + reads * (NV * K * 2 + NK * (V * 2 + V * 4) + 2 * NK * NV * 4) \
+        + 2 * V * K * 4 / 64
+    written = 2 * NV * K * 4 + 2 * NK * V * 4 + NK * NV * 4 + 2 * V * K * 4 / 4096
+    assert parts["bwd _pv_bwd_kernel"]["read"] == pytest.approx(read, abs=0.1)
+    assert parts["bwd _pv_bwd_kernel"]["written"] == pytest.approx(written, abs=0.1)
