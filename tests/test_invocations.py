@@ -4,7 +4,6 @@ Every invocation runs in a fresh process with the repository root as its working
 test set-up's path changes. The root folders ``kernels/``, ``models/``, ``derivations/`` share their names
 with PyPI distributions (transformers imports the one named ``kernels``); they must never shadow them.
 """
-import importlib.util
 import os
 import shutil
 import subprocess
@@ -59,7 +58,16 @@ def test_script_on_stdin_from_the_root():
     assert "built Mamba2ForCausalLM" in proc.stdout
 
 
-@pytest.mark.skipif(importlib.util.find_spec("kernels") is None, reason="the PyPI package kernels is not installed")
+def _distribution_installed(name: str) -> bool:
+    from importlib import metadata
+    try:
+        metadata.distribution(name)
+        return True
+    except metadata.PackageNotFoundError:
+        return False
+
+
+@pytest.mark.skipif(not _distribution_installed("kernels"), reason="the PyPI package kernels is not installed")
 def test_the_pypi_kernels_package_wins_from_the_root():
     code = "import kernels, metaplastic.kernels.dispatch as d; print(kernels.__file__); print(d.__file__)"
     proc = run_from_root([sys.executable, "-c", code])
