@@ -77,6 +77,7 @@ NUMERIC = "derivations/results/verify_numeric.json"
 CAPACITY = "notebooks/figures/capacity_full.json"
 MQAR = "notebooks/figures/mqar_study.json"
 MQAR_DECIDE = "notebooks/figures/mqar_decide/mqar.json"
+FRESH_CLONE = "tests/results/fresh_clone_run.json"
 MQAR_G2 = "notebooks/figures/mqar_study_G2.json"
 
 
@@ -133,6 +134,9 @@ FIGURES = [
     Figure("README.md", "{} for Palimpsa and MetaMamba2", CAPACITY, _capacity_recall("palimpsa", 48), "{:.2f}"),
     Figure("README.md", "{} for Palimpsa and MetaMamba2", CAPACITY, _capacity_recall("meta_mamba2", 48), "{:.2f}"),
     Figure("README.md", "{} for MesaNet", CAPACITY, _capacity_recall("mesanet", 48), "{:.2f}"),
+    Figure("docs/testing.md", "a fresh clone took {} s in all", FRESH_CLONE, lambda d: d["wall_seconds"], "{}"),
+    Figure("docs/testing.md", "476.8 s in all, {} s of it in pytest", FRESH_CLONE, lambda d: d["pytest_seconds"], "{}"),
+    Figure("docs/testing.md", "({} passed, 55 skipped;", FRESH_CLONE, lambda d: d["result"]["passed"], "{}"),
     Figure("README.md", "T = 64, 8 pairs ({} ± 0.002)", MQAR_DECIDE,
            _comparison("palimpsa@shape", "not_palimpsa", 64, 8, "zero", "mean"), "{:+.3f}"),
     Figure("README.md", "T = 64, 8 pairs (+0.007 ± {})", MQAR_DECIDE,
