@@ -24,10 +24,9 @@ from lm_eval import simple_evaluate  # noqa: E402
 from lm_eval.models.huggingface import HFLM  # noqa: E402
 from lm_eval.tasks import TaskManager  # noqa: E402
 
-from metaplastic import convert_checkpoint  # noqa: E402
 from metaplastic.cli import main  # noqa: E402
 
-from tiny_lm import ARCHITECTURES, TASK_DIR, ReferenceLM, tokenizer, write_source  # noqa: E402
+from tiny_lm import ARCHITECTURES, TASK_DIR, ReferenceLM, convert_sources, tokenizer  # noqa: E402
 
 TOL = 1e-4  # absolute, per sample (see the module docstring)
 
@@ -85,13 +84,7 @@ def assert_same_scores(got, want):
 @pytest.fixture(scope="module")
 def converted(tmp_path_factory):
     """``{arch: (source model, source dir, converted dir)}``."""
-    out = {}
-    for arch in ARCHITECTURES:
-        root = tmp_path_factory.mktemp(arch)
-        source = write_source(arch, root / "src")
-        convert_checkpoint(root / "src", root / "dst", progress=False)
-        out[arch] = (source, root / "src", root / "dst")
-    return out
+    return convert_sources(tmp_path_factory.mktemp("sources"))
 
 
 def source_lm(arch, source, src, batch_size=4, max_length=None):

@@ -13,13 +13,13 @@ import torch
 peft = pytest.importorskip("peft")
 from transformers import AutoModelForCausalLM  # noqa: E402
 
-from metaplastic import MetaplasticForCausalLM, convert_checkpoint  # noqa: E402
+from metaplastic import MetaplasticForCausalLM  # noqa: E402
 from metaplastic.models.importance import project_importance_  # noqa: E402
 from metaplastic.models.lora import lora_config, lora_target_modules, mixer_projections  # noqa: E402
 from metaplastic.models.mixers import MIXERS  # noqa: E402
 
 from helpers import TINY_MIXERS, assert_close  # noqa: E402
-from tiny_lm import ARCHITECTURES, VOCAB, reference_logits, write_source  # noqa: E402
+from tiny_lm import ARCHITECTURES, VOCAB, convert_sources, reference_logits  # noqa: E402
 
 IDS = torch.randint(0, VOCAB, (2, 11), generator=torch.Generator().manual_seed(0))
 PROJECTIONS = {  # the table of metaplastic.models.lora's docstring
@@ -34,13 +34,8 @@ PROJECTIONS = {  # the table of metaplastic.models.lora's docstring
 
 @pytest.fixture(scope="module")
 def converted(tmp_path_factory):
-    out = {}
-    for arch in ARCHITECTURES:
-        root = tmp_path_factory.mktemp(arch)
-        source = write_source(arch, root / "src")
-        convert_checkpoint(root / "src", root / "dst", progress=False)
-        out[arch] = (source, root / "dst")
-    return out
+    """``{arch: (source model, source dir, converted dir)}``."""
+    return convert_sources(tmp_path_factory.mktemp("sources"))
 
 
 def logits(model, ids=IDS):
@@ -57,7 +52,7 @@ def test_projections_of_every_mixer(name):
 
 @pytest.mark.parametrize("arch", ARCHITECTURES)
 def test_lora_model_equals_the_source_at_initialisation(converted, arch):
-    source, dst = converted[arch]
+    source, _, dst = converted[arch]
     model = MetaplasticForCausalLM.from_pretrained(dst).eval()
     plain = logits(model)
     wrapped = peft.get_peft_model(model, lora_config(model, r=4, mlp=True))
@@ -74,7 +69,7 @@ def test_lora_model_equals_the_source_at_initialisation(converted, arch):
 @pytest.mark.parametrize("arch", ARCHITECTURES)
 @pytest.mark.parametrize("train_importance", [False, True])
 def test_trained_adapters_merge_save_and_reload(converted, arch, train_importance, tmp_path):
-    _, dst = converted[arch]
+    _, _, dst = converted[arch]
     model = MetaplasticForCausalLM.from_pretrained(dst)
     before = {name: p.detach().clone() for name, p in model.named_parameters()}
     wrapped = peft.get_peft_model(model, lora_config(model, r=4, train_importance=train_importance))

@@ -93,3 +93,16 @@ class ReferenceLM(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, **kwargs) -> ModelOutput:
         return ModelOutput(logits=reference_logits(self.arch, self.source, input_ids))
+
+
+def convert_sources(root: Path) -> dict:
+    """Every architecture of :data:`ARCHITECTURES` written as a tiny source under ``root/ARCH/src`` and converted
+    at ``--init identity`` into ``root/ARCH/dst``: ``{arch: (source model, source dir, converted dir)}``."""
+    from metaplastic import convert_checkpoint
+    out = {}
+    for arch in ARCHITECTURES:
+        src, dst = root / arch / "src", root / arch / "dst"
+        source = write_source(arch, src)
+        convert_checkpoint(src, dst, progress=False)
+        out[arch] = (source, src, dst)
+    return out
