@@ -14,7 +14,9 @@ Models with a diagonal posterior are timed with ``b`` head-shared (``[B,T,H]``, 
 (``[B,T,H,V]``, column b = V); every record carries its group count (``groups``: 1, G or V), the date, the
 machine, torch's version and the thread count.
 The backends of one model are timed round-robin, rep by rep, so that a change in machine load affects them
-alike. ``--dtype`` sets q, k, v's dtype (gates stay fp32). On a Hopper GPU with Triton ≥ 3.4 and < 3.7.1,
+alike. ``--cuda-graphs`` captures each backend's forward and forward+backward (gradients by
+``torch.autograd.grad``) in a CUDA graph after warm-up and times the replays; each record says
+``cuda_graphs``. ``--dtype`` sets q, k, v's dtype (gates stay fp32). On a Hopper GPU with Triton ≥ 3.4 and < 3.7.1,
 fla's gated chunk backward refuses to run; the benchmark then lifts that refusal for timing only and says so
 in each fla record's ``note`` (its gradients may be wrong there; the times are of the same work).
 :func:`targets` turns one run's records into the ratios the GPU kernels aim at (``--targets FILE``).
@@ -68,6 +70,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="time only these backends (default: every one that covers the settings)")
     parser.add_argument("--targets", metavar="FILE",
                         help="write the target ratios (per-value, grouped, Mamba2 vs fla) as JSON to FILE")
+    parser.add_argument("--cuda-graphs", action="store_true",
+                        help="CUDA: capture each backend's forward and forward+backward in a CUDA graph and time "
+                             "its replays (launch overhead removed)")
     parser.add_argument("--reference", choices=("auto", "yes", "no"), default="auto",
                         help="time the token-by-token reference (auto: on CPU, and on CUDA with --quick)")
 
@@ -111,13 +116,15 @@ class _Timer:
     """fwd and fwd+bwd closures of one backend on one input set, timed rep by rep (interleaved with the
     other backends of the same model, so that a change of machine load hits all of them alike)."""
 
-    def __init__(self, run: Callable[[Dict], torch.Tensor], inputs: Dict, device: str) -> None:
+    def __init__(self, run: Callable[[Dict], torch.Tensor], inputs: Dict, device: str,
+                 cuda_graphs: bool = False) -> None:
         self.run, self.inputs, self.device = run, inputs, device
         self.leaves = {key: val.detach().clone().requires_grad_(val.is_floating_point())
                        for key, val in inputs.items()}
         self.weight: Optional[torch.Tensor] = None
-        self.fwd_ms: List[float] = []
-        self.fwdbwd_ms: List[float] = []
+        self.times: Dict[str, List[float]] = {}  # fwd_ms, fwdbwd_ms (eager) and graph_fwd_ms, graph_fwdbwd_ms
+        self.cuda_graphs = cuda_graphs
+        self.replays: Dict[str, Callable[[], None]] = {}
 
     def fwd(self) -> None:
         with torch.no_grad():
@@ -127,9 +134,31 @@ class _Timer:
         out = self.run(self.leaves)
         if self.weight is None:
             self.weight = torch.randn(out.shape, generator=torch.Generator().manual_seed(1)).to(out)
+        if self.cuda_graphs:  # the same work, gradients as fresh tensors (a capture cannot reset .grad)
+            leaves = [t for t in self.leaves.values() if t.requires_grad]
+            torch.autograd.grad((out * self.weight).sum(), leaves, allow_unused=True)
+            return
         (out * self.weight).sum().backward()
         for t in self.leaves.values():
             t.grad = None
+
+    def capture(self) -> None:
+        """With ``cuda_graphs``: record fwd and fwd+bwd into CUDA graphs (after warm-up runs on a side
+        stream, as a capture requires); :meth:`once` can then time their replays."""
+        if not self.cuda_graphs:
+            return
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(2):
+                self.fwd()
+                self.fwdbwd()
+        torch.cuda.current_stream().wait_stream(side)
+        for which, fn in (("fwd", self.fwd), ("fwdbwd", self.fwdbwd)):
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                fn()
+            self.replays[which] = graph.replay
 
     def saved_bytes(self) -> int:
         """Bytes of the storages autograd saves for the backward, other than the inputs' own."""
@@ -147,17 +176,20 @@ class _Timer:
         del out
         return sum(seen.values())
 
-    def once(self, which: str) -> None:
-        fn = self.fwd if which == "fwd" else self.fwdbwd
+    def once(self, which: str, graph: bool = False) -> None:
+        """Time one run of ``which`` (``"fwd"`` or ``"fwdbwd"``): eager, or the replay of its CUDA graph."""
+        fn = self.replays[which] if graph else (self.fwd if which == "fwd" else self.fwdbwd)
         _sync(self.device)
         start = time.perf_counter()
         fn()
         _sync(self.device)
-        (self.fwd_ms if which == "fwd" else self.fwdbwd_ms).append((time.perf_counter() - start) * 1e3)
+        key = ("graph_" if graph else "") + which + "_ms"
+        self.times.setdefault(key, []).append((time.perf_counter() - start) * 1e3)
 
 
 def _time_group(records: List[Dict], timers: List[_Timer], reps: List[int], warmups: List[int], bar) -> None:
-    """Warm up, count saved bytes, then time ``reps[i]`` runs of each timer, round-robin; fill ``records``."""
+    """Warm up, count saved bytes, capture CUDA graphs (``--cuda-graphs``), then time ``reps[i]`` runs of each
+    timer, round-robin (eager, then the graph's replay); fill ``records``."""
     alive = []
     for rec, timer, warmup in zip(records, timers, warmups):
         try:
@@ -165,22 +197,29 @@ def _time_group(records: List[Dict], timers: List[_Timer], reps: List[int], warm
                 timer.fwd()
                 timer.fwdbwd()
             rec["saved_bytes_per_token_head"] = timer.saved_bytes() / rec.pop("_tokens_heads")
-            alive.append(True)
         except Exception as exc:  # a backend that fails is reported, not fatal
             rec.pop("_tokens_heads", None)
             rec["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:160]
             alive.append(False)
             if timer.device == "cuda":
                 torch.cuda.empty_cache()
+            continue
+        try:
+            timer.capture()
+        except Exception as exc:  # noqa: BLE001  (eager times still stand; the record says why no graph)
+            timer.replays.clear()
+            rec["graph_error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:160]
+        alive.append(True)
     for which in ("fwd", "fwdbwd"):
         for rep in range(max(reps)):
             for ok, timer, n in zip(alive, timers, reps):
                 if ok and rep < n:
                     timer.once(which)
+                    if which in timer.replays:
+                        timer.once(which, graph=True)
     for ok, rec, timer in zip(alive, records, timers):
         if ok:
-            rec["fwd_ms"] = statistics.median(timer.fwd_ms)
-            rec["fwdbwd_ms"] = statistics.median(timer.fwdbwd_ms)
+            rec.update({key: statistics.median(ms) for key, ms in timer.times.items()})
         bar.update()
 
 
@@ -284,6 +323,8 @@ def run(args: argparse.Namespace) -> int:
         models = [m for m, s in metaplastic.registry.items() if unsupported_reason(s.objective) is None]
     else:
         models = list(metaplastic.registry)
+    if args.cuda_graphs and device != "cuda":
+        raise UserError("--cuda-graphs needs --device cuda (CUDA graphs exist on a GPU only)")
     if args.tf32 and device == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
     dtype = getattr(torch, args.dtype)
@@ -324,7 +365,7 @@ def run(args: argparse.Namespace) -> int:
             rec = _new_record(label, "external", "-", device, card, shape_str, B * T * H, dtype_label)
             if label.startswith("fla") and fla_note:
                 rec["note"] = fla_note
-            _time_group([rec], [_Timer(fn, x, device)], [reps], [1], bar)
+            _time_group([rec], [_Timer(fn, x, device, args.cuda_graphs)], [reps], [1], bar)
             records.append(rec)
         groups: Dict[Tuple[str, bool], List[str]] = {}
         for name, b_kind, backend in jobs:
@@ -335,7 +376,8 @@ def run(args: argparse.Namespace) -> int:
             b_col = b_kind if "b" in x else "-"
             recs = [_new_record(name, be, b_col, device, card, shape_str, B * T * H, dtype_label,
                                 groups_of(b_col, V)) for be in backends]
-            timers = [_Timer(_our_run(name, be, args.chunk_size), x, device) for be in backends]
+            timers = [_Timer(_our_run(name, be, args.chunk_size), x, device, args.cuda_graphs and be != "reference")
+                      for be in backends]
             slow = [be == "reference" for be in backends]
             _time_group(recs, timers, [ref_reps if s_ else reps for s_ in slow],
                         [0 if s_ and device == "cpu" else 1 for s_ in slow], bar)
@@ -343,7 +385,7 @@ def run(args: argparse.Namespace) -> int:
     bar.close()
     _add_ratios(records)
     print(f"\nmetaplastic bench kernels on {card}, {shape_str}, {args.dtype}, medians of {reps} runs "
-          f"(reference: {ref_reps})")
+          f"(reference: {ref_reps})" + (", CUDA-graph replays" if args.cuda_graphs else ""))
     print(format_table(records))
     summary = targets(records)
     if summary:
@@ -429,16 +471,18 @@ def targets(records: List[Dict]) -> List[Dict]:
     mamba2 = find("mamba2", "triton_chunk")
     fla = find("fla chunk_simple_gla", "external")
     per_value = find("palimpsa", "triton_per_value", "V")
-    out = [("per-value Palimpsa fwd+bwd ÷ Mamba2 chunked (ours)", ratio(per_value, mamba2), 3.0),
-           ("per-value Palimpsa saved bytes / token / head", per_value and per_value["saved_bytes_per_token_head"],
-            2048),
-           ("Mamba2 chunked fwd+bwd ÷ fla chunk_simple_gla", ratio(mamba2, fla), 1.25),
-           ("Palimpsa b [B,T,H] (G = 1) fwd+bwd ÷ Mamba2 chunked", ratio(find("palimpsa", "triton_chunk", "H"), mamba2),
-            1.3)]
-    for r in records:
-        if r["model"] == "palimpsa" and r["backend"] == "triton_chunk" and r["b"].startswith("G"):
-            out.append((f"Palimpsa grouped G = {r['b'][1:]} fwd+bwd ÷ Mamba2 chunked", ratio(r, mamba2),
-                        2.5 if r["b"] == "G8" else None))
+    out = [("per-value Palimpsa saved bytes / token / head", per_value and per_value["saved_bytes_per_token_head"],
+            2048)]
+    graphs = any(r.get("graph_fwdbwd_ms") for r in records)
+    for key, label in (("fwdbwd_ms", ""), ("graph_fwdbwd_ms", ", CUDA graphs"))[:2 if graphs else 1]:
+        out += [(f"per-value Palimpsa fwd+bwd ÷ Mamba2 chunked (ours){label}", ratio(per_value, mamba2, key), 3.0),
+                (f"Mamba2 chunked fwd+bwd ÷ fla chunk_simple_gla{label}", ratio(mamba2, fla, key), 1.25),
+                (f"Palimpsa b [B,T,H] (G = 1) fwd+bwd ÷ Mamba2 chunked{label}",
+                 ratio(find("palimpsa", "triton_chunk", "H"), mamba2, key), 1.3)]
+        for r in records:
+            if r["model"] == "palimpsa" and r["backend"] == "triton_chunk" and r["b"].startswith("G"):
+                out.append((f"Palimpsa grouped G = {r['b'][1:]} fwd+bwd ÷ Mamba2 chunked{label}",
+                            ratio(r, mamba2, key), 2.5 if r["b"] == "G8" else None))
     return [{"name": name, "value": value, "target": target,
              "met": None if value is None or target is None else bool(value <= target)}
             for name, value, target in out]
@@ -464,6 +508,9 @@ def format_table(records: List[Dict]) -> str:
     """The records as a fixed-width text table."""
     cols = [("model", 20), ("b", 2), ("backend", 17), ("fwd ms", 9), ("fwd+bwd ms", 11), ("fwd ×ref", 9),
             ("f+b ×ref", 9), ("÷fla f+b", 9), ("saved B/tok/head", 17)]
+    graphs = any(r.get("graph_fwdbwd_ms") for r in records)
+    if graphs:
+        cols += [("graph fwd ms", 13), ("graph f+b ms", 13)]
 
     def fmt(x, digits=1):
         if x is None:
@@ -480,6 +527,8 @@ def format_table(records: List[Dict]) -> str:
         cells = [r["model"], r["b"], r["backend"], fmt(r["fwd_ms"]), fmt(r["fwdbwd_ms"]),
                  fmt(r.get("speedup_fwd"), 2), fmt(r.get("speedup_fwdbwd"), 2), fmt(r.get("vs_fla_fwdbwd"), 2),
                  fmt(r["saved_bytes_per_token_head"], 0)]
+        if graphs:
+            cells += [fmt(r.get("graph_fwd_ms")), fmt(r.get("graph_fwdbwd_ms"))]
         lines.append("  ".join(f"{c:>{w}}" if i >= 3 else f"{c:<{w}}"
                                for i, (c, (_, w)) in enumerate(zip(cells, cols))))
     return "\n".join(lines)

@@ -242,29 +242,32 @@ def _chunk_dense(objective: Objective, q, k, v, log_decay, beta, b, Ip: Tensor, 
                  C: int, dot: Optional[Callable] = None, check_values: Optional[bool] = None) -> ScanResult:
     """One batch of equal-length sequences with finite inputs (a log-decay of ``-inf`` allowed). Returns
     output ``[B,T,H,V]`` (dtype), final state, variance. ``dot`` is the gated linear-attention primitive
-    (:class:`ChunkDot`, or the Triton one, which also takes one query per group ``[B,H,T,G,K]``)."""
+    (:class:`ChunkDot`, or the Triton one, which reads q, k, v in place and also takes one query per group
+    ``[B,H,T,G,K]``; its ``grouped_diagonal``, where present, is the fused head-shared / grouped read)."""
     B, T, H, K = q.shape
     V = v.shape[-1]
     torch_read = dot is None
     dot = ChunkDot.apply if dot is None else dot
-    qh, kh, vh = (heads_first(x, dtype) for x in (q, k, v))  # [B,H,T,D]
+    # [B,H,T,D]; the Triton reads take q, k, v in their own dtype and strides (no copies)
+    in_place = not torch_read
+    qh, kh, vh = (x.transpose(1, 2) if in_place else heads_first(x, dtype) for x in (q, k, v))
     g = heads_first(log_decay, dtype)
     # [B,H,T,Kg]; a log-decay at or below the floor is exactly a reset (α = 0) for every primitive below,
     # the Triton one included (-inf would give -inf - -inf = NaN inside a chunk)
-    g = qh.new_zeros(B, H, T, 1) if g is None else floor_log_decay(g)
+    g = qh.new_zeros(B, H, T, 1, dtype=dtype) if g is None else floor_log_decay(g)
     beta_h = heads_first(beta, dtype)  # [B,H,T,1|V]
     Ip4 = Ip.view(1, H, 1, 1)
     init = None if initial_state is None else {key: x.to(dtype) for key, x in initial_state.items()}
 
     if objective.posterior == "point":
         write = 1 / Ip4 if beta_h is None else beta_h / Ip4
-        S0 = qh.new_zeros(B, H, V, K) if init is None else init["S"]
+        S0 = qh.new_zeros(B, H, V, K, dtype=dtype) if init is None else init["S"]
         o, S_T = dot(qh, kh, vh * write, g, S0, scale, C)
         return ScanResult(o.transpose(1, 2), {"S": S_T}, None)
 
     # dot_diag / diagonal
     if init is None:
-        I0, M0 = Ip4.expand(B, H, V, K), qh.new_zeros(B, H, V, K)
+        I0, M0 = Ip4.expand(B, H, V, K), qh.new_zeros(B, H, V, K, dtype=dtype)
     else:
         I0, M0 = init["I"], init["I"] * init["mu"]
     groups = 1 if (b is None or b.dim() == 3) else b.shape[-1]
@@ -277,6 +280,22 @@ def _chunk_dense(objective: Objective, q, k, v, log_decay, beta, b, Ip: Tensor, 
         I_T = (J_T + Ip4).repeat_interleave(V // groups, dim=2)
         return ScanResult(o.transpose(1, 2), {"mu": M_T / I_T, "I": I_T},
                           None if var is None else var.transpose(1, 2))
+    fused = getattr(dot, "grouped_diagonal", None)
+    # Like the rescaled read below, with I_0 constant over the rows of each group and no per-row gradient of
+    # I_0; without an initial state I_0 = Ip, whose gradient reaches Ip through J_0 = I_0 − Ip.
+    if fused is not None and not (init is not None and torch.is_grad_enabled() and I0.requires_grad) \
+            and rows_constant_in_groups(I0, groups, check_values):
+        # the group precisions and reads q ⊘ I⁽ᵍ⁾ formed on chip (chunk_triton.py)
+        R = V // groups
+        b_h = qh.new_zeros(B, H, T, 1, dtype=dtype) if b is None else heads_first(b, dtype)
+        bv = vh if beta_h is None else beta_h * vh
+        o, var, M_T, J_T = fused(qh, kh, bv, g, b_h, Ip.to(dtype), M0, (I0 - Ip4)[:, :, ::R], scale, C,
+                                 output_variance)
+        I_T = (J_T + Ip4).repeat_interleave(R, 2)  # [B,H,V,K]
+        var = None if var is None else var.repeat_interleave(R, -1).transpose(1, 2)
+        return ScanResult(o.transpose(1, 2), {"mu": M_T / I_T, "I": I_T}, var)
+    if in_place:
+        qh, kh, vh = (heads_first(x, dtype) for x in (q, k, v))
     bv = vh if beta_h is None else beta_h * vh
     k2 = kh * kh
     # The rescaled read needs I_0 constant over the rows of each group; it gives no per-row gradient of I_0.

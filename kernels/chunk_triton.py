@@ -14,10 +14,15 @@ Backward. ``_chunk_dstates_kernel`` runs the state's cotangent backwards over th
 ``_chunk_bwd_dv_kernel`` and ``_chunk_bwd_dqk_kernel`` compute a chunk's ``dv`` and ``dq, dk`` and the
 cumulated log-decay's cotangent from its start state, its end-state cotangent and its own tokens.
 
-Groups. The query may be one per group of ``V/NG`` contiguous value rows (``[B,H,T,NG,K]``): a value tile
-never straddles two groups. Palimpsa with ``b`` head-shared (docs/theory.md#limit-7-head-shared-importance) or grouped (limit 8) is this
-read of the numerator ``M`` with the query ``q ⊘ I⁽ᵍ⁾_t``; the group precisions come from the torch
-:class:`~metaplastic.kernels.chunk.DecayedScan` (width ``NG``). The kernels compute in float32 (``tl.dot``
+Inputs are read in place, in their own dtype and strides (``[B,T,H,D]`` tensors transposed to ``[B,H,T,D]``),
+and cast in registers; each kernel cumulates ``G`` from the per-token log-decay itself. The query may be one
+per group of ``V/NG`` contiguous value rows (``[B,H,T,NG,K]``): a value tile never straddles two groups.
+
+Grouped importance, fused. Palimpsa with ``b`` head-shared (docs/theory.md#limit-7-head-shared-importance)
+or grouped (limit 8) reads the numerator ``M`` on the rows of group ``g`` with the query ``r = q ⊘ I⁽ᵍ⁾_t``:
+:class:`TritonGroupedDiagonal` keeps the group precisions at the chunk boundaries (``_chunk_states_kernel``
+with values ``b`` and keys ``k²``) and forms ``J⁽ᵍ⁾``, ``r`` and their cotangents per chunk on chip
+(``_grouped_*`` kernels); no ``[B,H,T,NG,K]`` tensor is written. The kernels compute in float32 (``tl.dot``
 uses TF32 when ``torch.backends.cuda.matmul.allow_tf32`` is set), in float64 for float64 inputs.
 """
 from __future__ import annotations
@@ -48,6 +53,23 @@ def _value_rows(i_vt, VG: tl.constexpr, BV: tl.constexpr, TPG: tl.constexpr):
 
 
 @triton.jit
+def _load_tile(x, base, s_t, t, m_t, o_d, m_d, DTYPE: tl.constexpr):
+    """The ``[C, BD]`` tile (rows ``t``, columns ``o_d``) of a ``[T, D]`` slice at ``x + base`` with row stride
+    ``s_t`` and contiguous columns, loaded in its own dtype and cast to ``DTYPE`` in registers."""
+    return tl.load(x + base + t[:, None] * s_t + o_d[None, :], mask=m_t[:, None] & m_d[None, :],
+                   other=0.0).to(DTYPE)
+
+
+@triton.jit
+def _chunk_log_decay(g, base, s_t, n, T, C: tl.constexpr, DTYPE: tl.constexpr):
+    """Chunk ``n``'s cumulated log-decay ``G [C]`` (zero past ``T``) and its total ``G_C``, from the
+    per-token log-decay at ``g + base`` (row stride ``s_t``)."""
+    t = n * C + tl.arange(0, C)
+    x = tl.load(g + base + t * s_t, mask=t < T, other=0.0).to(DTYPE)
+    return tl.cumsum(x, 0), tl.sum(x, 0)
+
+
+@triton.jit
 def _decay_matrix(g, o_c):
     """``D[t, s] = exp(G_t − G_s)`` for ``s ≤ t``, else 0; the mask is applied before the exponential, so
     no value of a later token (however large or non-finite) reaches an earlier row."""
@@ -56,77 +78,87 @@ def _decay_matrix(g, o_c):
 
 
 @triton.jit
-def _chunk_states_kernel(k, v, G, h0, states, T, Tp, N, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr,
-                         BK: tl.constexpr, BV: tl.constexpr, PRECISION: tl.constexpr, DTYPE: tl.constexpr):
+def _chunk_states_kernel(k, s_kb, s_kh, s_kt, v, s_vb, s_vh, s_vt, g, s_gb, s_gh, s_gt, h0, states, T, H, N,
+                         K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+                         SQUARE: tl.constexpr, PRECISION: tl.constexpr, DTYPE: tl.constexpr):
     """``states[bh, n] = S`` at the start of chunk ``n`` (``n = N``: the final state), one ``[BV, BK]`` tile of
-    it per program. Layouts: ``k [BH,T,K]``, ``v [BH,T,V]``, ``G [BH,Tp]`` (log-decay cumulated inside each
-    chunk), ``h0 [BH,V,K]``, ``states [BH,N+1,V,K]``."""
+    it per program. ``k [B,H,T,K]``, ``v [B,H,T,V]``, ``g [B,H,T]`` (per-token log-decay) by their strides
+    (``s_·b, s_·h, s_·t``; the last dimension contiguous), ``h0 [BH,V,K]``, ``states [BH,N+1,V,K]``.
+    ``SQUARE``: the written key is ``k²`` (the group precisions, ``v := b``)."""
     i_k, i_v, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_bh = i_bh.to(tl.int64)
+    i_b, i_h = i_bh // H, i_bh % H
     o_k = i_k * BK + tl.arange(0, BK)
     o_v = i_v * BV + tl.arange(0, BV)
+    m_k, m_v = o_k < K, o_v < V
     o_c = tl.arange(0, C)
-    m_kv = (o_v[:, None] < V) & (o_k[None, :] < K)
-    p_vk = o_v[:, None] * K + o_k[None, :]
-    S = tl.load(h0 + i_bh * V * K + p_vk, mask=m_kv, other=0.0).to(DTYPE)
+    # the tile is held transposed, [BK, BV] (the product's rows are the key columns: a narrow value tile, as
+    # the group precisions' few rows, still makes a Hopper wgmma, whose tiles have 64 rows)
+    m_kv = m_k[:, None] & m_v[None, :]
+    p_kv = o_k[:, None] + o_v[None, :] * K
+    S = tl.load(h0 + i_bh * V * K + p_kv, mask=m_kv, other=0.0).to(DTYPE)
     for n in range(N):
-        tl.store(states + (i_bh * (N + 1) + n) * V * K + p_vk, S, mask=m_kv)
+        tl.store(states + (i_bh * (N + 1) + n) * V * K + p_kv, S, mask=m_kv)
         t = n * C + o_c
         m_t = t < T
-        kc = tl.load(k + i_bh * T * K + t[:, None] * K + o_k[None, :], mask=m_t[:, None] & (o_k[None, :] < K),
-                     other=0.0)
-        vc = tl.load(v + i_bh * T * V + t[:, None] * V + o_v[None, :], mask=m_t[:, None] & (o_v[None, :] < V),
-                     other=0.0)
-        g = tl.load(G + i_bh * Tp + n * C + o_c)
-        g_last = tl.load(G + i_bh * Tp + n * C + C - 1)
-        kd = kc * tl.exp(g_last - g)[:, None]
-        S = S * tl.exp(g_last) + tl.dot(tl.trans(vc), kd, input_precision=PRECISION, out_dtype=DTYPE)
-    tl.store(states + (i_bh * (N + 1) + N) * V * K + p_vk, S, mask=m_kv)
+        kc = _load_tile(k, i_b * s_kb + i_h * s_kh, s_kt, t, m_t, o_k, m_k, DTYPE)
+        vc = _load_tile(v, i_b * s_vb + i_h * s_vh, s_vt, t, m_t, o_v, m_v, DTYPE)
+        G, g_last = _chunk_log_decay(g, i_b * s_gb + i_h * s_gh, s_gt, n, T, C, DTYPE)
+        if SQUARE:
+            kc = kc * kc
+        kd = kc * tl.exp(g_last - G)[:, None]
+        S = S * tl.exp(g_last) + tl.dot(tl.trans(kd), vc, input_precision=PRECISION, out_dtype=DTYPE)
+    tl.store(states + (i_bh * (N + 1) + N) * V * K + p_kv, S, mask=m_kv)
 
 
 @triton.jit
-def _chunk_output_kernel(q, k, v, G, states, o, scale, T, Tp, N, NG, K: tl.constexpr, V: tl.constexpr,
+def _chunk_output_kernel(q, s_qb, s_qh, s_qt, s_qg, k, s_kb, s_kh, s_kt, v, s_vb, s_vh, s_vt, g, s_gb, s_gh, s_gt,
+                         states, o, s_ob, s_oh, s_ot, scale, T, H, N, K: tl.constexpr, V: tl.constexpr,
                          VG: tl.constexpr, TPG: tl.constexpr, C: tl.constexpr, BK: tl.constexpr,
                          BV: tl.constexpr, PRECISION: tl.constexpr, DTYPE: tl.constexpr):
-    """``o [BH,T,V]`` of chunk ``program_id(0)`` from its start state and its own tokens (K in blocks of BK).
-    ``q [BH,NG,T,K]``: one query per group of ``VG`` value rows (``NG = 1``: one per head)."""
+    """``o [B,H,T,V]`` of chunk ``program_id(0)`` from its start state and its own tokens (K in blocks of BK).
+    ``q [B,H,T,NG,K]`` (group stride ``s_qg``; 0 with one query per head): one query per group of ``VG``
+    value rows."""
     i_n, i_bh, i_vt = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_bh = i_bh.to(tl.int64)
+    i_b, i_h = i_bh // H, i_bh % H
     i_g, o_v, m_v = _value_rows(i_vt, VG, BV, TPG)
     o_c = tl.arange(0, C)
     t = i_n * C + o_c
     m_t = t < T
-    g = tl.load(G + i_bh * Tp + i_n * C + o_c)
+    G, g_last = _chunk_log_decay(g, i_b * s_gb + i_h * s_gh, s_gt, i_n, T, C, DTYPE)
     A = tl.zeros([C, C], dtype=DTYPE)
     out = tl.zeros([C, BV], dtype=DTYPE)
     for i_k in range(tl.cdiv(K, BK)):
         o_k = i_k * BK + tl.arange(0, BK)
         m_k = o_k < K
-        m_tk = m_t[:, None] & m_k[None, :]
-        qc = tl.load(q + ((i_bh * NG + i_g) * T + t[:, None]) * K + o_k[None, :], mask=m_tk, other=0.0)
-        kc = tl.load(k + i_bh * T * K + t[:, None] * K + o_k[None, :], mask=m_tk, other=0.0)
+        qc = _load_tile(q, i_b * s_qb + i_h * s_qh + i_g * s_qg, s_qt, t, m_t, o_k, m_k, DTYPE)
+        kc = _load_tile(k, i_b * s_kb + i_h * s_kh, s_kt, t, m_t, o_k, m_k, DTYPE)
         S = tl.load(states + (i_bh * (N + 1) + i_n) * V * K + o_v[:, None] * K + o_k[None, :],
                     mask=m_v[:, None] & m_k[None, :], other=0.0)
         A += tl.dot(qc, tl.trans(kc), input_precision=PRECISION, out_dtype=DTYPE)
-        out += tl.dot(qc * tl.exp(g)[:, None], tl.trans(S), input_precision=PRECISION, out_dtype=DTYPE)
-    D, causal = _decay_matrix(g, o_c)
+        out += tl.dot(qc * tl.exp(G)[:, None], tl.trans(S), input_precision=PRECISION, out_dtype=DTYPE)
+    D, causal = _decay_matrix(G, o_c)
     A = tl.where(causal, A * D, 0.0)
-    vc = tl.load(v + i_bh * T * V + t[:, None] * V + o_v[None, :], mask=m_t[:, None] & m_v[None, :], other=0.0)
-    out += tl.dot(A.to(vc.dtype), vc, input_precision=PRECISION, out_dtype=DTYPE)
-    tl.store(o + i_bh * T * V + t[:, None] * V + o_v[None, :], out * scale, mask=m_t[:, None] & m_v[None, :])
+    vc = _load_tile(v, i_b * s_vb + i_h * s_vh, s_vt, t, m_t, o_v, m_v, DTYPE)
+    out += tl.dot(A, vc, input_precision=PRECISION, out_dtype=DTYPE)
+    tl.store(o + i_b * s_ob + i_h * s_oh + t[:, None] * s_ot + o_v[None, :], out * scale,
+             mask=m_t[:, None] & m_v[None, :])
 
 
 # ----------------------------------------------------------------------------------------------- backward
 @triton.jit
-def _chunk_dstates_kernel(q, do, G, dht, dstates, dh0, scale, T, Tp, N, NG, K: tl.constexpr, V: tl.constexpr,
-                          VG: tl.constexpr, TPG: tl.constexpr, C: tl.constexpr, BK: tl.constexpr,
-                          BV: tl.constexpr, PRECISION: tl.constexpr, DTYPE: tl.constexpr):
+def _chunk_dstates_kernel(q, s_qb, s_qh, s_qt, s_qg, do, s_db, s_dh, s_dt, g, s_gb, s_gh, s_gt, dht, dstates, dh0,
+                          scale, T, H, N, K: tl.constexpr, V: tl.constexpr, VG: tl.constexpr, TPG: tl.constexpr,
+                          C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, PRECISION: tl.constexpr,
+                          DTYPE: tl.constexpr):
     """The inter-chunk recurrence of the state's cotangent, backwards: ``dstates[bh, n]`` is the gradient
     reaching the state at the *end* of chunk ``n``; before chunk ``n`` it becomes
     ``dS · exp(G_C) + scale · doᵀ (q ∘ exp(G))``; ``dh0`` is what reaches the initial state.
     ``dht [BH,V,K]`` (the final state's cotangent), ``dstates [BH,N,V,K]``, ``dh0 [BH,V,K]``."""
     i_k, i_vt, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_bh = i_bh.to(tl.int64)
+    i_b, i_h = i_bh // H, i_bh % H
     i_g, o_v, m_v = _value_rows(i_vt, VG, BV, TPG)
     o_k = i_k * BK + tl.arange(0, BK)
     m_k = o_k < K
@@ -139,105 +171,406 @@ def _chunk_dstates_kernel(q, do, G, dht, dstates, dh0, scale, T, Tp, N, NG, K: t
         tl.store(dstates + (i_bh * N + n) * V * K + p_vk, dS, mask=m_vk)
         t = n * C + o_c
         m_t = t < T
-        qc = tl.load(q + ((i_bh * NG + i_g) * T + t[:, None]) * K + o_k[None, :], mask=m_t[:, None] & m_k[None, :],
-                     other=0.0)
-        doc = tl.load(do + i_bh * T * V + t[:, None] * V + o_v[None, :], mask=m_t[:, None] & m_v[None, :],
-                      other=0.0)
-        g = tl.load(G + i_bh * Tp + n * C + o_c)
-        g_last = tl.load(G + i_bh * Tp + n * C + C - 1)
-        dS = dS * tl.exp(g_last) + scale * tl.dot(tl.trans(doc), qc * tl.exp(g)[:, None], input_precision=PRECISION,
+        qc = _load_tile(q, i_b * s_qb + i_h * s_qh + i_g * s_qg, s_qt, t, m_t, o_k, m_k, DTYPE)
+        doc = _load_tile(do, i_b * s_db + i_h * s_dh, s_dt, t, m_t, o_v, m_v, DTYPE)
+        G, g_last = _chunk_log_decay(g, i_b * s_gb + i_h * s_gh, s_gt, n, T, C, DTYPE)
+        dS = dS * tl.exp(g_last) + scale * tl.dot(tl.trans(doc), qc * tl.exp(G)[:, None], input_precision=PRECISION,
                                                   out_dtype=DTYPE)
     tl.store(dh0 + i_bh * V * K + p_vk, dS, mask=m_vk)
 
 
 @triton.jit
-def _chunk_bwd_dv_kernel(q, k, do, G, dstates, dv, scale, T, Tp, N, NG, K: tl.constexpr, V: tl.constexpr,
+def _chunk_bwd_dv_kernel(q, s_qb, s_qh, s_qt, s_qg, k, s_kb, s_kh, s_kt, do, s_db, s_dh, s_dt, g, s_gb, s_gh, s_gt,
+                         dstates, dv, s_vb, s_vh, s_vt, scale, T, H, N, K: tl.constexpr, V: tl.constexpr,
                          VG: tl.constexpr, TPG: tl.constexpr, C: tl.constexpr, BK: tl.constexpr,
                          BV: tl.constexpr, PRECISION: tl.constexpr, DTYPE: tl.constexpr):
     """``dv`` of one chunk and value tile: ``scale · (A ∘ D)ᵀ do + (k ∘ exp(G_C − G)) dS_endᵀ`` with the
     group's scores ``A = q kᵀ``."""
     i_n, i_bh, i_vt = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_bh = i_bh.to(tl.int64)
+    i_b, i_h = i_bh // H, i_bh % H
     i_g, o_v, m_v = _value_rows(i_vt, VG, BV, TPG)
     o_c = tl.arange(0, C)
     t = i_n * C + o_c
     m_t = t < T
-    g = tl.load(G + i_bh * Tp + i_n * C + o_c)
-    g_last = tl.load(G + i_bh * Tp + i_n * C + C - 1)
+    G, g_last = _chunk_log_decay(g, i_b * s_gb + i_h * s_gh, s_gt, i_n, T, C, DTYPE)
     A = tl.zeros([C, C], dtype=DTYPE)
     acc = tl.zeros([C, BV], dtype=DTYPE)
     for i_k in range(tl.cdiv(K, BK)):
         o_k = i_k * BK + tl.arange(0, BK)
         m_k = o_k < K
-        m_tk = m_t[:, None] & m_k[None, :]
-        qc = tl.load(q + ((i_bh * NG + i_g) * T + t[:, None]) * K + o_k[None, :], mask=m_tk, other=0.0)
-        kc = tl.load(k + i_bh * T * K + t[:, None] * K + o_k[None, :], mask=m_tk, other=0.0)
+        qc = _load_tile(q, i_b * s_qb + i_h * s_qh + i_g * s_qg, s_qt, t, m_t, o_k, m_k, DTYPE)
+        kc = _load_tile(k, i_b * s_kb + i_h * s_kh, s_kt, t, m_t, o_k, m_k, DTYPE)
         dSe = tl.load(dstates + (i_bh * N + i_n) * V * K + o_v[:, None] * K + o_k[None, :],
                       mask=m_v[:, None] & m_k[None, :], other=0.0)
         A += tl.dot(qc, tl.trans(kc), input_precision=PRECISION, out_dtype=DTYPE)
-        acc += tl.dot(kc * tl.exp(g_last - g)[:, None], tl.trans(dSe), input_precision=PRECISION, out_dtype=DTYPE)
-    D, causal = _decay_matrix(g, o_c)
+        acc += tl.dot(kc * tl.exp(g_last - G)[:, None], tl.trans(dSe), input_precision=PRECISION, out_dtype=DTYPE)
+    D, causal = _decay_matrix(G, o_c)
     A = tl.where(causal, A * D, 0.0)
-    doc = tl.load(do + i_bh * T * V + t[:, None] * V + o_v[None, :], mask=m_t[:, None] & m_v[None, :], other=0.0)
-    acc += scale * tl.dot(tl.trans(A).to(doc.dtype), doc, input_precision=PRECISION, out_dtype=DTYPE)
-    tl.store(dv + i_bh * T * V + t[:, None] * V + o_v[None, :], acc, mask=m_t[:, None] & m_v[None, :])
+    doc = _load_tile(do, i_b * s_db + i_h * s_dh, s_dt, t, m_t, o_v, m_v, DTYPE)
+    acc += scale * tl.dot(tl.trans(A), doc, input_precision=PRECISION, out_dtype=DTYPE)
+    tl.store(dv + i_b * s_vb + i_h * s_vh + t[:, None] * s_vt + o_v[None, :], acc, mask=m_t[:, None] & m_v[None, :])
 
 
 @triton.jit
-def _chunk_bwd_dqk_kernel(q, k, v, do, G, states, dstates, dq, dk, dG, scale, T, Tp, N, NG, K: tl.constexpr,
-                          V: tl.constexpr, VG: tl.constexpr, TPG: tl.constexpr, C: tl.constexpr,
-                          BK: tl.constexpr, BV: tl.constexpr, PRECISION: tl.constexpr, DTYPE: tl.constexpr):
-    """``dq [BH,NG,T,K]``, ``dk [BH,T,K]`` of one chunk and key tile, and this key tile's part of the
-    cumulated log-decay's cotangent ``dG [NK,BH,Tp]`` (``Σ_g q⁽ᵍ⁾∘dq⁽ᵍ⁾ − k∘dk``, plus ``Σ dS_end ∘ S_end`` on the
-    chunk's last row). Per group ``g``, over its value tiles: ``W = scale · (do vᵀ) ∘ D``,
-    ``dq⁽ᵍ⁾ = W k + scale · (do S_start) ∘ exp(G)``, ``dk += Wᵀ q⁽ᵍ⁾ + (v dS_end) ∘ exp(G_C − G)``."""
+def _chunk_bwd_dqk_kernel(q, s_qb, s_qh, s_qt, s_qg, k, s_kb, s_kh, s_kt, v, s_vb, s_vh, s_vt, do, s_db, s_dh, s_dt,
+                          g, s_gb, s_gh, s_gt, states, dstates, dq, s_dqb, s_dqh, s_dqt, s_dqg, dk, s_dkb, s_dkh,
+                          s_dkt, dg, s_dgi, s_dgb, s_dgh, s_dgt, scale, T, H, N, NG, K: tl.constexpr,
+                          V: tl.constexpr, VG: tl.constexpr, TPG: tl.constexpr, C: tl.constexpr, BK: tl.constexpr,
+                          BV: tl.constexpr, PRECISION: tl.constexpr, DTYPE: tl.constexpr):
+    """``dq [B,H,T,NG,K]``, ``dk [B,H,T,K]`` of one chunk and key tile, and this key tile's part of the
+    log-decay's cotangent ``dg [NK,B,H,T]``. Per group ``g``, its value tiles accumulate
+    ``W = scale · (do vᵀ) ∘ D`` (``[C, C]``), ``scale · (do ∘ exp(G)) S_start`` into ``dq⁽ᵍ⁾`` and
+    ``(v ∘ exp(G_C − G)) dS_end`` into the inter-chunk ``dk_S``; then ``dq⁽ᵍ⁾ += W k``, ``dk += Wᵀ q⁽ᵍ⁾``.
+    The cumulated log-decay's cotangent ``Σ_g q⁽ᵍ⁾∘dq⁽ᵍ⁾ − k∘dk`` plus, on the chunk's last row,
+    ``Σ dS_end ∘ S_end = exp(G_C) Σ dS_end ∘ S_start + Σ k ∘ dk_S`` (no read of the end state), is
+    reverse-cumulated inside the chunk."""
     i_k, i_n, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_bh = i_bh.to(tl.int64)
+    i_b, i_h = i_bh // H, i_bh % H
+    o_k = i_k * BK + tl.arange(0, BK)
+    m_k = o_k < K
+    o_c = tl.arange(0, C)
+    t = i_n * C + o_c
+    m_t = t < T
+    G, g_last = _chunk_log_decay(g, i_b * s_gb + i_h * s_gh, s_gt, i_n, T, C, DTYPE)
+    e_start, e_end = tl.exp(G), tl.exp(g_last - G)
+    dk_S = tl.zeros([C, BK], dtype=DTYPE)
+    dk_W = tl.zeros([C, BK], dtype=DTYPE)
+    dg_acc = tl.zeros([C], dtype=DTYPE)
+    end_S = tl.zeros([BK], dtype=DTYPE)
+    for i_g in range(NG):
+        W = tl.zeros([C, C], dtype=DTYPE)
+        dq_acc = tl.zeros([C, BK], dtype=DTYPE)
+        for i_t in range(TPG):
+            o_l = i_t * BV + tl.arange(0, BV)
+            o_v = i_g * VG + o_l
+            m_v = o_l < VG
+            m_vk = m_v[:, None] & m_k[None, :]
+            p_vk = o_v[:, None] * K + o_k[None, :]
+            doc = _load_tile(do, i_b * s_db + i_h * s_dh, s_dt, t, m_t, o_v, m_v, DTYPE)
+            vc = _load_tile(v, i_b * s_vb + i_h * s_vh, s_vt, t, m_t, o_v, m_v, DTYPE)
+            S0 = tl.load(states + (i_bh * (N + 1) + i_n) * V * K + p_vk, mask=m_vk, other=0.0)
+            dSe = tl.load(dstates + (i_bh * N + i_n) * V * K + p_vk, mask=m_vk, other=0.0)
+            W += tl.dot(doc, tl.trans(vc), input_precision=PRECISION, out_dtype=DTYPE)
+            dq_acc += tl.dot(doc * e_start[:, None], S0, input_precision=PRECISION, out_dtype=DTYPE)
+            dk_S += tl.dot(vc * e_end[:, None], dSe, input_precision=PRECISION, out_dtype=DTYPE)
+            end_S += tl.sum(dSe * S0, 0)
+        D, causal = _decay_matrix(G, o_c)
+        W = tl.where(causal, W * D, 0.0) * scale
+        kc = _load_tile(k, i_b * s_kb + i_h * s_kh, s_kt, t, m_t, o_k, m_k, DTYPE)
+        dq_acc = dq_acc * scale + tl.dot(W, kc, input_precision=PRECISION, out_dtype=DTYPE)
+        qc = _load_tile(q, i_b * s_qb + i_h * s_qh + i_g * s_qg, s_qt, t, m_t, o_k, m_k, DTYPE)
+        dk_W += tl.dot(tl.trans(W), qc, input_precision=PRECISION, out_dtype=DTYPE)
+        tl.store(dq + i_b * s_dqb + i_h * s_dqh + i_g * s_dqg + t[:, None] * s_dqt + o_k[None, :], dq_acc,
+                 mask=m_t[:, None] & m_k[None, :])
+        dg_acc += tl.sum(qc * dq_acc, 1)
+    kc = _load_tile(k, i_b * s_kb + i_h * s_kh, s_kt, t, m_t, o_k, m_k, DTYPE)
+    dk_acc = dk_W + dk_S
+    dg_acc -= tl.sum(kc * dk_acc, 1)
+    end_term = tl.exp(g_last) * tl.sum(end_S, 0) + tl.sum(tl.sum(kc * dk_S, 1), 0)
+    dg_acc += tl.where(o_c == C - 1, end_term, 0.0)
+    tl.store(dk + i_b * s_dkb + i_h * s_dkh + t[:, None] * s_dkt + o_k[None, :], dk_acc,
+             mask=m_t[:, None] & m_k[None, :])
+    tl.store(dg + i_k * s_dgi + i_b * s_dgb + i_h * s_dgh + t * s_dgt, tl.cumsum(dg_acc, 0, reverse=True), mask=m_t)
+
+
+# ------------------------------------------------------------------------------ grouped importance, fused
+@triton.jit
+def _group_read(q, q_base, s_qt, kc, b, b_base, s_bt, i_g, Js, j_base, ip, t, m_t, o_k, m_k, e_start, Dm,
+                PRECISION: tl.constexpr, DTYPE: tl.constexpr):
+    """Group ``i_g``'s precision and read on one chunk and key tile, on chip: ``x = b⁽ᵍ⁾ ∘ k²``,
+    ``J = exp(G) ∘ J_start + (D x)`` (``Dm`` the masked decay matrix), ``I = Ip + J``, ``r = q ⊘ I``.
+    Returns ``(q, b⁽ᵍ⁾, x, J, I, r)``."""
+    qc = _load_tile(q, q_base, s_qt, t, m_t, o_k, m_k, DTYPE)
+    bg = tl.load(b + b_base + t * s_bt + i_g, mask=m_t, other=0.0).to(DTYPE)
+    js = tl.load(Js + j_base + o_k, mask=m_k, other=0.0)
+    x = bg[:, None] * kc * kc
+    J = e_start[:, None] * js[None, :] + tl.dot(Dm, x, input_precision=PRECISION, out_dtype=DTYPE)
+    I = ip + J
+    return qc, bg, x, J, I, qc / I
+
+
+@triton.jit
+def _grouped_output_kernel(q, s_qb, s_qh, s_qt, k, s_kb, s_kh, s_kt, v, s_vb, s_vh, s_vt, g, s_gb, s_gh, s_gt,
+                           b, s_bb, s_bh, s_bt, Ip, states, Js, o, s_ob, s_oh, s_ot, var, s_rb, s_rh, s_rt, scale,
+                           T, H, N, NG, K: tl.constexpr, V: tl.constexpr, VG: tl.constexpr, TPG: tl.constexpr,
+                           C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, VAR: tl.constexpr,
+                           PRECISION: tl.constexpr, DTYPE: tl.constexpr):
+    """``o [B,H,T,V]`` of chunk ``program_id(0)`` and one value tile of group ``g``: the read of ``M`` with
+    the group's query ``r = q ⊘ I⁽ᵍ⁾`` formed per key tile from the group's precision at the chunk start
+    (``Js [BH,N+1,NG,K]``); ``VAR``: also ``var⁽ᵍ⁾ = scale² Σ_k q r`` (``var [B,H,T,NG]``, by the group's first
+    value tile)."""
+    i_n, i_bh, i_vt = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    i_bh = i_bh.to(tl.int64)
+    i_b, i_h = i_bh // H, i_bh % H
+    i_g, o_v, m_v = _value_rows(i_vt, VG, BV, TPG)
+    o_c = tl.arange(0, C)
+    t = i_n * C + o_c
+    m_t = t < T
+    G, g_last = _chunk_log_decay(g, i_b * s_gb + i_h * s_gh, s_gt, i_n, T, C, DTYPE)
+    e_start = tl.exp(G)
+    Dm, causal = _decay_matrix(G, o_c)
+    ip = tl.load(Ip + i_h).to(DTYPE)
+    A = tl.zeros([C, C], dtype=DTYPE)
+    out = tl.zeros([C, BV], dtype=DTYPE)
+    qr = tl.zeros([C], dtype=DTYPE)
+    for i_k in range(tl.cdiv(K, BK)):
+        o_k = i_k * BK + tl.arange(0, BK)
+        m_k = o_k < K
+        kc = _load_tile(k, i_b * s_kb + i_h * s_kh, s_kt, t, m_t, o_k, m_k, DTYPE)
+        qc, bg, x, J, I, r = _group_read(q, i_b * s_qb + i_h * s_qh, s_qt, kc, b, i_b * s_bb + i_h * s_bh, s_bt, i_g,
+                                         Js, ((i_bh * (N + 1) + i_n) * NG + i_g) * K, ip, t, m_t, o_k, m_k, e_start,
+                                         Dm, PRECISION, DTYPE)
+        S = tl.load(states + (i_bh * (N + 1) + i_n) * V * K + o_v[:, None] * K + o_k[None, :],
+                    mask=m_v[:, None] & m_k[None, :], other=0.0)
+        A += tl.dot(r, tl.trans(kc), input_precision=PRECISION, out_dtype=DTYPE)
+        out += tl.dot(r * e_start[:, None], tl.trans(S), input_precision=PRECISION, out_dtype=DTYPE)
+        if VAR:
+            qr += tl.sum(qc * r, 1)
+    A = tl.where(causal, A * Dm, 0.0)
+    vc = _load_tile(v, i_b * s_vb + i_h * s_vh, s_vt, t, m_t, o_v, m_v, DTYPE)
+    out += tl.dot(A, vc, input_precision=PRECISION, out_dtype=DTYPE)
+    tl.store(o + i_b * s_ob + i_h * s_oh + t[:, None] * s_ot + o_v[None, :], out * scale,
+             mask=m_t[:, None] & m_v[None, :])
+    if VAR:
+        if i_vt % TPG == 0:
+            tl.store(var + i_b * s_rb + i_h * s_rh + t * s_rt + i_g, qr * scale * scale, mask=m_t)
+
+
+@triton.jit
+def _grouped_dstates_kernel(q, s_qb, s_qh, s_qt, k, s_kb, s_kh, s_kt, do, s_db, s_dh, s_dt, g, s_gb, s_gh, s_gt,
+                            b, s_bb, s_bh, s_bt, Ip, Js, dht, dstates, dh0, scale, T, H, N, NG, K: tl.constexpr,
+                            V: tl.constexpr, VG: tl.constexpr, TPG: tl.constexpr, C: tl.constexpr,
+                            BK: tl.constexpr, BV: tl.constexpr, PRECISION: tl.constexpr, DTYPE: tl.constexpr):
+    """:func:`_chunk_dstates_kernel` with the group's query ``r = q ⊘ I⁽ᵍ⁾`` formed on chip."""
+    i_k, i_vt, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    i_bh = i_bh.to(tl.int64)
+    i_b, i_h = i_bh // H, i_bh % H
+    i_g, o_v, m_v = _value_rows(i_vt, VG, BV, TPG)
+    o_k = i_k * BK + tl.arange(0, BK)
+    m_k = o_k < K
+    o_c = tl.arange(0, C)
+    m_vk = m_v[:, None] & m_k[None, :]
+    p_vk = o_v[:, None] * K + o_k[None, :]
+    ip = tl.load(Ip + i_h).to(DTYPE)
+    dS = tl.load(dht + i_bh * V * K + p_vk, mask=m_vk, other=0.0).to(DTYPE)
+    for i_r in range(N):
+        n = N - 1 - i_r
+        tl.store(dstates + (i_bh * N + n) * V * K + p_vk, dS, mask=m_vk)
+        t = n * C + o_c
+        m_t = t < T
+        G, g_last = _chunk_log_decay(g, i_b * s_gb + i_h * s_gh, s_gt, n, T, C, DTYPE)
+        e_start = tl.exp(G)
+        Dm, causal = _decay_matrix(G, o_c)
+        kc = _load_tile(k, i_b * s_kb + i_h * s_kh, s_kt, t, m_t, o_k, m_k, DTYPE)
+        qc, bg, x, J, I, r = _group_read(q, i_b * s_qb + i_h * s_qh, s_qt, kc, b, i_b * s_bb + i_h * s_bh, s_bt, i_g,
+                                         Js, ((i_bh * (N + 1) + n) * NG + i_g) * K, ip, t, m_t, o_k, m_k, e_start,
+                                         Dm, PRECISION, DTYPE)
+        doc = _load_tile(do, i_b * s_db + i_h * s_dh, s_dt, t, m_t, o_v, m_v, DTYPE)
+        dS = dS * tl.exp(g_last) + scale * tl.dot(tl.trans(doc), r * e_start[:, None], input_precision=PRECISION,
+                                                  out_dtype=DTYPE)
+    tl.store(dh0 + i_bh * V * K + p_vk, dS, mask=m_vk)
+
+
+@triton.jit
+def _grouped_dv_kernel(q, s_qb, s_qh, s_qt, k, s_kb, s_kh, s_kt, do, s_db, s_dh, s_dt, g, s_gb, s_gh, s_gt,
+                       b, s_bb, s_bh, s_bt, Ip, Js, dstates, dv, s_vb, s_vh, s_vt, scale, T, H, N, NG,
+                       K: tl.constexpr, V: tl.constexpr, VG: tl.constexpr, TPG: tl.constexpr, C: tl.constexpr,
+                       BK: tl.constexpr, BV: tl.constexpr, PRECISION: tl.constexpr, DTYPE: tl.constexpr):
+    """:func:`_chunk_bwd_dv_kernel` with the group's query ``r = q ⊘ I⁽ᵍ⁾`` formed on chip."""
+    i_n, i_bh, i_vt = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    i_bh = i_bh.to(tl.int64)
+    i_b, i_h = i_bh // H, i_bh % H
+    i_g, o_v, m_v = _value_rows(i_vt, VG, BV, TPG)
+    o_c = tl.arange(0, C)
+    t = i_n * C + o_c
+    m_t = t < T
+    G, g_last = _chunk_log_decay(g, i_b * s_gb + i_h * s_gh, s_gt, i_n, T, C, DTYPE)
+    e_start = tl.exp(G)
+    Dm, causal = _decay_matrix(G, o_c)
+    ip = tl.load(Ip + i_h).to(DTYPE)
+    A = tl.zeros([C, C], dtype=DTYPE)
+    acc = tl.zeros([C, BV], dtype=DTYPE)
+    for i_k in range(tl.cdiv(K, BK)):
+        o_k = i_k * BK + tl.arange(0, BK)
+        m_k = o_k < K
+        kc = _load_tile(k, i_b * s_kb + i_h * s_kh, s_kt, t, m_t, o_k, m_k, DTYPE)
+        qc, bg, x, J, I, r = _group_read(q, i_b * s_qb + i_h * s_qh, s_qt, kc, b, i_b * s_bb + i_h * s_bh, s_bt, i_g,
+                                         Js, ((i_bh * (N + 1) + i_n) * NG + i_g) * K, ip, t, m_t, o_k, m_k, e_start,
+                                         Dm, PRECISION, DTYPE)
+        dSe = tl.load(dstates + (i_bh * N + i_n) * V * K + o_v[:, None] * K + o_k[None, :],
+                      mask=m_v[:, None] & m_k[None, :], other=0.0)
+        A += tl.dot(r, tl.trans(kc), input_precision=PRECISION, out_dtype=DTYPE)
+        acc += tl.dot(kc * tl.exp(g_last - G)[:, None], tl.trans(dSe), input_precision=PRECISION, out_dtype=DTYPE)
+    A = tl.where(causal, A * Dm, 0.0)
+    doc = _load_tile(do, i_b * s_db + i_h * s_dh, s_dt, t, m_t, o_v, m_v, DTYPE)
+    acc += scale * tl.dot(tl.trans(A), doc, input_precision=PRECISION, out_dtype=DTYPE)
+    tl.store(dv + i_b * s_vb + i_h * s_vh + t[:, None] * s_vt + o_v[None, :], acc, mask=m_t[:, None] & m_v[None, :])
+
+
+@triton.jit
+def _grouped_dqk_kernel(q, s_qb, s_qh, s_qt, k, s_kb, s_kh, s_kt, v, s_vb, s_vh, s_vt, do, s_db, s_dh, s_dt,
+                        g, s_gb, s_gh, s_gt, b, s_bb, s_bh, s_bt, Ip, states, Js, dstates, dvar, s_wb, s_wh, s_wt,
+                        dq, s_dqb, s_dqh, s_dqt, dk, s_dkb, s_dkh, s_dkt, db, s_bi, s_bbb, s_bbh, s_bbt,
+                        dg, s_dgi, s_dgb, s_dgh, s_dgt, dJs, dIp, i_g, scale, T, H, N, NG, K: tl.constexpr,
+                        V: tl.constexpr, VG: tl.constexpr, TPG: tl.constexpr, C: tl.constexpr, BK: tl.constexpr,
+                        BV: tl.constexpr, FIRST: tl.constexpr, VAR: tl.constexpr, PRECISION: tl.constexpr,
+                        DTYPE: tl.constexpr):
+    """One chunk and key tile of the grouped backward for group ``i_g`` (one launch per group, in turn; the
+    first (``FIRST``) writes ``dq``, ``dk`` and the log-decay's part, the others add to them: the groups' sums
+    are carried in memory, not in a loop). The read of ``M`` with query ``r⁽ᵍ⁾`` as
+    :func:`_chunk_bwd_dqk_kernel` over the group's value rows gives ``dr⁽ᵍ⁾`` (plus ``scale² dvar⁽ᵍ⁾ q`` with
+    ``VAR``) and its part of ``dk`` and of the log-decay's cotangent; then ``dq += dr ⊘ I (+ scale² dvar r)``,
+    ``dI = −dr ∘ r ⊘ I``, and the precision chain inside the chunk: ``dX = Dᵀ dI`` (the cotangent of the
+    write ``x = b k²`` from this chunk's tokens), ``db⁽ᵍ⁾ = Σ_k dX ∘ k²``, ``dk += 2 b⁽ᵍ⁾ k ∘ dX``, the cumulated
+    log-decay's ``Σ_k dI ∘ J − x ∘ dX``. Writes per chunk ``dJs[bh, n, g] = Σ_t exp(G_t) dI_t`` (what reaches
+    the group precision at the chunk start) and ``dIp[g]`` partials ``Σ dI``; what reaches the chunk's end
+    from later chunks is added by :func:`_grouped_dJ_kernel`. ``db [NK,B,H,T,NG]`` and ``dg [NK,B,H,T]`` are
+    per key tile (the log-decay's already reverse-cumulated inside the chunk)."""
+    i_k, i_n, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    i_bh = i_bh.to(tl.int64)
+    i_b, i_h = i_bh // H, i_bh % H
     o_k = i_k * BK + tl.arange(0, BK)
     m_k = o_k < K
     o_c = tl.arange(0, C)
     t = i_n * C + o_c
     m_t = t < T
     m_tk = m_t[:, None] & m_k[None, :]
-    g = tl.load(G + i_bh * Tp + i_n * C + o_c)
-    g_last = tl.load(G + i_bh * Tp + i_n * C + C - 1)
-    D, causal = _decay_matrix(g, o_c)
-    kc = tl.load(k + i_bh * T * K + t[:, None] * K + o_k[None, :], mask=m_tk, other=0.0)
+    G, g_last = _chunk_log_decay(g, i_b * s_gb + i_h * s_gh, s_gt, i_n, T, C, DTYPE)
+    e_start, e_end = tl.exp(G), tl.exp(g_last - G)
+    ip = tl.load(Ip + i_h).to(DTYPE)
+    kc = _load_tile(k, i_b * s_kb + i_h * s_kh, s_kt, t, m_t, o_k, m_k, DTYPE)
     dk_acc = tl.zeros([C, BK], dtype=DTYPE)
     dg_acc = tl.zeros([C], dtype=DTYPE)
-    end_term = tl.zeros([BK], dtype=DTYPE)
-    for i_g in range(NG):
-        p_q = ((i_bh * NG + i_g) * T + t[:, None]) * K + o_k[None, :]
-        qc = tl.load(q + p_q, mask=m_tk, other=0.0)
-        dq_acc = tl.zeros([C, BK], dtype=DTYPE)
-        for i_t in range(TPG):
-            o_l = i_t * BV + tl.arange(0, BV)
-            o_v = i_g * VG + o_l
-            m_v = o_l < VG
-            m_tv = m_t[:, None] & m_v[None, :]
-            m_vk = m_v[:, None] & m_k[None, :]
-            p_vk = o_v[:, None] * K + o_k[None, :]
-            doc = tl.load(do + i_bh * T * V + t[:, None] * V + o_v[None, :], mask=m_tv, other=0.0)
-            vc = tl.load(v + i_bh * T * V + t[:, None] * V + o_v[None, :], mask=m_tv, other=0.0)
-            S0 = tl.load(states + (i_bh * (N + 1) + i_n) * V * K + p_vk, mask=m_vk, other=0.0)
-            S1 = tl.load(states + (i_bh * (N + 1) + i_n + 1) * V * K + p_vk, mask=m_vk, other=0.0)
-            dSe = tl.load(dstates + (i_bh * N + i_n) * V * K + p_vk, mask=m_vk, other=0.0)
-            W = scale * tl.dot(doc, tl.trans(vc), input_precision=PRECISION, out_dtype=DTYPE)
-            W = tl.where(causal, W * D, 0.0).to(kc.dtype)
-            dq_acc += tl.dot(W, kc, input_precision=PRECISION, out_dtype=DTYPE)
-            dq_acc += scale * tl.dot(doc, S0, input_precision=PRECISION, out_dtype=DTYPE) * tl.exp(g)[:, None]
-            dk_acc += tl.dot(tl.trans(W), qc, input_precision=PRECISION, out_dtype=DTYPE)
-            dk_acc += tl.dot(vc, dSe, input_precision=PRECISION, out_dtype=DTYPE) * tl.exp(g_last - g)[:, None]
-            end_term += tl.sum(dSe * S1, 0)
-        tl.store(dq + p_q, dq_acc, mask=m_tk)
-        dg_acc += tl.sum(qc * dq_acc, 1)
-    dg_acc -= tl.sum(kc * dk_acc, 1)
-    dg_acc += tl.where(o_c == C - 1, tl.sum(end_term, 0), 0.0)
-    tl.store(dk + i_bh * T * K + t[:, None] * K + o_k[None, :], dk_acc, mask=m_tk)
-    tl.store(dG + (i_k * tl.num_programs(2) + i_bh) * Tp + i_n * C + o_c, dg_acc)
+    end_S = tl.zeros([BK], dtype=DTYPE)
+    W = tl.zeros([C, C], dtype=DTYPE)
+    dr = tl.zeros([C, BK], dtype=DTYPE)
+    for i_t in range(TPG):
+        o_l = i_t * BV + tl.arange(0, BV)
+        o_v = i_g * VG + o_l
+        m_v = o_l < VG
+        m_vk = m_v[:, None] & m_k[None, :]
+        p_vk = o_v[:, None] * K + o_k[None, :]
+        doc = _load_tile(do, i_b * s_db + i_h * s_dh, s_dt, t, m_t, o_v, m_v, DTYPE)
+        vc = _load_tile(v, i_b * s_vb + i_h * s_vh, s_vt, t, m_t, o_v, m_v, DTYPE)
+        S0 = tl.load(states + (i_bh * (N + 1) + i_n) * V * K + p_vk, mask=m_vk, other=0.0)
+        dSe = tl.load(dstates + (i_bh * N + i_n) * V * K + p_vk, mask=m_vk, other=0.0)
+        W += tl.dot(doc, tl.trans(vc), input_precision=PRECISION, out_dtype=DTYPE)
+        dr += tl.dot(doc * e_start[:, None], S0, input_precision=PRECISION, out_dtype=DTYPE)
+        dk_S = tl.dot(vc * e_end[:, None], dSe, input_precision=PRECISION, out_dtype=DTYPE)
+        dk_acc += dk_S
+        kdk = tl.sum(kc * dk_S, 1)
+        dg_acc += tl.where(o_c == C - 1, tl.sum(kdk, 0), 0.0) - kdk
+        end_S += tl.sum(dSe * S0, 0)
+    Dm, causal = _decay_matrix(G, o_c)
+    W = tl.where(causal, W * Dm, 0.0) * scale
+    qc, bg, x, J, I, r = _group_read(q, i_b * s_qb + i_h * s_qh, s_qt, kc, b, i_b * s_bb + i_h * s_bh, s_bt, i_g,
+                                     Js, ((i_bh * (N + 1) + i_n) * NG + i_g) * K, ip, t, m_t, o_k, m_k, e_start,
+                                     Dm, PRECISION, DTYPE)
+    dr = dr * scale + tl.dot(W, kc, input_precision=PRECISION, out_dtype=DTYPE)
+    dk_W = tl.dot(tl.trans(W), r, input_precision=PRECISION, out_dtype=DTYPE)
+    dk_acc += dk_W
+    dg_acc += tl.sum(r * dr - kc * dk_W, 1)
+    dq_acc = tl.zeros([C, BK], dtype=DTYPE)
+    if VAR:
+        dvg = scale * scale * tl.load(dvar + i_b * s_wb + i_h * s_wh + t * s_wt + i_g, mask=m_t,
+                                      other=0.0).to(DTYPE)
+        dr += dvg[:, None] * qc
+        dq_acc += dvg[:, None] * r
+    dq_acc += dr / I
+    dI = -dr * r / I
+    dX = tl.dot(tl.trans(Dm), dI, input_precision=PRECISION, out_dtype=DTYPE)
+    tl.store(db + i_k * s_bi + i_b * s_bbb + i_h * s_bbh + t * s_bbt + i_g, tl.sum(dX * kc * kc, 1), mask=m_t)
+    dk_acc += 2.0 * bg[:, None] * kc * dX
+    dg_acc += tl.sum(dI * J - x * dX, 1)
+    tl.store(dJs + ((i_bh * N + i_n) * NG + i_g) * K + o_k, tl.sum(dI * e_start[:, None], 0), mask=m_k)
+    dg_acc += tl.where(o_c == C - 1, tl.exp(g_last) * tl.sum(end_S, 0), 0.0)
+    dg_acc = tl.cumsum(dg_acc, 0, reverse=True)
+    p_dq = dq + i_b * s_dqb + i_h * s_dqh + t[:, None] * s_dqt + o_k[None, :]
+    p_dk = dk + i_b * s_dkb + i_h * s_dkh + t[:, None] * s_dkt + o_k[None, :]
+    p_dg = dg + i_k * s_dgi + i_b * s_dgb + i_h * s_dgh + t * s_dgt
+    if not FIRST:
+        dq_acc += tl.load(p_dq, mask=m_tk, other=0.0)
+        dk_acc += tl.load(p_dk, mask=m_tk, other=0.0)
+        dg_acc += tl.load(p_dg, mask=m_t, other=0.0)
+    tl.store(p_dq, dq_acc, mask=m_tk)
+    tl.store(p_dk, dk_acc, mask=m_tk)
+    tl.store(p_dg, dg_acc, mask=m_t)
+    tl.store(dIp + ((i_g * tl.num_programs(0) + i_k) * tl.num_programs(2) + i_bh) * N + i_n, tl.sum(tl.sum(dI, 0), 0))
+
+
+@triton.jit
+def _grouped_dJ_kernel(k, s_kb, s_kh, s_kt, g, s_gb, s_gh, s_gt, b, s_bb, s_bh, s_bt, Js, dJs, dJT, dJ0,
+                       dk, s_dkb, s_dkh, s_dkt, db, s_bi, s_bbb, s_bbh, s_bbt, dg, s_dgi, s_dgb, s_dgh, s_dgt,
+                       T, H, N, NG, K: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, BG: tl.constexpr,
+                       PRECISION: tl.constexpr, DTYPE: tl.constexpr):
+    """The group precisions' cotangent across chunks, backwards, one key tile of every group per program:
+    ``dJ`` (``[NG, BK]``) reaching chunk ``n``'s end adds, for its tokens, ``dX = exp(G_C − G) dJ``:
+    ``db⁽ᵍ⁾ += Σ_k dX ∘ k²``, ``dk += 2 Σ_g b⁽ᵍ⁾ k ∘ dX``, the cumulated log-decay ``−Σ x ∘ dX`` (plus
+    ``Σ dJ ∘ J_end`` on the chunk's last row, reverse-cumulated); then ``dJ ← exp(G_C) dJ + dJs[n]`` reaches
+    the chunk's start. Seeded with the final precision's cotangent ``dJT [BH,NG,K]``; ``dJ0`` is what
+    reaches the initial one. Adds into the ``dk``, ``db``, ``dg`` that :func:`_grouped_dqk_kernel` wrote."""
+    i_k, i_bh = tl.program_id(0), tl.program_id(1)
+    i_bh = i_bh.to(tl.int64)
+    i_b, i_h = i_bh // H, i_bh % H
+    o_k = i_k * BK + tl.arange(0, BK)
+    m_k = o_k < K
+    o_g = tl.arange(0, BG)
+    m_g = o_g < NG
+    o_c = tl.arange(0, C)
+    m_gk = m_g[:, None] & m_k[None, :]
+    p_gk = o_g[:, None] * K + o_k[None, :]
+    dJ = tl.load(dJT + i_bh * NG * K + p_gk, mask=m_gk, other=0.0).to(DTYPE)
+    for i_r in range(N):
+        n = N - 1 - i_r
+        t = n * C + o_c
+        m_t = t < T
+        G, g_last = _chunk_log_decay(g, i_b * s_gb + i_h * s_gh, s_gt, n, T, C, DTYPE)
+        e_end = tl.exp(g_last - G)
+        kc = _load_tile(k, i_b * s_kb + i_h * s_kh, s_kt, t, m_t, o_k, m_k, DTYPE)
+        bt = _load_tile(b, i_b * s_bb + i_h * s_bh, s_bt, t, m_t, o_g, m_g, DTYPE)
+        Je = tl.load(Js + (i_bh * (N + 1) + n + 1) * NG * K + p_gk, mask=m_gk, other=0.0)
+        P = tl.dot(kc * kc, tl.trans(dJ), input_precision=PRECISION, out_dtype=DTYPE) * e_end[:, None]  # [C, BG]
+        Q = tl.dot(bt, dJ, input_precision=PRECISION, out_dtype=DTYPE)  # [C, BK]
+        m_tg = m_t[:, None] & m_g[None, :]
+        p_db = db + i_k * s_bi + i_b * s_bbb + i_h * s_bbh + t[:, None] * s_bbt + o_g[None, :]
+        tl.store(p_db, tl.load(p_db, mask=m_tg, other=0.0) + P, mask=m_tg)
+        m_tk = m_t[:, None] & m_k[None, :]
+        p_dk = dk + i_b * s_dkb + i_h * s_dkh + t[:, None] * s_dkt + o_k[None, :]
+        tl.store(p_dk, tl.load(p_dk, mask=m_tk, other=0.0) + 2.0 * kc * Q * e_end[:, None], mask=m_tk)
+        dgc = tl.where(o_c == C - 1, tl.sum(tl.sum(dJ * Je, 1), 0), 0.0) - tl.sum(bt * P, 1)
+        p_dg = dg + i_k * s_dgi + i_b * s_dgb + i_h * s_dgh + t * s_dgt
+        tl.store(p_dg, tl.load(p_dg, mask=m_t, other=0.0) + tl.cumsum(dgc, 0, reverse=True), mask=m_t)
+        dJ = dJ * tl.exp(g_last) + tl.load(dJs + (i_bh * N + n) * NG * K + p_gk, mask=m_gk, other=0.0)
+    tl.store(dJ0 + i_bh * NG * K + p_gk, dJ, mask=m_gk)
 
 
 # ----------------------------------------------------------------------------------------------- host side
+# Launch settings per kernel: warps, pipeline stages and, where given, the key tile BK (at most the default
+# 64) and the value tile BV (up to V) that replace the defaults; "_wide": for 4- and 8-byte inputs (twice the
+# registers per tile); "dqk_grouped": the point dq, dk kernel with one query per group. Chosen at the
+# benchmark's shapes (C = 64, K = V = 128) from `metaplastic bench compile` at sm_90a and sm_80 (registers,
+# spills, shared memory) and `metaplastic bench traffic` (a smaller key tile re-reads do and v).
+LAUNCH = {
+    "states": dict(num_warps=8, num_stages=2),
+    "output": dict(num_warps=8, num_stages=2),
+    "dstates": dict(num_warps=8, num_stages=2),
+    "dv": dict(num_warps=8, num_stages=2),
+    "dqk": dict(num_warps=8, num_stages=2, BV=32),
+    "dqk_grouped": dict(num_warps=8, num_stages=1, BK=32),
+    "grouped_output": dict(num_warps=8, num_stages=2, BK=32, BV=128),
+    "grouped_output_wide": dict(num_warps=8, num_stages=2, BK=16, BV=128),
+    "grouped_dstates": dict(num_warps=8, num_stages=2, BK=32),
+    "grouped_dstates_wide": dict(num_warps=8, num_stages=2, BK=16),
+    "grouped_dv": dict(num_warps=8, num_stages=2, BK=32, BV=128),
+    "grouped_dv_wide": dict(num_warps=8, num_stages=2, BK=16, BV=128),
+    "grouped_dqk": dict(num_warps=8, num_stages=2, BK=32, BV=32),
+    "grouped_dqk_wide": dict(num_warps=8, num_stages=2, BK=16),
+    "grouped_dJ": dict(num_warps=4, num_stages=2),
+}
+
+
 def _kernel_chunk(C: int) -> int:
     """The kernels' chunk: a power of two, at least 16 (``tl.dot``'s smallest tile)."""
     return max(16, triton.next_power_of_2(C))
@@ -247,8 +580,8 @@ def _tile(n: int, block: Optional[int]) -> int:
     return block or max(16, min(64, triton.next_power_of_2(n)))
 
 
-def _precision(x: Tensor) -> str:
-    if x.dtype == torch.float64 or not x.is_cuda:
+def _precision(x: Tensor, dt: torch.dtype) -> str:
+    if dt == torch.float64 or not x.is_cuda:
         return "ieee"
     return "tf32" if torch.backends.cuda.matmul.allow_tf32 else "ieee"
 
@@ -257,96 +590,125 @@ def _triton_dtype(dt: torch.dtype):
     return tl.float64 if dt == torch.float64 else tl.float32
 
 
-def _grouped_layout(q: Tensor) -> Tensor:
-    """``q [B,H,T,K]`` or ``[B,H,T,NG,K]`` -> ``[B,H,NG,T,K]`` contiguous."""
-    return (q[:, :, None] if q.dim() == 4 else q.transpose(2, 3)).contiguous()
+def compute_dtype(*xs: Tensor) -> torch.dtype:
+    """float64 if any input is float64, else float32: what the kernels compute in and write."""
+    return torch.float64 if any(x.dtype == torch.float64 for x in xs) else torch.float32
 
 
-def _cumulated_decay(g: Tensor, C: int, dt: torch.dtype) -> Tensor:
-    """``g [B,H,T,1]`` -> ``G [B,H,N·C]``: zero-padded, cumulated inside each chunk of ``C``."""
-    B, H, T = g.shape[:3]
-    N = triton.cdiv(T, C)
-    gp = torch.zeros(B, H, N * C, dtype=dt, device=g.device)
-    gp[:, :, :T] = g[..., 0]
-    return gp.view(B, H, N, C).cumsum(-1).view(B, H, N * C).contiguous()
+def _rows_last(x: Tensor) -> Tensor:
+    """``x`` itself when its last dimension is contiguous (any other strides are passed to the kernels),
+    else a contiguous copy."""
+    return x if x.stride(-1) == 1 or x.shape[-1] == 1 else x.contiguous()
+
+
+def _strides(x: Tensor):
+    """``(x, s_b, s_h, s_t)`` of a ``[B,H,T,...]`` tensor (a ``[B,H,T,1]`` log-decay included)."""
+    return (x,) + tuple(x.stride()[:3])
+
+
+def _query(q: Tensor):
+    """``(q, s_b, s_h, s_t, s_g)`` of ``q [B,H,T,K]`` (``s_g = 0``) or ``[B,H,T,NG,K]``, and ``NG``."""
+    q = _rows_last(q)
+    if q.dim() == 4:
+        return (q,) + tuple(q.stride()[:3]) + (0,), 1
+    return (q,) + tuple(q.stride()[:4]), q.shape[3]
+
+
+def _groups(V: int, NG: int, BV: int):
+    if V % NG:
+        raise ValueError(f"{NG} query groups do not divide V = {V}")
+    VG = V // NG
+    BVG = min(BV, max(16, triton.next_power_of_2(VG)))
+    return VG, BVG, triton.cdiv(VG, BVG)
+
+
+def _launch(name: str, K: int, V: int, NG: int, BK: int, BV: int, wide: bool = False):
+    """``LAUNCH[name]``'s warps and stages (``LAUNCH[name + "_wide"]`` for 4- and 8-byte inputs, where it is
+    given), its key tile (``BK`` or the smaller one it names) and its value tiling
+    ``(rows per group, tile, tiles per group)``."""
+    opts = dict(LAUNCH.get(name + "_wide", LAUNCH[name]) if wide else LAUNCH[name])
+    BKx = min(BK, opts.pop("BK", BK))
+    BVx = opts.pop("BV", BV)
+    return opts, BKx, _groups(V, NG, max(16, min(BVx, triton.next_power_of_2(V))))
 
 
 def chunk_dot_triton_forward(q: Tensor, k: Tensor, v: Tensor, g: Tensor, S0: Tensor, scale: float, C: int,
                              block_k: Optional[int] = None, block_v: Optional[int] = None):
     """``q [B,H,T,K]`` (or one query per group of value rows, ``[B,H,T,NG,K]``), ``k [B,H,T,K]``,
     ``v [B,H,T,V]``, ``g [B,H,T,1]``, ``S0 [B,H,V,K]`` -> ``o [B,H,T,V]`` and the boundary states
-    ``[B,H,N+1,V,K]``, in the compute dtype (float64 for float64 inputs, else float32). ``C``: a power of
-    two ≥ 16; ``block_k``, ``block_v``: tile sizes (powers of two ≥ 16; default up to 64)."""
+    ``[B,H,N+1,V,K]``, in the compute dtype (:func:`compute_dtype`). The inputs are read in place in their
+    own dtype and strides (e.g. ``[B,T,H,D]`` tensors transposed to ``[B,H,T,D]``; only the last dimension
+    must be contiguous, else it is copied). ``C``: a power of two ≥ 16; ``block_k``, ``block_v``: tile sizes
+    (powers of two ≥ 16; default up to 64)."""
     B, H, T, K = k.shape
     V = v.shape[-1]
     N = triton.cdiv(T, C)
-    dt = torch.float64 if q.dtype == torch.float64 else torch.float32
-    qg = _grouped_layout(q.to(dt))
-    NG = qg.shape[2]
-    if V % NG:
-        raise ValueError(f"{NG} query groups do not divide V = {V}")
-    VG = V // NG
-    kf, vf = (x.to(dt).contiguous() for x in (k, v))
-    G = _cumulated_decay(g, C, dt)
-    states = torch.empty(B, H, N + 1, V, K, dtype=dt, device=q.device)
-    out = torch.empty(B, H, T, V, dtype=dt, device=q.device)
+    dt = compute_dtype(q, k, v)
+    qa, NG = _query(q)
+    k, v = _rows_last(k), _rows_last(v)
     BK, BV = _tile(K, block_k), _tile(V, block_v)
-    BVG = min(BV, max(16, triton.next_power_of_2(VG)))
-    TPG = triton.cdiv(VG, BVG)
-    meta = dict(C=C, BK=BK, PRECISION=_precision(q), DTYPE=_triton_dtype(dt))
+    VG, BVG, TPG = _groups(V, NG, BV)
+    states = torch.empty(B, H, N + 1, V, K, dtype=dt, device=q.device)
+    out = torch.empty(B, T, H, V, dtype=dt, device=q.device)
+    meta = dict(K=K, V=V, C=C, BK=BK, PRECISION=_precision(q, dt), DTYPE=_triton_dtype(dt))
     _chunk_states_kernel[(triton.cdiv(K, BK), triton.cdiv(V, BV), B * H)](
-        kf, vf, G, S0.to(dt).contiguous(), states, T, N * C, N, K=K, V=V, BV=BV, **meta)
-    _chunk_output_kernel[(N, B * H, NG * TPG)](qg, kf, vf, G, states, out, float(scale), T, N * C, N, NG, K=K, V=V,
-                                               VG=VG, TPG=TPG, BV=BVG, **meta)
-    return out, states
+        *_strides(k), *_strides(v), *_strides(g), S0.to(dt).contiguous(), states, T, H, N, BV=BV, SQUARE=False,
+        **meta, **LAUNCH["states"])
+    _chunk_output_kernel[(N, B * H, NG * TPG)](
+        *qa, *_strides(k), *_strides(v), *_strides(g), states, out, out.stride(0), out.stride(2), out.stride(1),
+        float(scale), T, H, N, VG=VG, TPG=TPG, BV=BVG, **meta, **LAUNCH["output"])
+    return out.transpose(1, 2), states
 
 
 def chunk_dot_triton_backward(q: Tensor, k: Tensor, v: Tensor, g: Tensor, states: Tensor, do: Tensor,
                               dS_final: Optional[Tensor], scale: float, C: int, block_k: Optional[int] = None,
                               block_v: Optional[int] = None):
     """Cotangents ``(dq, dk, dv, dg, dS0)`` of :func:`chunk_dot_triton_forward` (same shapes as its inputs,
-    compute dtype) from ``do [B,H,T,V]`` and the final state's ``dS_final [B,H,V,K]`` (None: zero), given the
-    boundary ``states`` that the forward returned."""
+    in the compute dtype) from ``do [B,H,T,V]`` (any dtype and strides, like the inputs) and the final state's
+    ``dS_final [B,H,V,K]`` (None: zero), given the boundary ``states`` that the forward returned."""
     B, H, T, K = k.shape
     V = v.shape[-1]
     N = triton.cdiv(T, C)
-    Tp = N * C
     dt = states.dtype
-    grouped = q.dim() == 5
-    qg = _grouped_layout(q.to(dt))
-    NG = qg.shape[2]
-    VG = V // NG
-    kf, vf, dof = (x.to(dt).contiguous() for x in (k, v, do))
-    G = _cumulated_decay(g, C, dt)
+    qa, NG = _query(q)
+    k, v, do = (_rows_last(x) for x in (k, v, do))
     BK, BV = _tile(K, block_k), _tile(V, block_v)
-    BVG = min(BV, max(16, triton.next_power_of_2(VG)))
-    TPG = triton.cdiv(VG, BVG)
+    VG, BVG, TPG = _groups(V, NG, BV)
     NK = triton.cdiv(K, BK)
     dev = q.device
     dht = torch.zeros(B, H, V, K, dtype=dt, device=dev) if dS_final is None else dS_final.to(dt).contiguous()
     dstates = torch.empty(B, H, N, V, K, dtype=dt, device=dev)
     dS0 = torch.empty(B, H, V, K, dtype=dt, device=dev)
-    dq = torch.empty_like(qg)
-    dk = torch.empty(B, H, T, K, dtype=dt, device=dev)
-    dv = torch.empty(B, H, T, V, dtype=dt, device=dev)
-    dG = torch.empty(NK, B * H, Tp, dtype=dt, device=dev)
-    meta = dict(K=K, V=V, VG=VG, TPG=TPG, C=C, BK=BK, BV=BVG, PRECISION=_precision(q), DTYPE=_triton_dtype(dt))
+    dq = torch.empty(B, T, H, NG, K, dtype=dt, device=dev)
+    dk = torch.empty(B, T, H, K, dtype=dt, device=dev)
+    dv = torch.empty(B, T, H, V, dtype=dt, device=dev)
+    meta = dict(K=K, V=V, VG=VG, TPG=TPG, C=C, BK=BK, BV=BVG, PRECISION=_precision(q, dt), DTYPE=_triton_dtype(dt))
     sc = float(scale)
-    _chunk_dstates_kernel[(NK, NG * TPG, B * H)](qg, dof, G, dht, dstates, dS0, sc, T, Tp, N, NG, **meta)
-    _chunk_bwd_dv_kernel[(N, B * H, NG * TPG)](qg, kf, dof, G, dstates, dv, sc, T, Tp, N, NG, **meta)
-    _chunk_bwd_dqk_kernel[(NK, N, B * H)](qg, kf, vf, dof, G, states, dstates, dq, dk, dG, sc, T, Tp, N, NG, **meta)
-    dG = dG.sum(0).view(B, H, N, C)
-    dg = dG.flip(-1).cumsum(-1).flip(-1).reshape(B, H, Tp)[:, :, :T, None]
-    dq = dq.transpose(2, 3) if grouped else dq[:, :, 0]
-    return dq, dk, dv, dg, dS0
+    gs, dos = _strides(g), _strides(do)
+    _chunk_dstates_kernel[(NK, NG * TPG, B * H)](*qa, *dos, *gs, dht, dstates, dS0, sc, T, H, N, **meta,
+                                                 **LAUNCH["dstates"])
+    _chunk_bwd_dv_kernel[(N, B * H, NG * TPG)](*qa, *_strides(k), *dos, *gs, dstates, dv, dv.stride(0),
+                                               dv.stride(2), dv.stride(1), sc, T, H, N, **meta, **LAUNCH["dv"])
+    opts, BKq, (VG, BVG, TPG) = _launch("dqk" if NG == 1 else "dqk_grouped", K, V, NG, BK, BV)
+    NK = triton.cdiv(K, BKq)
+    dG = torch.empty(NK, B, T, H, dtype=dt, device=dev)
+    meta.update(VG=VG, TPG=TPG, BV=BVG, BK=BKq)
+    _chunk_bwd_dqk_kernel[(NK, N, B * H)](
+        *qa, *_strides(k), *_strides(v), *dos, *gs, states, dstates, dq, dq.stride(0), dq.stride(2), dq.stride(1),
+        dq.stride(3), dk, dk.stride(0), dk.stride(2), dk.stride(1), dG, dG.stride(0), dG.stride(1), dG.stride(3),
+        dG.stride(2), sc, T, H, N, NG, **meta, **opts)
+    dg = (dG[0] if NK == 1 else dG.sum(0)).transpose(1, 2)[..., None]
+    dq = dq.transpose(1, 2)
+    return (dq if q.dim() == 5 else dq[:, :, :, 0]), dk.transpose(1, 2), dv.transpose(1, 2), dg, dS0
 
 
 class TritonChunkDot(torch.autograd.Function):
     """:class:`~metaplastic.kernels.chunk.ChunkDot` on the Triton kernels, forward and backward:
     ``o_t = scale · S_t q_t`` with ``S_t = exp(g_t) S_{t-1} + v_t ⊗ k_t`` (one decay per head and token);
-    returns ``(o, S_T)``. ``q [B,H,T,K]``, or ``[B,H,T,NG,K]``: value rows ``[i·V/NG, (i+1)·V/NG)`` are read
-    with query ``i`` (grouped importance, docs/theory.md#limit-8-grouped-importance). Saves the inputs and the ``N + 1`` boundary
-    states (``V·K/C`` numbers per token and head)."""
+    returns ``(o, S_T)`` in the compute dtype (float64 if any of q, k, v is, else float32). ``q [B,H,T,K]``,
+    or ``[B,H,T,NG,K]``: value rows ``[i·V/NG, (i+1)·V/NG)`` are read with query ``i`` (grouped importance,
+    docs/theory.md#limit-8-grouped-importance). q, k, v are read in their own dtype and strides. Saves the
+    inputs and the ``N + 1`` boundary states (``V·K/C`` numbers per token and head)."""
 
     @staticmethod
     def forward(ctx, q: Tensor, k: Tensor, v: Tensor, g: Tensor, S0: Tensor, scale: float, C: int):
@@ -356,7 +718,7 @@ class TritonChunkDot(torch.autograd.Function):
         o, states = chunk_dot_triton_forward(q, k, v, g, S0, scale, C)
         ctx.save_for_backward(q, k, v, g, states)
         ctx.scale, ctx.C, ctx.S0_dtype = scale, C, S0.dtype
-        return o.to(q.dtype), states[:, :, -1].to(q.dtype)
+        return o, states[:, :, -1]
 
     @staticmethod
     @torch.autograd.function.once_differentiable
@@ -364,6 +726,142 @@ class TritonChunkDot(torch.autograd.Function):
         q, k, v, g, states = ctx.saved_tensors
         dq, dk, dv, dg, dS0 = chunk_dot_triton_backward(q, k, v, g, states, do, dS_final, ctx.scale, ctx.C)
         return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dg.to(g.dtype), dS0.to(ctx.S0_dtype), None, None
+
+
+def grouped_diagonal_triton_forward(q: Tensor, k: Tensor, v: Tensor, g: Tensor, b: Tensor, Ip: Tensor, M0: Tensor,
+                                    J0: Tensor, scale: float, C: int, variance: bool,
+                                    block_k: Optional[int] = None, block_v: Optional[int] = None):
+    """Palimpsa with ``b`` head-shared or grouped, fused: ``q, k [B,H,T,K]``, ``v [B,H,T,V]`` (the write
+    ``β v``), ``g [B,H,T,1]``, ``b [B,H,T,NG]`` (NG divides V), ``Ip [H]``, ``M0 [B,H,V,K]``,
+    ``J0 [B,H,NG,K]`` (the initial precision minus ``Ip``, one row per group), in any dtype and strides (last
+    dimension contiguous). Returns ``o [B,H,T,V]``, ``var [B,H,T,NG]`` (None without ``variance``), the
+    boundary numerators ``[B,H,N+1,V,K]`` and group precisions minus ``Ip`` ``[B,H,N+1,NG,K]``."""
+    B, H, T, K = k.shape
+    V, NG = v.shape[-1], b.shape[-1]
+    N = triton.cdiv(T, C)
+    dt = compute_dtype(q, k, v)
+    q, k, v, b = (_rows_last(x) for x in (q, k, v, b))
+    BK, BV = _tile(K, block_k), _tile(V, block_v)
+    BJ = _tile(NG, None)
+    dev = q.device
+    states = torch.empty(B, H, N + 1, V, K, dtype=dt, device=dev)
+    Js = torch.empty(B, H, N + 1, NG, K, dtype=dt, device=dev)
+    out = torch.empty(B, T, H, V, dtype=dt, device=dev)
+    var = torch.empty(B, T, H, NG, dtype=dt, device=dev) if variance else out
+    meta = dict(K=K, C=C, BK=BK, PRECISION=_precision(q, dt), DTYPE=_triton_dtype(dt))
+    NK = triton.cdiv(K, BK)
+    _chunk_states_kernel[(NK, triton.cdiv(V, BV), B * H)](
+        *_strides(k), *_strides(v), *_strides(g), M0.to(dt).contiguous(), states, T, H, N, V=V, BV=BV, SQUARE=False,
+        **meta, **LAUNCH["states"])
+    _chunk_states_kernel[(NK, triton.cdiv(NG, BJ), B * H)](
+        *_strides(k), *_strides(b), *_strides(g), J0.to(dt).contiguous(), Js, T, H, N, V=NG, BV=BJ, SQUARE=True,
+        **meta, **LAUNCH["states"])
+    opts, BKo, (VGo, BVo, TPGo) = _launch("grouped_output", K, V, NG, BK, BV, q.element_size() > 2)
+    _grouped_output_kernel[(N, B * H, NG * TPGo)](
+        *_strides(q), *_strides(k), *_strides(v), *_strides(g), *_strides(b), Ip.to(dt).contiguous(), states, Js,
+        out, out.stride(0), out.stride(2), out.stride(1), var, var.stride(0), var.stride(2), var.stride(1),
+        float(scale), T, H, N, NG, V=V, VG=VGo, TPG=TPGo, BV=BVo, VAR=variance, **dict(meta, BK=BKo), **opts)
+    return out.transpose(1, 2), (var.transpose(1, 2) if variance else None), states, Js
+
+
+def grouped_diagonal_triton_backward(q: Tensor, k: Tensor, v: Tensor, g: Tensor, b: Tensor, Ip: Tensor,
+                                     states: Tensor, Js: Tensor, do: Tensor, dvar: Optional[Tensor],
+                                     dM_final: Optional[Tensor], dJ_final: Optional[Tensor], scale: float, C: int,
+                                     block_k: Optional[int] = None, block_v: Optional[int] = None):
+    """Cotangents ``(dq, dk, dv, dg, db, dIp, dM0, dJ0)`` of :func:`grouped_diagonal_triton_forward` (shapes of
+    its inputs, compute dtype) from ``do [B,H,T,V]``, ``dvar [B,H,T,NG]`` and the final numerator's and
+    precision's (None: zero), given the boundary states it returned."""
+    B, H, T, K = k.shape
+    V, NG = v.shape[-1], b.shape[-1]
+    N = triton.cdiv(T, C)
+    dt = states.dtype
+    q, k, v, b, do = (_rows_last(x) for x in (q, k, v, b, do))
+    BK, BV = _tile(K, block_k), _tile(V, block_v)
+    dev = q.device
+    Ipc = Ip.to(dt).contiguous()
+    wide = q.element_size() > 2
+    dht = torch.zeros(B, H, V, K, dtype=dt, device=dev) if dM_final is None else dM_final.to(dt).contiguous()
+    dJT = torch.zeros(B, H, NG, K, dtype=dt, device=dev) if dJ_final is None else dJ_final.to(dt).contiguous()
+    dstates = torch.empty(B, H, N, V, K, dtype=dt, device=dev)
+    dM0 = torch.empty(B, H, V, K, dtype=dt, device=dev)
+    dv = torch.empty(B, T, H, V, dtype=dt, device=dev)
+    meta = dict(K=K, C=C, PRECISION=_precision(q, dt), DTYPE=_triton_dtype(dt))
+    sc = float(scale)
+    qs, ks, gs, bs, dos = (_strides(x) for x in (q, k, g, b, do))
+    opts, BKs, (VGs, BVs, TPGs) = _launch("grouped_dstates", K, V, NG, BK, BV, wide)
+    _grouped_dstates_kernel[(triton.cdiv(K, BKs), NG * TPGs, B * H)](
+        *qs, *ks, *dos, *gs, *bs, Ipc, Js, dht, dstates, dM0, sc, T, H, N, NG, V=V, VG=VGs, TPG=TPGs, BK=BKs, BV=BVs,
+        **meta, **opts)
+    opts, BKv, (VGv, BVv, TPGv) = _launch("grouped_dv", K, V, NG, BK, BV, wide)
+    _grouped_dv_kernel[(N, B * H, NG * TPGv)](*qs, *ks, *dos, *gs, *bs, Ipc, Js, dstates, dv, dv.stride(0),
+                                              dv.stride(2), dv.stride(1), sc, T, H, N, NG, V=V, VG=VGv, TPG=TPGv,
+                                              BK=BKv, BV=BVv, **meta, **opts)
+    opts, BKq, (VGq, BVq, TPGq) = _launch("grouped_dqk", K, V, NG, BK, BV, wide)
+    NKq = triton.cdiv(K, BKq)
+    dq = torch.empty(B, T, H, K, dtype=dt, device=dev)
+    dk = torch.empty(B, T, H, K, dtype=dt, device=dev)
+    db = torch.empty(NKq, B, T, H, NG, dtype=dt, device=dev)
+    dG = torch.empty(NKq, B, T, H, dtype=dt, device=dev)
+    dJs = torch.empty(B, H, N, NG, K, dtype=dt, device=dev)
+    dIp = torch.empty(NG, NKq, B, H, N, dtype=dt, device=dev)
+    variance = dvar is not None
+    dvs = _strides(dvar) if variance else (dv, 0, 0, 0)
+    for i_g in range(NG):  # one launch per group: the sums over the groups are carried in dq, dk, dG
+        _grouped_dqk_kernel[(NKq, N, B * H)](
+            *qs, *ks, *_strides(v), *dos, *gs, *bs, Ipc, states, Js, dstates, *dvs, dq, dq.stride(0), dq.stride(2),
+            dq.stride(1), dk, dk.stride(0), dk.stride(2), dk.stride(1), db, db.stride(0), db.stride(1),
+            db.stride(3), db.stride(2), dG, dG.stride(0), dG.stride(1), dG.stride(3), dG.stride(2), dJs, dIp, i_g,
+            sc, T, H, N, NG, V=V, VG=VGq, TPG=TPGq, BK=BKq, BV=BVq, FIRST=i_g == 0, VAR=variance, **meta, **opts)
+    dJ0 = torch.empty(B, H, NG, K, dtype=dt, device=dev)
+    _grouped_dJ_kernel[(NKq, B * H)](*ks, *gs, *bs, Js, dJs, dJT, dJ0, dk, dk.stride(0), dk.stride(2), dk.stride(1),
+                                     db, db.stride(0), db.stride(1), db.stride(3), db.stride(2), dG, dG.stride(0),
+                                     dG.stride(1), dG.stride(3), dG.stride(2), T, H, N, NG, BK=BKq,
+                                     BG=max(16, triton.next_power_of_2(NG)), **meta, **LAUNCH["grouped_dJ"])
+    dg = (dG[0] if NKq == 1 else dG.sum(0)).transpose(1, 2)[..., None]
+    db = (db[0] if NKq == 1 else db.sum(0)).transpose(1, 2)
+    return (dq.transpose(1, 2), dk.transpose(1, 2), dv.transpose(1, 2), dg, db, dIp.sum((0, 1, 2, 4)), dM0, dJ0)
+
+
+class TritonGroupedDiagonal(torch.autograd.Function):
+    """Palimpsa / MetaMamba2 with ``b`` head-shared or grouped on the fused Triton kernels
+    (docs/theory.md#limit-8-grouped-importance; one group: limit 7): ``M_t = α M_{t-1} + v_t ⊗ k_t`` (``v``
+    the write ``β v``), the group precisions ``J⁽ᵍ⁾_t = α J⁽ᵍ⁾_{t-1} + b⁽ᵍ⁾_t k_t²`` and ``I = Ip + J``,
+    ``o = scale · M_t (q ⊘ I⁽ᵍ⁾_t)`` on the rows of group ``g``; the precisions and reads are formed on chip.
+    Returns ``(o [B,H,T,V], var [B,H,T,NG] or None, M_T, J_T)``. Saves the inputs and the boundary states."""
+
+    @staticmethod
+    def forward(ctx, q: Tensor, k: Tensor, v: Tensor, g: Tensor, b: Tensor, Ip: Tensor, M0: Tensor, J0: Tensor,
+                scale: float, C: int, variance: bool):
+        if g.shape[-1] != 1:
+            raise ValueError("the chunked Triton kernel supports scalar (per-head) forgetting only, not vector")
+        C = _kernel_chunk(C)
+        o, var, states, Js = grouped_diagonal_triton_forward(q, k, v, g, b, Ip, M0, J0, scale, C, variance)
+        ctx.save_for_backward(q, k, v, g, b, Ip, states, Js)
+        ctx.scale, ctx.C, ctx.variance = scale, C, variance
+        ctx.dtypes = (M0.dtype, J0.dtype)
+        return o, var, states[:, :, -1], Js[:, :, -1]
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, do: Tensor, dvar: Optional[Tensor], dM: Tensor, dJ: Tensor):
+        q, k, v, g, b, Ip, states, Js = ctx.saved_tensors
+        grads = grouped_diagonal_triton_backward(q, k, v, g, b, Ip, states, Js, do, dvar if ctx.variance else None,
+                                                 dM, dJ, ctx.scale, ctx.C)
+        dq, dk, dv, dg, db, dIp, dM0, dJ0 = grads
+        return (dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dg.to(g.dtype), db.to(b.dtype), dIp.to(Ip.dtype),
+                dM0.to(ctx.dtypes[0]), dJ0.to(ctx.dtypes[1]), None, None, None)
+
+
+class TritonRead:
+    """The chunked router's read primitives on Triton: called, :class:`TritonChunkDot` (the gated
+    linear-attention read); ``grouped_diagonal``, :class:`TritonGroupedDiagonal`."""
+
+    def __call__(self, *args):
+        return TritonChunkDot.apply(*args)
+
+    @staticmethod
+    def grouped_diagonal(*args):
+        return TritonGroupedDiagonal.apply(*args)
 
 
 def chunk_triton_scan(objective: Objective, q: Tensor, k: Tensor, v: Tensor, *,
@@ -389,4 +887,4 @@ def chunk_triton_run(call: ScanCall, chunk_size: int = 64) -> ScanResult:
         reason = triton_unavailable_reason(call.q.device)
     if reason is not None:
         raise ValueError(reason)
-    return chunk_run(call, chunk_size, TritonChunkDot.apply)
+    return chunk_run(call, chunk_size, TritonRead())

@@ -9,6 +9,7 @@ set -u
 OUTDIR=${1:-${OUT:-gpu_out}}
 mkdir -p "$OUTDIR"
 export PYTHONUNBUFFERED=1 PY=${PY:-python3}
+export FLA_FLASH_QLA=0  # fla's own Triton kernels, not a FlashQLA dispatch: the comparison is Triton to Triton
 STEPS=${STEPS:-tests_new,bench,tests_recurrent}  # steps to run, comma-separated (tests_models: when time allows)
 run() {  # run SECONDS NAME CMD...: time-limited, output to OUTDIR/NAME.log, tail shown
   local limit=$1 name=$2; shift 2
@@ -34,16 +35,19 @@ if [ "${DRY_RUN:-0}" != 1 ]; then
     for d in models kernels derivations; do ln -s "$PWD/$d" "/tmp/pp/metaplastic/$d"; done
     export PYTHONPATH=/tmp/pp${PYTHONPATH:+:$PYTHONPATH}
   fi
-  $PY -c "import torch, triton, metaplastic; print('torch', torch.__version__, 'triton', triton.__version__,
-torch.cuda.get_device_name())" | tee "$OUTDIR/versions.txt"
+  $PY -c "import torch, triton, metaplastic, importlib.metadata as m; print('torch', torch.__version__, 'triton',
+triton.__version__, 'fla', m.version('flash-linear-attention') if [d for d in m.distributions()
+if d.metadata['Name'] == 'flash-linear-attention'] else 'absent', torch.cuda.get_device_name())" | tee "$OUTDIR/versions.txt"
+  $PY -m pip freeze >"$OUTDIR/pip_freeze.txt" 2>&1
 fi
 # 1. the chunked Triton path (forward + Triton backward, grouped b) and the per-value kernels, compiled
 TAILN=8 run ${LIMIT_TESTS:-140} tests_new $PY -m pytest -q -p no:cacheprovider --junitxml="$OUTDIR/tests_new.xml" \
   tests/kernels/test_chunk_triton_backward.py tests/kernels/test_per_value_triton.py \
   tests/kernels/test_dispatch.py tests/kernels/test_chunk.py -k "triton or per_value or dispatch"
-# 2. timings at B=8, T=4096, H=16, K=V=128, bf16 q/k/v, with fla in the same run; target ratios
+# 2. timings at B=8, T=4096, H=16, K=V=128, bf16 q/k/v, with fla in the same run, eager and as CUDA-graph
+#    replays (interleaved); target ratios for both
 #    (fla autotunes on first use: about 130 s per kernel on an H200, inside this step's limit)
-TAILN=30 run ${LIMIT_BENCH:-330} bench $PY -m metaplastic bench kernels --device cuda --reps 5 --tf32 --dtype bfloat16 \
+TAILN=40 run ${LIMIT_BENCH:-330} bench $PY -m metaplastic bench kernels --device cuda --reps 5 --tf32 --dtype bfloat16 --cuda-graphs \
   --groups 8 --models mamba2 simple_gla palimpsa --backends triton_chunk triton_per_value \
   --json "$OUTDIR/bench_cuda.json" --targets "$OUTDIR/targets.json"
 # 3. the fused recurrent kernel and the model-level GPU tests, with what time is left

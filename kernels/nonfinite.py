@@ -62,22 +62,53 @@ class Poison(NamedTuple):
     prec: Optional[Tensor]
 
 
+def all_finite(q: Tensor, k: Tensor, v: Tensor, log_decay: Optional[Tensor], beta: Optional[Tensor],
+               b: Optional[Tensor], initial_state: Optional[Dict[str, Tensor]]) -> Tensor:
+    """A 0-d boolean tensor, on the inputs' device: true when no input needs :func:`sanitize`'s masks.
+
+    One reduction per input, each reading it once and writing a scalar: the sum of a tensor is finite when
+    every entry is (a NaN or an infinity makes it NaN or infinite), and a log-decay's sum is neither NaN nor
+    ``+inf`` when none of its entries is (``-inf``, a reset, is allowed). A sum that overflows from finite
+    entries only reads as non-finite: the call then takes the masked path, which is exact for finite inputs
+    too, only slower."""
+    def total(x: Tensor) -> Tensor:
+        return x.sum(dtype=torch.float64 if x.dtype == torch.float64 else torch.float32)
+    tensors = [q, k, v, beta, b] + ([] if initial_state is None else list(initial_state.values()))
+    ok = torch.isfinite(torch.stack([total(x) for x in tensors if x is not None])).all()
+    if log_decay is not None:
+        s = total(log_decay)
+        ok = ok & ~(torch.isnan(s) | (s == float("inf")))
+    return ok
+
+
+def may_read_on_host(x: Tensor) -> bool:
+    """Whether the call may read :func:`all_finite` into Python: not while ``torch.compile`` traces (it would
+    break the graph) nor while a CUDA graph is captured (a capture cannot synchronise with the host). There
+    the masks are always computed: elementwise work on the device, no synchronisation."""
+    if torch.compiler.is_compiling():
+        return False
+    return not (x.is_cuda and torch.cuda.is_available() and torch.cuda.is_current_stream_capturing())
+
+
+def read_on_host(flag: Tensor) -> bool:
+    """``flag`` read into Python (on a GPU, one synchronisation with the host)."""
+    return bool(flag)
+
+
 def sanitize(objective: Objective, q: Tensor, k: Tensor, v: Tensor, log_decay: Optional[Tensor],
              beta: Optional[Tensor], b: Optional[Tensor], initial_state: Optional[Dict[str, Tensor]]
              ) -> Tuple[Tuple, Optional[Poison]]:
     """``((q, k, v, log_decay, beta, b, initial_state), poison)`` with every non-finite entry set to 0 and
-    ``poison`` None when every input is finite (then the inputs come back unchanged)."""
+    ``poison`` None when every input is finite (then the inputs come back unchanged). Outside a compiled graph or
+    a CUDA-graph capture the all-finite case is found first by :func:`all_finite` (one read of each input and
+    one host synchronisation) and costs nothing more; inside one the masks are always computed."""
+    if may_read_on_host(q) and read_on_host(all_finite(q, k, v, log_decay, beta, b, initial_state)):
+        return (q, k, v, log_decay, beta, b, initial_state), None
     g_bad = None if log_decay is None else torch.isnan(log_decay) | (log_decay == float("inf"))
     state_bad = None
     if initial_state is not None:
         state_bad = _or(*(_bad(x) for x in initial_state.values()))
     parts = [_bad(q), _bad(k), _bad(v), g_bad, _bad(beta), _bad(b), state_bad]
-    # On a CPU an all-finite call returns at once; on a GPU that test would synchronise with the host, so
-    # the masks are always computed there (elementwise work on the device, no synchronisation), and so they are
-    # under torch.compile (reading the test into Python would break the graph).
-    if q.device.type == "cpu" and not torch.compiler.is_compiling() \
-            and not any(bool(p.any()) for p in parts if p is not None):
-        return (q, k, v, log_decay, beta, b, initial_state), None
     q_bad, k_bad, v_bad, _, beta_bad, b_bad, _ = parts
     clean_g = None if log_decay is None else torch.where(g_bad, torch.zeros_like(log_decay), log_decay)
     clean_state = None if initial_state is None else {key: _clean(x) for key, x in initial_state.items()}

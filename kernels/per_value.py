@@ -9,21 +9,32 @@ Only the read-out (a sum over keys) and ``dq``, ``dk`` (sums over values) couple
 
 Forward (``_pv_fwd_kernel``): one program per (value tile of ``BV`` rows, sequence·head) holds ``M, J``
 for its rows and all ``K`` columns in registers and walks the tokens; the read-out's sum over keys stays
-inside the program. Every ``C`` tokens it stores ``(M, J)`` (``2·V·K·4/C`` bytes per token and head:
-2 KB at ``K = V = 128, C = 64``): nothing else is saved.
+inside the program; ``o`` is stored in q's dtype. Every ``C`` tokens (a segment, ``SEGMENT = 64``) it
+stores ``(M, J)`` (``2·V·K·4/C`` bytes per token and head: 2 KB at ``K = V = 128``); autograd keeps these
+and the final state, nothing else.
 
-Backward (``_pv_bwd_kernel``): one program per (key tile, value tile, sequence·head) walks the segments
-of ``C`` tokens in reverse, and each segment's sub-chunks of ``CS`` tokens in reverse. For a sub-chunk it
-rebuilds the start state from the segment's saved state (elementwise, over the earlier sub-chunks), then
-all ``CS`` states at once as an associative scan over the sub-chunk's tokens of the pairs
-``(α_t, β v_t ⊗ k_t)`` (and ``(α_t, b_t ⊗ k_t²)``), ``M_t = α_t M_{t-1} + β v_t ⊗ k_t``, plus
-``exp(G_t) ⊗ M_start``; the adjoint states ``Ĥ_t = L_t + α_{t+1} Ĥ_{t+1}`` (``L`` the read-out's local
-gradients, the cotangent carried from the later sub-chunks entering at the last token) as the same scan in
-reverse. Each is one multiply-add per synapse and token in registers (no matrix product, no state in
-global memory per token). The decay's cotangent is ``Σ L_t ∘ S_t − Σ Ĥ_t ∘ (write_t)`` summed from the
-sub-chunk's end, plus ``Σ Ĥ_end ∘ S_end`` at its last token (exact: no division by a decay). Partial sums of
-``dq``, ``dk`` (over value tiles), ``d(βv)``, ``db`` (over key tiles) and ``dg`` (over both) are written per
-tile and summed on the host.
+Backward (``_pv_bwd_kernel``): one program per (value tile of ``BV`` rows, sequence·head) walks the
+segments in reverse. For a segment it loads its rows of ``β v``, ``b``, ``do`` and the decays once, then
+loops over the key columns ``j``; per column it loads ``q_j, k_j`` over the segment, the column of its saved
+start state and of its end state (the next segment's start, or the final state) and the cotangent carried
+from the later segment, and works on ``[C, BV]`` tensors (a row per token):
+
+- the states ``M_t = α_t M_{t-1} + β v_t k_t`` (and ``J``) as one associative scan over the tokens of the
+  pairs ``(α_t, β v_t k_t)``, the first row's input ``α_0 M_start + β v_0 k_0`` put in by a select;
+- the read-out's local gradients ``L_M = s q / I``, ``L_J = -P_J`` (``P_J = L_M M / I``, plus the
+  variance's ``s_var q² / I²``), ``dq`` over the tile's rows;
+- the adjoint states ``Ĥ_t = L_t + α_{t+1} Ĥ_{t+1}`` as the same scan in reverse, its first input (the last
+  token's ``L`` from the end state, plus the carried cotangent) put in by a select; ``α_0 Ĥ_0`` is the
+  cotangent of the start state, carried to the segment before through ``dM0, dJ0`` (which end as the
+  initial state's cotangents);
+- ``d(βv)``, ``db`` accumulated over the columns in registers (written once per segment, in the inputs'
+  dtypes), ``dk`` per column. The decay's cotangent is ``Ip Σ P_J − Σ Ĥ ∘ write`` per token (with
+  ``Σ L ∘ S = Ip Σ P_J``, since ``P_J ∘ J = P_J ∘ I − Ip P_J`` and ``Σ_j L_M ∘ M = q · dq``), summed from the
+  segment's end plus ``Σ Ĥ_start ∘ S_start`` of the segment after it (exact: no division by a decay).
+
+Nothing goes to global memory per token and synapse. ``dq``, ``dk``, ``dg`` (and a head-shared ``b``'s or
+``β``'s gradient) are partial sums per value tile, summed by ``_pv_sum_kernel`` (``dq``, ``dk``, stored in
+their inputs' dtypes) or torch (the per-token scalars).
 
 Covers ``dot_diag`` / diagonal with scalar or no forgetting (Palimpsa, MetaMamba2). Inputs fp16 / bf16 /
 fp32 are computed in fp32 (every product in IEEE fp32, no TF32), fp64 in fp64.
@@ -43,24 +54,9 @@ from .coverage import per_value_reason
 from .entry import ScanCall, by_sequence, triton_unavailable_reason
 
 Tensor = torch.Tensor
-SEGMENT = 64     # tokens between saved states (2 KB per token and head at K = V = 128, fp32)
-SUB_CHUNK = 16   # tokens rebuilt together in the backward
-BWD_WARPS = 8    # warps per backward program
-
-
-@triton.jit
-def _load_bv(v, beta, i_b, i_h, t, o_v, m_t, m_v, T, H: tl.constexpr, V: tl.constexpr, CS: tl.constexpr,
-             BV: tl.constexpr, HAS_BETA: tl.constexpr, BETA_PER_V: tl.constexpr, DTYPE: tl.constexpr):
-    """``β v`` of the tokens ``t [CS]``, rows ``o_v`` -> ``[CS, BV]`` (0 where masked)."""
-    tok = (i_b * T + t) * H + i_h
-    m = m_t[:, None] & m_v[None, :]
-    x = tl.load(v + tok[:, None] * V + o_v[None, :], mask=m, other=0.).to(DTYPE)
-    if HAS_BETA:
-        if BETA_PER_V:
-            x *= tl.load(beta + tok[:, None] * V + o_v[None, :], mask=m, other=0.).to(DTYPE)
-        else:
-            x *= tl.load(beta + tok, mask=m_t, other=0.).to(DTYPE)[:, None]
-    return x
+SEGMENT = 64      # tokens between saved states (2 KB per token and head at K = V = 128, fp32)
+BWD_ROWS = 32     # value rows per backward program
+BWD_WARPS = 8     # warps per backward program
 
 
 @triton.jit
@@ -71,7 +67,7 @@ def _pv_fwd_kernel(q, k, v, beta, b, g, ip, M0, J0, o, var, ck_M, ck_J, MT, JT, 
                    SAVE: tl.constexpr, STORE_FINAL: tl.constexpr, DTYPE: tl.constexpr):
     """Grid ``(cdiv(V, BV), B·H)``. Inputs in their own layout: ``q, k [B,T,H,K]``, ``v [B,T,H,V]``,
     ``beta, b [B,T,H(,V)]``, ``g [B,T,H]``, ``ip [H]``; ``o, var [B,T,H,V]``; states ``[B·H,V,K]``, checkpoints
-    ``[B·H,NS,V,K]``."""
+    ``[B·H,NS,V,K]`` (the state before each segment)."""
     i_v, i_bh = tl.program_id(0), tl.program_id(1).to(tl.int64)
     i_b, i_h = i_bh // H, i_bh % H
     o_k = tl.arange(0, BK)
@@ -127,168 +123,215 @@ def _decay_scan_combine(a1, m1, j1, a2, m2, j2):
 
 
 @triton.jit
-def _pv_bwd_kernel(q, k, v, beta, b, g, ip, ck_M, ck_J, do, dvar, dMT, dJT, dq, dk, dbv, db, dg, dM0, dJ0, scale, T,
-                   NS, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-                   C: tl.constexpr, CS: tl.constexpr, HAS_BETA: tl.constexpr, BETA_PER_V: tl.constexpr,
-                   B_PER_V: tl.constexpr, HAS_G: tl.constexpr, HAS_DVAR: tl.constexpr, HAS_DFINAL: tl.constexpr,
-                   DTYPE: tl.constexpr):
-    """Grid ``(NK, NV, B·H)``, layouts as the forward's. Writes partials ``dq, dk [NV,B,T,H,K]``,
-    ``d(βv) [NK,B,T,H,V]``, ``db [NK,B,T,H,V]`` (or ``[NK·NV,B,T,H]`` for a head-shared b), ``dg [NK·NV,B,T,H]``
-    and the initial state's cotangents ``dM0, dJ0 [B·H,V,K]``."""
-    i_k, i_v, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
+def _pv_bwd_kernel(q, k, v, beta, b, g, ip, ck_M, ck_J, MT, JT, do, dvar, dMT, dJT, dq, dk, dv, dbeta, db, dg,
+                   dM0, dJ0, scale, T, NS, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BV: tl.constexpr,
+                   C: tl.constexpr, HAS_BETA: tl.constexpr, BETA_PER_V: tl.constexpr, B_PER_V: tl.constexpr,
+                   HAS_G: tl.constexpr, HAS_DVAR: tl.constexpr, HAS_DFINAL: tl.constexpr, DTYPE: tl.constexpr):
+    """Grid ``(cdiv(V, BV), B·H)``, layouts as the forward's (``MT, JT``: its final state); segments of ``C``
+    tokens. Writes ``dv [B,T,H,V]`` (v's dtype), ``db`` (``[B,T,H,V]`` in b's dtype, or partials
+    ``[NV,B,T,H]`` for a head-shared b), ``dβ`` (``[B,T,H,V]`` in β's dtype, or partials ``[NV,B,T,H]``),
+    partials ``dq, dk [NV,B,T,H,K]`` and ``dg [NV,B,T,H]`` (compute dtype), and the initial state's
+    cotangents ``dM0, dJ0 [B·H,V,K]``, which also carry the cotangent of each segment's start state from one
+    segment to the one before."""
+    i_v, i_bh = tl.program_id(0), tl.program_id(1).to(tl.int64)
     i_b, i_h = i_bh // H, i_bh % H
-    NV = tl.num_programs(1)
-    BH = tl.num_programs(2)
-    o_k = i_k * BK + tl.arange(0, BK)
+    BH = tl.num_programs(1)
     o_v = i_v * BV + tl.arange(0, BV)
-    o_c = tl.arange(0, CS)
-    m_k = o_k < K
+    o_r = tl.arange(0, C)
     m_v = o_v < V
-    m_vk = m_v[:, None] & m_k[None, :]
-    p_s = i_bh * V * K + o_v[:, None] * K + o_k[None, :]
     ipv = tl.load(ip + i_h).to(DTYPE)
-    first = (o_c == 0)[:, None, None]
-    last = (o_c == CS - 1)[:, None, None]
-    dM = tl.zeros([BV, BK], dtype=DTYPE)  # cotangent of the state after the current sub-chunk
-    dJ = tl.zeros([BV, BK], dtype=DTYPE)
-    if HAS_DFINAL:
-        dM = tl.load(dMT + p_s, mask=m_vk, other=0.).to(DTYPE)
-        dJ = tl.load(dJT + p_s, mask=m_vk, other=0.).to(DTYPE)
-    # Σ dM ∘ M + Σ dJ ∘ J over this tile at the end of the next sub-chunk to walk (the decay's boundary term);
-    # for the last sub-chunk it is taken from its own final row below
-    bnd = tl.sum(tl.zeros([CS], dtype=DTYPE), 0)
-    at_end = 1
+    first = (o_r == 0)[:, None]
+    last = (o_r == C - 1)[:, None]
+    row0 = tl.zeros([1, BV], dtype=tl.int32)  # gathers the first row of a [C, BV] tensor
+    bnd = tl.sum(tl.zeros([BV], dtype=DTYPE), 0)  # dg at the first token of the segment after this one
     for i_r in range(NS):
         i_s = NS - 1 - i_r
-        p_c = (i_bh * NS + i_s) * V * K + o_v[:, None] * K + o_k[None, :]
-        Ms = tl.load(ck_M + p_c, mask=m_vk, other=0.).to(DTYPE)
-        Js = tl.load(ck_J + p_c, mask=m_vk, other=0.).to(DTYPE)
-        for i_u in range(C // CS):
-            u = C // CS - 1 - i_u
-            t0 = i_s * C + u * CS
-            if t0 < T:
-                # the state before this sub-chunk, rebuilt from the segment's saved state
-                Mu = Ms
-                Ju = Js
-                for w in range(u):
-                    tw = i_s * C + w * CS + o_c
-                    m_w = tw < T
-                    gw = tl.zeros([CS], dtype=DTYPE)
-                    if HAS_G:
-                        gw = tl.load(g + (i_b * T + tw) * H + i_h, mask=m_w, other=0.).to(DTYPE)
-                    Gw = tl.cumsum(gw, 0)
-                    Gl = tl.sum(gw, 0)
-                    kw = tl.load(k + ((i_b * T + tw[:, None]) * H + i_h) * K + o_k[None, :],
-                                 mask=m_w[:, None] & m_k[None, :], other=0.).to(DTYPE)
-                    bvw = _load_bv(v, beta, i_b, i_h, tw, o_v, m_w, m_v, T, H, V, CS, BV, HAS_BETA, BETA_PER_V, DTYPE)
-                    if B_PER_V:
-                        bw = tl.load(b + ((i_b * T + tw[:, None]) * H + i_h) * V + o_v[None, :],
-                                     mask=m_w[:, None] & m_v[None, :], other=0.).to(DTYPE)
-                    else:
-                        bw = tl.zeros([CS, BV], dtype=DTYPE) + tl.load(b + (i_b * T + tw) * H + i_h, mask=m_w,
-                                                                       other=0.).to(DTYPE)[:, None]
-                    wt = tl.exp(Gl - Gw)[:, None]
-                    Mu = tl.exp(Gl) * Mu + tl.sum((bvw * wt)[:, :, None] * kw[:, None, :], 0)
-                    Ju = tl.exp(Gl) * Ju + tl.sum((bw * wt)[:, :, None] * (kw * kw)[:, None, :], 0)
-                # this sub-chunk's states: M_t = a_t M_{t-1} + β v_t ⊗ k_t as one scan over its tokens
-                t = t0 + o_c
-                m_t = t < T
-                m_tk = m_t[:, None] & m_k[None, :]
-                m_tv = m_t[:, None] & m_v[None, :]
-                gu = tl.zeros([CS], dtype=DTYPE)
-                if HAS_G:
-                    gu = tl.load(g + (i_b * T + t) * H + i_h, mask=m_t, other=0.).to(DTYPE)
-                gn = tl.sum(tl.where(o_c[None, :] == o_c[:, None] + 1, gu[None, :], 0.), 1)  # g_{t+1}, 0 at the end
-                eG = tl.exp(tl.cumsum(gu, 0))[:, None, None]
-                qu = tl.load(q + ((i_b * T + t[:, None]) * H + i_h) * K + o_k[None, :], mask=m_tk, other=0.).to(DTYPE)
-                ku = tl.load(k + ((i_b * T + t[:, None]) * H + i_h) * K + o_k[None, :], mask=m_tk, other=0.).to(DTYPE)
-                bvu = _load_bv(v, beta, i_b, i_h, t, o_v, m_t, m_v, T, H, V, CS, BV, HAS_BETA, BETA_PER_V, DTYPE)
-                if B_PER_V:
-                    bu = tl.load(b + ((i_b * T + t[:, None]) * H + i_h) * V + o_v[None, :], mask=m_tv,
-                                 other=0.).to(DTYPE)
-                else:
-                    bu = tl.zeros([CS, BV], dtype=DTYPE) + tl.load(b + (i_b * T + t) * H + i_h, mask=m_t,
-                                                                   other=0.).to(DTYPE)[:, None]
-                su = scale * tl.load(do + ((i_b * T + t[:, None]) * H + i_h) * V + o_v[None, :], mask=m_tv,
-                                     other=0.).to(DTYPE)
-                k2 = ku * ku
-                A = tl.broadcast_to(tl.exp(gu)[:, None, None], [CS, BV, BK])
-                XM = bvu[:, :, None] * ku[:, None, :]
-                XJ = bu[:, :, None] * k2[:, None, :]
-                _, Mall, Jall = tl.associative_scan((A, XM, XJ), 0, _decay_scan_combine)
-                Mall += eG * Mu[None, :, :]
-                Jall += eG * Ju[None, :, :]
+        # this segment's rows of the value tile (0 and decay 1 past T): β v, b, scale·do and the decays, held
+        # for every key column; the first row's β v, b and the last row's scale·do apart
+        t = i_s * C + o_r
+        m_t = t < T
+        tok = (i_b * T + t) * H + i_h
+        m_tv = m_t[:, None] & m_v[None, :]
+        p_tv = tok[:, None] * V + o_v[None, :]
+        tok0 = (i_b * T + i_s * C) * H + i_h
+        tL = tl.minimum(i_s * C + C - 1, T - 1)  # the last row's token (clamped: its cotangents are 0 past T)
+        tokL = (i_b * T + tL) * H + i_h
+        m_L = m_v & (i_s * C + C - 1 + 0 * o_v < T)
+        bvu = tl.load(v + p_tv, mask=m_tv, other=0.).to(DTYPE)
+        bv0 = tl.load(v + tok0 * V + o_v, mask=m_v, other=0.).to(DTYPE)
+        if HAS_BETA:
+            if BETA_PER_V:
+                bvu *= tl.load(beta + p_tv, mask=m_tv, other=0.).to(DTYPE)
+                bv0 *= tl.load(beta + tok0 * V + o_v, mask=m_v, other=0.).to(DTYPE)
+            else:
+                bvu *= tl.load(beta + tok, mask=m_t, other=0.).to(DTYPE)[:, None]
+                bv0 *= tl.load(beta + tok0).to(DTYPE)
+        if B_PER_V:
+            bu = tl.load(b + p_tv, mask=m_tv, other=0.).to(DTYPE)
+            b0 = tl.load(b + tok0 * V + o_v, mask=m_v, other=0.).to(DTYPE)
+        else:
+            bu = tl.zeros([C, BV], dtype=DTYPE) + tl.load(b + tok, mask=m_t, other=0.).to(DTYPE)[:, None]
+            b0 = tl.zeros([BV], dtype=DTYPE) + tl.load(b + tok0).to(DTYPE)
+        su = scale * tl.load(do + p_tv, mask=m_tv, other=0.).to(DTYPE)
+        sL = scale * tl.load(do + tokL * V + o_v, mask=m_L, other=0.).to(DTYPE)
+        if HAS_DVAR:
+            svu = scale * scale * tl.load(dvar + p_tv, mask=m_tv, other=0.).to(DTYPE)
+            svL = scale * scale * tl.load(dvar + tokL * V + o_v, mask=m_L, other=0.).to(DTYPE)
+        gu = tl.zeros([C], dtype=DTYPE)
+        gn = tl.zeros([C], dtype=DTYPE)  # g_{t+1} within the segment, 0 at its last row
+        a0 = tl.sum(tl.zeros([BV], dtype=DTYPE), 0) + 1.
+        if HAS_G:
+            gu = tl.load(g + tok, mask=m_t, other=0.).to(DTYPE)
+            gn = tl.load(g + tok + H, mask=(o_r < C - 1) & (t + 1 < T), other=0.).to(DTYPE)
+            a0 = tl.exp(tl.load(g + tok0).to(DTYPE))
+        eg = tl.exp(gu)
+        egn = tl.exp(gn)
+        dbv_u = tl.zeros([C, BV], dtype=DTYPE)  # d(β v) and -db: summed over the key columns
+        ndb_u = tl.zeros([C, BV], dtype=DTYPE)
+        dG = tl.zeros([C], dtype=DTYPE)
+        bnd_here = bnd
+        bnd_next = tl.sum(tl.zeros([BV], dtype=DTYPE), 0)
+        p_s = i_bh * V * K + o_v * K
+        p_c = (i_bh * NS + i_s) * V * K + o_v * K  # the segment's start state; + V·K its end state
+        for j in range(K):
+            qu = tl.load(q + tok * K + j, mask=m_t, other=0.).to(DTYPE)
+            ku = tl.load(k + tok * K + j, mask=m_t, other=0.).to(DTYPE)
+            k0 = tl.load(k + tok0 * K + j).to(DTYPE)
+            qL = tl.load(q + tokL * K + j).to(DTYPE)
+            k2 = ku * ku
+            Ms = tl.load(ck_M + p_c + j, mask=m_v, other=0.).to(DTYPE)
+            Js = tl.load(ck_J + p_c + j, mask=m_v, other=0.).to(DTYPE)
+            # the segment's end state (the next one's start, or the final state) and its cotangent, carried
+            # from the segment after it (or the final state's)
+            if i_r == 0:
+                Me = tl.load(MT + p_s + j, mask=m_v, other=0.).to(DTYPE)
+                Je = tl.load(JT + p_s + j, mask=m_v, other=0.).to(DTYPE)
+                dM = tl.zeros([BV], dtype=DTYPE)
+                dJ = tl.zeros([BV], dtype=DTYPE)
                 if HAS_DFINAL:
-                    if at_end == 1:  # the final state is the last row (tokens past T leave it unchanged)
-                        fin = tl.where(last, Mall * dM[None, :, :] + Jall * dJ[None, :, :], 0.)
-                        bnd = tl.sum(tl.sum(tl.sum(fin, 2), 1), 0)
-                at_end = 0
-                invI = 1. / (ipv + Jall)
-                mu = Mall * invI
-                # the read-out's local gradients L (its sum over keys couples nothing else)
-                dqr = tl.sum(su[:, :, None] * mu, 1)
-                LM = su[:, :, None] * qu[:, None, :] * invI
-                LJ = -LM * mu
-                dq_t = dqr
-                if HAS_DVAR:
-                    dvu = scale * scale * tl.load(dvar + ((i_b * T + t[:, None]) * H + i_h) * V + o_v[None, :],
-                                                  mask=m_tv, other=0.).to(DTYPE)
-                    dq_t += 2. * qu * tl.sum(dvu[:, :, None] * invI, 1)
-                    LJ -= dvu[:, :, None] * (qu * qu)[:, None, :] * invI * invI
-                # the decay's cotangent, part 1: Σ L ∘ state per token (Σ LM ∘ M = Σ_j q_j dqr_j)
-                dG = tl.sum(qu * dqr, 1) + tl.sum(tl.sum(LJ * Jall, 2), 1)
-                # adjoint states Ĥ_t = L_t + a_{t+1} Ĥ_{t+1}, the carried cotangent entering at the last row
-                Cn = tl.broadcast_to(tl.exp(gn)[:, None, None], [CS, BV, BK])
-                _, HM, HJ = tl.associative_scan((Cn, LM + tl.where(last, dM[None, :, :], 0.),
-                                                 LJ + tl.where(last, dJ[None, :, :], 0.)),
-                                                0, _decay_scan_combine, reverse=True)
-                a0 = tl.exp(tl.sum(tl.where(o_c == 0, gu, 0.), 0))
-                dM = a0 * tl.sum(tl.where(first, HM, 0.), 0)
-                dJ = a0 * tl.sum(tl.where(first, HJ, 0.), 0)
-                # the writes β v ⊗ k, b ⊗ k² and the decays (part 2: − Σ Ĥ ∘ write; summed from the end)
-                dbv_t = tl.sum(HM * ku[:, None, :], 2)
-                db_t = tl.sum(HJ * k2[:, None, :], 2)
-                dk_t = tl.sum(HM * bvu[:, :, None], 1) + 2. * ku * tl.sum(HJ * bu[:, :, None], 1)
-                dG -= tl.sum(dbv_t * bvu + db_t * bu, 1)
-                dg_t = tl.cumsum(dG, 0, reverse=True) + bnd
-                bnd = tl.sum(tl.sum(dM * Mu + dJ * Ju, 1), 0)
-                p_tk = (i_v * BH * T + (i_b * T + t[:, None]) * H + i_h) * K + o_k[None, :]
-                tl.store(dq + p_tk, dq_t, mask=m_tk)
-                tl.store(dk + p_tk, dk_t, mask=m_tk)
-                tl.store(dbv + (i_k * BH * T + (i_b * T + t[:, None]) * H + i_h) * V + o_v[None, :], dbv_t, mask=m_tv)
-                if B_PER_V:
-                    tl.store(db + (i_k * BH * T + (i_b * T + t[:, None]) * H + i_h) * V + o_v[None, :], db_t, mask=m_tv)
-                else:
-                    tl.store(db + (i_k * NV + i_v) * BH * T + (i_b * T + t) * H + i_h, tl.sum(db_t, 1), mask=m_t)
-                tl.store(dg + (i_k * NV + i_v) * BH * T + (i_b * T + t) * H + i_h, dg_t, mask=m_t)
-    tl.store(dM0 + p_s, dM, mask=m_vk)
-    tl.store(dJ0 + p_s, dJ, mask=m_vk)
+                    dM = tl.load(dMT + p_s + j, mask=m_v, other=0.).to(DTYPE)
+                    dJ = tl.load(dJT + p_s + j, mask=m_v, other=0.).to(DTYPE)
+                    bnd_here += tl.sum(dM * Me + dJ * Je, 0)  # the final state's part of every dg
+            else:
+                Me = tl.load(ck_M + p_c + V * K + j, mask=m_v, other=0.).to(DTYPE)
+                Je = tl.load(ck_J + p_c + V * K + j, mask=m_v, other=0.).to(DTYPE)
+                dM = tl.load(dM0 + p_s + j, mask=m_v, other=0.).to(DTYPE)
+                dJ = tl.load(dJ0 + p_s + j, mask=m_v, other=0.).to(DTYPE)
+            # column j's states M_t = a_t M_{t-1} + β v_t k_t (J: b_t k_t²) as one scan over the segment's
+            # tokens; the first row's input a_0 M_start + β v_0 k_0 set by a select
+            XM = tl.where(first, (a0 * Ms + bv0 * k0)[None, :], bvu * ku[:, None])
+            XJ = tl.where(first, (a0 * Js + b0 * (k0 * k0))[None, :], bu * k2[:, None])
+            _, Mall, Jall = tl.associative_scan((tl.broadcast_to(eg[:, None], [C, BV]), XM, XJ), 0,
+                                                _decay_scan_combine)
+            invI = 1. / (ipv + Jall)
+            # the read-out's local gradients: L_M = s q / I, L_J = -P_J with P_J = L_M M / I (+ s_var q² / I²)
+            u = su * (Mall * invI)
+            dqr = tl.sum(u, 1)
+            r = qu[:, None] * invI
+            LM = su * r
+            PJ = u * r
+            dq_t = dqr
+            # the last row's, from the end state, plus the carried cotangent: the adjoint's first input
+            iE = 1. / (ipv + Je)
+            rE = qL * iE
+            LME = sL * rE
+            PJE = LME * Me * iE
+            if HAS_DVAR:
+                sI = tl.sum(svu * invI, 1)
+                dq_t += 2. * qu * sI
+                PJ += svu * r * r
+                PJE += svL * rE * rE
+            # the decay's cotangent, part 1: Σ L ∘ state per token = Ip Σ P_J (- q² Σ s_var / I), as
+            # Σ L_M ∘ M = q dqr and P_J ∘ J = P_J ∘ I - Ip P_J
+            dG += ipv * tl.sum(PJ, 1)
+            if HAS_DVAR:
+                dG -= qu * qu * sI
+            # adjoint states Ĥ_t = L_t + a_{t+1} Ĥ_{t+1} (for J its negative) as one reverse scan
+            _, HM, nHJ = tl.associative_scan((tl.broadcast_to(egn[:, None], [C, BV]),
+                                              tl.where(last, (LME + dM)[None, :], LM),
+                                              tl.where(last, (PJE - dJ)[None, :], PJ)),
+                                             0, _decay_scan_combine, reverse=True)
+            # the cotangent of the start state, a_0 Ĥ_0, carried to the segment before
+            dM = a0 * tl.reshape(tl.gather(HM, row0, 0), [BV])
+            dJ = -a0 * tl.reshape(tl.gather(nHJ, row0, 0), [BV])
+            tl.store(dM0 + p_s + j, dM, mask=m_v)
+            tl.store(dJ0 + p_s + j, dJ, mask=m_v)
+            bnd_next += tl.sum(dM * Ms + dJ * Js, 0)
+            # the writes β v k_j and b k_j²
+            dbv_u += HM * ku[:, None]
+            ndb_u += nHJ * k2[:, None]
+            dk_t = tl.sum(HM * bvu, 1) - 2. * ku * tl.sum(nHJ * bu, 1)
+            p_part = i_v * BH * T * K + tok * K + j
+            tl.store(dq + p_part, dq_t, mask=m_t)
+            tl.store(dk + p_part, dk_t, mask=m_t)
+        # the decay's cotangent, part 2: - Σ Ĥ ∘ write, then summed from the end (no division by a decay)
+        dG -= tl.sum(dbv_u * bvu - ndb_u * bu, 1)
+        dg_t = tl.cumsum(dG, 0, reverse=True) + bnd_here
+        bnd = bnd_next
+        p_nv = i_v * BH * T + tok
+        tl.store(dg + p_nv, dg_t, mask=m_t)
+        if HAS_BETA:
+            vu = tl.load(v + p_tv, mask=m_tv, other=0.).to(DTYPE)
+            if BETA_PER_V:
+                tl.store(dv + p_tv, dbv_u * tl.load(beta + p_tv, mask=m_tv, other=0.).to(DTYPE), mask=m_tv)
+                tl.store(dbeta + p_tv, dbv_u * vu, mask=m_tv)
+            else:
+                tl.store(dv + p_tv, dbv_u * tl.load(beta + tok, mask=m_t, other=0.).to(DTYPE)[:, None], mask=m_tv)
+                tl.store(dbeta + p_nv, tl.sum(dbv_u * vu, 1), mask=m_t)
+        else:
+            tl.store(dv + p_tv, dbv_u, mask=m_tv)
+        if B_PER_V:
+            tl.store(db + p_tv, -ndb_u, mask=m_tv)
+        else:
+            tl.store(db + p_nv, -tl.sum(ndb_u, 1), mask=m_t)
+        tl.debug_barrier()  # the carried cotangents stored above are loaded by other threads next
 
 
-def _blocks(K: int, V: int, block_k: Optional[int], block_v: Optional[int]):
-    """Forward: value rows per program (all K columns); backward: key and value tile."""
+@triton.jit
+def _pv_sum_kernel(x, y, N, P, BLOCK: tl.constexpr, DTYPE: tl.constexpr):
+    """``y [N] = Σ_p x[p, :N]`` over ``P`` partial sums, accumulated in ``DTYPE``, stored in ``y``'s dtype."""
+    o = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    m = o < N
+    acc = tl.zeros([BLOCK], dtype=DTYPE)
+    for p in range(P):
+        acc += tl.load(x + p * N + o, mask=m, other=0.).to(DTYPE)
+    tl.store(y + o, acc, mask=m)
+
+
+def _blocks(K: int, V: int, block_v: Optional[int]):
+    """Forward: value rows per program (all K columns); backward: value rows per program (one key column per
+    step of its loop over the keys)."""
     BK_all = triton.next_power_of_2(K)
     BV_fwd = min(triton.next_power_of_2(V), max(1, 2048 // BK_all))
-    BK = block_k or min(BK_all, 16)  # [SUB_CHUNK, 16, 16] tiles at 8 warps: no spills at K = V = 128 (sm_90a)
-    BV = block_v or min(triton.next_power_of_2(V), 16)
-    return BK_all, BV_fwd, BK, BV
+    BV = block_v or min(triton.next_power_of_2(V), BWD_ROWS)
+    return BK_all, BV_fwd, BV
+
+
+def _sum_partials(parts: Tensor, dtype: torch.dtype) -> Tensor:
+    """``parts [P, ...]`` summed over its first axis by :func:`_pv_sum_kernel`, in ``dtype``."""
+    out = torch.empty(parts.shape[1:], dtype=dtype, device=parts.device)
+    N = out.numel()
+    BLOCK = 1024
+    _pv_sum_kernel[(triton.cdiv(N, BLOCK),)](parts, out, N, parts.shape[0], BLOCK=BLOCK,
+                                             DTYPE=tl.float64 if parts.dtype == torch.float64 else tl.float32)
+    return out
 
 
 class PerValuePalimpsa(torch.autograd.Function):
     """``q, k [B,T,H,K]``, ``v [B,T,H,V]``, ``beta`` (None, ``[B,T,H]`` or ``[B,T,H,V]``), ``b [B,T,H(,V)]``,
-    ``g [B,T,H]`` or None, ``M0, J0 [B·H,V,K]``, ``ip [H]`` -> ``o, var [B,T,H,V]``, ``M_T, J_T [B·H,V,K]``
-    (compute dtype ``M0.dtype``). Saves the inputs themselves and the states every ``C`` tokens."""
+    ``g [B,T,H]`` or None, ``M0, J0 [B·H,V,K]``, ``ip [H]`` -> ``o [B,T,H,V]`` (q's dtype), ``var [B,T,H,V]``,
+    ``M_T, J_T [B·H,V,K]`` (compute dtype ``M0.dtype``). Saves the inputs themselves, the states every ``C``
+    tokens and the final state."""
 
     @staticmethod
-    def forward(ctx, q, k, v, beta, b, g, M0, J0, ip, scale: float, with_var: bool, C: int, CS: int,
-                blocks: tuple):
+    def forward(ctx, q, k, v, beta, b, g, M0, J0, ip, scale: float, with_var: bool, C: int, blocks: tuple):
         B, T, H, K = q.shape
         V = v.shape[-1]
         dt = M0.dtype
         NS = triton.cdiv(T, C)
-        BK_all, BV_fwd, _, _ = blocks
+        BK_all, BV_fwd, _ = blocks
         dev = q.device
-        o = torch.empty(B, T, H, V, dtype=dt, device=dev)
+        o = torch.empty(B, T, H, V, dtype=q.dtype, device=dev)
         var = torch.empty(B, T, H, V, dtype=dt, device=dev) if with_var else o
         ck_M = torch.empty(B * H, NS, V, K, dtype=dt, device=dev)
         ck_J = torch.empty_like(ck_M)
@@ -299,72 +342,75 @@ class PerValuePalimpsa(torch.autograd.Function):
             BETA_PER_V=beta is not None and beta.dim() == 4, B_PER_V=b.dim() == 4, HAS_G=g is not None,
             HAS_INIT=True, OUTPUT_VAR=with_var, SAVE=True, STORE_FINAL=True,
             DTYPE=tl.float64 if dt == torch.float64 else tl.float32)
-        ctx.save_for_backward(q, k, v, beta, b, g, ip, ck_M, ck_J)
+        ctx.save_for_backward(q, k, v, beta, b, g, ip, ck_M, ck_J, M_T, J_T)
         ctx.set_materialize_grads(False)  # an unused output's cotangent stays None: nothing to read
-        ctx.meta = (float(scale), with_var, C, CS, blocks)
+        ctx.meta = (float(scale), with_var, C, blocks)
         return o, (var if with_var else None), M_T, J_T
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, do, dvar, dM_T, dJ_T):
-        q, k, v, beta, b, g, ip, ck_M, ck_J = ctx.saved_tensors
-        scale, with_var, C, CS, blocks = ctx.meta
+        q, k, v, beta, b, g, ip, ck_M, ck_J, M_T, J_T = ctx.saved_tensors
+        scale, with_var, C, blocks = ctx.meta
         B, T, H, K = q.shape
         V = v.shape[-1]
         BH = B * H
         dt = ck_M.dtype
         NS = ck_M.shape[1]
-        _, _, BK, BV = blocks
-        NK, NV = triton.cdiv(K, BK), triton.cdiv(V, BV)
+        _, _, BV = blocks
+        NV = triton.cdiv(V, BV)
         dev = q.device
         per_v = b.dim() == 4
-        do = torch.zeros(B, T, H, V, dtype=dt, device=dev) if do is None else do.contiguous()
+        beta_per_v = beta is not None and beta.dim() == 4
+        do = torch.zeros(B, T, H, V, dtype=q.dtype, device=dev) if do is None else do.contiguous()
         has_dvar = with_var and dvar is not None
         has_dfinal = dM_T is not None or dJ_T is not None
         if has_dfinal:
             dM_T = torch.zeros(BH, V, K, dtype=dt, device=dev) if dM_T is None else dM_T.to(dt).contiguous()
             dJ_T = torch.zeros(BH, V, K, dtype=dt, device=dev) if dJ_T is None else dJ_T.to(dt).contiguous()
-        dq = torch.empty(NV, B, T, H, K, dtype=dt, device=dev)
+        dq = torch.empty(NV, B, T, H, K, dtype=dt, device=dev)  # partial sums over the value tiles
         dk = torch.empty(NV, B, T, H, K, dtype=dt, device=dev)
-        dbv = torch.empty(NK, B, T, H, V, dtype=dt, device=dev)
-        db = torch.empty(*((NK, B, T, H, V) if per_v else (NK * NV, B, T, H)), dtype=dt, device=dev)
-        dg = torch.empty(NK * NV, B, T, H, dtype=dt, device=dev)
-        dM0, dJ0 = torch.empty(BH, V, K, dtype=dt, device=dev), torch.empty(BH, V, K, dtype=dt, device=dev)
-        _pv_bwd_kernel[(NK, NV, BH)](
-            q, k, v, q if beta is None else beta, b, q if g is None else g, ip, ck_M, ck_J, do,
-            dvar.contiguous() if has_dvar else do, dM_T if has_dfinal else do, dJ_T if has_dfinal else do,
-            dq, dk, dbv, db, dg, dM0, dJ0, scale, T, NS, H=H, K=K, V=V, BK=BK, BV=BV, C=C, CS=CS,
-            HAS_BETA=beta is not None, BETA_PER_V=beta is not None and beta.dim() == 4, B_PER_V=per_v,
-            HAS_G=g is not None, HAS_DVAR=has_dvar, HAS_DFINAL=has_dfinal,
-            DTYPE=tl.float64 if dt == torch.float64 else tl.float32, num_warps=BWD_WARPS)
-        dbv = dbv.sum(0)  # d(β v)
-        dv = dbv if beta is None else dbv * (beta if beta.dim() == 4 else beta[..., None])
+        dg = torch.empty(NV, B, T, H, dtype=dt, device=dev)
+        dv = torch.empty(B, T, H, V, dtype=v.dtype, device=dev)
+        db = torch.empty(B, T, H, V, dtype=b.dtype, device=dev) if per_v else \
+            torch.empty(NV, B, T, H, dtype=dt, device=dev)
         dbeta = None
         if beta is not None:
-            dbeta = dbv * v if beta.dim() == 4 else (dbv * v).sum(-1)
-            dbeta = dbeta.to(beta.dtype)
+            dbeta = torch.empty(B, T, H, V, dtype=beta.dtype, device=dev) if beta_per_v else \
+                torch.empty(NV, B, T, H, dtype=dt, device=dev)
+        dM0, dJ0 = torch.empty(BH, V, K, dtype=dt, device=dev), torch.empty(BH, V, K, dtype=dt, device=dev)
+        _pv_bwd_kernel[(NV, BH)](
+            q, k, v, q if beta is None else beta, b, q if g is None else g, ip, ck_M, ck_J, M_T, J_T, do,
+            dvar.contiguous() if has_dvar else do, dM_T if has_dfinal else do, dJ_T if has_dfinal else do,
+            dq, dk, dv, dv if dbeta is None else dbeta, db, dg, dM0, dJ0, scale, T, NS, H=H, K=K, V=V, BV=BV, C=C,
+            HAS_BETA=beta is not None, BETA_PER_V=beta_per_v, B_PER_V=per_v, HAS_G=g is not None,
+            HAS_DVAR=has_dvar, HAS_DFINAL=has_dfinal, DTYPE=tl.float64 if dt == torch.float64 else tl.float32,
+            num_warps=BWD_WARPS)
+        dq, dk = _sum_partials(dq, q.dtype), _sum_partials(dk, k.dtype)
+        if not per_v:
+            db = db.sum(0).to(b.dtype)
+        if dbeta is not None and not beta_per_v:
+            dbeta = dbeta.sum(0).to(beta.dtype)
         dgs = None if g is None else dg.sum(0).to(g.dtype)
-        return (dq.sum(0).to(q.dtype), dk.sum(0).to(k.dtype), dv.to(v.dtype), dbeta, db.sum(0).to(b.dtype), dgs,
-                dM0, dJ0, None, None, None, None, None, None)
+        return dq, dk, dv, dbeta, db, dgs, dM0, dJ0, None, None, None, None, None
 
 
-def per_value_run(call: ScanCall, segment: int = SEGMENT, sub_chunk: int = SUB_CHUNK,
-                  block_k: Optional[int] = None, block_v: Optional[int] = None) -> ScanResult:
+def per_value_run(call: ScanCall, segment: int = SEGMENT, block_v: Optional[int] = None) -> ScanResult:
     """Palimpsa (``dot_diag`` / diagonal, scalar or no forgetting) with any ``b`` by the per-value Triton
     kernels (a validated :class:`~metaplastic.kernels.entry.ScanCall`). ``segment``: tokens between the
-    saved states (a multiple of ``sub_chunk``, a power of two)."""
+    saved states and the rows of the backward's scans (a power of two)."""
     reason = per_value_reason(call.objective) or triton_unavailable_reason(call.q.device)
     if reason is not None:
         raise ValueError(reason)
-    if segment % sub_chunk:
-        raise ValueError(f"segment ({segment}) must be a multiple of sub_chunk ({sub_chunk})")
+    if segment < 2 or segment & (segment - 1):
+        raise ValueError(f"segment ({segment}) must be a power of two, at least 2")
     if call.ip_requires_grad and call.needs_grad():
         return reference_scan(call.objective, call.q, call.k, call.v, **call.kwargs())
     call = call.with_b_per_value()
-    return by_sequence(call, lambda c: _dense(c, segment, sub_chunk, block_k, block_v))
+    return by_sequence(call, lambda c: _dense(c, segment, block_v))
 
 
-def _dense(c: ScanCall, C: int, CS: int, block_k, block_v) -> ScanResult:
+def _dense(c: ScanCall, C: int, block_v) -> ScanResult:
     B, T, H, K, V = c.shape
     dt = c.dtype
     q, k, v = (x.contiguous() for x in (c.q, c.k, c.v))
@@ -380,8 +426,8 @@ def _dense(c: ScanCall, C: int, CS: int, block_k, block_v) -> ScanResult:
         M0 = (I0 * c.initial_state["mu"].to(dt)).reshape(B * H, V, K).contiguous()
         J0 = (I0 - Ip).reshape(B * H, V, K).contiguous()
     ip = c.prior_precision.detach().contiguous()
-    o, var, M_T, J_T = PerValuePalimpsa.apply(q, k, v, beta, b, g, M0, J0, ip, c.scale, c.output_variance, C, CS,
-                                              _blocks(K, V, block_k, block_v))
+    o, var, M_T, J_T = PerValuePalimpsa.apply(q, k, v, beta, b, g, M0, J0, ip, c.scale, c.output_variance, C,
+                                              _blocks(K, V, block_v))
     final = None
     if c.output_final_state:
         I_T = J_T.view(B, H, V, K) + Ip

@@ -16,8 +16,9 @@ Model, stated once:
   boundary states (``V·K`` fp32 per chunk) written forward and read backward; the backward reads q, k, v,
   the gates and ``do`` and writes every gradient once. The per-value floor adds nothing to the inputs and
   outputs but the saved states (``2·V·K`` fp32 per 64 tokens) and counts the recurrence's own work: every
-  synapse updated and read once per token from registers (forward ``20·V·K`` FLOPs: ten multiply-adds;
-  backward twice the forward).
+  synapse updated and read once per token from registers (forward ``10·V·K`` FLOPs: the two decayed writes
+  ``α∘M + (βv)⊗k`` and ``α∘J + b⊗k²`` three each, ``Ip + J`` one, the division one, the read's multiply-add
+  two; backward twice the forward).
 """
 from __future__ import annotations
 
@@ -50,18 +51,19 @@ def _n(x) -> int:
 # Each returns (bytes read, bytes written, flops) for the whole launch; `a` the bound arguments, `g` the grid.
 def _chunk_states(a, g):
     NK, NV, BH = g
-    k, v, G = a["k"], a["v"], a["G"]
-    T, N, K, V, C = a["T"], a["N"], a["K"], a["V"], a["C"]
-    read = NV * _size(k) + NK * _size(v) + NK * NV * BH * (N * C + N) * _es(G) + _size(a["h0"])
+    k, v = a["k"], a["v"]
+    N, K, V, C = a["N"], a["K"], a["V"], a["C"]
+    # per program: its key columns and value rows of every chunk, the log-decay of every chunk
+    read = NV * _size(k) + NK * _size(v) + NK * NV * _size(a["g"]) + _size(a["h0"])
     written = BH * (N + 1) * V * K * _es(a["states"])
-    return read, written, BH * N * (2 * C * V * K + 2 * V * K + C * K * NV)
+    return read, written, BH * N * (2 * C * V * K + 2 * V * K + C * K * NV * (2 if a["SQUARE"] else 1))
 
 
 def _chunk_output(a, g):
     N, BH, NVT = g
     q, k, v = a["q"], a["k"], a["v"]
     TPG, C, K, V, BV = a["TPG"], a["C"], a["K"], a["V"], a["BV"]
-    read = TPG * _size(q) + NVT * _size(k) + BH * N * V * K * _es(a["states"]) + _size(v) + NVT * _size(a["G"])
+    read = TPG * _size(q) + NVT * _size(k) + BH * N * V * K * _es(a["states"]) + _size(v) + NVT * _size(a["g"])
     flops = N * BH * NVT * (2 * C * C * K + 2 * C * BV * K + 2 * C * C * BV + 4 * C * C)
     return read, _size(a["o"]), flops
 
@@ -70,7 +72,7 @@ def _chunk_dstates(a, g):
     NK, NVT, BH = g
     q, do = a["q"], a["do"]
     TPG, N, K, V, C = a["TPG"], a["N"], a["K"], a["V"], a["C"]
-    read = TPG * _size(q) + NK * _size(do) + NK * NVT * _size(a["G"]) + _size(a["dht"])
+    read = TPG * _size(q) + NK * _size(do) + NK * NVT * _size(a["g"]) + _size(a["dht"])
     written = _size(a["dstates"]) + _size(a["dh0"])
     return read, written, BH * N * (2 * C * V * K + 2 * V * K)
 
@@ -79,7 +81,7 @@ def _chunk_bwd_dv(a, g):
     N, BH, NVT = g
     q, k, do = a["q"], a["k"], a["do"]
     TPG, C, K, V, BV = a["TPG"], a["C"], a["K"], a["V"], a["BV"]
-    read = TPG * _size(q) + NVT * _size(k) + _size(a["dstates"]) + _size(do) + NVT * _size(a["G"])
+    read = TPG * _size(q) + NVT * _size(k) + _size(a["dstates"]) + _size(do) + NVT * _size(a["g"])
     flops = N * BH * NVT * (2 * C * C * K + 2 * C * BV * K + 2 * C * C * BV + 4 * C * C)
     return read, _size(a["dv"]), flops
 
@@ -87,12 +89,86 @@ def _chunk_bwd_dv(a, g):
 def _chunk_bwd_dqk(a, g):
     NK, N, BH = g
     q, k, v, do = a["q"], a["k"], a["v"], a["do"]
-    C, K, V = a["C"], a["K"], a["V"]
-    NG = q.shape[2] if len(q.shape) == 5 else 1
+    C, K, V, NG = a["C"], a["K"], a["V"], a["NG"]
+    # per program: do and v of every value row, the start states and end-state cotangents of its key columns
+    # (no end state: Σ dS_end ∘ S_end from the start state and dk), k once per group and once more, q once
     st = BH * N * V * K * _es(a["states"])
-    read = _size(k) + _size(q) + NK * (_size(do) + _size(v)) + 3 * st + _size(a["G"])
-    written = _size(a["dq"]) + _size(a["dk"]) + _size(a["dG"])
-    flops = N * BH * (NG * 6 * C * C * K + V * (2 * C * C + 8 * C * K) * 1)
+    read = NK * (_size(do) + _size(v) + _size(a["g"])) + (NG + 1) * _size(k) + _size(q) + _size(a["dstates"]) + st
+    written = _size(a["dq"]) + _size(a["dk"]) + _size(a["dg"])
+    flops = N * BH * (NK * 2 * C * C * V + 4 * C * V * K + NG * 4 * C * C * K + 8 * C * K * NG)
+    return read, written, flops
+
+
+def _grouped_read_bytes(a, programs_per_token_tile: int) -> float:
+    """q, k, the group's b column per key tile and the group precision at the chunk start, read by
+    ``programs_per_token_tile`` programs for each (chunk, key column)."""
+    NK = -(-a["K"] // a["BK"])
+    b = a["b"]
+    per_group_b = _size(b) / b.shape[-1]
+    return programs_per_token_tile * (_size(a["q"]) + _size(a["k"]) + NK * per_group_b)
+
+
+def _grouped_output(a, g):
+    N, BH, NVT = g
+    C, K, V, BV = a["C"], a["K"], a["V"], a["BV"]
+    read = _grouped_read_bytes(a, NVT) + NVT * BH * N * K * _es(a["Js"]) + BH * N * V * K * _es(a["states"]) \
+        + _size(a["v"]) + NVT * _size(a["g"])
+    written = _size(a["o"]) + (BH * N * C * a["NG"] * _es(a["var"]) if a["VAR"] else 0)
+    # per key column: D x, r kᵀ, (r ∘ exp G) Sᵀ and the elementwise J, I, r (8 per element)
+    flops = N * BH * NVT * (4 * C * C * K + 2 * C * BV * K + 2 * C * C * BV + 8 * C * K + 4 * C * C)
+    return read, written, flops
+
+
+def _grouped_dstates(a, g):
+    NK, NVT, BH = g
+    N, K, V, C, BK = a["N"], a["K"], a["V"], a["C"], a["BK"]
+    read = _grouped_read_bytes(a, NVT) + NVT * BH * N * K * _es(a["Js"]) + NK * _size(a["do"]) \
+        + NK * NVT * _size(a["g"]) + _size(a["dht"])
+    written = _size(a["dstates"]) + _size(a["dh0"])
+    flops = BH * N * (2 * C * V * K + 2 * V * K) + NK * NVT * BH * N * (2 * C * C * BK + 8 * C * BK)
+    return read, written, flops
+
+
+def _grouped_dv(a, g):
+    N, BH, NVT = g
+    C, K, V, BV = a["C"], a["K"], a["V"], a["BV"]
+    read = _grouped_read_bytes(a, NVT) + NVT * BH * N * K * _es(a["Js"]) + _size(a["dstates"]) + _size(a["do"]) \
+        + NVT * _size(a["g"])
+    flops = N * BH * NVT * (4 * C * C * K + 2 * C * BV * K + 2 * C * C * BV + 8 * C * K + 4 * C * C)
+    return read, _size(a["dv"]), flops
+
+
+def _grouped_dqk(a, g):
+    NK, N, BH = g
+    C, K, V, NG = a["C"], a["K"], a["V"], a["NG"]
+    VG = V // NG
+    st = BH * N * VG * K * _es(a["states"])
+    # one launch per group; per program: do, v of the group's value rows, their start states and end-state
+    # cotangents in its key columns, k and q once, the group's b column once, the group precision at the chunk
+    # start; after the first group, dq, dk and the log-decay's parts read back to be added to
+    read = NK * (_size(a["do"]) + _size(a["v"]) + _size(a["b"])) / NG + NK * _size(a["g"]) + _size(a["k"]) \
+        + _size(a["q"]) + BH * N * K * _es(a["Js"]) + _size(a["dstates"]) / NG + st
+    if a["VAR"]:
+        read += NK * _size(a["dvar"]) / NG
+    if not a["FIRST"]:
+        read += _size(a["dq"]) + _size(a["dk"]) + _size(a["dg"])
+    written = _size(a["dq"]) + _size(a["dk"]) + _size(a["dg"]) + (_size(a["db"]) + _size(a["dJs"])
+                                                                  + _size(a["dIp"])) / NG
+    # per key column: W (its key tile's share), (do ∘ e^G) S, (v ∘ e^G_C) dS, W k, Wᵀ r, D x, Dᵀ dI;
+    # elementwise ~20
+    flops = N * BH * (NK * 2 * C * C * VG + 4 * C * VG * K + 8 * C * C * K + 20 * C * K)
+    return read, written, flops
+
+
+def _grouped_dJ(a, g):
+    NK, BH = g
+    N, K, C, NG = a["N"], a["K"], a["C"], a["NG"]
+    # per program: its key columns of k, every group's b, the group precisions and the per-chunk cotangents;
+    # dk, its db and dg partials read and written back
+    read = _size(a["k"]) + NK * (_size(a["b"]) + _size(a["g"])) + _size(a["Js"]) + _size(a["dJs"]) \
+        + _size(a["dJT"]) + _size(a["dk"]) + _size(a["db"]) + _size(a["dg"])
+    written = _size(a["dk"]) + _size(a["db"]) + _size(a["dg"]) + _size(a["dJ0"])
+    flops = BH * N * NK * (4 * C * a["BG"] * a["BK"] + 6 * C * a["BK"])
     return read, written, flops
 
 
@@ -110,37 +186,57 @@ def _pv_fwd(a, g):
     ck = 2 * BH * NS * V * K * _es(a["ck_M"]) if a["SAVE"] else 0
     init = 2 * BH * V * K * _es(a["M0"]) if a["HAS_INIT"] else 0
     final = 2 * BH * V * K * _es(a["MT"]) if a["STORE_FINAL"] else 0
-    out = BH * T * V * _es(a["o"]) * (2 if a["OUTPUT_VAR"] else 1)
-    flops = BH * T * V * K * (12 + (3 if a["OUTPUT_VAR"] else 0))  # decay, write, I, M/I, q-weighted sum
+    out = BH * T * V * (_es(a["o"]) + (_es(a["var"]) if a["OUTPUT_VAR"] else 0))
+    # per synapse and token: the decay 2, the two writes 4, I 1, M / I 1, the q-weighted sum 2 (the variance:
+    # q² / I 1 and its sum 1)
+    flops = BH * T * V * K * (10 + (2 if a["OUTPUT_VAR"] else 0))
     return read + init, ck + final + out, flops
 
 
 def _pv_bwd(a, g):
-    NK, NVT, BH = g
+    NVT, BH = g
     q, k, v, do = a["q"], a["k"], a["v"], a["do"]
-    K, V, C, CS, T = a["K"], a["V"], a["C"], a["CS"], a["T"]
-    rebuild = (C // CS - 1) / 2  # earlier sub-chunks of the segment re-read per sub-chunk, on average
-    per_prog = NK * NVT * BH * T  # one scalar per token and program
-    # loaded per sub-chunk: q, k per value tile; v (β v), b, do (dvar) per key tile; g per program
-    rows = NK * (_size(v) + (_size(a["b"]) if a["B_PER_V"] else NVT * _size(a["b"])))
+    K, V, C, T, NS = a["K"], a["V"], a["C"], a["T"], a["NS"]
+    per_prog = NVT * BH * T  # one scalar per token and program
+    st = 2 * BH * V * K * _es(a["dM0"])  # (M, J) over all heads
+    # per program and segment: its rows of v (β v), b, do (dvar), g twice (g_t, g_{t+1}), the first row's v,
+    # β, b and g and the last row's do (dvar) once more; per key column q, k, the first row's k and the last
+    # row's q; the segment's start and end states (each saved state read twice: as one segment's end and the
+    # next one's start) and the carried cotangents of its rows; after the columns v again for dβ, β for dv
+    seg = NS * BH * V  # one row of V per segment and head
+    read = NVT * (_size(q) + _size(k)) + _size(v) + _size(do) + 2 * NS * st
+    read += NS * NVT * BH * K * (_es(q) + _es(k)) + seg * (_es(v) + _es(do))
+    read += (_size(a["b"]) + seg * _es(a["b"])) if a["B_PER_V"] else NVT * (_size(a["b"]) + NS * BH * _es(a["b"]))
     if a["HAS_BETA"]:
-        rows += NK * _size(a["beta"]) if a["BETA_PER_V"] else per_prog * _es(a["beta"])
-    gates = per_prog * _es(a["g"]) if a["HAS_G"] else 0
-    read = NVT * _size(q) + NK * _size(do) + (1 + rebuild) * (NVT * _size(k) + rows) + (1 + rebuild) * gates
-    read += _size(a["ck_M"]) + _size(a["ck_J"])  # each segment's saved state, once per tile
+        read += _size(v) + (2 * _size(a["beta"]) + seg * _es(a["beta"]) if a["BETA_PER_V"]
+                            else NVT * (2 * _size(a["beta"]) + NS * BH * _es(a["beta"])))
+    if a["HAS_G"]:
+        read += 2 * per_prog * _es(a["g"]) + NS * NVT * BH * _es(a["g"])
     if a["HAS_DVAR"]:
-        read += NK * _size(a["dvar"])
-    if a["HAS_DFINAL"]:
-        read += _size(a["dMT"]) + _size(a["dJT"])
-    written = _size(a["dq"]) + _size(a["dk"]) + _size(a["dbv"]) + _size(a["db"]) + _size(a["dg"]) \
-        + _size(a["dM0"]) + _size(a["dJ0"])
-    # per synapse and token (elementwise on [CS, BV, BK]): the writes 2, the two scans (each combine: the
-    # decays' product and two multiply-adds) 10, the start state 4, 1/I 2, M/I 1, dq 2, L 3, the decay's
-    # Σ L_J ∘ J 2, the carried cotangent 2, the start's cotangent 2, d(βv), db, dk 8; per sub-chunk the
-    # boundary term (4 per synapse); the rebuild 4 per synapse and re-read token (+ its decay, 4 per sub-chunk)
-    per_syn = 38 + 4 / CS + rebuild * (4 + 4 / CS) + (6 if a["HAS_DVAR"] else 0)
-    flops = BH * T * V * K * per_syn + (BH * CS * V * K * 4 if a["HAS_DFINAL"] else 0)
+        read += _size(a["dvar"]) + seg * _es(a["dvar"])
+    read += (NS - 1) * st + (st if a["HAS_DFINAL"] else 0)
+    written = _size(a["dq"]) + _size(a["dk"]) + _size(a["dg"]) + _size(a["dv"]) + _size(a["db"]) + NS * st
+    if a["HAS_BETA"]:
+        written += _size(a["dbeta"])
+    # elementwise on [C, BV] per key column, per row (C rows per segment of C tokens): the writes 2, the
+    # states' scan 5 (one combine per element: the decays' product and two multiply-adds), I and 1/I 2,
+    # s M / I 2, dq's sum 1, q / I 1, L_M 1, P_J 1, the decay's Σ P_J 1, the adjoint's scan 5, d(βv) and db 4,
+    # dk 4: 29 (the variance: 5 more); per row, key column and program 6 (the variance: 6 more); per row and
+    # value row 10 (β v, scale·do, the decay's part 2, dv, dβ, db); per row and program 3 (the decays, dg's
+    # sum from the end); per synapse and segment 20 (the first row's input, the last row's local gradients from
+    # the end state and the carried cotangent, the start state's cotangent, the boundary term; the variance:
+    # 3 more); the final state's boundary term 4 per synapse
+    rows = NS * C
+    dvar = a["HAS_DVAR"]
+    flops = BH * rows * (V * K * (29 + (5 if dvar else 0)) + NVT * K * (6 + (6 if dvar else 0)) + 10 * V
+                         + 3 * NVT) \
+        + BH * NS * V * K * (20 + (3 if dvar else 0)) + (BH * V * K * 4 if a["HAS_DFINAL"] else 0)
     return read, written, flops
+
+
+def _pv_sum(a, g):
+    x, y, N, P = a["x"], a["y"], a["N"], a["P"]
+    return P * N * _es(x), N * _es(y), P * N
 
 
 def _fr_fwd(a, g):
@@ -180,7 +276,11 @@ def _fr_bwd(a, g):
 KERNEL_MODELS: Dict[str, Callable] = {
     "_chunk_states_kernel": _chunk_states, "_chunk_output_kernel": _chunk_output,
     "_chunk_dstates_kernel": _chunk_dstates, "_chunk_bwd_dv_kernel": _chunk_bwd_dv,
-    "_chunk_bwd_dqk_kernel": _chunk_bwd_dqk, "_pv_fwd_kernel": _pv_fwd, "_pv_bwd_kernel": _pv_bwd,
+    "_chunk_bwd_dqk_kernel": _chunk_bwd_dqk, "_grouped_output_kernel": _grouped_output,
+    "_grouped_dstates_kernel": _grouped_dstates, "_grouped_dv_kernel": _grouped_dv,
+    "_grouped_dqk_kernel": _grouped_dqk, "_grouped_dJ_kernel": _grouped_dJ,
+    "_pv_fwd_kernel": _pv_fwd, "_pv_bwd_kernel": _pv_bwd,
+    "_pv_sum_kernel": _pv_sum,
     "fused_recurrent_fwd_kernel": _fr_fwd, "fused_recurrent_bwd_kernel": _fr_bwd,
 }
 
@@ -203,7 +303,7 @@ def floors(shape=BENCH_SHAPE, in_bytes: int = 2, groups: int = 0, per_value: boo
     io_f = (2 * K + V) * in_bytes + gates + V * in_bytes
     if per_value:
         states = 2 * V * K * 4 / 64
-        flops_f = 20 * V * K
+        flops_f = 10 * V * K
     else:
         states = V * K * 4 / C
         flops_f = 2 * C * (K + V) + 4 * V * K  # intra-chunk scores and read-out, state update per token

@@ -102,3 +102,98 @@ def test_triton_chunk_masks_later_tokens(later_log_decay):
         out[:, :10].sum().backward()
         for key, leaf in leaves.items():
             assert torch.isfinite(leaf.grad[:, :10]).all(), key
+
+
+def _fused_calls(monkeypatch):
+    """Counts the calls of the fused grouped-importance Function (the route under test)."""
+    from metaplastic.kernels import chunk_triton
+    calls = []
+    apply = chunk_triton.TritonGroupedDiagonal.apply
+    monkeypatch.setattr(chunk_triton.TritonGroupedDiagonal, "apply",
+                        staticmethod(lambda *a: calls.append(a[4].shape[-1]) or apply(*a)))
+    return calls
+
+
+@pytest.mark.parametrize("groups,V,T,init", [(None, 3, 21, "shared"), (1, 4, 17, None), (2, 4, 19, "shared"),
+                                             (3, 6, 35, None)])
+def test_triton_chunk_fused_grouped_prior_precision(monkeypatch, groups, V, T, init):
+    """The fused grouped kernels (group precisions and reads q ⊘ I formed on chip) with a prior precision
+    per head that requires a gradient, with or without an initial state, the variance, T not a multiple of
+    the chunk and two chunks or more: every gradient (q, k, v, log-decay, β, b, Ip, the initial state)
+    against autograd through the reference. ``groups=None``: b head-shared ``[B,T,H]``."""
+    calls = _fused_calls(monkeypatch)
+    obj, x = scan_inputs("palimpsa", 2, T, 2, 5, V, groups=groups, init=init, seed=T,
+                         **dict(INPUTS, prior_precision=True))
+    _check("palimpsa", x, groups=groups or 1, scale=0.8) if groups else _check("palimpsa", x, scale=0.8)
+    assert calls and all(c == (groups or 1) for c in calls)
+
+
+@pytest.mark.parametrize("log_decay", [-math.inf, -1e4, -30.0])
+def test_triton_chunk_fused_grouped_resets(monkeypatch, log_decay):
+    """Resets (a log-decay of -inf or below the floor: α = 0 exactly) and an extreme decay (-30) inside a
+    chunk and on a chunk's last token, grouped b: outputs, states, variance and every gradient."""
+    calls = _fused_calls(monkeypatch)
+    obj, x = scan_inputs("palimpsa", 1, 40, 2, 4, 4, groups=2, init="shared", seed=7,
+                         **dict(INPUTS, prior_precision=True))
+    x["log_decay"][:, 5] = log_decay
+    x["log_decay"][:, 15] = log_decay
+    x["log_decay"][:, 33, 1] = log_decay
+    _check("palimpsa", x, groups=2, scale=0.6, may_vanish=())
+    assert calls
+
+
+@pytest.mark.parametrize("name,groups", [("palimpsa", 2), ("meta_mamba2", None), ("mamba2", None)])
+def test_triton_chunk_bfloat16_inputs(name, groups):
+    """q, k, v in bfloat16, read in place by the kernels (computing in float32), against the float64
+    reference on the same bfloat16-rounded values. Outputs and gradients come back in bfloat16 (8 bits of
+    mantissa: a relative error up to 2⁻⁸ ≈ 0.4 % of the largest entry per rounding), so the stated
+    tolerance is 1 % of the largest entry."""
+    from helpers import cotangent_loss, random_cotangents
+    obj, x = scan_inputs(name, 2, 37, 2, 16, 16, groups=groups, seed=5, **INPUTS)
+    for key in ("q", "k", "v"):
+        x[key] = x[key].to(torch.bfloat16).double()
+    ref_leaves = {key: val.clone().requires_grad_() for key, val in x.items() if isinstance(val, torch.Tensor)}
+    got_leaves = {key: val.to(torch.bfloat16 if key in ("q", "k", "v") else torch.float32).clone().requires_grad_()
+                  for key, val in ref_leaves.items()}
+    kw = dict(scale=0.5, output_final_state=True, output_variance=obj.posterior != "point")
+    b_ref = dict(ref_leaves)
+    if groups:
+        b_ref["b"] = ref_leaves["b"].repeat_interleave(16 // groups, -1)
+    ref = metaplastic.scan(obj, **b_ref, **kw)
+    got = dispatch_scan(obj, **got_leaves, **kw, backend="triton_chunk", chunk_size=16)
+    assert got.output.dtype == torch.bfloat16
+    assert_close(got.output, ref.output, rtol=1e-2, msg="output")
+    if ref.variance is not None:
+        assert_close(got.variance, ref.variance, rtol=1e-2, msg="variance")
+    weights = random_cotangents(ref)
+    g_ref = torch.autograd.grad(cotangent_loss(ref, weights), list(ref_leaves.values()))
+    g_got = torch.autograd.grad(cotangent_loss(got, weights), list(got_leaves.values()))
+    for key, a, b in zip(ref_leaves, g_ref, g_got):
+        assert b.dtype == got_leaves[key].dtype
+        assert_close(b, a, rtol=1e-2, msg=f"gradient of {key}")
+
+
+def test_triton_chunk_dot_one_query_per_group():
+    """``TritonChunkDot`` with one query per group of value rows (``q [B,H,T,NG,K]``, 3 groups of 2 rows)
+    against the torch ``ChunkDot`` run once per group on its rows: outputs, final state and every gradient."""
+    from metaplastic.kernels.chunk import ChunkDot
+    from metaplastic.kernels.chunk_triton import TritonChunkDot
+    gen = torch.Generator().manual_seed(11)
+    B, H, T, K, V, NG = 1, 2, 23, 5, 6, 3
+    d = dict(dtype=torch.float64, generator=gen)
+    q, k, v = torch.randn(B, H, T, NG, K, **d), torch.randn(B, H, T, K, **d), torch.randn(B, H, T, V, **d)
+    g = torch.log(0.6 + 0.4 * torch.rand(B, H, T, 1, **d))
+    S0, do, dS = torch.randn(B, H, V, K, **d), torch.randn(B, H, T, V, **d), torch.randn(B, H, V, K, **d)
+    leaves = [t.clone().requires_grad_() for t in (q, k, v, g, S0)]
+    R = V // NG
+    parts = [ChunkDot.apply(leaves[0][:, :, :, i], leaves[1], leaves[2][..., i * R:(i + 1) * R], leaves[3],
+                            leaves[4][:, :, i * R:(i + 1) * R], 0.4, 16) for i in range(NG)]
+    o_ref, S_ref = torch.cat([p[0] for p in parts], -1), torch.cat([p[1] for p in parts], 2)
+    expected = torch.autograd.grad((o_ref * do).sum() + (S_ref * dS).sum(), leaves)
+    got_leaves = [t.detach().to(DEVICE, DTYPE).requires_grad_() for t in (q, k, v, g, S0)]
+    o, S_T = TritonChunkDot.apply(*got_leaves, 0.4, 16)
+    assert_close(o.cpu(), o_ref, rtol=TOL)
+    assert_close(S_T.cpu(), S_ref, rtol=TOL)
+    got = torch.autograd.grad((o * do.to(DEVICE, DTYPE)).sum() + (S_T * dS.to(DEVICE, DTYPE)).sum(), got_leaves)
+    for a, b in zip(expected, got):
+        assert_close(b.cpu(), a, rtol=TOL)

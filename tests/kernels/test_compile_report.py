@@ -1,6 +1,7 @@
 """``metaplastic bench compile`` and ``bench traffic`` without a GPU.
 
-A representative subset (the per-value kernels and Mamba2's chunked kernels, bf16, sm_90a) is compiled in
+A representative subset (the per-value kernels, Mamba2's chunked kernels and Palimpsa's fused grouped ones with
+b head-shared and in 8 groups, bf16, sm_90a) is compiled in
 a fresh process without ``TRITON_INTERPRET``; the full set is the committed
 ``kernels/results/compile_sm90.json`` / ``compile_sm80.json``. The report's registers, spills and stack are
 checked against ``ptxas -v`` run here on the dumped PTX (Triton's bundled ptxas, parsed by this file's own
@@ -18,9 +19,13 @@ import pytest
 pytest.importorskip("triton.backends.nvidia")
 
 ROOT = Path(__file__).resolve().parents[2]
-CASES = [("palimpsa", "V", "triton_per_value"), ("mamba2", "-", "triton_chunk")]
-# Spills measured at the benchmark configuration (sm_90a, 4 warps, Triton 3.9), bytes per thread.
-KNOWN_SPILLS = {"_chunk_bwd_dqk_kernel": "255 registers, ~630 B spill stores / ~610 B loads"}
+CASES = [("palimpsa", "V", "triton_per_value"), ("mamba2", "-", "triton_chunk"), ("palimpsa", "H", "triton_chunk"),
+         ("palimpsa", "G8", "triton_chunk")]
+# Spills measured at the benchmark configuration (sm_90a, bf16, Triton 3.9), bytes per thread: none.
+KNOWN_SPILLS: dict = {}
+CHUNK_KERNELS = ("_chunk_states_kernel", "_chunk_output_kernel", "_chunk_dstates_kernel", "_chunk_bwd_dv_kernel",
+                 "_chunk_bwd_dqk_kernel", "_grouped_output_kernel", "_grouped_dstates_kernel", "_grouped_dv_kernel",
+                 "_grouped_dqk_kernel", "_grouped_dJ_kernel")
 
 _SCRIPT = r'''
 import json, sys
@@ -54,8 +59,7 @@ def _ptxas_v(ptx: Path) -> str:
 def test_report_equals_ptxas_on_the_dumped_ptx(compiled):
     report, dump = compiled
     kernels = {e["kernel"] for e in report["kernels"]}
-    assert {"_pv_fwd_kernel", "_pv_bwd_kernel", "_chunk_states_kernel", "_chunk_output_kernel",
-            "_chunk_dstates_kernel", "_chunk_bwd_dv_kernel", "_chunk_bwd_dqk_kernel"} <= kernels
+    assert {"_pv_fwd_kernel", "_pv_bwd_kernel", *CHUNK_KERNELS} <= kernels
     for e in report["kernels"]:
         name = f"{e['id']}-sm_90a"
         meta = json.loads((dump / f"{name}.json").read_text())
@@ -73,19 +77,19 @@ def test_the_benchmark_launch_is_recorded(compiled):
     report, _ = compiled
     by = {e["kernel"]: e for e in report["kernels"]}
     fwd, bwd = by["_pv_fwd_kernel"], by["_pv_bwd_kernel"]
-    # per_value._blocks at K = V = 128: forward 16 rows x all 128 columns, backward 16 x 16 tiles at 8 warps
-    assert (fwd["constexprs"]["BV"], fwd["constexprs"]["BK"]) == (16, 128)
-    assert (bwd["constexprs"]["BK"], bwd["constexprs"]["BV"], bwd["constexprs"]["CS"]) == (16, 16, 16)
+    # per_value._blocks at K = V = 128: forward 16 rows x all 128 columns, states saved every 64 tokens;
+    # backward 32 rows per program looping over the 128 key columns, segments of 64 tokens, 8 warps
+    assert (fwd["constexprs"]["BV"], fwd["constexprs"]["BK"], fwd["constexprs"]["C"]) == (16, 128, 64)
+    assert (bwd["constexprs"]["BV"], bwd["constexprs"]["C"]) == (32, 64)
     assert bwd["num_warps"] == 8
-    assert fwd["grid_at_bench_shape"] == [8, 8 * 16] and bwd["grid_at_bench_shape"] == [8, 8, 8 * 16]
+    assert fwd["grid_at_bench_shape"] == [8, 8 * 16] and bwd["grid_at_bench_shape"] == [4, 8 * 16]
     assert fwd["signature"]["q"] == "*bf16"
 
 
 def _spill_params():
     return [pytest.param(k, marks=pytest.mark.xfail(reason=f"spills at the benchmark shape: {KNOWN_SPILLS[k]}",
                                                     strict=True) if k in KNOWN_SPILLS else ())
-            for k in ("_pv_fwd_kernel", "_pv_bwd_kernel", "_chunk_states_kernel", "_chunk_output_kernel",
-                      "_chunk_dstates_kernel", "_chunk_bwd_dv_kernel", "_chunk_bwd_dqk_kernel")]
+            for k in ("_pv_fwd_kernel", "_pv_bwd_kernel") + CHUNK_KERNELS]
 
 
 @pytest.mark.parametrize("kernel", _spill_params())
@@ -124,27 +128,70 @@ def _per_value_parts():
 
 def test_traffic_counts_the_per_value_forward_inputs():
     """The per-value forward at the benchmark shape: q and k (bf16) read once per value tile (8 tiles),
-    v once, b (fp32) once, g (fp32) per tile, states 2·V·K·4/64 written: the model's figure by hand."""
+    v once, b (fp32) once, g (fp32) per tile, states 2·V·K·4 written every 64 tokens (64 segments of
+    T = 4096), o in q's dtype: the model's figure by hand."""
     parts = _per_value_parts()
     K = V = 128
-    read = 8 * 2 * K * 2 + V * 2 + 8 * 4 + V * 4 + 8 * 4 + 2 * V * K * 4 / 4096  # q,k; v; beta; b; g; M0,J0
-    written = 2 * V * K * 4 / 64 + 2 * V * K * 4 / 4096 + V * 4  # checkpoints, final state, o (fp32)
+    NS, T = 64, 4096
+    read = 8 * 2 * K * 2 + V * 2 + 8 * 4 + V * 4 + 8 * 4 + 2 * V * K * 4 / T  # q,k; v; beta; b; g; M0,J0
+    written = 2 * V * K * 4 * NS / T + 2 * V * K * 4 / T + V * 2  # checkpoints, final state, o (bf16)
     assert parts["fwd _pv_fwd_kernel"]["read"] == pytest.approx(read, abs=0.1)
     assert parts["fwd _pv_fwd_kernel"]["written"] == pytest.approx(written, abs=0.1)
 
 
 def test_traffic_counts_the_per_value_backward_loads_and_stores():
-    """The per-value backward at the benchmark shape, counted by hand from the kernel: 8 key x 8 value tiles
-    of 16; per program q (bf16) and do (fp32) once; k, v (bf16), b (fp32), β and g (fp32, one per token and
-    program) once for the sub-chunk and on average 1.5 times more to rebuild its start state (sub-chunks 0..3
-    of a 64-token segment re-read 0, 1, 2, 3 earlier ones); the saved states once. Written: fp32 partials of
-    dq, dk per value tile, of d(βv), db per key tile, of dg per program, and the initial state's cotangents."""
+    """The per-value backward at the benchmark shape, counted by hand from the kernel: 4 value tiles of 32
+    rows, 64 segments of 64 tokens; per program q, k (bf16) once; v (bf16, twice: β v and dβ), do (bf16),
+    b (fp32) once; β and g (fp32, one per token and program) twice; per segment the first token's v, b, β,
+    g and k (per column), the last token's do and q (per column) once more; each saved state twice (a
+    segment's start and the one before's end; the last end is the final state) and the carried cotangents
+    of every segment but the last read and of every segment written. Written: fp32 partials of dq, dk, dg,
+    dβ per value tile, dv (bf16) and db (fp32) once. Then dq and dk summed over the 4 tiles (bf16 out)."""
     parts = _per_value_parts()
     K = V = 128
-    NK = NV = 8
-    reads = 2.5
-    read = NV * K * 2 + NK * V * 4 + reads * (NV * K * 2 + NK * (V * 2 + V * 4) + 2 * NK * NV * 4) \
-        + 2 * V * K * 4 / 64
-    written = 2 * NV * K * 4 + 2 * NK * V * 4 + NK * NV * 4 + 2 * V * K * 4 / 4096
+    NV, NS, T = 4, 64, 4096
+    st = 2 * V * K * 4 / T
+    per_segment = (NV * K * (2 + 2) + V * (2 + 4 + 2) + NV * (4 + 4)) * NS / T  # k0, qL; v0, b0, doL; β0, g0
+    read = NV * 2 * K * 2 + 2 * V * 2 + V * 2 + V * 4 + 2 * NV * 4 + 2 * NV * 4 + per_segment + 2 * NS * st \
+        + (NS - 1) * st
+    written = 2 * NV * K * 4 + 2 * NV * 4 + V * 2 + V * 4 + NS * st
     assert parts["bwd _pv_bwd_kernel"]["read"] == pytest.approx(read, abs=0.1)
     assert parts["bwd _pv_bwd_kernel"]["written"] == pytest.approx(written, abs=0.1)
+    assert parts["bwd _pv_sum_kernel"]["read"] == pytest.approx(2 * NV * K * 4, abs=0.1)
+    assert parts["bwd _pv_sum_kernel"]["written"] == pytest.approx(2 * K * 2, abs=0.1)
+
+
+def _chunk_parts(model, b_kind):
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    script = ("import json; from metaplastic.kernels import traffic, launches\n"
+              f"r = launches.record({model!r}, {b_kind!r}, 'triton_chunk')\n"
+              "print(json.dumps(traffic.case_traffic(r)['parts']))")
+    proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def test_traffic_counts_the_chunked_dqk_loads_and_stores():
+    """Mamba2's chunked dq, dk kernel at the benchmark shape, counted by hand from the kernel: 2 key tiles of
+    64; per key tile do (fp32: the cotangent of the fp32 output) and v (fp32: v ⊘ Ip times β) and g (fp32)
+    once; k (bf16) twice (once per group, once more), q (bf16) once; the start states and the end-state
+    cotangents (fp32, one V·K per chunk of 64) once. Written: dq, dk (fp32) and a dg part per key tile."""
+    parts = _chunk_parts("mamba2", "-")
+    K = V = 128
+    read = 2 * (V * 4 + V * 4 + 4) + 2 * K * 2 + K * 2 + 2 * V * K * 4 / 64
+    assert parts["bwd _chunk_bwd_dqk_kernel"]["read"] == pytest.approx(read, abs=0.1)
+    assert parts["bwd _chunk_bwd_dqk_kernel"]["written"] == pytest.approx(2 * K * 4 + 2 * 4, abs=0.1)
+
+
+def test_traffic_counts_the_fused_grouped_output_loads():
+    """Palimpsa's fused grouped read-out with G = 8 at the benchmark shape, counted by hand: one program per
+    chunk and group (value tiles of 16 = V/G rows), key tiles of 32; per program q and k (bf16) over all K,
+    its group's b (fp32) once per key tile, the group precision at the chunk start (K fp32 per chunk of 64),
+    the numerator's start state (V·K fp32 per chunk, its rows once), β v (fp32) once, g per program. No
+    [B,H,T,G,K] tensor is read: the bytes grow with G only through q, k and the small per-group terms."""
+    parts = _chunk_parts("palimpsa", "G8")
+    K = V = 128
+    G, NK = 8, 4
+    read = G * (2 * K * 2) + G * NK * 4 + G * K * 4 / 64 + V * K * 4 / 64 + V * 4 + G * 4
+    assert parts["fwd _grouped_output_kernel"]["read"] == pytest.approx(read, abs=0.1)
+    assert parts["fwd _grouped_output_kernel"]["written"] == pytest.approx(V * 4, abs=0.1)

@@ -126,6 +126,9 @@ def test_bench_kernels_cli(tmp_path, capsys):
     if not torch.cuda.is_available():
         assert main(["bench", "kernels", "--device", "cuda"]) == 2
     assert "error:" in capsys.readouterr().err
+    assert main(["bench", "kernels", "--device", "cpu", "--cuda-graphs"]) == 2
+    err = capsys.readouterr().err
+    assert "--cuda-graphs needs --device cuda" in err and len(err.strip().splitlines()) == 1, err
 
 
 def test_bench_kernels_target_lines_read_as_words():
@@ -145,6 +148,25 @@ def test_bench_kernels_target_lines_read_as_words():
     assert "None" not in "\n".join(lines)
     unmeasured = [dict(t, value=None, met=None) for t in summary]
     assert format_targets(unmeasured, "cpu").startswith("targets: not measured on a CPU")
+
+
+def test_bench_kernels_targets_with_cuda_graph_times():
+    """With ``--cuda-graphs`` each target is stated twice, from the eager times and from the graph replays."""
+    from metaplastic.kernels.bench import targets
+
+    def rec(model, backend, b, eager, graph):
+        return {"model": model, "backend": backend, "b": b, "error": None, "fwdbwd_ms": eager,
+                "graph_fwdbwd_ms": graph, "saved_bytes_per_token_head": 2048.0}
+    records = [rec("mamba2", "triton_chunk", "-", 10.0, 8.0), rec("fla chunk_simple_gla", "external", "-", 4.0, 2.0),
+               rec("palimpsa", "triton_chunk", "H", 15.0, 9.0), rec("palimpsa", "triton_chunk", "G8", 30.0, 16.0),
+               rec("palimpsa", "triton_per_value", "V", 40.0, 36.0)]
+    got = {t["name"]: t["value"] for t in targets(records)}
+    assert got["Mamba2 chunked fwd+bwd ÷ fla chunk_simple_gla"] == 2.5
+    assert got["Mamba2 chunked fwd+bwd ÷ fla chunk_simple_gla, CUDA graphs"] == 4.0
+    assert got["Palimpsa grouped G = 8 fwd+bwd ÷ Mamba2 chunked, CUDA graphs"] == 2.0
+    assert got["per-value Palimpsa fwd+bwd ÷ Mamba2 chunked (ours), CUDA graphs"] == 4.5
+    assert got["Palimpsa b [B,T,H] (G = 1) fwd+bwd ÷ Mamba2 chunked"] == 1.5
+    assert not any("CUDA graphs" in t["name"] for t in targets([dict(r, graph_fwdbwd_ms=None) for r in records]))
 
 
 def test_bench_kernels_groups_dtype_targets(tmp_path):

@@ -29,24 +29,36 @@ def _check(name, x, cu_seqlens=None, run=None, tol=TOL, dtype=DTYPE, **kw):
                             device=DEVICE, cu_seqlens=cu_seqlens, **kw)
 
 
-def _run(segment, sub_chunk, block_k=None, block_v=None):
+def _run(segment, block_v=None):
     from metaplastic.kernels.per_value import per_value_run
-    return lambda call: per_value_run(call, segment=segment, sub_chunk=sub_chunk, block_k=block_k, block_v=block_v)
+    return lambda call: per_value_run(call, segment=segment, block_v=block_v)
 
 
 @pytest.mark.parametrize("name,per_value,init", [("palimpsa", True, True), ("meta_mamba2", True, False),
                                                  ("palimpsa", False, False)])
 def test_per_value_matches_reference(name, per_value, init):
-    """Two segments of 32 tokens, each rebuilt as two sub-chunks of 16 in the backward; T = 37."""
+    """Three segments of 16 tokens, the last one partly past T = 37; two value rows per backward program
+    of V = 3 (the second program half masked)."""
     obj, x = scan_inputs(name, 1, 37, 2, 5, 3, b_per_value=per_value, init="random" if init else None, seed=7,
                          **INPUTS)
-    _check(name, x, run=_run(32, 16), scale=0.7)
+    _check(name, x, run=_run(16, 2), scale=0.7)
+
+
+def test_per_value_beta_per_value_row_without_decay():
+    """β per value row (``[B,T,H,V]``: dv = β d(βv) and dβ = v d(βv) stored per row by the backward) and
+    Palimpsa without forgetting (no log-decay: every decay 1), two segments of 16 tokens; T = 23."""
+    from dataclasses import replace
+    obj, x = scan_inputs("palimpsa", 1, 23, 2, 4, 3, init="random", seed=17, **dict(INPUTS, beta_per_value=True))
+    del x["log_decay"]
+    run = _run(16, 2)
+    check_against_reference(replace(obj, forgetting="none"), x, lambda o, **inputs: run(prepare(o, **inputs)),
+                            rtol=TOL, dtype=DTYPE, device=DEVICE, scale=0.4)
 
 
 def test_per_value_varlen():
     cu = torch.tensor([0, 4, 4, 21])
     obj, x = scan_inputs("palimpsa", 1, 21, 1, 4, 3, init="random", N=3, seed=3, **INPUTS)
-    _check("palimpsa", x, cu_seqlens=cu, run=_run(16, 16), scale=0.5)
+    _check("palimpsa", x, cu_seqlens=cu, run=_run(8), scale=0.5)
 
 
 def test_per_value_through_dispatch():
@@ -63,19 +75,20 @@ def test_per_value_low_precision_inputs(dtype):
     dtype: against the float64 reference on the rounded inputs, to that dtype's resolution."""
     obj, x = scan_inputs("palimpsa", 1, 18, 1, 4, 3, seed=11, **INPUTS)
     x = {key: val.to(dtype).double() for key, val in x.items()}
-    _check("palimpsa", x, run=_run(16, 16), tol=max(1e-5, torch.finfo(dtype).eps), dtype=dtype, scale=0.6)
+    _check("palimpsa", x, run=_run(16), tol=max(1e-5, torch.finfo(dtype).eps), dtype=dtype, scale=0.6)
 
 
 @pytest.mark.slow
 def test_per_value_tiles():
-    """Several key and value tiles in the backward (K = 40 in tiles of 16, V = 21 in tiles of 8)."""
+    """Several value tiles in the backward (V = 21 in tiles of 8) at K = 40, two segments of 32 tokens."""
     obj, x = scan_inputs("palimpsa", 1, 40, 1, 40, 21, init="random", seed=9, **INPUTS)
-    _check("palimpsa", x, run=_run(32, 16, block_k=16, block_v=8), scale=0.3)
+    _check("palimpsa", x, run=_run(32, block_v=8), scale=0.3)
 
 
 def test_per_value_saved_state_bytes():
     """What autograd keeps beyond the inputs (which the kernels read in place): the states every 64 tokens,
-    2·V·K·4/64 bytes per token and head (2 KB at K = V = 128); measured at K = V = 8 on 128 tokens."""
+    2·V·K·4/64 bytes per token and head (2 KB at K = V = 128), and the final state (2·V·K·4 bytes per
+    sequence and head); measured at K = V = 8 on 128 tokens."""
     obj, x = scan_inputs("palimpsa", 1, 128, 1, 8, 8, seed=1, **INPUTS)
     leaves, _ = scan_leaves(x, torch.float32, DEVICE)
     exclude = {t.untyped_storage().data_ptr() for t in leaves.values()}
@@ -89,21 +102,21 @@ def test_per_value_saved_state_bytes():
     from metaplastic.kernels.per_value import per_value_run
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         per_value_run(prepare(obj, **leaves))
-    states = 2 * 8 * 8 * 4 * 2  # (M, J) at the start of each of the two 64-token segments, fp32
+    states = 2 * 8 * 8 * 4 * 3  # (M, J) at the start of each of the two 64-token segments and the final, fp32
     assert states <= sum(seen.values()) <= states + 8  # and the prior precision [H]
-    assert 2 * 128 * 128 * 4 / 64 == 2048
 
 
 def test_per_value_unused_outputs_and_strong_decay():
     """A loss on the output alone (the final state's and variance's cotangents are None: the backward reads
-    neither) with decays down to 0.01 per token, across two segments: gradients against the reference."""
+    neither) with decays down to 0.01 per token, across five segments of 8 tokens: gradients against the
+    reference."""
     from metaplastic.kernels.per_value import per_value_run
     obj, x = scan_inputs("palimpsa", 1, 40, 2, 4, 3, init="random", seed=13, **INPUTS)
     x["log_decay"] = torch.log(0.01 + 0.99 * torch.rand(x["log_decay"].shape, dtype=torch.float64,
                                                        generator=torch.Generator().manual_seed(2)))
     weights = torch.randn(1, 40, 2, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
     grads = []
-    for run in (None, lambda c: per_value_run(c, segment=32, sub_chunk=8)):
+    for run in (None, lambda c: per_value_run(c, segment=8)):
         leaves, flat = scan_leaves(x, torch.float64 if run is None else DTYPE, "cpu" if run is None else DEVICE)
         flat = list(flat.values())
         kw = dict(scale=0.6, output_variance=True, output_final_state=True)

@@ -191,3 +191,36 @@ def test_every_backend_and_b_shape_against_reference(backend, shape, damage):
         if damage == "nan":  # (after an infinite k or b the reference can read M / inf = 0; see the module docs)
             finite = torch.isfinite(ref.output)
             assert_close(got.output[finite], ref.output[finite], rtol=1e-10, msg=f"{what}: finite reference outputs")
+
+
+@pytest.mark.parametrize("name", ["q", "k", "v", "log_decay", "beta", "b", "mu"])
+@pytest.mark.parametrize("bad", BAD + [1e38])
+def test_all_finite_test_agrees_with_isfinite(name, bad):
+    """The sanitiser's one-reduction-per-input test against ``torch.isfinite`` entry by entry: an input needs
+    the masks exactly when an entry is NaN or ±inf (a log-decay: NaN or +inf; -inf is a reset). Huge finite
+    entries may overflow the sum: the test then asks for the masked path (never the reverse), and the masked
+    path gives the unmasked result."""
+    from metaplastic.kernels import nonfinite
+    gen = torch.Generator().manual_seed(0)
+    B, T, H, K, V = 1, 6, 2, 3, 4
+    x = {"q": torch.randn(B, T, H, K, generator=gen), "k": torch.randn(B, T, H, K, generator=gen),
+         "v": torch.randn(B, T, H, V, generator=gen), "log_decay": -torch.rand(B, T, H, generator=gen),
+         "beta": torch.rand(B, T, H, generator=gen), "b": torch.rand(B, T, H, 2, generator=gen),
+         "mu": torch.randn(B, H, V, K, generator=gen)}
+    for entries in (1, 40):  # one damaged entry; many (a sum of several huge entries overflows)
+        y = {key: t.clone() for key, t in x.items()}
+        flat = y[name].view(-1)
+        flat[torch.randperm(flat.numel(), generator=gen)[:entries]] = bad
+        init = {"mu": y["mu"], "I": torch.ones(B, H, V, K)}
+        got = bool(nonfinite.all_finite(y["q"], y["k"], y["v"], y["log_decay"], y["beta"], y["b"], init))
+        entry_bad = (torch.isnan(flat) | (flat == math.inf)).any() if name == "log_decay" \
+            else (~torch.isfinite(flat)).any()
+        if entry_bad:
+            assert not got, (name, bad, entries)
+        elif not got:  # an overflowing sum of finite entries: the masked path must change nothing
+            obj = metaplastic.registry["palimpsa"].objective
+            args = (obj, y["q"], y["k"], y["v"], y["log_decay"], y["beta"], y["b"], init)
+            cleaned, marks = nonfinite.sanitize(*args)
+            assert marks is not None and not any(bool(m.any()) for m in marks if m is not None)
+            for c, o in zip(cleaned[:6], args[1:7]):
+                assert c is None or torch.equal(c, o)

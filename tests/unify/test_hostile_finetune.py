@@ -159,9 +159,11 @@ def test_resume_with_another_model_names_the_difference(capsys, work, finished, 
     Mamba2ForCausalLM(Mamba2Config(**{**TINY_MAMBA2, "state_size": 8})).save_pretrained(tmp_path / "other_src")
     convert_checkpoint(tmp_path / "other_src", tmp_path / "other", progress=False)
     out = copy_run(finished, tmp_path)
+    before = digest(out)
     rc, err = finetune(capsys, work, out, "--steps", "6", "--resume", model=tmp_path / "other")
     assert rc == 2
     one_line_error(err, "does not fit --model")
+    assert digest(out) == before  # the refused run changed nothing of the run it names (run.json included)
 
 
 def test_a_second_run_into_the_same_out_is_refused(capsys, work, finished, tmp_path):

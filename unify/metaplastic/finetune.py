@@ -599,15 +599,16 @@ def _train(cfg: FinetuneConfig, model, data: PackedSequences, micro: int, traina
         ckpt_root.mkdir(parents=True, exist_ok=True)
         for path in clean_stale_in(ckpt_root) + clean_stale_in(out):
             _say(dev, f"note: removed {path.name}, left by a process that was stopped while writing")
-        atomic_write(out / "run.json", json.dumps({**asdict(cfg), "world_size": dev.world,
-                                                  "precision": precision, "trainable": trainable}, indent=1))
     dist.barrier()
     start, resume_from = 0, resolve_resume(cfg.resume, out)
-    if resume_from is not None:
+    if resume_from is not None:  # a checkpoint that does not fit is refused before run.json is rewritten
         start = load_checkpoint(resume_from, model, optimizer, scheduler, meta, dev)
         _say(dev, f"resumed from {resume_from} at step {start}")
     elif cfg.resume == "latest":
         _say(dev, f"note: --resume, but {ckpt_root} has no checkpoint yet: starting from step 0")
+    if dev.rank == 0:
+        atomic_write(out / "run.json", json.dumps({**asdict(cfg), "world_size": dev.world,
+                                                  "precision": precision, "trainable": trainable}, indent=1))
     end = cfg.steps if cfg.stop_after is None else min(cfg.steps, cfg.stop_after)
     log, losses = StepLog(cfg, out, start, dev.rank), []
     for step in range(start, end):

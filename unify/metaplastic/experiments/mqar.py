@@ -804,7 +804,9 @@ def _title(result: Dict[str, Any]) -> str:
     head = "SMOKE TEST, not a result — " if _is_smoke(cfg) else ""
     fillers = cfg["filler"] if isinstance(cfg["filler"], str) else " and ".join(cfg["filler"])
     recipe = f", {cfg['recipe']} recipe" if cfg.get("recipe", "default") != "default" else ""
-    return (f"{head}MQAR ({cfg['name']}): d_model {cfg['d_model']}, state ≤ {cfg['state_budget']} floats/layer, "
+    shaped = any("@shape" in m or "@width" in m for m in cfg.get("models", []))
+    budget = f"state budget {cfg['state_budget']} floats/layer" + (" (@shape: H×K×V matched instead)" if shaped else "")
+    return (f"{head}MQAR ({cfg['name']}): d_model {cfg['d_model']}, {budget}, "
             f"{fillers} filler{recipe}, " + ("1 seed, no spread" if seeds == 1 else f"{seeds} seeds, mean ± std"))
 
 
