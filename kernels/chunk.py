@@ -27,8 +27,8 @@ The models (docs/theory.md#closed-forms), selected by the objective's settings:
     the precision of group g is a K-vector (docs/theory.md#limit-8-grouped-importance; G = 1: limit 7), so the rows of group g read
     ``scale · M_t (q ⊘ I^{(g)}_t)``: :class:`~metaplastic.kernels.chunk_grouped.GroupedDiagonal`, G simple-GLA
     reads sharing keys, values, decays and ``M``. Cost as simple GLA plus the per-group ``[C, C]`` products.
-    (With another read primitive, the chunked Triton path, the group precisions are a :class:`DecayedScan`
-    of width G and the rows of group g are read with the query ``q ⊘ I^{(g)}_t``.)
+    (The chunked Triton read forms the same group precisions and queries ``q ⊘ I^{(g)}_t`` on chip:
+    :class:`~metaplastic.kernels.chunk_triton.TritonGroupedDiagonal`.)
   * ``b`` per value channel (``[B,T,H,V]``), or any other initial precision: ``Σ_j M_ij q_j / I_ij`` does
     not factor. :func:`metaplastic.kernels.chunk_per_value.per_value_scan`: on a CPU by default the fused C
     kernel of :mod:`metaplastic.kernels.cpu_per_value` where it builds, else :class:`DiagonalScan`, which
@@ -262,7 +262,10 @@ def _chunk_dense(objective: Objective, q, k, v, log_decay, beta, b, Ip: Tensor, 
     if objective.posterior == "point":
         write = 1 / Ip4 if beta_h is None else beta_h / Ip4
         S0 = qh.new_zeros(B, H, V, K, dtype=dtype) if init is None else init["S"]
-        o, S_T = dot(qh, kh, vh * write, g, S0, scale, C)
+        if in_place and write.shape[-1] == 1:  # the Triton read scales v's rows by β/Ip as it loads them
+            o, S_T = dot(qh, kh, vh, g, S0, scale, C, write.expand(B, H, T, 1))
+        else:
+            o, S_T = dot(qh, kh, vh * write, g, S0, scale, C)
         return ScanResult(o.transpose(1, 2), {"S": S_T}, None)
 
     # dot_diag / diagonal
@@ -280,41 +283,25 @@ def _chunk_dense(objective: Objective, q, k, v, log_decay, beta, b, Ip: Tensor, 
         I_T = (J_T + Ip4).repeat_interleave(V // groups, dim=2)
         return ScanResult(o.transpose(1, 2), {"mu": M_T / I_T, "I": I_T},
                           None if var is None else var.transpose(1, 2))
-    fused = getattr(dot, "grouped_diagonal", None)
-    # Like the rescaled read below, with I_0 constant over the rows of each group and no per-row gradient of
-    # I_0; without an initial state I_0 = Ip, whose gradient reaches Ip through J_0 = I_0 − Ip.
+    fused = None if torch_read else getattr(dot, "grouped_diagonal", None)
+    # docs/theory.md#limit-8-grouped-importance on the Triton read: I_0 constant over the rows of each group and no
+    # per-row gradient of I_0; without an initial state I_0 = Ip, whose gradient reaches Ip through J_0 = I_0 − Ip.
     if fused is not None and not (init is not None and torch.is_grad_enabled() and I0.requires_grad) \
             and rows_constant_in_groups(I0, groups, check_values):
         # the group precisions and reads q ⊘ I⁽ᵍ⁾ formed on chip (chunk_triton.py)
         R = V // groups
         b_h = qh.new_zeros(B, H, T, 1, dtype=dtype) if b is None else heads_first(b, dtype)
-        bv = vh if beta_h is None else beta_h * vh
-        o, var, M_T, J_T = fused(qh, kh, bv, g, b_h, Ip.to(dtype), M0, (I0 - Ip4)[:, :, ::R], scale, C,
-                                 output_variance)
+        J0 = (I0 - Ip4)[:, :, ::R]
+        if beta_h is None or beta_h.shape[-1] == 1:  # β per token: the kernels scale v's rows as they load them
+            o, var, M_T, J_T = fused(qh, kh, vh, g, b_h, Ip.to(dtype), M0, J0, scale, C, output_variance, beta_h)
+        else:
+            o, var, M_T, J_T = fused(qh, kh, beta_h * vh, g, b_h, Ip.to(dtype), M0, J0, scale, C, output_variance)
         I_T = (J_T + Ip4).repeat_interleave(R, 2)  # [B,H,V,K]
         var = None if var is None else var.repeat_interleave(R, -1).transpose(1, 2)
         return ScanResult(o.transpose(1, 2), {"mu": M_T / I_T, "I": I_T}, var)
     if in_place:
         qh, kh, vh = (heads_first(x, dtype) for x in (q, k, v))
     bv = vh if beta_h is None else beta_h * vh
-    k2 = kh * kh
-    # The rescaled read needs I_0 constant over the rows of each group; it gives no per-row gradient of I_0.
-    rescaled = (not native and (groups == 1 or not torch_read)
-                and not (torch.is_grad_enabled() and I0.requires_grad)
-                and rows_constant_in_groups(I0, groups, check_values))
-    if rescaled:  # docs/theory.md#limit-8-grouped-importance with another read primitive: rows of group g read M_t (q ⊘ I⁽ᵍ⁾_t)
-        R = V // groups
-        b_h = heads_first(b, dtype)  # [B,H,T,G] or None
-        xJ = (torch.zeros_like(k2)[:, :, :, None] if b_h is None
-              else b_h[..., None] * k2[:, :, :, None])  # [B,H,T,G,K]
-        I = Ip4[..., None] + DecayedScan.apply(xJ, g, (I0 - Ip4)[:, :, ::R], C)  # [B,H,T,G,K]
-        r = qh[:, :, :, None] / I  # one query per group
-        o, M_T = dot(r[:, :, :, 0] if groups == 1 else r, kh, bv, g, M0, scale, C)
-        var = None
-        if output_variance:
-            var = (scale * scale * (qh[:, :, :, None] * r).sum(-1)).repeat_interleave(R, -1).transpose(1, 2)
-        I_T = I[:, :, -1].repeat_interleave(R, 2)  # [B,H,V,K]
-        return ScanResult(o.transpose(1, 2), {"mu": M_T / I_T, "I": I_T}, var)
 
     # b per value row (or an initial precision that varies within a group): materialise M_t and I_t,
     # one chunk of at most DIAGONAL_CHUNK tokens at a time.

@@ -15,8 +15,12 @@ Backward. ``_chunk_dstates_kernel`` runs the state's cotangent backwards over th
 cumulated log-decay's cotangent from its start state, its end-state cotangent and its own tokens.
 
 Inputs are read in place, in their own dtype and strides (``[B,T,H,D]`` tensors transposed to ``[B,H,T,D]``),
-and cast in registers; each kernel cumulates ``G`` from the per-token log-decay itself. The query may be one
-per group of ``V/NG`` contiguous value rows (``[B,H,T,NG,K]``): a value tile never straddles two groups.
+and cast in registers; each kernel cumulates ``G`` from the per-token log-decay itself. The output and
+``dq, dk, dv`` are stored in q's, k's, v's dtypes (rounded once from the compute dtype). A per-token write
+rate ``w`` (the point posterior's ``β/Ip``, Palimpsa's ``β``) scales ``v``'s rows as they are loaded; the
+backward returns ``dw``. The query may be one per group of ``V/NG`` contiguous value rows
+(``[B,H,T,NG,K]``): a value tile never straddles two groups. Launch settings depend on the device's compute
+capability (:func:`launch_table`).
 
 Grouped importance, fused. Palimpsa with ``b`` head-shared (docs/theory.md#limit-7-head-shared-importance)
 or grouped (limit 8) reads the numerator ``M`` on the rows of group ``g`` with the query ``r = q ⊘ I⁽ᵍ⁾_t``:
@@ -27,7 +31,7 @@ uses TF32 when ``torch.backends.cuda.matmul.allow_tf32`` is set), in float64 for
 """
 from __future__ import annotations
 
-from typing import Dict, Optional, Union
+from typing import Dict, Optional, Tuple, Union
 
 import torch
 import triton
@@ -53,11 +57,34 @@ def _value_rows(i_vt, VG: tl.constexpr, BV: tl.constexpr, TPG: tl.constexpr):
 
 
 @triton.jit
+def _rounded(x, ptr):
+    """``x`` (float32; float64 through float32 for bfloat16) rounded once to ``ptr``'s element type. To
+    bfloat16 by its bits, round to nearest even (a NaN stays a NaN): what ``Tensor.to(torch.bfloat16)`` and
+    the GPU's conversion give, and the same under the interpreter, whose own conversion truncates."""
+    if ptr.dtype.element_ty == tl.bfloat16:
+        u = x.to(tl.float32).to(tl.uint32, bitcast=True)
+        r = (u + 0x7FFF + ((u >> 16) & 1)) >> 16
+        r = tl.where((u & 0x7FFFFFFF) > 0x7F800000, (u >> 16) | 0x40, r)
+        return r.to(tl.uint16).to(tl.bfloat16, bitcast=True)
+    return x.to(ptr.dtype.element_ty)
+
+
+@triton.jit
 def _load_tile(x, base, s_t, t, m_t, o_d, m_d, DTYPE: tl.constexpr):
     """The ``[C, BD]`` tile (rows ``t``, columns ``o_d``) of a ``[T, D]`` slice at ``x + base`` with row stride
     ``s_t`` and contiguous columns, loaded in its own dtype and cast to ``DTYPE`` in registers."""
     return tl.load(x + base + t[:, None] * s_t + o_d[None, :], mask=m_t[:, None] & m_d[None, :],
                    other=0.0).to(DTYPE)
+
+
+@triton.jit
+def _load_written(v, base, s_t, t, m_t, o_v, m_v, w, w_base, s_wt, SCALED: tl.constexpr, DTYPE: tl.constexpr):
+    """The value tile, its rows scaled by the per-token write ``w`` (at ``w + w_base``, row stride ``s_wt``)
+    when ``SCALED``: the write ``(β/Ip) v`` of the point posterior formed on load."""
+    vc = _load_tile(v, base, s_t, t, m_t, o_v, m_v, DTYPE)
+    if SCALED:
+        vc = vc * tl.load(w + w_base + t * s_wt, mask=m_t, other=0.0).to(DTYPE)[:, None]
+    return vc
 
 
 @triton.jit
@@ -78,13 +105,15 @@ def _decay_matrix(g, o_c):
 
 
 @triton.jit
-def _chunk_states_kernel(k, s_kb, s_kh, s_kt, v, s_vb, s_vh, s_vt, g, s_gb, s_gh, s_gt, h0, states, T, H, N,
-                         K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-                         SQUARE: tl.constexpr, PRECISION: tl.constexpr, DTYPE: tl.constexpr):
+def _chunk_states_kernel(k, s_kb, s_kh, s_kt, v, s_vb, s_vh, s_vt, w, s_wb, s_wh, s_wt, g, s_gb, s_gh, s_gt, h0,
+                         states, T, H, N, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BK: tl.constexpr,
+                         BV: tl.constexpr, SQUARE: tl.constexpr, SCALED: tl.constexpr, PRECISION: tl.constexpr,
+                         DTYPE: tl.constexpr):
     """``states[bh, n] = S`` at the start of chunk ``n`` (``n = N``: the final state), one ``[BV, BK]`` tile of
     it per program. ``k [B,H,T,K]``, ``v [B,H,T,V]``, ``g [B,H,T]`` (per-token log-decay) by their strides
     (``s_·b, s_·h, s_·t``; the last dimension contiguous), ``h0 [BH,V,K]``, ``states [BH,N+1,V,K]``.
-    ``SQUARE``: the written key is ``k²`` (the group precisions, ``v := b``)."""
+    ``SQUARE``: the written key is ``k²`` (the group precisions, ``v := b``); ``SCALED``: the written value is
+    ``w ∘ v`` with ``w [B,H,T]`` per token."""
     i_k, i_v, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_bh = i_bh.to(tl.int64)
     i_b, i_h = i_bh // H, i_bh % H
@@ -102,7 +131,8 @@ def _chunk_states_kernel(k, s_kb, s_kh, s_kt, v, s_vb, s_vh, s_vt, g, s_gb, s_gh
         t = n * C + o_c
         m_t = t < T
         kc = _load_tile(k, i_b * s_kb + i_h * s_kh, s_kt, t, m_t, o_k, m_k, DTYPE)
-        vc = _load_tile(v, i_b * s_vb + i_h * s_vh, s_vt, t, m_t, o_v, m_v, DTYPE)
+        vc = _load_written(v, i_b * s_vb + i_h * s_vh, s_vt, t, m_t, o_v, m_v, w, i_b * s_wb + i_h * s_wh, s_wt,
+                           SCALED, DTYPE)
         G, g_last = _chunk_log_decay(g, i_b * s_gb + i_h * s_gh, s_gt, n, T, C, DTYPE)
         if SQUARE:
             kc = kc * kc
@@ -112,13 +142,13 @@ def _chunk_states_kernel(k, s_kb, s_kh, s_kt, v, s_vb, s_vh, s_vt, g, s_gb, s_gh
 
 
 @triton.jit
-def _chunk_output_kernel(q, s_qb, s_qh, s_qt, s_qg, k, s_kb, s_kh, s_kt, v, s_vb, s_vh, s_vt, g, s_gb, s_gh, s_gt,
-                         states, o, s_ob, s_oh, s_ot, scale, T, H, N, K: tl.constexpr, V: tl.constexpr,
-                         VG: tl.constexpr, TPG: tl.constexpr, C: tl.constexpr, BK: tl.constexpr,
-                         BV: tl.constexpr, PRECISION: tl.constexpr, DTYPE: tl.constexpr):
+def _chunk_output_kernel(q, s_qb, s_qh, s_qt, s_qg, k, s_kb, s_kh, s_kt, v, s_vb, s_vh, s_vt, w, s_wb, s_wh, s_wt,
+                         g, s_gb, s_gh, s_gt, states, o, s_ob, s_oh, s_ot, scale, T, H, N, K: tl.constexpr,
+                         V: tl.constexpr, VG: tl.constexpr, TPG: tl.constexpr, C: tl.constexpr, BK: tl.constexpr,
+                         BV: tl.constexpr, SCALED: tl.constexpr, PRECISION: tl.constexpr, DTYPE: tl.constexpr):
     """``o [B,H,T,V]`` of chunk ``program_id(0)`` from its start state and its own tokens (K in blocks of BK).
     ``q [B,H,T,NG,K]`` (group stride ``s_qg``; 0 with one query per head): one query per group of ``VG``
-    value rows."""
+    value rows. ``SCALED``: the values are ``w ∘ v`` (``w [B,H,T]``)."""
     i_n, i_bh, i_vt = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_bh = i_bh.to(tl.int64)
     i_b, i_h = i_bh // H, i_bh % H
@@ -140,9 +170,10 @@ def _chunk_output_kernel(q, s_qb, s_qh, s_qt, s_qg, k, s_kb, s_kh, s_kt, v, s_vb
         out += tl.dot(qc * tl.exp(G)[:, None], tl.trans(S), input_precision=PRECISION, out_dtype=DTYPE)
     D, causal = _decay_matrix(G, o_c)
     A = tl.where(causal, A * D, 0.0)
-    vc = _load_tile(v, i_b * s_vb + i_h * s_vh, s_vt, t, m_t, o_v, m_v, DTYPE)
+    vc = _load_written(v, i_b * s_vb + i_h * s_vh, s_vt, t, m_t, o_v, m_v, w, i_b * s_wb + i_h * s_wh, s_wt, SCALED,
+                       DTYPE)
     out += tl.dot(A, vc, input_precision=PRECISION, out_dtype=DTYPE)
-    tl.store(o + i_b * s_ob + i_h * s_oh + t[:, None] * s_ot + o_v[None, :], out * scale,
+    tl.store(o + i_b * s_ob + i_h * s_oh + t[:, None] * s_ot + o_v[None, :], _rounded(out * scale, o),
              mask=m_t[:, None] & m_v[None, :])
 
 
@@ -181,11 +212,13 @@ def _chunk_dstates_kernel(q, s_qb, s_qh, s_qt, s_qg, do, s_db, s_dh, s_dt, g, s_
 
 @triton.jit
 def _chunk_bwd_dv_kernel(q, s_qb, s_qh, s_qt, s_qg, k, s_kb, s_kh, s_kt, do, s_db, s_dh, s_dt, g, s_gb, s_gh, s_gt,
-                         dstates, dv, s_vb, s_vh, s_vt, scale, T, H, N, K: tl.constexpr, V: tl.constexpr,
-                         VG: tl.constexpr, TPG: tl.constexpr, C: tl.constexpr, BK: tl.constexpr,
-                         BV: tl.constexpr, PRECISION: tl.constexpr, DTYPE: tl.constexpr):
+                         dstates, dv, s_vb, s_vh, s_vt, v, s_xb, s_xh, s_xt, w, s_wb, s_wh, s_wt, dw, s_ei, s_eb,
+                         s_eh, s_et, scale, T, H, N, K: tl.constexpr, V: tl.constexpr, VG: tl.constexpr,
+                         TPG: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+                         SCALED: tl.constexpr, PRECISION: tl.constexpr, DTYPE: tl.constexpr):
     """``dv`` of one chunk and value tile: ``scale · (A ∘ D)ᵀ do + (k ∘ exp(G_C − G)) dS_endᵀ`` with the
-    group's scores ``A = q kᵀ``."""
+    group's scores ``A = q kᵀ``. ``SCALED`` (the values were ``w ∘ v``): that cotangent ``dv'`` gives
+    ``dv = w ∘ dv'`` and this value tile's part of ``dw = Σ_v dv' ∘ v`` (``dw [NVT,B,H,T]``)."""
     i_n, i_bh, i_vt = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_bh = i_bh.to(tl.int64)
     i_b, i_h = i_bh // H, i_bh % H
@@ -209,22 +242,28 @@ def _chunk_bwd_dv_kernel(q, s_qb, s_qh, s_qt, s_qg, k, s_kb, s_kh, s_kt, do, s_d
     A = tl.where(causal, A * D, 0.0)
     doc = _load_tile(do, i_b * s_db + i_h * s_dh, s_dt, t, m_t, o_v, m_v, DTYPE)
     acc += scale * tl.dot(tl.trans(A), doc, input_precision=PRECISION, out_dtype=DTYPE)
-    tl.store(dv + i_b * s_vb + i_h * s_vh + t[:, None] * s_vt + o_v[None, :], acc, mask=m_t[:, None] & m_v[None, :])
+    if SCALED:
+        vc = _load_tile(v, i_b * s_xb + i_h * s_xh, s_xt, t, m_t, o_v, m_v, DTYPE)
+        tl.store(dw + i_vt * s_ei + i_b * s_eb + i_h * s_eh + t * s_et, tl.sum(acc * vc, 1), mask=m_t)
+        acc *= tl.load(w + i_b * s_wb + i_h * s_wh + t * s_wt, mask=m_t, other=0.0).to(DTYPE)[:, None]
+    tl.store(dv + i_b * s_vb + i_h * s_vh + t[:, None] * s_vt + o_v[None, :], _rounded(acc, dv),
+             mask=m_t[:, None] & m_v[None, :])
 
 
 @triton.jit
-def _chunk_bwd_dqk_kernel(q, s_qb, s_qh, s_qt, s_qg, k, s_kb, s_kh, s_kt, v, s_vb, s_vh, s_vt, do, s_db, s_dh, s_dt,
-                          g, s_gb, s_gh, s_gt, states, dstates, dq, s_dqb, s_dqh, s_dqt, s_dqg, dk, s_dkb, s_dkh,
-                          s_dkt, dg, s_dgi, s_dgb, s_dgh, s_dgt, scale, T, H, N, NG, K: tl.constexpr,
-                          V: tl.constexpr, VG: tl.constexpr, TPG: tl.constexpr, C: tl.constexpr, BK: tl.constexpr,
-                          BV: tl.constexpr, PRECISION: tl.constexpr, DTYPE: tl.constexpr):
+def _chunk_bwd_dqk_kernel(q, s_qb, s_qh, s_qt, s_qg, k, s_kb, s_kh, s_kt, v, s_vb, s_vh, s_vt, w, s_wb, s_wh, s_wt,
+                          do, s_db, s_dh, s_dt, g, s_gb, s_gh, s_gt, states, dstates, dq, s_dqb, s_dqh, s_dqt, s_dqg,
+                          dk, s_dkb, s_dkh, s_dkt, dg, s_dgi, s_dgb, s_dgh, s_dgt, scale, T, H, N, NG,
+                          K: tl.constexpr, V: tl.constexpr, VG: tl.constexpr, TPG: tl.constexpr, C: tl.constexpr,
+                          BK: tl.constexpr, BV: tl.constexpr, SCALED: tl.constexpr, PRECISION: tl.constexpr,
+                          DTYPE: tl.constexpr):
     """``dq [B,H,T,NG,K]``, ``dk [B,H,T,K]`` of one chunk and key tile, and this key tile's part of the
     log-decay's cotangent ``dg [NK,B,H,T]``. Per group ``g``, its value tiles accumulate
     ``W = scale · (do vᵀ) ∘ D`` (``[C, C]``), ``scale · (do ∘ exp(G)) S_start`` into ``dq⁽ᵍ⁾`` and
     ``(v ∘ exp(G_C − G)) dS_end`` into the inter-chunk ``dk_S``; then ``dq⁽ᵍ⁾ += W k``, ``dk += Wᵀ q⁽ᵍ⁾``.
     The cumulated log-decay's cotangent ``Σ_g q⁽ᵍ⁾∘dq⁽ᵍ⁾ − k∘dk`` plus, on the chunk's last row,
     ``Σ dS_end ∘ S_end = exp(G_C) Σ dS_end ∘ S_start + Σ k ∘ dk_S`` (no read of the end state), is
-    reverse-cumulated inside the chunk."""
+    reverse-cumulated inside the chunk. ``SCALED``: the values are ``w ∘ v`` (``w [B,H,T]``)."""
     i_k, i_n, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_bh = i_bh.to(tl.int64)
     i_b, i_h = i_bh // H, i_bh % H
@@ -249,7 +288,8 @@ def _chunk_bwd_dqk_kernel(q, s_qb, s_qh, s_qt, s_qg, k, s_kb, s_kh, s_kt, v, s_v
             m_vk = m_v[:, None] & m_k[None, :]
             p_vk = o_v[:, None] * K + o_k[None, :]
             doc = _load_tile(do, i_b * s_db + i_h * s_dh, s_dt, t, m_t, o_v, m_v, DTYPE)
-            vc = _load_tile(v, i_b * s_vb + i_h * s_vh, s_vt, t, m_t, o_v, m_v, DTYPE)
+            vc = _load_written(v, i_b * s_vb + i_h * s_vh, s_vt, t, m_t, o_v, m_v, w, i_b * s_wb + i_h * s_wh, s_wt,
+                               SCALED, DTYPE)
             S0 = tl.load(states + (i_bh * (N + 1) + i_n) * V * K + p_vk, mask=m_vk, other=0.0)
             dSe = tl.load(dstates + (i_bh * N + i_n) * V * K + p_vk, mask=m_vk, other=0.0)
             W += tl.dot(doc, tl.trans(vc), input_precision=PRECISION, out_dtype=DTYPE)
@@ -262,15 +302,15 @@ def _chunk_bwd_dqk_kernel(q, s_qb, s_qh, s_qt, s_qg, k, s_kb, s_kh, s_kt, v, s_v
         dq_acc = dq_acc * scale + tl.dot(W, kc, input_precision=PRECISION, out_dtype=DTYPE)
         qc = _load_tile(q, i_b * s_qb + i_h * s_qh + i_g * s_qg, s_qt, t, m_t, o_k, m_k, DTYPE)
         dk_W += tl.dot(tl.trans(W), qc, input_precision=PRECISION, out_dtype=DTYPE)
-        tl.store(dq + i_b * s_dqb + i_h * s_dqh + i_g * s_dqg + t[:, None] * s_dqt + o_k[None, :], dq_acc,
-                 mask=m_t[:, None] & m_k[None, :])
+        tl.store(dq + i_b * s_dqb + i_h * s_dqh + i_g * s_dqg + t[:, None] * s_dqt + o_k[None, :],
+                 _rounded(dq_acc, dq), mask=m_t[:, None] & m_k[None, :])
         dg_acc += tl.sum(qc * dq_acc, 1)
     kc = _load_tile(k, i_b * s_kb + i_h * s_kh, s_kt, t, m_t, o_k, m_k, DTYPE)
     dk_acc = dk_W + dk_S
     dg_acc -= tl.sum(kc * dk_acc, 1)
     end_term = tl.exp(g_last) * tl.sum(end_S, 0) + tl.sum(tl.sum(kc * dk_S, 1), 0)
     dg_acc += tl.where(o_c == C - 1, end_term, 0.0)
-    tl.store(dk + i_b * s_dkb + i_h * s_dkh + t[:, None] * s_dkt + o_k[None, :], dk_acc,
+    tl.store(dk + i_b * s_dkb + i_h * s_dkh + t[:, None] * s_dkt + o_k[None, :], _rounded(dk_acc, dk),
              mask=m_t[:, None] & m_k[None, :])
     tl.store(dg + i_k * s_dgi + i_b * s_dgb + i_h * s_dgh + t * s_dgt, tl.cumsum(dg_acc, 0, reverse=True), mask=m_t)
 
@@ -292,15 +332,16 @@ def _group_read(q, q_base, s_qt, kc, b, b_base, s_bt, i_g, Js, j_base, ip, t, m_
 
 
 @triton.jit
-def _grouped_output_kernel(q, s_qb, s_qh, s_qt, k, s_kb, s_kh, s_kt, v, s_vb, s_vh, s_vt, g, s_gb, s_gh, s_gt,
-                           b, s_bb, s_bh, s_bt, Ip, states, Js, o, s_ob, s_oh, s_ot, var, s_rb, s_rh, s_rt, scale,
-                           T, H, N, NG, K: tl.constexpr, V: tl.constexpr, VG: tl.constexpr, TPG: tl.constexpr,
-                           C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, VAR: tl.constexpr,
+def _grouped_output_kernel(q, s_qb, s_qh, s_qt, k, s_kb, s_kh, s_kt, v, s_vb, s_vh, s_vt, w, s_wb, s_wh, s_wt,
+                           g, s_gb, s_gh, s_gt, b, s_bb, s_bh, s_bt, Ip, states, Js, o, s_ob, s_oh, s_ot, var, s_rb,
+                           s_rh, s_rt, scale, T, H, N, NG, K: tl.constexpr, V: tl.constexpr, VG: tl.constexpr,
+                           TPG: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+                           SCALED: tl.constexpr, VAR: tl.constexpr,
                            PRECISION: tl.constexpr, DTYPE: tl.constexpr):
     """``o [B,H,T,V]`` of chunk ``program_id(0)`` and one value tile of group ``g``: the read of ``M`` with
     the group's query ``r = q ⊘ I⁽ᵍ⁾`` formed per key tile from the group's precision at the chunk start
     (``Js [BH,N+1,NG,K]``); ``VAR``: also ``var⁽ᵍ⁾ = scale² Σ_k q r`` (``var [B,H,T,NG]``, by the group's first
-    value tile)."""
+    value tile). ``SCALED``: the written values are ``w ∘ v`` (``w [B,H,T]``: ``β`` per token)."""
     i_n, i_bh, i_vt = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_bh = i_bh.to(tl.int64)
     i_b, i_h = i_bh // H, i_bh % H
@@ -329,9 +370,10 @@ def _grouped_output_kernel(q, s_qb, s_qh, s_qt, k, s_kb, s_kh, s_kt, v, s_vb, s_
         if VAR:
             qr += tl.sum(qc * r, 1)
     A = tl.where(causal, A * Dm, 0.0)
-    vc = _load_tile(v, i_b * s_vb + i_h * s_vh, s_vt, t, m_t, o_v, m_v, DTYPE)
+    vc = _load_written(v, i_b * s_vb + i_h * s_vh, s_vt, t, m_t, o_v, m_v, w, i_b * s_wb + i_h * s_wh, s_wt, SCALED,
+                       DTYPE)
     out += tl.dot(A, vc, input_precision=PRECISION, out_dtype=DTYPE)
-    tl.store(o + i_b * s_ob + i_h * s_oh + t[:, None] * s_ot + o_v[None, :], out * scale,
+    tl.store(o + i_b * s_ob + i_h * s_oh + t[:, None] * s_ot + o_v[None, :], _rounded(out * scale, o),
              mask=m_t[:, None] & m_v[None, :])
     if VAR:
         if i_vt % TPG == 0:
@@ -375,10 +417,12 @@ def _grouped_dstates_kernel(q, s_qb, s_qh, s_qt, k, s_kb, s_kh, s_kt, do, s_db, 
 
 @triton.jit
 def _grouped_dv_kernel(q, s_qb, s_qh, s_qt, k, s_kb, s_kh, s_kt, do, s_db, s_dh, s_dt, g, s_gb, s_gh, s_gt,
-                       b, s_bb, s_bh, s_bt, Ip, Js, dstates, dv, s_vb, s_vh, s_vt, scale, T, H, N, NG,
-                       K: tl.constexpr, V: tl.constexpr, VG: tl.constexpr, TPG: tl.constexpr, C: tl.constexpr,
-                       BK: tl.constexpr, BV: tl.constexpr, PRECISION: tl.constexpr, DTYPE: tl.constexpr):
-    """:func:`_chunk_bwd_dv_kernel` with the group's query ``r = q ⊘ I⁽ᵍ⁾`` formed on chip."""
+                       b, s_bb, s_bh, s_bt, Ip, Js, dstates, dv, s_vb, s_vh, s_vt, v, s_xb, s_xh, s_xt,
+                       w, s_wb, s_wh, s_wt, dw, s_ei, s_eb, s_eh, s_et, scale, T, H, N, NG, K: tl.constexpr,
+                       V: tl.constexpr, VG: tl.constexpr, TPG: tl.constexpr, C: tl.constexpr, BK: tl.constexpr,
+                       BV: tl.constexpr, SCALED: tl.constexpr, PRECISION: tl.constexpr, DTYPE: tl.constexpr):
+    """:func:`_chunk_bwd_dv_kernel` (``SCALED`` included) with the group's query ``r = q ⊘ I⁽ᵍ⁾`` formed on
+    chip."""
     i_n, i_bh, i_vt = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_bh = i_bh.to(tl.int64)
     i_b, i_h = i_bh // H, i_bh % H
@@ -406,20 +450,27 @@ def _grouped_dv_kernel(q, s_qb, s_qh, s_qt, k, s_kb, s_kh, s_kt, do, s_db, s_dh,
     A = tl.where(causal, A * Dm, 0.0)
     doc = _load_tile(do, i_b * s_db + i_h * s_dh, s_dt, t, m_t, o_v, m_v, DTYPE)
     acc += scale * tl.dot(tl.trans(A), doc, input_precision=PRECISION, out_dtype=DTYPE)
-    tl.store(dv + i_b * s_vb + i_h * s_vh + t[:, None] * s_vt + o_v[None, :], acc, mask=m_t[:, None] & m_v[None, :])
+    if SCALED:
+        vc = _load_tile(v, i_b * s_xb + i_h * s_xh, s_xt, t, m_t, o_v, m_v, DTYPE)
+        tl.store(dw + i_vt * s_ei + i_b * s_eb + i_h * s_eh + t * s_et, tl.sum(acc * vc, 1), mask=m_t)
+        acc *= tl.load(w + i_b * s_wb + i_h * s_wh + t * s_wt, mask=m_t, other=0.0).to(DTYPE)[:, None]
+    tl.store(dv + i_b * s_vb + i_h * s_vh + t[:, None] * s_vt + o_v[None, :], _rounded(acc, dv),
+             mask=m_t[:, None] & m_v[None, :])
 
 
 @triton.jit
-def _grouped_dqk_kernel(q, s_qb, s_qh, s_qt, k, s_kb, s_kh, s_kt, v, s_vb, s_vh, s_vt, do, s_db, s_dh, s_dt,
+def _grouped_dqk_kernel(q, s_qb, s_qh, s_qt, k, s_kb, s_kh, s_kt, v, s_vb, s_vh, s_vt, w, s_ub, s_uh, s_ut,
+                        do, s_db, s_dh, s_dt,
                         g, s_gb, s_gh, s_gt, b, s_bb, s_bh, s_bt, Ip, states, Js, dstates, dvar, s_wb, s_wh, s_wt,
-                        dq, s_dqb, s_dqh, s_dqt, dk, s_dkb, s_dkh, s_dkt, db, s_bi, s_bbb, s_bbh, s_bbt,
+                        dq, dq_out, s_dqb, s_dqh, s_dqt, dk, s_dkb, s_dkh, s_dkt, db, s_bi, s_bbb, s_bbh, s_bbt,
                         dg, s_dgi, s_dgb, s_dgh, s_dgt, dJs, dIp, i_g, scale, T, H, N, NG, K: tl.constexpr,
                         V: tl.constexpr, VG: tl.constexpr, TPG: tl.constexpr, C: tl.constexpr, BK: tl.constexpr,
-                        BV: tl.constexpr, FIRST: tl.constexpr, VAR: tl.constexpr, PRECISION: tl.constexpr,
-                        DTYPE: tl.constexpr):
+                        BV: tl.constexpr, FIRST: tl.constexpr, LAST: tl.constexpr, VAR: tl.constexpr,
+                        SCALED: tl.constexpr, PRECISION: tl.constexpr, DTYPE: tl.constexpr):
     """One chunk and key tile of the grouped backward for group ``i_g`` (one launch per group, in turn; the
     first (``FIRST``) writes ``dq``, ``dk`` and the log-decay's part, the others add to them: the groups' sums
-    are carried in memory, not in a loop). The read of ``M`` with query ``r⁽ᵍ⁾`` as
+    are carried in memory, not in a loop; the last (``LAST``) writes the summed ``dq`` to ``dq_out``, in the
+    query's dtype, with the same strides). The read of ``M`` with query ``r⁽ᵍ⁾`` as
     :func:`_chunk_bwd_dqk_kernel` over the group's value rows gives ``dr⁽ᵍ⁾`` (plus ``scale² dvar⁽ᵍ⁾ q`` with
     ``VAR``) and its part of ``dk`` and of the log-decay's cotangent; then ``dq += dr ⊘ I (+ scale² dvar r)``,
     ``dI = −dr ∘ r ⊘ I``, and the precision chain inside the chunk: ``dX = Dᵀ dI`` (the cotangent of the
@@ -427,7 +478,8 @@ def _grouped_dqk_kernel(q, s_qb, s_qh, s_qt, k, s_kb, s_kh, s_kt, v, s_vb, s_vh,
     log-decay's ``Σ_k dI ∘ J − x ∘ dX``. Writes per chunk ``dJs[bh, n, g] = Σ_t exp(G_t) dI_t`` (what reaches
     the group precision at the chunk start) and ``dIp[g]`` partials ``Σ dI``; what reaches the chunk's end
     from later chunks is added by :func:`_grouped_dJ_kernel`. ``db [NK,B,H,T,NG]`` and ``dg [NK,B,H,T]`` are
-    per key tile (the log-decay's already reverse-cumulated inside the chunk)."""
+    per key tile (the log-decay's already reverse-cumulated inside the chunk). ``SCALED``: the written values are
+    ``w ∘ v`` (``w [B,H,T]``)."""
     i_k, i_n, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_bh = i_bh.to(tl.int64)
     i_b, i_h = i_bh // H, i_bh % H
@@ -453,7 +505,8 @@ def _grouped_dqk_kernel(q, s_qb, s_qh, s_qt, k, s_kb, s_kh, s_kt, v, s_vb, s_vh,
         m_vk = m_v[:, None] & m_k[None, :]
         p_vk = o_v[:, None] * K + o_k[None, :]
         doc = _load_tile(do, i_b * s_db + i_h * s_dh, s_dt, t, m_t, o_v, m_v, DTYPE)
-        vc = _load_tile(v, i_b * s_vb + i_h * s_vh, s_vt, t, m_t, o_v, m_v, DTYPE)
+        vc = _load_written(v, i_b * s_vb + i_h * s_vh, s_vt, t, m_t, o_v, m_v, w, i_b * s_ub + i_h * s_uh, s_ut,
+                           SCALED, DTYPE)
         S0 = tl.load(states + (i_bh * (N + 1) + i_n) * V * K + p_vk, mask=m_vk, other=0.0)
         dSe = tl.load(dstates + (i_bh * N + i_n) * V * K + p_vk, mask=m_vk, other=0.0)
         W += tl.dot(doc, tl.trans(vc), input_precision=PRECISION, out_dtype=DTYPE)
@@ -494,7 +547,11 @@ def _grouped_dqk_kernel(q, s_qb, s_qh, s_qt, k, s_kb, s_kh, s_kt, v, s_vb, s_vh,
         dq_acc += tl.load(p_dq, mask=m_tk, other=0.0)
         dk_acc += tl.load(p_dk, mask=m_tk, other=0.0)
         dg_acc += tl.load(p_dg, mask=m_t, other=0.0)
-    tl.store(p_dq, dq_acc, mask=m_tk)
+    if LAST:
+        tl.store(dq_out + i_b * s_dqb + i_h * s_dqh + t[:, None] * s_dqt + o_k[None, :],
+                 _rounded(dq_acc, dq_out), mask=m_tk)
+    else:
+        tl.store(p_dq, dq_acc, mask=m_tk)
     tl.store(p_dk, dk_acc, mask=m_tk)
     tl.store(p_dg, dg_acc, mask=m_t)
     tl.store(dIp + ((i_g * tl.num_programs(0) + i_k) * tl.num_programs(2) + i_bh) * N + i_n, tl.sum(tl.sum(dI, 0), 0))
@@ -502,7 +559,7 @@ def _grouped_dqk_kernel(q, s_qb, s_qh, s_qt, k, s_kb, s_kh, s_kt, v, s_vb, s_vh,
 
 @triton.jit
 def _grouped_dJ_kernel(k, s_kb, s_kh, s_kt, g, s_gb, s_gh, s_gt, b, s_bb, s_bh, s_bt, Js, dJs, dJT, dJ0,
-                       dk, s_dkb, s_dkh, s_dkt, db, s_bi, s_bbb, s_bbh, s_bbt, dg, s_dgi, s_dgb, s_dgh, s_dgt,
+                       dk, dk_out, s_dkb, s_dkh, s_dkt, db, s_bi, s_bbb, s_bbh, s_bbt, dg, s_dgi, s_dgb, s_dgh, s_dgt,
                        T, H, N, NG, K: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, BG: tl.constexpr,
                        PRECISION: tl.constexpr, DTYPE: tl.constexpr):
     """The group precisions' cotangent across chunks, backwards, one key tile of every group per program:
@@ -510,7 +567,8 @@ def _grouped_dJ_kernel(k, s_kb, s_kh, s_kt, g, s_gb, s_gh, s_gt, b, s_bb, s_bh, 
     ``db⁽ᵍ⁾ += Σ_k dX ∘ k²``, ``dk += 2 Σ_g b⁽ᵍ⁾ k ∘ dX``, the cumulated log-decay ``−Σ x ∘ dX`` (plus
     ``Σ dJ ∘ J_end`` on the chunk's last row, reverse-cumulated); then ``dJ ← exp(G_C) dJ + dJs[n]`` reaches
     the chunk's start. Seeded with the final precision's cotangent ``dJT [BH,NG,K]``; ``dJ0`` is what
-    reaches the initial one. Adds into the ``dk``, ``db``, ``dg`` that :func:`_grouped_dqk_kernel` wrote."""
+    reaches the initial one. Adds into the ``db``, ``dg`` that :func:`_grouped_dqk_kernel` wrote, and writes
+    the ``dk`` it wrote plus its own part to ``dk_out`` (the key's dtype, the same strides; may be ``dk``)."""
     i_k, i_bh = tl.program_id(0), tl.program_id(1)
     i_bh = i_bh.to(tl.int64)
     i_b, i_h = i_bh // H, i_bh % H
@@ -538,7 +596,9 @@ def _grouped_dJ_kernel(k, s_kb, s_kh, s_kt, g, s_gb, s_gh, s_gt, b, s_bb, s_bh, 
         tl.store(p_db, tl.load(p_db, mask=m_tg, other=0.0) + P, mask=m_tg)
         m_tk = m_t[:, None] & m_k[None, :]
         p_dk = dk + i_b * s_dkb + i_h * s_dkh + t[:, None] * s_dkt + o_k[None, :]
-        tl.store(p_dk, tl.load(p_dk, mask=m_tk, other=0.0) + 2.0 * kc * Q * e_end[:, None], mask=m_tk)
+        p_dko = dk_out + i_b * s_dkb + i_h * s_dkh + t[:, None] * s_dkt + o_k[None, :]
+        dk_t = tl.load(p_dk, mask=m_tk, other=0.0) + 2.0 * kc * Q * e_end[:, None]
+        tl.store(p_dko, _rounded(dk_t, dk_out), mask=m_tk)
         dgc = tl.where(o_c == C - 1, tl.sum(tl.sum(dJ * Je, 1), 0), 0.0) - tl.sum(bt * P, 1)
         p_dg = dg + i_k * s_dgi + i_b * s_dgb + i_h * s_dgh + t * s_dgt
         tl.store(p_dg, tl.load(p_dg, mask=m_t, other=0.0) + tl.cumsum(dgc, 0, reverse=True), mask=m_t)
@@ -569,6 +629,22 @@ LAUNCH = {
     "grouped_dqk_wide": dict(num_warps=8, num_stages=2, BK=16),
     "grouped_dJ": dict(num_warps=4, num_stages=2),
 }
+# What differs below compute capability 9 (Ampere: mma.sync, whose accumulators stay in registers; no wgmma).
+LAUNCH_SM80 = {
+    "grouped_dqk": dict(num_warps=8, num_stages=2, BK=16, BV=32),
+}
+
+
+def device_capability(x: Tensor) -> Optional[Tuple[int, int]]:
+    """The compute capability of the CUDA device holding ``x``; None off CUDA (the interpreter)."""
+    return torch.cuda.get_device_capability(x.device) if x.device.type == "cuda" else None
+
+
+def launch_table(x: Tensor) -> Dict[str, Dict]:
+    """The launch settings for the device holding ``x``: :data:`LAUNCH`, with :data:`LAUNCH_SM80` over it
+    below compute capability 9."""
+    cap = device_capability(x)
+    return LAUNCH if cap is None or cap >= (9, 0) else {**LAUNCH, **LAUNCH_SM80}
 
 
 def _kernel_chunk(C: int) -> int:
@@ -606,6 +682,12 @@ def _strides(x: Tensor):
     return (x,) + tuple(x.stride()[:3])
 
 
+def _written(w: Optional[Tensor], other: Tensor):
+    """``(w, s_b, s_h, s_t)`` of a per-token write ``w [B,H,T,1]`` (any strides, an expanded one included), or
+    a placeholder (``other``, zero strides) without one."""
+    return _strides(w) if w is not None else (other, 0, 0, 0)
+
+
 def _query(q: Tensor):
     """``(q, s_b, s_h, s_t, s_g)`` of ``q [B,H,T,K]`` (``s_g = 0``) or ``[B,H,T,NG,K]``, and ``NG``."""
     q = _rows_last(q)
@@ -622,54 +704,63 @@ def _groups(V: int, NG: int, BV: int):
     return VG, BVG, triton.cdiv(VG, BVG)
 
 
-def _launch(name: str, K: int, V: int, NG: int, BK: int, BV: int, wide: bool = False):
-    """``LAUNCH[name]``'s warps and stages (``LAUNCH[name + "_wide"]`` for 4- and 8-byte inputs, where it is
+def _launch(table: Dict[str, Dict], name: str, K: int, V: int, NG: int, BK: int, BV: int, wide: bool = False):
+    """``table[name]``'s warps and stages (``table[name + "_wide"]`` for 4- and 8-byte inputs, where it is
     given), its key tile (``BK`` or the smaller one it names) and its value tiling
     ``(rows per group, tile, tiles per group)``."""
-    opts = dict(LAUNCH.get(name + "_wide", LAUNCH[name]) if wide else LAUNCH[name])
+    opts = dict(table.get(name + "_wide", table[name]) if wide else table[name])
     BKx = min(BK, opts.pop("BK", BK))
     BVx = opts.pop("BV", BV)
     return opts, BKx, _groups(V, NG, max(16, min(BVx, triton.next_power_of_2(V))))
 
 
 def chunk_dot_triton_forward(q: Tensor, k: Tensor, v: Tensor, g: Tensor, S0: Tensor, scale: float, C: int,
-                             block_k: Optional[int] = None, block_v: Optional[int] = None):
+                             block_k: Optional[int] = None, block_v: Optional[int] = None,
+                             w: Optional[Tensor] = None):
     """``q [B,H,T,K]`` (or one query per group of value rows, ``[B,H,T,NG,K]``), ``k [B,H,T,K]``,
-    ``v [B,H,T,V]``, ``g [B,H,T,1]``, ``S0 [B,H,V,K]`` -> ``o [B,H,T,V]`` and the boundary states
-    ``[B,H,N+1,V,K]``, in the compute dtype (:func:`compute_dtype`). The inputs are read in place in their
+    ``v [B,H,T,V]``, ``g [B,H,T,1]``, ``S0 [B,H,V,K]`` -> ``o [B,H,T,V]`` in q's dtype (accumulated in the
+    compute dtype, :func:`compute_dtype`, and rounded once on store) and the boundary states ``[B,H,N+1,V,K]``
+    in the compute dtype. The inputs are read in place in their
     own dtype and strides (e.g. ``[B,T,H,D]`` tensors transposed to ``[B,H,T,D]``; only the last dimension
     must be contiguous, else it is copied). ``C``: a power of two ≥ 16; ``block_k``, ``block_v``: tile sizes
-    (powers of two ≥ 16; default up to 64)."""
+    (powers of two ≥ 16; default up to 64). ``w [B,H,T,1]`` (any strides): the written values are ``w ∘ v``,
+    scaled in the kernels as they load ``v`` (the point posterior's ``β/Ip``)."""
     B, H, T, K = k.shape
     V = v.shape[-1]
     N = triton.cdiv(T, C)
     dt = compute_dtype(q, k, v)
+    table = launch_table(q)
     qa, NG = _query(q)
     k, v = _rows_last(k), _rows_last(v)
     BK, BV = _tile(K, block_k), _tile(V, block_v)
     VG, BVG, TPG = _groups(V, NG, BV)
     states = torch.empty(B, H, N + 1, V, K, dtype=dt, device=q.device)
-    out = torch.empty(B, T, H, V, dtype=dt, device=q.device)
+    out = torch.empty(B, T, H, V, dtype=q.dtype, device=q.device)
     meta = dict(K=K, V=V, C=C, BK=BK, PRECISION=_precision(q, dt), DTYPE=_triton_dtype(dt))
+    ws = _written(w, g)
+    meta["SCALED"] = w is not None
     _chunk_states_kernel[(triton.cdiv(K, BK), triton.cdiv(V, BV), B * H)](
-        *_strides(k), *_strides(v), *_strides(g), S0.to(dt).contiguous(), states, T, H, N, BV=BV, SQUARE=False,
-        **meta, **LAUNCH["states"])
+        *_strides(k), *_strides(v), *ws, *_strides(g), S0.to(dt).contiguous(), states, T, H, N, BV=BV, SQUARE=False,
+        **meta, **table["states"])
     _chunk_output_kernel[(N, B * H, NG * TPG)](
-        *qa, *_strides(k), *_strides(v), *_strides(g), states, out, out.stride(0), out.stride(2), out.stride(1),
-        float(scale), T, H, N, VG=VG, TPG=TPG, BV=BVG, **meta, **LAUNCH["output"])
+        *qa, *_strides(k), *_strides(v), *ws, *_strides(g), states, out, out.stride(0), out.stride(2),
+        out.stride(1), float(scale), T, H, N, VG=VG, TPG=TPG, BV=BVG, **meta, **table["output"])
     return out.transpose(1, 2), states
 
 
 def chunk_dot_triton_backward(q: Tensor, k: Tensor, v: Tensor, g: Tensor, states: Tensor, do: Tensor,
                               dS_final: Optional[Tensor], scale: float, C: int, block_k: Optional[int] = None,
-                              block_v: Optional[int] = None):
-    """Cotangents ``(dq, dk, dv, dg, dS0)`` of :func:`chunk_dot_triton_forward` (same shapes as its inputs,
-    in the compute dtype) from ``do [B,H,T,V]`` (any dtype and strides, like the inputs) and the final state's
-    ``dS_final [B,H,V,K]`` (None: zero), given the boundary ``states`` that the forward returned."""
+                              block_v: Optional[int] = None, w: Optional[Tensor] = None):
+    """Cotangents ``(dq, dk, dv, dg, dS0)`` of :func:`chunk_dot_triton_forward` (same shapes as its inputs;
+    dq, dk, dv in q's, k's, v's dtype, accumulated in the compute dtype and rounded once on store; dg, dS0 in
+    the compute dtype) from ``do [B,H,T,V]`` (any dtype and strides, like the inputs) and the final state's
+    ``dS_final [B,H,V,K]`` (None: zero), given the boundary ``states`` that the forward returned. With the
+    forward's per-token write ``w``, also ``dw [B,H,T,1]`` (compute dtype) after ``dS0``."""
     B, H, T, K = k.shape
     V = v.shape[-1]
     N = triton.cdiv(T, C)
     dt = states.dtype
+    table = launch_table(q)
     qa, NG = _query(q)
     k, v, do = (_rows_last(x) for x in (k, v, do))
     BK, BV = _tile(K, block_k), _tile(V, block_v)
@@ -679,102 +770,127 @@ def chunk_dot_triton_backward(q: Tensor, k: Tensor, v: Tensor, g: Tensor, states
     dht = torch.zeros(B, H, V, K, dtype=dt, device=dev) if dS_final is None else dS_final.to(dt).contiguous()
     dstates = torch.empty(B, H, N, V, K, dtype=dt, device=dev)
     dS0 = torch.empty(B, H, V, K, dtype=dt, device=dev)
-    dq = torch.empty(B, T, H, NG, K, dtype=dt, device=dev)
-    dk = torch.empty(B, T, H, K, dtype=dt, device=dev)
-    dv = torch.empty(B, T, H, V, dtype=dt, device=dev)
+    dq = torch.empty(B, T, H, NG, K, dtype=q.dtype, device=dev)
+    dk = torch.empty(B, T, H, K, dtype=k.dtype, device=dev)
+    dv = torch.empty(B, T, H, V, dtype=v.dtype, device=dev)
     meta = dict(K=K, V=V, VG=VG, TPG=TPG, C=C, BK=BK, BV=BVG, PRECISION=_precision(q, dt), DTYPE=_triton_dtype(dt))
     sc = float(scale)
-    gs, dos = _strides(g), _strides(do)
+    gs, dos, ws = _strides(g), _strides(do), _written(w, g)
     _chunk_dstates_kernel[(NK, NG * TPG, B * H)](*qa, *dos, *gs, dht, dstates, dS0, sc, T, H, N, **meta,
-                                                 **LAUNCH["dstates"])
-    _chunk_bwd_dv_kernel[(N, B * H, NG * TPG)](*qa, *_strides(k), *dos, *gs, dstates, dv, dv.stride(0),
-                                               dv.stride(2), dv.stride(1), sc, T, H, N, **meta, **LAUNCH["dv"])
-    opts, BKq, (VG, BVG, TPG) = _launch("dqk" if NG == 1 else "dqk_grouped", K, V, NG, BK, BV)
+                                                 **table["dstates"])
+    scaled = w is not None
+    dW = torch.empty(NG * TPG, B, T, H, dtype=dt, device=dev) if scaled else dv
+    _chunk_bwd_dv_kernel[(N, B * H, NG * TPG)](
+        *qa, *_strides(k), *dos, *gs, dstates, dv, dv.stride(0), dv.stride(2), dv.stride(1), *_strides(v), *ws, dW,
+        *((dW.stride(0), dW.stride(1), dW.stride(3), dW.stride(2)) if scaled else (0, 0, 0, 0)), sc, T, H, N,
+        SCALED=scaled, **meta, **table["dv"])
+    opts, BKq, (VG, BVG, TPG) = _launch(table, "dqk" if NG == 1 else "dqk_grouped", K, V, NG, BK, BV)
     NK = triton.cdiv(K, BKq)
     dG = torch.empty(NK, B, T, H, dtype=dt, device=dev)
     meta.update(VG=VG, TPG=TPG, BV=BVG, BK=BKq)
     _chunk_bwd_dqk_kernel[(NK, N, B * H)](
-        *qa, *_strides(k), *_strides(v), *dos, *gs, states, dstates, dq, dq.stride(0), dq.stride(2), dq.stride(1),
-        dq.stride(3), dk, dk.stride(0), dk.stride(2), dk.stride(1), dG, dG.stride(0), dG.stride(1), dG.stride(3),
-        dG.stride(2), sc, T, H, N, NG, **meta, **opts)
+        *qa, *_strides(k), *_strides(v), *ws, *dos, *gs, states, dstates, dq, dq.stride(0), dq.stride(2),
+        dq.stride(1), dq.stride(3), dk, dk.stride(0), dk.stride(2), dk.stride(1), dG, dG.stride(0), dG.stride(1),
+        dG.stride(3), dG.stride(2), sc, T, H, N, NG, SCALED=scaled, **meta, **opts)
     dg = (dG[0] if NK == 1 else dG.sum(0)).transpose(1, 2)[..., None]
     dq = dq.transpose(1, 2)
-    return (dq if q.dim() == 5 else dq[:, :, :, 0]), dk.transpose(1, 2), dv.transpose(1, 2), dg, dS0
+    grads = (dq if q.dim() == 5 else dq[:, :, :, 0]), dk.transpose(1, 2), dv.transpose(1, 2), dg, dS0
+    if scaled:
+        grads += ((dW[0] if dW.shape[0] == 1 else dW.sum(0)).transpose(1, 2)[..., None],)
+    return grads
 
 
 class TritonChunkDot(torch.autograd.Function):
     """:class:`~metaplastic.kernels.chunk.ChunkDot` on the Triton kernels, forward and backward:
     ``o_t = scale · S_t q_t`` with ``S_t = exp(g_t) S_{t-1} + v_t ⊗ k_t`` (one decay per head and token);
-    returns ``(o, S_T)`` in the compute dtype (float64 if any of q, k, v is, else float32). ``q [B,H,T,K]``,
-    or ``[B,H,T,NG,K]``: value rows ``[i·V/NG, (i+1)·V/NG)`` are read with query ``i`` (grouped importance,
-    docs/theory.md#limit-8-grouped-importance). q, k, v are read in their own dtype and strides. Saves the
-    inputs and the ``N + 1`` boundary states (``V·K/C`` numbers per token and head)."""
+    returns ``o`` in q's dtype and ``S_T`` in the compute dtype (float64 if any of q, k, v is, else float32);
+    the gradients of q, k, v come in their dtypes, each accumulated in the compute dtype and rounded once.
+    ``q [B,H,T,K]``, or ``[B,H,T,NG,K]``: value rows ``[i·V/NG, (i+1)·V/NG)`` are read with query ``i``
+    (grouped importance, docs/theory.md#limit-8-grouped-importance). q, k, v are read in their own dtype and
+    strides. ``w [B,H,T,1]``
+    (optional, with one query per head): the written values are ``w ∘ v`` (the point posterior's ``β/Ip``),
+    formed in the kernels; its gradient is returned too. Saves the inputs and the ``N + 1`` boundary states
+    (``V·K/C`` numbers per token and head)."""
 
     @staticmethod
-    def forward(ctx, q: Tensor, k: Tensor, v: Tensor, g: Tensor, S0: Tensor, scale: float, C: int):
+    def forward(ctx, q: Tensor, k: Tensor, v: Tensor, g: Tensor, S0: Tensor, scale: float, C: int,
+                w: Optional[Tensor] = None):
         if g.shape[-1] != 1:
             raise ValueError("the chunked Triton kernel supports scalar (per-head) forgetting only, not vector")
+        if w is not None and (q.dim() != 4 or w.shape != k.shape[:3] + (1,)):
+            raise ValueError(f"the per-token write must be [B,H,T,1] with one query per head, got {tuple(w.shape)}")
         C = _kernel_chunk(C)
-        o, states = chunk_dot_triton_forward(q, k, v, g, S0, scale, C)
-        ctx.save_for_backward(q, k, v, g, states)
+        o, states = chunk_dot_triton_forward(q, k, v, g, S0, scale, C, w=w)
+        ctx.save_for_backward(q, k, v, g, states, w)
         ctx.scale, ctx.C, ctx.S0_dtype = scale, C, S0.dtype
         return o, states[:, :, -1]
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, do: Tensor, dS_final: Tensor):
-        q, k, v, g, states = ctx.saved_tensors
-        dq, dk, dv, dg, dS0 = chunk_dot_triton_backward(q, k, v, g, states, do, dS_final, ctx.scale, ctx.C)
-        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dg.to(g.dtype), dS0.to(ctx.S0_dtype), None, None
+        q, k, v, g, states, w = ctx.saved_tensors
+        grads = chunk_dot_triton_backward(q, k, v, g, states, do, dS_final, ctx.scale, ctx.C, w=w)
+        dq, dk, dv, dg, dS0 = grads[:5]
+        dw = grads[5].to(w.dtype) if w is not None else None
+        return dq, dk, dv, dg.to(g.dtype), dS0.to(ctx.S0_dtype), None, None, dw
 
 
 def grouped_diagonal_triton_forward(q: Tensor, k: Tensor, v: Tensor, g: Tensor, b: Tensor, Ip: Tensor, M0: Tensor,
                                     J0: Tensor, scale: float, C: int, variance: bool,
-                                    block_k: Optional[int] = None, block_v: Optional[int] = None):
+                                    block_k: Optional[int] = None, block_v: Optional[int] = None,
+                                    w: Optional[Tensor] = None):
     """Palimpsa with ``b`` head-shared or grouped, fused: ``q, k [B,H,T,K]``, ``v [B,H,T,V]`` (the write
     ``β v``), ``g [B,H,T,1]``, ``b [B,H,T,NG]`` (NG divides V), ``Ip [H]``, ``M0 [B,H,V,K]``,
     ``J0 [B,H,NG,K]`` (the initial precision minus ``Ip``, one row per group), in any dtype and strides (last
-    dimension contiguous). Returns ``o [B,H,T,V]``, ``var [B,H,T,NG]`` (None without ``variance``), the
-    boundary numerators ``[B,H,N+1,V,K]`` and group precisions minus ``Ip`` ``[B,H,N+1,NG,K]``."""
+    dimension contiguous). Returns ``o [B,H,T,V]`` (q's dtype, rounded once), ``var [B,H,T,NG]`` (None without
+    ``variance``), the
+    boundary numerators ``[B,H,N+1,V,K]`` and group precisions minus ``Ip`` ``[B,H,N+1,NG,K]``. ``w [B,H,T,1]``
+    (``β`` per token, any strides): the write is ``w ∘ v``, formed in the kernels."""
     B, H, T, K = k.shape
     V, NG = v.shape[-1], b.shape[-1]
     N = triton.cdiv(T, C)
     dt = compute_dtype(q, k, v)
+    table = launch_table(q)
     q, k, v, b = (_rows_last(x) for x in (q, k, v, b))
     BK, BV = _tile(K, block_k), _tile(V, block_v)
     BJ = _tile(NG, None)
     dev = q.device
     states = torch.empty(B, H, N + 1, V, K, dtype=dt, device=dev)
     Js = torch.empty(B, H, N + 1, NG, K, dtype=dt, device=dev)
-    out = torch.empty(B, T, H, V, dtype=dt, device=dev)
+    out = torch.empty(B, T, H, V, dtype=q.dtype, device=dev)
     var = torch.empty(B, T, H, NG, dtype=dt, device=dev) if variance else out
     meta = dict(K=K, C=C, BK=BK, PRECISION=_precision(q, dt), DTYPE=_triton_dtype(dt))
     NK = triton.cdiv(K, BK)
     _chunk_states_kernel[(NK, triton.cdiv(V, BV), B * H)](
-        *_strides(k), *_strides(v), *_strides(g), M0.to(dt).contiguous(), states, T, H, N, V=V, BV=BV, SQUARE=False,
-        **meta, **LAUNCH["states"])
+        *_strides(k), *_strides(v), *_written(w, g), *_strides(g), M0.to(dt).contiguous(), states, T, H, N, V=V,
+        BV=BV, SQUARE=False, SCALED=w is not None, **meta, **table["states"])
     _chunk_states_kernel[(NK, triton.cdiv(NG, BJ), B * H)](
-        *_strides(k), *_strides(b), *_strides(g), J0.to(dt).contiguous(), Js, T, H, N, V=NG, BV=BJ, SQUARE=True,
-        **meta, **LAUNCH["states"])
-    opts, BKo, (VGo, BVo, TPGo) = _launch("grouped_output", K, V, NG, BK, BV, q.element_size() > 2)
+        *_strides(k), *_strides(b), *_written(None, g), *_strides(g), J0.to(dt).contiguous(), Js, T, H, N, V=NG,
+        BV=BJ, SQUARE=True, SCALED=False, **meta, **table["states"])
+    opts, BKo, (VGo, BVo, TPGo) = _launch(table, "grouped_output", K, V, NG, BK, BV, q.element_size() > 2)
     _grouped_output_kernel[(N, B * H, NG * TPGo)](
-        *_strides(q), *_strides(k), *_strides(v), *_strides(g), *_strides(b), Ip.to(dt).contiguous(), states, Js,
-        out, out.stride(0), out.stride(2), out.stride(1), var, var.stride(0), var.stride(2), var.stride(1),
-        float(scale), T, H, N, NG, V=V, VG=VGo, TPG=TPGo, BV=BVo, VAR=variance, **dict(meta, BK=BKo), **opts)
+        *_strides(q), *_strides(k), *_strides(v), *_written(w, g), *_strides(g), *_strides(b), Ip.to(dt).contiguous(),
+        states, Js, out, out.stride(0), out.stride(2), out.stride(1), var, var.stride(0), var.stride(2),
+        var.stride(1), float(scale), T, H, N, NG, V=V, VG=VGo, TPG=TPGo, BV=BVo, SCALED=w is not None, VAR=variance,
+        **dict(meta, BK=BKo), **opts)
     return out.transpose(1, 2), (var.transpose(1, 2) if variance else None), states, Js
 
 
 def grouped_diagonal_triton_backward(q: Tensor, k: Tensor, v: Tensor, g: Tensor, b: Tensor, Ip: Tensor,
                                      states: Tensor, Js: Tensor, do: Tensor, dvar: Optional[Tensor],
                                      dM_final: Optional[Tensor], dJ_final: Optional[Tensor], scale: float, C: int,
-                                     block_k: Optional[int] = None, block_v: Optional[int] = None):
+                                     block_k: Optional[int] = None, block_v: Optional[int] = None,
+                                     w: Optional[Tensor] = None):
     """Cotangents ``(dq, dk, dv, dg, db, dIp, dM0, dJ0)`` of :func:`grouped_diagonal_triton_forward` (shapes of
-    its inputs, compute dtype) from ``do [B,H,T,V]``, ``dvar [B,H,T,NG]`` and the final numerator's and
-    precision's (None: zero), given the boundary states it returned."""
+    its inputs; dq, dk, dv in q's, k's, v's dtype, rounded once from the compute dtype; the others in the
+    compute dtype) from ``do [B,H,T,V]``, ``dvar [B,H,T,NG]`` and the final numerator's and
+    precision's (None: zero), given the boundary states it returned. With the forward's ``w``, also
+    ``dw [B,H,T,1]`` (compute dtype) last."""
     B, H, T, K = k.shape
     V, NG = v.shape[-1], b.shape[-1]
     N = triton.cdiv(T, C)
     dt = states.dtype
+    table = launch_table(q)
     q, k, v, b, do = (_rows_last(x) for x in (q, k, v, b, do))
     BK, BV = _tile(K, block_k), _tile(V, block_v)
     dev = q.device
@@ -784,22 +900,28 @@ def grouped_diagonal_triton_backward(q: Tensor, k: Tensor, v: Tensor, g: Tensor,
     dJT = torch.zeros(B, H, NG, K, dtype=dt, device=dev) if dJ_final is None else dJ_final.to(dt).contiguous()
     dstates = torch.empty(B, H, N, V, K, dtype=dt, device=dev)
     dM0 = torch.empty(B, H, V, K, dtype=dt, device=dev)
-    dv = torch.empty(B, T, H, V, dtype=dt, device=dev)
+    dv = torch.empty(B, T, H, V, dtype=v.dtype, device=dev)
     meta = dict(K=K, C=C, PRECISION=_precision(q, dt), DTYPE=_triton_dtype(dt))
     sc = float(scale)
     qs, ks, gs, bs, dos = (_strides(x) for x in (q, k, g, b, do))
-    opts, BKs, (VGs, BVs, TPGs) = _launch("grouped_dstates", K, V, NG, BK, BV, wide)
+    opts, BKs, (VGs, BVs, TPGs) = _launch(table, "grouped_dstates", K, V, NG, BK, BV, wide)
     _grouped_dstates_kernel[(triton.cdiv(K, BKs), NG * TPGs, B * H)](
         *qs, *ks, *dos, *gs, *bs, Ipc, Js, dht, dstates, dM0, sc, T, H, N, NG, V=V, VG=VGs, TPG=TPGs, BK=BKs, BV=BVs,
         **meta, **opts)
-    opts, BKv, (VGv, BVv, TPGv) = _launch("grouped_dv", K, V, NG, BK, BV, wide)
-    _grouped_dv_kernel[(N, B * H, NG * TPGv)](*qs, *ks, *dos, *gs, *bs, Ipc, Js, dstates, dv, dv.stride(0),
-                                              dv.stride(2), dv.stride(1), sc, T, H, N, NG, V=V, VG=VGv, TPG=TPGv,
-                                              BK=BKv, BV=BVv, **meta, **opts)
-    opts, BKq, (VGq, BVq, TPGq) = _launch("grouped_dqk", K, V, NG, BK, BV, wide)
+    opts, BKv, (VGv, BVv, TPGv) = _launch(table, "grouped_dv", K, V, NG, BK, BV, wide)
+    scaled, ws = w is not None, _written(w, g)
+    dW = torch.empty(NG * TPGv, B, T, H, dtype=dt, device=dev) if scaled else dv
+    _grouped_dv_kernel[(N, B * H, NG * TPGv)](
+        *qs, *ks, *dos, *gs, *bs, Ipc, Js, dstates, dv, dv.stride(0), dv.stride(2), dv.stride(1), *_strides(v), *ws,
+        dW, *((dW.stride(0), dW.stride(1), dW.stride(3), dW.stride(2)) if scaled else (0, 0, 0, 0)), sc, T, H, N, NG,
+        V=V, VG=VGv, TPG=TPGv, BK=BKv, BV=BVv, SCALED=scaled, **meta, **opts)
+    opts, BKq, (VGq, BVq, TPGq) = _launch(table, "grouped_dqk", K, V, NG, BK, BV, wide)
     NKq = triton.cdiv(K, BKq)
-    dq = torch.empty(B, T, H, K, dtype=dt, device=dev)
+    dq_out = torch.empty(B, T, H, K, dtype=q.dtype, device=dev)
+    # the sum over the groups is carried in the compute dtype (no buffer with one group, or in that dtype)
+    dq = dq_out if NG == 1 or q.dtype == dt else torch.empty(B, T, H, K, dtype=dt, device=dev)
     dk = torch.empty(B, T, H, K, dtype=dt, device=dev)
+    dk_out = dk if k.dtype == dt else torch.empty(B, T, H, K, dtype=k.dtype, device=dev)
     db = torch.empty(NKq, B, T, H, NG, dtype=dt, device=dev)
     dG = torch.empty(NKq, B, T, H, dtype=dt, device=dev)
     dJs = torch.empty(B, H, N, NG, K, dtype=dt, device=dev)
@@ -808,18 +930,23 @@ def grouped_diagonal_triton_backward(q: Tensor, k: Tensor, v: Tensor, g: Tensor,
     dvs = _strides(dvar) if variance else (dv, 0, 0, 0)
     for i_g in range(NG):  # one launch per group: the sums over the groups are carried in dq, dk, dG
         _grouped_dqk_kernel[(NKq, N, B * H)](
-            *qs, *ks, *_strides(v), *dos, *gs, *bs, Ipc, states, Js, dstates, *dvs, dq, dq.stride(0), dq.stride(2),
-            dq.stride(1), dk, dk.stride(0), dk.stride(2), dk.stride(1), db, db.stride(0), db.stride(1),
+            *qs, *ks, *_strides(v), *ws, *dos, *gs, *bs, Ipc, states, Js, dstates, *dvs, dq, dq_out, dq.stride(0),
+            dq.stride(2), dq.stride(1), dk, dk.stride(0), dk.stride(2), dk.stride(1), db, db.stride(0), db.stride(1),
             db.stride(3), db.stride(2), dG, dG.stride(0), dG.stride(1), dG.stride(3), dG.stride(2), dJs, dIp, i_g,
-            sc, T, H, N, NG, V=V, VG=VGq, TPG=TPGq, BK=BKq, BV=BVq, FIRST=i_g == 0, VAR=variance, **meta, **opts)
+            sc, T, H, N, NG, V=V, VG=VGq, TPG=TPGq, BK=BKq, BV=BVq, FIRST=i_g == 0, LAST=i_g == NG - 1,
+            VAR=variance, SCALED=scaled, **meta, **opts)
     dJ0 = torch.empty(B, H, NG, K, dtype=dt, device=dev)
-    _grouped_dJ_kernel[(NKq, B * H)](*ks, *gs, *bs, Js, dJs, dJT, dJ0, dk, dk.stride(0), dk.stride(2), dk.stride(1),
-                                     db, db.stride(0), db.stride(1), db.stride(3), db.stride(2), dG, dG.stride(0),
-                                     dG.stride(1), dG.stride(3), dG.stride(2), T, H, N, NG, BK=BKq,
-                                     BG=max(16, triton.next_power_of_2(NG)), **meta, **LAUNCH["grouped_dJ"])
+    _grouped_dJ_kernel[(NKq, B * H)](*ks, *gs, *bs, Js, dJs, dJT, dJ0, dk, dk_out, dk.stride(0), dk.stride(2),
+                                     dk.stride(1), db, db.stride(0), db.stride(1), db.stride(3), db.stride(2), dG,
+                                     dG.stride(0), dG.stride(1), dG.stride(3), dG.stride(2), T, H, N, NG, BK=BKq,
+                                     BG=max(16, triton.next_power_of_2(NG)), **meta, **table["grouped_dJ"])
     dg = (dG[0] if NKq == 1 else dG.sum(0)).transpose(1, 2)[..., None]
     db = (db[0] if NKq == 1 else db.sum(0)).transpose(1, 2)
-    return (dq.transpose(1, 2), dk.transpose(1, 2), dv.transpose(1, 2), dg, db, dIp.sum((0, 1, 2, 4)), dM0, dJ0)
+    grads = (dq_out.transpose(1, 2), dk_out.transpose(1, 2), dv.transpose(1, 2), dg, db, dIp.sum((0, 1, 2, 4)), dM0,
+             dJ0)
+    if scaled:
+        grads += ((dW[0] if dW.shape[0] == 1 else dW.sum(0)).transpose(1, 2)[..., None],)
+    return grads
 
 
 class TritonGroupedDiagonal(torch.autograd.Function):
@@ -827,16 +954,20 @@ class TritonGroupedDiagonal(torch.autograd.Function):
     (docs/theory.md#limit-8-grouped-importance; one group: limit 7): ``M_t = α M_{t-1} + v_t ⊗ k_t`` (``v``
     the write ``β v``), the group precisions ``J⁽ᵍ⁾_t = α J⁽ᵍ⁾_{t-1} + b⁽ᵍ⁾_t k_t²`` and ``I = Ip + J``,
     ``o = scale · M_t (q ⊘ I⁽ᵍ⁾_t)`` on the rows of group ``g``; the precisions and reads are formed on chip.
-    Returns ``(o [B,H,T,V], var [B,H,T,NG] or None, M_T, J_T)``. Saves the inputs and the boundary states."""
+    Returns ``(o [B,H,T,V], var [B,H,T,NG] or None, M_T, J_T)``. ``w [B,H,T,1]`` (optional): the write is
+    ``w ∘ v`` (``β`` per token), formed in the kernels, its gradient returned too. Saves the inputs and the
+    boundary states."""
 
     @staticmethod
     def forward(ctx, q: Tensor, k: Tensor, v: Tensor, g: Tensor, b: Tensor, Ip: Tensor, M0: Tensor, J0: Tensor,
-                scale: float, C: int, variance: bool):
+                scale: float, C: int, variance: bool, w: Optional[Tensor] = None):
         if g.shape[-1] != 1:
             raise ValueError("the chunked Triton kernel supports scalar (per-head) forgetting only, not vector")
+        if w is not None and w.shape != k.shape[:3] + (1,):
+            raise ValueError(f"the per-token write must be [B,H,T,1], got {tuple(w.shape)}")
         C = _kernel_chunk(C)
-        o, var, states, Js = grouped_diagonal_triton_forward(q, k, v, g, b, Ip, M0, J0, scale, C, variance)
-        ctx.save_for_backward(q, k, v, g, b, Ip, states, Js)
+        o, var, states, Js = grouped_diagonal_triton_forward(q, k, v, g, b, Ip, M0, J0, scale, C, variance, w=w)
+        ctx.save_for_backward(q, k, v, g, b, Ip, states, Js, w)
         ctx.scale, ctx.C, ctx.variance = scale, C, variance
         ctx.dtypes = (M0.dtype, J0.dtype)
         return o, var, states[:, :, -1], Js[:, :, -1]
@@ -844,12 +975,13 @@ class TritonGroupedDiagonal(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, do: Tensor, dvar: Optional[Tensor], dM: Tensor, dJ: Tensor):
-        q, k, v, g, b, Ip, states, Js = ctx.saved_tensors
+        q, k, v, g, b, Ip, states, Js, w = ctx.saved_tensors
         grads = grouped_diagonal_triton_backward(q, k, v, g, b, Ip, states, Js, do, dvar if ctx.variance else None,
-                                                 dM, dJ, ctx.scale, ctx.C)
-        dq, dk, dv, dg, db, dIp, dM0, dJ0 = grads
-        return (dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dg.to(g.dtype), db.to(b.dtype), dIp.to(Ip.dtype),
-                dM0.to(ctx.dtypes[0]), dJ0.to(ctx.dtypes[1]), None, None, None)
+                                                 dM, dJ, ctx.scale, ctx.C, w=w)
+        dq, dk, dv, dg, db, dIp, dM0, dJ0 = grads[:8]
+        dw = grads[8].to(w.dtype) if w is not None else None
+        return (dq, dk, dv, dg.to(g.dtype), db.to(b.dtype), dIp.to(Ip.dtype),
+                dM0.to(ctx.dtypes[0]), dJ0.to(ctx.dtypes[1]), None, None, None, dw)
 
 
 class TritonRead:

@@ -113,7 +113,8 @@ def configurations(capability: int, models: Optional[Sequence[str]] = None,
     found: Dict[str, Config] = {}
     for dtype in dtypes:
         for model, b_kind, be in cases:
-            rec = launches.record(model, b_kind, be, dtype=getattr(torch, dtype))
+            rec = launches.record(model, b_kind, be, dtype=getattr(torch, dtype),
+                                  capability=(capability // 10, capability % 10))
             for ln in rec.launches:
                 kw = dict(ln.kwargs)
                 binder = create_function_from_signature(ln.fn.signature, ln.fn.params, backend)

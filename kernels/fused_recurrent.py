@@ -53,14 +53,15 @@ Tensor = torch.Tensor
 # ----------------------------------------------------------------------------------------------------
 
 @triton.jit
-def _cg(P, rhs, x, STEPS: tl.constexpr, EPS: tl.constexpr):
-    """``STEPS`` conjugate-gradient steps on ``P x = rhs`` (P ``[BK, BK]`` SPD) from the guess ``x``; ``EPS``
-    added to both denominators (0: plain CG, where a zero denominator means convergence and gives a zero step)."""
-    r = rhs - tl.sum(P * x[None, :], 1)
+def _cg(Hm, lam_k, rhs, x, STEPS: tl.constexpr, EPS: tl.constexpr):
+    """``STEPS`` conjugate-gradient steps on ``(Hm + diag lam_k) x = rhs`` (Hm ``[BK, BK]``, the system SPD) from
+    the guess ``x``; ``EPS`` added to both denominators (0: plain CG, where a zero denominator means convergence
+    and gives a zero step). The diagonal is applied as a vector, so no second ``[BK, BK]`` tile is live."""
+    r = rhs - (tl.sum(Hm * x[None, :], 1) + lam_k * x)
     p = r
     rr = tl.sum(r * r)
     for _ in range(0, STEPS):
-        Ap = tl.sum(P * p[None, :], 1)
+        Ap = tl.sum(Hm * p[None, :], 1) + lam_k * p
         pAp = tl.sum(p * Ap)
         if EPS > 0:
             alpha = rr / (pAp + EPS)
@@ -98,9 +99,8 @@ def _full_fwd(q, k, v, g, beta, lam, h0_1, h0_2, o, var, ht_1, ht_2, bos, eos, i
     if HAS_INIT:
         G = tl.load(h0_1 + p_g, mask=m_vk, other=0.).to(DTYPE)
         Hm = tl.load(h0_2 + p_h, mask=m_kk, other=0.).to(DTYPE)
-    # diag(λ); padded keys get 1 so the padded system stays SPD (their q is 0, so their x is 0)
+    # λ; padded keys get 1 so the padded system stays SPD (their q is 0, so their x is 0)
     lam_k = tl.load(lam + i_h * K + o_k, mask=m_k, other=1.).to(DTYPE)
-    Lam = tl.where(o_k[:, None] == o_k[None, :], lam_k[None, :], 0.)
     x = tl.zeros([BK], dtype=DTYPE)
     for t in range(bos, eos):
         p_k = (t * H + i_h) * K + o_k
@@ -118,12 +118,11 @@ def _full_fwd(q, k, v, g, beta, lam, h0_1, h0_2, o, var, ht_1, ht_2, bos, eos, i
             Hm = at * Hm
         G = G + bt * vt[:, None] * kt[None, :]
         Hm = Hm + bt * kt[:, None] * kt[None, :]
-        P = Hm + Lam
         if CG_START == 0:
             x = tl.zeros([BK], dtype=DTYPE)
         elif CG_START == 2:
-            x = qt / (tl.sum(tl.where(o_k[:, None] == o_k[None, :], P, 0.), 1) + CG_EPS)
-        x = _cg(P, qt, x, CG_STEPS, CG_EPS)
+            x = qt / (tl.sum(tl.where(o_k[:, None] == o_k[None, :], Hm, 0.), 1) + lam_k + CG_EPS)
+        x = _cg(Hm, lam_k, qt, x, CG_STEPS, CG_EPS)
         tl.store(o + p_v, (scale * tl.sum(G * x[None, :], 1)).to(o.dtype.element_ty), mask=m_v)
         if OUTPUT_VAR:
             tl.store(var + p_v, tl.zeros([BV], dtype=DTYPE) + scale * scale * tl.sum(qt * x), mask=m_v)
@@ -135,6 +134,27 @@ def _full_fwd(q, k, v, g, beta, lam, h0_1, h0_2, o, var, ht_1, ht_2, bos, eos, i
 # ----------------------------------------------------------------------------------------------------
 # The forward kernel
 # ----------------------------------------------------------------------------------------------------
+
+@triton.jit
+def _fwd_token(q, k, v, g, beta, b, o, var, s1, s2, t, i_h, o_k, o_v, m_k, m_v, ip, scale,
+               H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+               POSTERIOR: tl.constexpr, UPDATE: tl.constexpr, FORGET: tl.constexpr, HAS_BETA: tl.constexpr,
+               BETA_PER_V: tl.constexpr, HAS_B: tl.constexpr, B_PER_V: tl.constexpr, OUTPUT_VAR: tl.constexpr,
+               DTYPE: tl.constexpr):
+    """Token ``t`` (point and diagonal posteriors): the state rows ``(s1, s2)`` ``[BV, BK]`` after it; writes
+    its read-out (and variance)."""
+    qt, kt, vt, bt, bb, a = _load_token(q, k, v, g, beta, b, t, i_h, o_k, o_v, m_k, m_v, H, K, V, BK, BV,
+                                        FORGET, HAS_BETA, BETA_PER_V, HAS_B, B_PER_V, DTYPE)
+    m, Pm = _prior(s1, s2, a, ip, POSTERIOR, FORGET)
+    s1, P = _update(m, Pm, kt, vt, bt, bb, POSTERIOR, UPDATE)
+    if POSTERIOR == 1:
+        s2 = P
+    p_o = (t * H + i_h) * V + o_v
+    tl.store(o + p_o, (scale * tl.sum(s1 * qt[None, :], 1)).to(o.dtype.element_ty), mask=m_v)
+    if OUTPUT_VAR:
+        tl.store(var + p_o, scale * scale * tl.sum((qt * qt)[None, :] / s2, 1), mask=m_v)
+    return s1, s2
+
 
 @triton.jit
 def fused_recurrent_fwd_kernel(
@@ -171,25 +191,23 @@ def fused_recurrent_fwd_kernel(
             s1 = tl.load(h0_1 + p_s, mask=m_vk, other=0.).to(DTYPE)
             if POSTERIOR == 1:
                 s2 = tl.where(m_vk, tl.load(h0_2 + p_s, mask=m_vk, other=1.).to(DTYPE), ip)
-        seg0 = tl.load(seg_offsets + i_n).to(tl.int64)
-        for i_s in range(0, tl.cdiv(eos - bos, C)):
-            if SAVE_CKPT:
+        if SAVE_CKPT:
+            seg0 = tl.load(seg_offsets + i_n).to(tl.int64)
+            for i_s in range(0, tl.cdiv(eos - bos, C)):
                 p_c = ((seg0 + i_s) * H + i_h) * V * K + o_v[:, None] * K + o_k[None, :]
                 tl.store(ck_1 + p_c, s1, mask=m_vk)
                 if POSTERIOR == 1:
                     tl.store(ck_2 + p_c, s2, mask=m_vk)
-            t0 = bos + i_s * C
-            for t in range(t0, tl.minimum(t0 + C, eos)):
-                qt, kt, vt, bt, bb, a = _load_token(q, k, v, g, beta, b, t, i_h, o_k, o_v, m_k, m_v, H, K, V, BK,
-                                                    BV, FORGET, HAS_BETA, BETA_PER_V, HAS_B, B_PER_V, DTYPE)
-                m, Pm = _prior(s1, s2, a, ip, POSTERIOR, FORGET)
-                s1, P = _update(m, Pm, kt, vt, bt, bb, POSTERIOR, UPDATE)
-                if POSTERIOR == 1:
-                    s2 = P
-                p_o = (t * H + i_h) * V + o_v
-                tl.store(o + p_o, (scale * tl.sum(s1 * qt[None, :], 1)).to(o.dtype.element_ty), mask=m_v)
-                if OUTPUT_VAR:
-                    tl.store(var + p_o, scale * scale * tl.sum((qt * qt)[None, :] / s2, 1), mask=m_v)
+                t0 = bos + i_s * C
+                for t in range(t0, tl.minimum(t0 + C, eos)):
+                    s1, s2 = _fwd_token(q, k, v, g, beta, b, o, var, s1, s2, t, i_h, o_k, o_v, m_k, m_v, ip, scale,
+                                        H, K, V, BK, BV, POSTERIOR, UPDATE, FORGET, HAS_BETA, BETA_PER_V, HAS_B,
+                                        B_PER_V, OUTPUT_VAR, DTYPE)
+        else:  # one loop over the tokens: no segment bookkeeping live across it
+            for t in range(bos, eos):
+                s1, s2 = _fwd_token(q, k, v, g, beta, b, o, var, s1, s2, t, i_h, o_k, o_v, m_k, m_v, ip, scale,
+                                    H, K, V, BK, BV, POSTERIOR, UPDATE, FORGET, HAS_BETA, BETA_PER_V, HAS_B,
+                                    B_PER_V, OUTPUT_VAR, DTYPE)
         if STORE_FINAL:
             tl.store(ht_1 + p_s, s1, mask=m_vk)
             if POSTERIOR == 1:
@@ -214,6 +232,16 @@ def _block_v(posterior: int, BK: int, V: int, block_v: Optional[int], backward: 
     return min(triton.next_power_of_2(V), block_v)
 
 
+def _num_warps_fwd(posterior: int, BK: int, BV: int) -> int:
+    """Warps of a forward program. The full posterior keeps ``G [BV, BK]`` and ``H [BK, BK]`` of one head in
+    registers: at K = V = 128 that is 32 warps (32 fp32 state values a thread, 64 registers, no spills on
+    sm_90a or sm_80; 16 warps spill). The point and diagonal posteriors' ``BV`` rows fit 4 warps."""
+    if posterior != FULL:
+        return 4
+    size = BK * max(BK, BV)
+    return 32 if size >= 128 * 128 else 16 if size >= 128 * 64 else 4
+
+
 def _launch_fwd(plan: _Plan, q: Tensor, k: Tensor, v: Tensor, g: Optional[Tensor], beta: Optional[Tensor],
                 b: Optional[Tensor], h0_1: Optional[Tensor], h0_2: Optional[Tensor], save_ckpt: bool):
     """Run the forward kernel on packed ``[B·T, H, D]`` inputs; returns o, var, ht_1, ht_2, ck_1, ck_2."""
@@ -235,8 +263,7 @@ def _launch_fwd(plan: _Plan, q: Tensor, k: Tensor, v: Tensor, g: Optional[Tensor
             ck_2 = torch.empty(plan.n_segments, H, V, K, dtype=dt, device=dev)
     dummy = q
     grid = (plan.NV, N * H)
-    # the full posterior keeps G, H and H + diag(λ) of one head in a program: more warps, fewer spills
-    num_warps = 16 if post == FULL and plan.BK * max(plan.BK, plan.BV) >= 128 * 64 else 4
+    num_warps = _num_warps_fwd(post, plan.BK, plan.BV)
     fused_recurrent_fwd_kernel[grid](
         q, k, v, dummy if g is None else g, dummy if beta is None else beta, dummy if b is None else b,
         plan.ip, dummy if plan.lam is None else plan.lam, plan.scale,

@@ -144,9 +144,12 @@ def fused_recurrent_bwd_kernel(
     m_k = o_k < K
     m_v = o_v < V
     m_vk = m_v[:, None] & m_k[None, :]
-    p_s = i_nh * V * K + o_v[:, None] * K + o_k[None, :]
+    # 32-bit offsets within a tile; the 64-bit parts are scalars added to the base pointers
+    p_row = o_v[:, None] * K + o_k[None, :]  # within one [V, K] state
+    p_s = i_nh * V * K + p_row
     # this program's scratch: C states of [BV, BK]
-    p_scr = (i_nh * NV + i_v).to(tl.int64) * C * BV * BK + tl.arange(0, BV)[:, None] * BK + o_k[None, :]
+    o_scr = (i_nh * NV + i_v).to(tl.int64) * C * BV * BK
+    p_tile = tl.arange(0, BV)[:, None] * BK + o_k[None, :]
 
     ds1 = tl.zeros([BV, BK], dtype=DTYPE)
     ds2 = tl.zeros([BV, BK], dtype=DTYPE)
@@ -158,18 +161,18 @@ def fused_recurrent_bwd_kernel(
     n_seg = tl.cdiv(eos - bos, C)
     for i_r in range(0, n_seg):
         i_s = n_seg - 1 - i_r
-        p_c = ((seg0 + i_s) * H + i_h) * V * K + o_v[:, None] * K + o_k[None, :]
-        s1 = tl.load(ck_1 + p_c, mask=m_vk, other=0.).to(DTYPE)
+        o_c = ((seg0 + i_s) * H + i_h) * V * K
+        s1 = tl.load(ck_1 + o_c + p_row, mask=m_vk, other=0.).to(DTYPE)
         s2 = tl.zeros([BV, BK], dtype=DTYPE) + ip
         if POSTERIOR == 1:
-            s2 = tl.where(m_vk, tl.load(ck_2 + p_c, mask=m_vk, other=1.).to(DTYPE), ip)
+            s2 = tl.where(m_vk, tl.load(ck_2 + o_c + p_row, mask=m_vk, other=1.).to(DTYPE), ip)
         t0 = bos + i_s * C
         t1 = tl.minimum(t0 + C, eos)
         # 1) recompute the segment, storing the state *before* each token
         for t in range(t0, t1):
-            tl.store(scr_1 + p_scr + (t - t0) * BV * BK, s1)
+            tl.store(scr_1 + (o_scr + (t - t0) * BV * BK) + p_tile, s1)
             if POSTERIOR == 1:
-                tl.store(scr_2 + p_scr + (t - t0) * BV * BK, s2)
+                tl.store(scr_2 + (o_scr + (t - t0) * BV * BK) + p_tile, s2)
             qt, kt, vt, bt, bb, a = _load_token(q, k, v, g, beta, b, t, i_h, o_k, o_v, m_k, m_v, H, K, V, BK, BV,
                                                 FORGET, HAS_BETA, BETA_PER_V, HAS_B, B_PER_V, DTYPE)
             m, Pm = _prior(s1, s2, a, ip, POSTERIOR, FORGET)
@@ -180,9 +183,9 @@ def fused_recurrent_bwd_kernel(
         # 2) back through the segment
         for i_t in range(0, t1 - t0):
             t = t1 - 1 - i_t
-            s1 = tl.load(scr_1 + p_scr + (t - t0) * BV * BK)
+            s1 = tl.load(scr_1 + (o_scr + (t - t0) * BV * BK) + p_tile)
             if POSTERIOR == 1:
-                s2 = tl.load(scr_2 + p_scr + (t - t0) * BV * BK)
+                s2 = tl.load(scr_2 + (o_scr + (t - t0) * BV * BK) + p_tile)
             qt, kt, vt, bt, bb, a = _load_token(q, k, v, g, beta, b, t, i_h, o_k, o_v, m_k, m_v, H, K, V, BK, BV,
                                                 FORGET, HAS_BETA, BETA_PER_V, HAS_B, B_PER_V, DTYPE)
             m, Pm = _prior(s1, s2, a, ip, POSTERIOR, FORGET)

@@ -2,7 +2,9 @@
 
 :func:`record` runs the benchmark's own call (``metaplastic.kernels.bench``: its inputs, its backend choice,
 its ``scale``) on ``meta`` tensors standing for CUDA ones (shapes and dtypes, no memory; ``Tensor.is_cuda``
-reads True while recording, so every choice made for CUDA tensors is made), once under ``torch.no_grad()``
+reads True while recording, so every choice made for CUDA tensors is made; the device's compute capability
+reads as the ``capability`` asked for, Hopper's by default, so launch settings chosen by capability are those
+of that GPU), once under ``torch.no_grad()``
 (the timed forward) and once as a forward and the backward of a sum of the output (the timed
 forward+backward). Each ``kernel[grid](...)`` is captured instead of launched, with its grid, arguments and
 options; every torch operation is captured with the bytes of its tensor inputs and outputs. The
@@ -134,7 +136,7 @@ class _OpCounter(TorchDispatchMode):
 
 
 @contextlib.contextmanager
-def _patched(rec: Recording, phase: List[str]) -> Iterator[None]:
+def _patched(rec: Recording, phase: List[str], capability: Tuple[int, int]) -> Iterator[None]:
     from triton.runtime.jit import JITFunction
 
     from metaplastic.kernels import chunk_triton, fused_recurrent, fused_recurrent_bwd, nonfinite, per_value  # noqa: F401
@@ -155,6 +157,7 @@ def _patched(rec: Recording, phase: List[str]) -> Iterator[None]:
 
     patch(JITFunction, "run", fake_run)
     patch(torch.Tensor, "is_cuda", property(lambda self: True))  # meta tensors stand for CUDA ones
+    patch(chunk_triton, "device_capability", lambda x: capability)  # ... on a device of this capability
     # the benchmark's inputs are finite: the all-finite test runs (its reductions are recorded), reads true
     patch(nonfinite, "read_on_host", lambda flag: True)
     for mod_name in TRITON_MODULES + ("dispatch", "coverage"):
@@ -177,9 +180,11 @@ def _info(x):
 
 
 def record(model: str, b_kind: str, backend: str, dtype: torch.dtype = torch.bfloat16,
-           shape: Tuple[int, ...] = BENCH_SHAPE, chunk_size: int = 64, tf32: bool = True) -> Recording:
+           shape: Tuple[int, ...] = BENCH_SHAPE, chunk_size: int = 64, tf32: bool = True,
+           capability: Tuple[int, int] = (9, 0)) -> Recording:
     """The launches and torch ops of ``bench kernels``' forward and forward+backward of one case
-    (``b_kind``: ``"-"``, ``"H"``, ``"G<n>"`` or ``"V"``), at ``shape`` on meta tensors."""
+    (``b_kind``: ``"-"``, ``"H"``, ``"G<n>"`` or ``"V"``), at ``shape`` on meta tensors standing for a GPU of
+    compute ``capability`` (Hopper's by default, the benchmark's card)."""
     from metaplastic.kernels import bench
 
     B, T, H, K, V = shape
@@ -189,7 +194,7 @@ def record(model: str, b_kind: str, backend: str, dtype: torch.dtype = torch.bfl
     saved_tf32 = torch.backends.cuda.matmul.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = tf32
     try:
-        with _patched(rec, phase):
+        with _patched(rec, phase, capability):
             x = {key: torch.empty((B, T) + tuple(t.shape[2:]) if t.shape[:2] == (1, 2) else tuple(t.shape),
                                   dtype=t.dtype, device="meta") for key, t in tiny.items()}
             x["prior_precision"] = torch.ones(H, device="meta")  # the default 1.0, as the [H] tensor it becomes

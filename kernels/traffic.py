@@ -49,12 +49,18 @@ def _n(x) -> int:
 
 # ----------------------------------------------------------------------------------------- kernel models
 # Each returns (bytes read, bytes written, flops) for the whole launch; `a` the bound arguments, `g` the grid.
+def _written_scale(a) -> int:
+    """Bytes of the per-token write ``w`` (``β/Ip``) one program of a ``SCALED`` launch reads for every
+    token, else 0."""
+    return _size(a["w"]) if a.get("SCALED") else 0
+
+
 def _chunk_states(a, g):
     NK, NV, BH = g
     k, v = a["k"], a["v"]
     N, K, V, C = a["N"], a["K"], a["V"], a["C"]
-    # per program: its key columns and value rows of every chunk, the log-decay of every chunk
-    read = NV * _size(k) + NK * _size(v) + NK * NV * _size(a["g"]) + _size(a["h0"])
+    # per program: its key columns and value rows of every chunk, the log-decay (and write) of every chunk
+    read = NV * _size(k) + NK * _size(v) + NK * NV * (_size(a["g"]) + _written_scale(a)) + _size(a["h0"])
     written = BH * (N + 1) * V * K * _es(a["states"])
     return read, written, BH * N * (2 * C * V * K + 2 * V * K + C * K * NV * (2 if a["SQUARE"] else 1))
 
@@ -63,7 +69,8 @@ def _chunk_output(a, g):
     N, BH, NVT = g
     q, k, v = a["q"], a["k"], a["v"]
     TPG, C, K, V, BV = a["TPG"], a["C"], a["K"], a["V"], a["BV"]
-    read = TPG * _size(q) + NVT * _size(k) + BH * N * V * K * _es(a["states"]) + _size(v) + NVT * _size(a["g"])
+    read = TPG * _size(q) + NVT * _size(k) + BH * N * V * K * _es(a["states"]) + _size(v) \
+        + NVT * (_size(a["g"]) + _written_scale(a))
     flops = N * BH * NVT * (2 * C * C * K + 2 * C * BV * K + 2 * C * C * BV + 4 * C * C)
     return read, _size(a["o"]), flops
 
@@ -83,7 +90,11 @@ def _chunk_bwd_dv(a, g):
     TPG, C, K, V, BV = a["TPG"], a["C"], a["K"], a["V"], a["BV"]
     read = TPG * _size(q) + NVT * _size(k) + _size(a["dstates"]) + _size(do) + NVT * _size(a["g"])
     flops = N * BH * NVT * (2 * C * C * K + 2 * C * BV * K + 2 * C * C * BV + 4 * C * C)
-    return read, _size(a["dv"]), flops
+    written = _size(a["dv"])
+    if a["SCALED"]:  # v read to form dw; dw written per value tile
+        read += _size(a["v"]) + NVT * _size(a["w"])
+        written += _size(a["dw"])
+    return read, written, flops
 
 
 def _chunk_bwd_dqk(a, g):
@@ -93,7 +104,8 @@ def _chunk_bwd_dqk(a, g):
     # per program: do and v of every value row, the start states and end-state cotangents of its key columns
     # (no end state: Σ dS_end ∘ S_end from the start state and dk), k once per group and once more, q once
     st = BH * N * V * K * _es(a["states"])
-    read = NK * (_size(do) + _size(v) + _size(a["g"])) + (NG + 1) * _size(k) + _size(q) + _size(a["dstates"]) + st
+    read = NK * (_size(do) + _size(v) + _size(a["g"]) + _written_scale(a)) + (NG + 1) * _size(k) + _size(q) \
+        + _size(a["dstates"]) + st
     written = _size(a["dq"]) + _size(a["dk"]) + _size(a["dg"])
     flops = N * BH * (NK * 2 * C * C * V + 4 * C * V * K + NG * 4 * C * C * K + 8 * C * K * NG)
     return read, written, flops
@@ -112,7 +124,7 @@ def _grouped_output(a, g):
     N, BH, NVT = g
     C, K, V, BV = a["C"], a["K"], a["V"], a["BV"]
     read = _grouped_read_bytes(a, NVT) + NVT * BH * N * K * _es(a["Js"]) + BH * N * V * K * _es(a["states"]) \
-        + _size(a["v"]) + NVT * _size(a["g"])
+        + _size(a["v"]) + NVT * (_size(a["g"]) + _written_scale(a))
     written = _size(a["o"]) + (BH * N * C * a["NG"] * _es(a["var"]) if a["VAR"] else 0)
     # per key column: D x, r kᵀ, (r ∘ exp G) Sᵀ and the elementwise J, I, r (8 per element)
     flops = N * BH * NVT * (4 * C * C * K + 2 * C * BV * K + 2 * C * C * BV + 8 * C * K + 4 * C * C)
@@ -135,7 +147,11 @@ def _grouped_dv(a, g):
     read = _grouped_read_bytes(a, NVT) + NVT * BH * N * K * _es(a["Js"]) + _size(a["dstates"]) + _size(a["do"]) \
         + NVT * _size(a["g"])
     flops = N * BH * NVT * (4 * C * C * K + 2 * C * BV * K + 2 * C * C * BV + 8 * C * K + 4 * C * C)
-    return read, _size(a["dv"]), flops
+    written = _size(a["dv"])
+    if a["SCALED"]:  # v read to form dw; dw written per value tile
+        read += _size(a["v"]) + NVT * _size(a["w"])
+        written += _size(a["dw"])
+    return read, written, flops
 
 
 def _grouped_dqk(a, g):
@@ -145,15 +161,16 @@ def _grouped_dqk(a, g):
     st = BH * N * VG * K * _es(a["states"])
     # one launch per group; per program: do, v of the group's value rows, their start states and end-state
     # cotangents in its key columns, k and q once, the group's b column once, the group precision at the chunk
-    # start; after the first group, dq, dk and the log-decay's parts read back to be added to
-    read = NK * (_size(a["do"]) + _size(a["v"]) + _size(a["b"])) / NG + NK * _size(a["g"]) + _size(a["k"]) \
-        + _size(a["q"]) + BH * N * K * _es(a["Js"]) + _size(a["dstates"]) / NG + st
+    # start; after the first group, dq, dk and the log-decay's parts read back to be added to; the last group
+    # writes the summed dq in the query's dtype (dq_out)
+    read = NK * (_size(a["do"]) + _size(a["v"]) + _size(a["b"])) / NG + NK * (_size(a["g"]) + _written_scale(a)) \
+        + _size(a["k"]) + _size(a["q"]) + BH * N * K * _es(a["Js"]) + _size(a["dstates"]) / NG + st
     if a["VAR"]:
         read += NK * _size(a["dvar"]) / NG
     if not a["FIRST"]:
         read += _size(a["dq"]) + _size(a["dk"]) + _size(a["dg"])
-    written = _size(a["dq"]) + _size(a["dk"]) + _size(a["dg"]) + (_size(a["db"]) + _size(a["dJs"])
-                                                                  + _size(a["dIp"])) / NG
+    written = _size(a["dq_out"] if a["LAST"] else a["dq"]) + _size(a["dk"]) + _size(a["dg"]) \
+        + (_size(a["db"]) + _size(a["dJs"]) + _size(a["dIp"])) / NG
     # per key column: W (its key tile's share), (do ∘ e^G) S, (v ∘ e^G_C) dS, W k, Wᵀ r, D x, Dᵀ dI;
     # elementwise ~20
     flops = N * BH * (NK * 2 * C * C * VG + 4 * C * VG * K + 8 * C * C * K + 20 * C * K)
@@ -164,10 +181,10 @@ def _grouped_dJ(a, g):
     NK, BH = g
     N, K, C, NG = a["N"], a["K"], a["C"], a["NG"]
     # per program: its key columns of k, every group's b, the group precisions and the per-chunk cotangents;
-    # dk, its db and dg partials read and written back
+    # dk read and written in the key's dtype (dk_out), its db and dg partials read and written back
     read = _size(a["k"]) + NK * (_size(a["b"]) + _size(a["g"])) + _size(a["Js"]) + _size(a["dJs"]) \
         + _size(a["dJT"]) + _size(a["dk"]) + _size(a["db"]) + _size(a["dg"])
-    written = _size(a["dk"]) + _size(a["db"]) + _size(a["dg"]) + _size(a["dJ0"])
+    written = _size(a["dk_out"]) + _size(a["db"]) + _size(a["dg"]) + _size(a["dJ0"])
     flops = BH * N * NK * (4 * C * a["BG"] * a["BK"] + 6 * C * a["BK"])
     return read, written, flops
 

@@ -78,6 +78,18 @@ CAPACITY = "notebooks/figures/capacity_full.json"
 MQAR = "notebooks/figures/mqar_study.json"
 MQAR_DECIDE = "notebooks/figures/mqar_decide/mqar.json"
 FRESH_CLONE = "tests/results/fresh_clone_run.json"
+TRAFFIC = "kernels/results/traffic.json"
+
+
+def _traffic_ratio(name: str) -> Callable[[Any], float]:
+    return lambda d: d["ratios"][name]
+
+
+def _traffic(model: str, b: str, backend: str, field: str) -> Callable[[Any], float]:
+    def read(d: Any) -> float:
+        (case,) = [c for c in d["cases"] if (c["model"], c["b"], c["backend"]) == (model, b, backend)]
+        return case["ratio_to_floor"][field[6:]] if field.startswith("floor:") else case[field]
+    return read
 MQAR_G2 = "notebooks/figures/mqar_study_G2.json"
 
 
@@ -175,6 +187,22 @@ FIGURES = [
     Figure("docs/benchmarks.md", "head-shared Palimpsa {}×", H200_TRITON, _target("Palimpsa b [B,T,H] (G = 1)"), "{:.2f}"),
     Figure("docs/benchmarks.md", "grouped (G = 8) {}×", H200_TRITON, _target("Palimpsa grouped G = 8"), "{:.2f}"),
     # docs/safety.md quotes the same conversion benchmark
+    Figure("docs/gpu_kernels.md", "our Mamba2 {}× fla's `chunk_simple_gla` in bytes", TRAFFIC,
+           _traffic_ratio("mamba2 triton_chunk / fla chunk_simple_gla (fwd+bwd bytes)"), "{:.2f}"),
+    Figure("docs/gpu_kernels.md", "G = 1 {}× our Mamba2", TRAFFIC,
+           _traffic_ratio("palimpsa G=1 / mamba2 triton_chunk (fwd+bwd bytes)"), "{:.2f}"),
+    Figure("docs/gpu_kernels.md", "G = 8 {}× (target 2.5×", TRAFFIC,
+           _traffic_ratio("palimpsa G=8 / mamba2 triton_chunk (fwd+bwd bytes)"), "{:.2f}"),
+    Figure("docs/gpu_kernels.md", "the per-value backward {}× its forward in bytes", TRAFFIC,
+           _traffic_ratio("palimpsa per value: backward / forward bytes"), "{:.2f}"),
+    Figure("docs/gpu_kernels.md", "its forward in bytes and {}× in FLOPs", TRAFFIC,
+           _traffic_ratio("palimpsa per value: backward / forward FLOPs"), "{:.2f}"),
+    Figure("docs/gpu_kernels.md", "| Mamba2 `triton_chunk` | 5496 | {} |", TRAFFIC,
+           _traffic("mamba2", "-", "triton_chunk", "fwdbwd_bytes"), "{:.0f}"),
+    Figure("docs/gpu_kernels.md", "| Palimpsa G = 8 `triton_chunk` | 9399 | {} |", TRAFFIC,
+           _traffic("palimpsa", "G8", "triton_chunk", "fwdbwd_bytes"), "{:.0f}"),
+    Figure("docs/gpu_kernels.md", "| Palimpsa per value `triton_per_value` | 7328 | 28472 | {} |", TRAFFIC,
+           _traffic("palimpsa", "V", "triton_per_value", "floor:fwdbwd_bytes"), "{:.2f}"),
     Figure("docs/safety.md", "at mamba2-130m shapes: {} s", CONVERT, lambda d: d["convert"]["seconds"], "{:.3f}"),
     Figure("docs/safety.md", "s, {}× a plain safetensors load + save", CONVERT, lambda d: d["time_ratio"], "{:.2f}"),
     # docs/derivations.md: the numeric verification

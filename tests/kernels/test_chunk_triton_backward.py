@@ -197,3 +197,26 @@ def test_triton_chunk_dot_one_query_per_group():
     got = torch.autograd.grad((o * do.to(DEVICE, DTYPE)).sum() + (S_T * dS.to(DEVICE, DTYPE)).sum(), got_leaves)
     for a, b in zip(expected, got):
         assert_close(b.cpu(), a, rtol=TOL)
+
+
+@pytest.mark.parametrize("name,groups", [("palimpsa", 2), ("palimpsa", None), ("mamba2", None)])
+def test_triton_chunk_bfloat16_rounded_once(name, groups):
+    """The kernels store the output and the gradients of q, k, v in bfloat16 themselves: bit for bit what
+    torch's own rounding (``Tensor.to``, round to nearest even) gives of the same computation with float32
+    inputs holding the same values (at K = V = 16 both read with the same tiles), the cotangent
+    bfloat16-exact."""
+    obj, x = scan_inputs(name, 2, 37, 2, 16, 16, groups=groups, seed=7, **INPUTS)
+    x = {key: val.float() if isinstance(val, torch.Tensor) else val for key, val in x.items()}
+    for key in ("q", "k", "v"):
+        x[key] = x[key].to(torch.bfloat16).float()
+    weights = torch.randn(2, 37, 2, 16, generator=torch.Generator().manual_seed(3)).to(torch.bfloat16)
+    runs = {}
+    for dt in (torch.float32, torch.bfloat16):
+        leaves = {key: (val.to(dt) if key in ("q", "k", "v") else val).clone().requires_grad_()
+                  for key, val in x.items() if isinstance(val, torch.Tensor)}
+        out = dispatch_scan(obj, **leaves, scale=0.5, backend="triton_chunk", chunk_size=16).output
+        grads = torch.autograd.grad((out * weights.to(dt)).sum(), [leaves[key] for key in ("q", "k", "v")])
+        runs[dt] = (out,) + grads
+    for what, wide, narrow in zip(("output", "dq", "dk", "dv"), runs[torch.float32], runs[torch.bfloat16]):
+        assert narrow.dtype == torch.bfloat16, what
+        assert torch.equal(narrow, wide.to(torch.bfloat16)), what

@@ -107,6 +107,52 @@ def test_chunked_kernels_use_hopper_tensor_cores(compiled):
             assert e["tensor_core"]["wgmma"] > 0, e["kernel"]
 
 
+CHUNK_CASES = [("mamba2", "-", "triton_chunk"), ("palimpsa", "H", "triton_chunk"), ("palimpsa", "G8", "triton_chunk")]
+_SCRIPT_SM80 = r'''
+import json, sys
+from metaplastic.kernels import compile_report as cr
+cases = [tuple(c) for c in json.loads(sys.argv[1])]
+rep = cr.build_report("sm_80", dtypes=["bfloat16"], cases=cases, progress=False)
+print(json.dumps(rep["kernels"]))
+'''
+
+
+def test_chunked_kernels_on_ampere():
+    """The chunked kernels as an A100 launches them (the recorder presents compute capability 8.0, so
+    ``LAUNCH_SM80`` applies), compiled for sm_80 with bf16 inputs: no spill, no shared-memory overflow,
+    ``mma.sync`` in every one."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_DEFAULT_FP_FUSION"] = "1"
+    proc = subprocess.run([sys.executable, "-c", _SCRIPT_SM80, json.dumps(CHUNK_CASES)], env=env,
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    kernels = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert {e["kernel"] for e in kernels} >= set(CHUNK_KERNELS)
+    for e in kernels:
+        assert not e["shared_overflow"], (e["kernel"], e["shared_bytes"])
+        assert e["spill_stores"] == 0 and e["spill_loads"] == 0, (e["kernel"], e["spill_stores"], e["spill_loads"])
+        assert e["tensor_core"]["mma"] > 0 and e["tensor_core"]["wgmma"] == 0, e["kernel"]
+
+
+def test_launch_settings_follow_the_recorded_capability():
+    """The recorder presents the capability it is asked for: the grouped dq, dk kernel takes Hopper's key
+    tile (``LAUNCH``) at 9.0 and Ampere's (``LAUNCH_SM80``) at 8.0."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    script = ("import json; from metaplastic.kernels import launches\n"
+              "out = {}\n"
+              "for cap in ((9, 0), (8, 0)):\n"
+              "    r = launches.record('palimpsa', 'G8', 'triton_chunk', capability=cap)\n"
+              "    out[str(cap[0])] = sorted({ln.bound()['BK'] for ln in r.launches"
+              " if ln.name == '_grouped_dqk_kernel'})\n"
+              "print(json.dumps(out))")
+    proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    from metaplastic.kernels.chunk_triton import LAUNCH, LAUNCH_SM80
+    assert json.loads(proc.stdout.strip().splitlines()[-1]) == {"9": [LAUNCH["grouped_dqk"]["BK"]],
+                                                                 "8": [LAUNCH_SM80["grouped_dqk"]["BK"]]}
+    assert LAUNCH["grouped_dqk"]["BK"] != LAUNCH_SM80["grouped_dqk"]["BK"]
+
+
 def test_occupancy_by_hand():
     """255 registers x 4 warps: 255·32 rounded up to 256 per warp = 8192 -> 8 warps by registers -> 2 blocks
     of 4 warps: 8 of 64 warps (CUDA occupancy rules); 96 registers -> 3072 per warp -> 21 warps -> 5 blocks."""
@@ -173,25 +219,36 @@ def _chunk_parts(model, b_kind):
 
 def test_traffic_counts_the_chunked_dqk_loads_and_stores():
     """Mamba2's chunked dq, dk kernel at the benchmark shape, counted by hand from the kernel: 2 key tiles of
-    64; per key tile do (fp32: the cotangent of the fp32 output) and v (fp32: v ⊘ Ip times β) and g (fp32)
+    64; per key tile do (bf16: the cotangent of the bf16 output), v (bf16), its write β/Ip (fp32) and g (fp32)
     once; k (bf16) twice (once per group, once more), q (bf16) once; the start states and the end-state
-    cotangents (fp32, one V·K per chunk of 64) once. Written: dq, dk (fp32) and a dg part per key tile."""
+    cotangents (fp32, one V·K per chunk of 64) once. Written: dq, dk (bf16) and a dg part per key tile."""
     parts = _chunk_parts("mamba2", "-")
     K = V = 128
-    read = 2 * (V * 4 + V * 4 + 4) + 2 * K * 2 + K * 2 + 2 * V * K * 4 / 64
+    read = 2 * (V * 2 + V * 2 + 4 + 4) + 2 * K * 2 + K * 2 + 2 * V * K * 4 / 64
     assert parts["bwd _chunk_bwd_dqk_kernel"]["read"] == pytest.approx(read, abs=0.1)
-    assert parts["bwd _chunk_bwd_dqk_kernel"]["written"] == pytest.approx(2 * K * 4 + 2 * 4, abs=0.1)
+    assert parts["bwd _chunk_bwd_dqk_kernel"]["written"] == pytest.approx(2 * K * 2 + 2 * 4, abs=0.1)
+
+
+def test_traffic_counts_the_chunked_dv_loads_and_stores():
+    """Mamba2's chunked dv kernel at the benchmark shape, counted by hand: value tiles of 64 (2 per head); per
+    program q, k (bf16) over all K, g (fp32) and the write β/Ip (fp32); the end-state cotangents (fp32, V·K
+    per chunk of 64) once, do and v (bf16) once. Written: dv (bf16) and a dβ/Ip part per value tile (fp32)."""
+    parts = _chunk_parts("mamba2", "-")
+    K = V = 128
+    read = 2 * (K * 2 + K * 2 + 4 + 4) + V * K * 4 / 64 + V * 2 + V * 2
+    assert parts["bwd _chunk_bwd_dv_kernel"]["read"] == pytest.approx(read, abs=0.1)
+    assert parts["bwd _chunk_bwd_dv_kernel"]["written"] == pytest.approx(V * 2 + 2 * 4, abs=0.1)
 
 
 def test_traffic_counts_the_fused_grouped_output_loads():
     """Palimpsa's fused grouped read-out with G = 8 at the benchmark shape, counted by hand: one program per
     chunk and group (value tiles of 16 = V/G rows), key tiles of 32; per program q and k (bf16) over all K,
     its group's b (fp32) once per key tile, the group precision at the chunk start (K fp32 per chunk of 64),
-    the numerator's start state (V·K fp32 per chunk, its rows once), β v (fp32) once, g per program. No
+    the numerator's start state (V·K fp32 per chunk, its rows once), v (bf16) once, g and β (fp32) per program. No
     [B,H,T,G,K] tensor is read: the bytes grow with G only through q, k and the small per-group terms."""
     parts = _chunk_parts("palimpsa", "G8")
     K = V = 128
     G, NK = 8, 4
-    read = G * (2 * K * 2) + G * NK * 4 + G * K * 4 / 64 + V * K * 4 / 64 + V * 4 + G * 4
+    read = G * (2 * K * 2) + G * NK * 4 + G * K * 4 / 64 + V * K * 4 / 64 + V * 2 + G * (4 + 4)
     assert parts["fwd _grouped_output_kernel"]["read"] == pytest.approx(read, abs=0.1)
-    assert parts["fwd _grouped_output_kernel"]["written"] == pytest.approx(V * 4, abs=0.1)
+    assert parts["fwd _grouped_output_kernel"]["written"] == pytest.approx(V * 2, abs=0.1)
