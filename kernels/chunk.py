@@ -5,14 +5,12 @@ chunk the work is matrix products with the decay matrix ``D[t, s] = exp(G_t - G_
 cumulative log-decay inside the chunk), so every exponent is ≤ 0 and nothing overflows. With vector
 (per key channel) decay ``D`` is ``[C, C, K]`` and the chunk is capped at ``VECTOR_CHUNK``.
 
-Three ``torch.autograd.Function``s, each with its own backward:
+Two ``torch.autograd.Function``s, each with its own backward:
 
 - :class:`ChunkDot`: the gated linear-attention read ``o_t = scale · S_t q_t`` of
   ``S_t = α_t ∘ S_{t-1} + v_t ⊗ k_t`` (α per head or per key channel). It saves the inputs and the
   chunk-boundary states and recomputes the rest in its backward; the log-decay gradient comes out of
   ``q ∘ dq − k ∘ dk`` plus the chunk-end state term, reverse-cumulated inside each chunk.
-- :class:`DecayedScan`: every state ``h_t = α_t ∘ h_{t-1} + x_t`` of a linear recurrence, materialised
-  (``x [B,H,T,P,K]``); its backward is the same scan run backwards in time.
 - :class:`~metaplastic.kernels.chunk_per_value.DiagonalScan` (defined there, importable here): Palimpsa with
   ``b`` per value row, a two-level scan (see its docstring).
 
@@ -55,7 +53,7 @@ from .coverage import chunk_reason
 from .entry import ScanCall, by_sequence, prepare, rows_constant_in_groups
 
 Tensor = torch.Tensor
-__all__ = ["ChunkDot", "DecayedScan", "DiagonalScan", "DIAGONAL_CHUNK", "VECTOR_CHUNK", "chunk_run", "chunk_scan",
+__all__ = ["ChunkDot", "DiagonalScan", "DIAGONAL_CHUNK", "VECTOR_CHUNK", "chunk_run", "chunk_scan",
            "unsupported_reason"]
 
 
@@ -157,58 +155,6 @@ class ChunkDot(torch.autograd.Function):
             dG = dG.sum(-1, keepdim=True)
         dg = floored_grad(reverse_cumsum(dG, -2), gc)
         return (unchunk(dq, T), unchunk(dk, T), unchunk(dv, T), unchunk(dg, T), dS0, None, None)
-
-
-# ----------------------------------------------------------------------------------------- DecayedScan
-def decayed_scan_forward(x: Tensor, g: Tensor, h0: Optional[Tensor], C: int) -> Tensor:
-    """All states of ``h_t = exp(g_t) ∘ h_{t-1} + x_t``: ``x [B,H,T,P,K]``, ``g [B,H,T,Kg]`` (decay over
-    K, broadcast over P), ``h0 [B,H,P,K]`` or None (zero). Returns ``h [B,H,T,P,K]``."""
-    B, H, T, P, K = x.shape
-    xc, gc = pad_chunks(x, C), pad_chunks(g, C)  # [B,H,N,C,P,K], [B,H,N,C,Kg]
-    N = xc.shape[2]
-    G = cumulated_log_decay(gc)
-    D = decay_matrix(G, causal_mask(C, x.device), x.dtype)
-    if D.dim() == gc.dim():  # scalar: one [C, C] matrix for all P·K features
-        intra = (D @ xc.reshape(B, H, N, C, P * K)).reshape(xc.shape)
-    else:  # vector: D [B,H,N,C,C,K] -> per key channel [..., K, C, C] @ [..., K, C, P]
-        intra = (D.permute(0, 1, 2, 5, 3, 4) @ xc.permute(0, 1, 2, 5, 3, 4)).permute(0, 1, 2, 4, 5, 3)
-    chunk_decay = exp_to(G[..., -1, None, :], x.dtype)  # [B,H,N,1,Kg]
-    S = x.new_zeros(B, H, P, K) if h0 is None else h0
-    starts = []
-    for n in range(N):
-        starts.append(S)
-        S = S * chunk_decay[:, :, n] + intra[:, :, n, -1]
-    h = intra + exp_to(G, x.dtype)[..., None, :] * torch.stack(starts, 2)[:, :, :, None]
-    return unchunk(h, T)
-
-
-class DecayedScan(torch.autograd.Function):
-    """Materialised linear scan ``h_t = exp(g_t) ∘ h_{t-1} + x_t`` (see :func:`decayed_scan_forward`).
-
-    Backward: ``ĥ_t = dh_t + exp(g_{t+1}) ĥ_{t+1}`` (the same scan, reversed in time), ``dx = ĥ``,
-    ``dh0 = exp(g_0) ĥ_0``, ``dg_t = Σ ĥ_t ∘ α_t h_{t-1}``. Saves ``g``, ``h0`` and ``h`` (not ``x``).
-    """
-
-    @staticmethod
-    def forward(ctx, x: Tensor, g: Tensor, h0: Tensor, C: int):
-        C = C if g.shape[-1] == 1 else min(C, VECTOR_CHUNK)
-        h = decayed_scan_forward(x, g, h0, C)
-        ctx.save_for_backward(g, h0, h)  # not x: α_t h_{t-1} is rebuilt from h
-        ctx.C = C
-        return h
-
-    @staticmethod
-    def backward(ctx, dh: Tensor):
-        g, h0, h = ctx.saved_tensors
-        g_next = torch.cat([g[:, :, 1:], torch.zeros_like(g[:, :, :1])], 2)
-        hhat = decayed_scan_forward(dh.flip(2), g_next.flip(2), None, ctx.C).flip(2)
-        alpha = g.exp()[..., None, :]  # [B,H,T,1,Kg]
-        dh0 = hhat[:, :, 0] * alpha[:, :, 0]
-        h_prev = torch.cat([h0.expand_as(h[:, :, 0])[:, :, None], h[:, :, :-1]], 2)
-        dg = (hhat * alpha * h_prev).sum(-2)
-        if g.shape[-1] == 1:
-            dg = dg.sum(-1, keepdim=True)
-        return hhat, dg, dh0, None
 
 
 # ------------------------------------------------------------------------------------------ the models

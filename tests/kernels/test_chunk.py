@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import metaplastic
-from metaplastic.kernels.chunk import ChunkDot, DecayedScan, DiagonalScan, chunk_scan
+from metaplastic.kernels.chunk import ChunkDot, DiagonalScan, chunk_scan
 from metaplastic.kernels.chunk_grouped import GroupedDiagonal
 from metaplastic.kernels.chunk_per_value import PerValueScan
 from metaplastic.kernels import cpu_per_value
@@ -95,18 +95,6 @@ def test_gradcheck_chunk_dot(vector):
     assert torch.autograd.gradcheck(lambda *a: ChunkDot.apply(*a, 0.8, C), args)
 
 
-@pytest.mark.parametrize("vector", [False, True])
-def test_gradcheck_decayed_scan(vector):
-    gen = torch.Generator().manual_seed(1)
-    B, H, T, P, K, C = 1, 2, 7, 2, 3, 3
-    d = dict(dtype=torch.float64, generator=gen)
-    x = torch.randn(B, H, T, P, K, **d)
-    g = torch.log(0.5 + 0.5 * torch.rand(B, H, T, K if vector else 1, **d))
-    h0 = torch.randn(B, H, P, K, **d)
-    args = [t.requires_grad_(True) for t in (x, g, h0)]
-    assert torch.autograd.gradcheck(lambda *a: DecayedScan.apply(*a, C), args)
-
-
 @pytest.mark.parametrize("b_per_value", [False, True])
 def test_gradcheck_palimpsa(b_per_value):
     obj, x = scan_inputs("palimpsa", 1, 5, 2, 3, 2, b_per_value=b_per_value, init="shared", seed=7, **INPUTS)
@@ -190,7 +178,6 @@ def test_chunk_takes_the_limit7_fast_path(monkeypatch, name, b_per_value, init, 
             return apply(*args)
         monkeypatch.setattr(cls, "apply", wrapped)
 
-    spy(DecayedScan, lambda a: f"DecayedScan P={a[0].shape[3]}")
     spy(ChunkDot, lambda a: "ChunkDot")
     spy(DiagonalScan, lambda a: "DiagonalScan")
     spy(PerValueScan, lambda a: "PerValueScan")
