@@ -20,12 +20,10 @@ import json
 import os
 import re
 import subprocess
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
-from metaplastic.errors import UserError
 
 # Per-SM limits (CUDA programming guide, compute capabilities 8.0 and 9.0).
 TARGETS = {
@@ -265,26 +263,21 @@ def _write_dump(folder: Path, entry: Dict, ptx: str, arch: str) -> None:
 
 # ------------------------------------------------------------------------------------------- the command
 def run(args: argparse.Namespace) -> int:
+    from metaplastic.safe_io import check_output_location
+
+    from .launches import check_models, rerun_without_interpreter
     if args.json:
-        from metaplastic.safe_io import check_output_location
         check_output_location(args.json, what="--json", kind="file")
     if args.dump:
-        from metaplastic.safe_io import check_output_location
         check_output_location(args.dump, what="--dump", kind="dir")
-    if args.models:
-        import metaplastic
-        unknown = [m for m in args.models if m not in metaplastic.registry]
-        if unknown:
-            raise UserError(f"unknown model(s) {', '.join(unknown)}")
-    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0") or "triton" in sys.modules and _interpreted():
-        # the interpreter replaces @triton.jit functions: compile in a fresh process without it
-        env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-        argv = [sys.executable, "-m", "metaplastic.cli", "bench", "compile", "--arch", args.arch,
-                "--dtypes", *args.dtypes]
-        argv += ["--dump", args.dump] if args.dump else []
-        argv += ["--json", args.json] if args.json else []
-        argv += ["--models", *args.models] if args.models else []
-        return subprocess.run(argv, env=env).returncode
+    check_models(args.models)
+    argv = ["compile", "--arch", args.arch, "--dtypes", *args.dtypes]
+    argv += ["--dump", args.dump] if args.dump else []
+    argv += ["--json", args.json] if args.json else []
+    argv += ["--models", *args.models] if args.models else []
+    rc = rerun_without_interpreter(argv)
+    if rc is not None:
+        return rc
     os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # Triton's default, without its warning
     report = build_report(args.arch, args.models, args.dtypes, args.dump)
     print(format_report(report))
@@ -292,11 +285,6 @@ def run(args: argparse.Namespace) -> int:
         from metaplastic.safe_io import atomic_write
         atomic_write(args.json, json.dumps(report, indent=1) + "\n")
     return 0
-
-
-def _interpreted() -> bool:
-    from metaplastic.kernels.per_value import _pv_fwd_kernel
-    return type(_pv_fwd_kernel).__name__ == "InterpretedFunction"
 
 
 def format_report(report: Dict) -> str:

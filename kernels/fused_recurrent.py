@@ -218,10 +218,6 @@ def fused_recurrent_fwd_kernel(
 # Host side
 # ----------------------------------------------------------------------------------------------------
 
-def _is_interpreted() -> bool:
-    return type(fused_recurrent_fwd_kernel).__name__ == "InterpretedFunction"
-
-
 def _block_v(posterior: int, BK: int, V: int, block_v: Optional[int], backward: bool = False) -> int:
     """Value rows per program: at K = 128 (fp32, 4 warps, sm_90a) 16 for the forward and 8 for the
     backward, which ptxas fits in registers with no or few spills."""

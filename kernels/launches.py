@@ -233,3 +233,32 @@ def bench_cases(shape: Tuple[int, ...] = BENCH_SHAPE, groups=BENCH_GROUPS) -> Li
                 if backend.startswith("triton"):
                     cases.append((name, b_kind, backend))
     return cases
+
+
+def check_models(models: Optional[List[str]]) -> None:
+    """``UserError`` naming the ``--models`` that the registry does not hold (None: every model)."""
+    if models:
+        import metaplastic
+        from metaplastic.errors import UserError
+        unknown = [m for m in models if m not in metaplastic.registry]
+        if unknown:
+            raise UserError(f"unknown model(s) {', '.join(unknown)}")
+
+
+def rerun_without_interpreter(bench_argv: List[str]) -> Optional[int]:
+    """Recording and compiling need Triton's own ``@triton.jit`` functions, which the interpreter replaces:
+    when it is on (``TRITON_INTERPRET`` set, or triton already imported under it), run
+    ``python -m metaplastic.cli bench *bench_argv`` in a fresh process without it and return its exit status;
+    None when this process can record."""
+    import os
+    import subprocess
+
+    if os.environ.get("TRITON_INTERPRET", "0") in ("", "0") and not ("triton" in sys.modules and _interpreted()):
+        return None
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    return subprocess.run([sys.executable, "-m", "metaplastic.cli", "bench", *bench_argv], env=env).returncode
+
+
+def _interpreted() -> bool:
+    from metaplastic.kernels.per_value import _pv_fwd_kernel
+    return type(_pv_fwd_kernel).__name__ == "InterpretedFunction"

@@ -27,8 +27,6 @@ import datetime
 import json
 from typing import Callable, Dict, List, Optional, Tuple
 
-from metaplastic.errors import UserError
-
 from .launches import BENCH_SHAPE, Launch, Recording
 
 
@@ -439,24 +437,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import os
-    import subprocess
-    import sys
+    from metaplastic.safe_io import check_output_location
 
+    from .launches import check_models, rerun_without_interpreter
     if args.json:
-        from metaplastic.safe_io import check_output_location
         check_output_location(args.json, what="--json", kind="file")
-    if args.models:
-        import metaplastic
-        unknown = [m for m in args.models if m not in metaplastic.registry]
-        if unknown:
-            raise UserError(f"unknown model(s) {', '.join(unknown)}")
-    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
-        env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-        argv = [sys.executable, "-m", "metaplastic.cli", "bench", "traffic"]
-        argv += ["--json", args.json] if args.json else []
-        argv += ["--models", *args.models] if args.models else []
-        return subprocess.run(argv, env=env).returncode
+    check_models(args.models)
+    argv = ["traffic"] + (["--json", args.json] if args.json else []) + (["--models", *args.models] if args.models else [])
+    rc = rerun_without_interpreter(argv)
+    if rc is not None:
+        return rc
     from . import launches
     cases = [c for c in launches.bench_cases() if not args.models or c[0] in args.models]
     rep = report(cases)
