@@ -459,27 +459,51 @@ def _grouped_dv_kernel(q, s_qb, s_qh, s_qt, k, s_kb, s_kh, s_kt, do, s_db, s_dh,
 
 
 @triton.jit
+def _decayed_sum(a1, x1, a2, x2):
+    """The combine of ``S_t = a_t S_{t-1} + x_t`` as a scan over pairs ``(a, x)``: ``(a1 a2, x1 a2 + x2)``."""
+    return a1 * a2, x1 * a2 + x2
+
+
+@triton.jit
+def _group_precision(q_raw, kc, b, b_base, s_bt, i_g, Js, j_base, ip, t, m_t, o_k, m_k, e_start, a_in,
+                     DTYPE: tl.constexpr):
+    """Group ``i_g``'s precision and query on one chunk and key tile: ``x = b⁽ᵍ⁾ ∘ k²``,
+    ``J = exp(G) ∘ J_start + D x`` (the decayed sum as a scan, ``a_in`` the tokens' decays), ``I = Ip + J``,
+    ``r = q ⊘ I``. Returns ``(q, b⁽ᵍ⁾, x, J, I, r)``."""
+    qc = q_raw.to(DTYPE)
+    bg = tl.load(b + b_base + t * s_bt + i_g, mask=m_t, other=0.0).to(DTYPE)
+    js = tl.load(Js + j_base + o_k, mask=m_k, other=0.0)
+    x = bg[:, None] * kc * kc
+    J = e_start[:, None] * js[None, :] + tl.associative_scan((a_in, x), 0, _decayed_sum)[1]
+    I = ip + J
+    return qc, bg, x, J, I, qc / I
+
+
+@triton.jit
 def _grouped_dqk_kernel(q, s_qb, s_qh, s_qt, k, s_kb, s_kh, s_kt, v, s_vb, s_vh, s_vt, w, s_ub, s_uh, s_ut,
                         do, s_db, s_dh, s_dt,
                         g, s_gb, s_gh, s_gt, b, s_bb, s_bh, s_bt, Ip, states, Js, dstates, dvar, s_wb, s_wh, s_wt,
-                        dq, dq_out, s_dqb, s_dqh, s_dqt, dk, s_dkb, s_dkh, s_dkt, db, s_bi, s_bbb, s_bbh, s_bbt,
-                        dg, s_dgi, s_dgb, s_dgh, s_dgt, dJs, dIp, i_g, scale, T, H, N, NG, K: tl.constexpr,
-                        V: tl.constexpr, VG: tl.constexpr, TPG: tl.constexpr, C: tl.constexpr, BK: tl.constexpr,
-                        BV: tl.constexpr, FIRST: tl.constexpr, LAST: tl.constexpr, VAR: tl.constexpr,
-                        SCALED: tl.constexpr, PRECISION: tl.constexpr, DTYPE: tl.constexpr):
-    """One chunk and key tile of the grouped backward for group ``i_g`` (one launch per group, in turn; the
-    first (``FIRST``) writes ``dq``, ``dk`` and the log-decay's part, the others add to them: the groups' sums
-    are carried in memory, not in a loop; the last (``LAST``) writes the summed ``dq`` to ``dq_out``, in the
-    query's dtype, with the same strides). The read of ``M`` with query ``r⁽ᵍ⁾`` as
-    :func:`_chunk_bwd_dqk_kernel` over the group's value rows gives ``dr⁽ᵍ⁾`` (plus ``scale² dvar⁽ᵍ⁾ q`` with
-    ``VAR``) and its part of ``dk`` and of the log-decay's cotangent; then ``dq += dr ⊘ I (+ scale² dvar r)``,
-    ``dI = −dr ∘ r ⊘ I``, and the precision chain inside the chunk: ``dX = Dᵀ dI`` (the cotangent of the
-    write ``x = b k²`` from this chunk's tokens), ``db⁽ᵍ⁾ = Σ_k dX ∘ k²``, ``dk += 2 b⁽ᵍ⁾ k ∘ dX``, the cumulated
-    log-decay's ``Σ_k dI ∘ J − x ∘ dX``. Writes per chunk ``dJs[bh, n, g] = Σ_t exp(G_t) dI_t`` (what reaches
-    the group precision at the chunk start) and ``dIp[g]`` partials ``Σ dI``; what reaches the chunk's end
-    from later chunks is added by :func:`_grouped_dJ_kernel`. ``db [NK,B,H,T,NG]`` and ``dg [NK,B,H,T]`` are
-    per key tile (the log-decay's already reverse-cumulated inside the chunk). ``SCALED``: the written values are
-    ``w ∘ v`` (``w [B,H,T]``)."""
+                        dq, s_dqb, s_dqh, s_dqt, dk, s_dkb, s_dkh, s_dkt, db, s_bi, s_bbb, s_bbh, s_bbt,
+                        dg, s_dgi, s_dgb, s_dgh, s_dgt, dJs, dIp, scale, T, H, N, NG, K: tl.constexpr,
+                        V: tl.constexpr, VG: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+                        VAR: tl.constexpr, SCALED: tl.constexpr, PRECISION_FIRST: tl.constexpr,
+                        PRECISION: tl.constexpr, DTYPE: tl.constexpr):
+    """One chunk and key tile of the grouped backward, every group in turn: the groups' sums of ``dq``, ``dk``
+    and of the log-decay's cotangent are carried in registers, and ``dq`` is written once, in the query's
+    dtype. Per group ``g``: the read of ``M`` with query ``r⁽ᵍ⁾`` as :func:`_chunk_bwd_dqk_kernel` over the
+    group's value rows gives ``dr⁽ᵍ⁾`` (plus ``scale² dvar⁽ᵍ⁾ q`` with ``VAR``) and its part of ``dk`` and of
+    the log-decay's cotangent; then ``dq += dr ⊘ I (+ scale² dvar r)``, ``dI = −dr ∘ r ⊘ I``, and the
+    precision chain inside the chunk: ``dX = Dᵀ dI`` (the cotangent of the write ``x = b k²`` from this
+    chunk's tokens), ``db⁽ᵍ⁾ = Σ_k dX ∘ k²``, ``dk += 2 b⁽ᵍ⁾ k ∘ dX``, the cumulated log-decay's
+    ``Σ_k dI ∘ J − x ∘ dX``. The decayed sums ``D x`` (in ``J``) and ``Dᵀ dI`` are scans along the chunk,
+    ``J_t = α_t J_{t−1} + x_t`` forwards and ``dX_t = α_{t+1} dX_{t+1} + dI_t`` backwards (``α_t`` the token's
+    decay), which keeps two ``[C, C]`` operands out of registers. Writes per chunk
+    ``dJs[bh, n, g] = Σ_t exp(G_t) dI_t`` (what reaches the group precision at the chunk start) and ``dIp[g]``
+    partials ``Σ dI``; what reaches the chunk's end from later chunks is added by :func:`_grouped_dJ_kernel`.
+    ``dk`` (compute dtype), ``db [NK,B,H,T,NG]`` and ``dg [NK,B,H,T]`` are per key tile (the log-decay's
+    already reverse-cumulated inside the chunk). ``SCALED``: the written values are ``w ∘ v``
+    (``w [B,H,T]``). ``PRECISION_FIRST`` (a schedule, the same values): form each group's precision and query
+    before its read rather than after (fewer live registers with wgmma, more with mma.sync)."""
     i_k, i_n, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_bh = i_bh.to(tl.int64)
     i_b, i_h = i_bh // H, i_bh % H
@@ -489,72 +513,77 @@ def _grouped_dqk_kernel(q, s_qb, s_qh, s_qt, k, s_kb, s_kh, s_kt, v, s_vb, s_vh,
     t = i_n * C + o_c
     m_t = t < T
     m_tk = m_t[:, None] & m_k[None, :]
-    G, g_last = _chunk_log_decay(g, i_b * s_gb + i_h * s_gh, s_gt, i_n, T, C, DTYPE)
-    e_start, e_end = tl.exp(G), tl.exp(g_last - G)
+    p_g = g + i_b * s_gb + i_h * s_gh + t * s_gt
+    lg = tl.load(p_g, mask=m_t, other=0.0).to(DTYPE)
+    G, g_last = tl.cumsum(lg, 0), tl.sum(lg, 0)
+    a_in = tl.broadcast_to(tl.exp(lg)[:, None], [C, BK])  # α_t
+    lg_next = tl.where(o_c < C - 1, tl.gather(lg, tl.minimum(o_c + 1, C - 1), 0), 0.0)  # the next token's
+    a_out = tl.broadcast_to(tl.exp(lg_next)[:, None], [C, BK])  # α_{t+1} (not used on the chunk's last row)
     ip = tl.load(Ip + i_h).to(DTYPE)
     kc = _load_tile(k, i_b * s_kb + i_h * s_kh, s_kt, t, m_t, o_k, m_k, DTYPE)
+    q_raw = tl.load(q + i_b * s_qb + i_h * s_qh + t[:, None] * s_qt + o_k[None, :], mask=m_tk, other=0.0)
+    if SCALED:  # the per-token write, loaded once
+        wt = tl.load(w + i_b * s_ub + i_h * s_uh + t * s_ut, mask=m_t, other=0.0).to(DTYPE)
+    dq_acc = tl.zeros([C, BK], dtype=DTYPE)
     dk_acc = tl.zeros([C, BK], dtype=DTYPE)
     dg_acc = tl.zeros([C], dtype=DTYPE)
-    end_S = tl.zeros([BK], dtype=DTYPE)
-    W = tl.zeros([C, C], dtype=DTYPE)
-    dr = tl.zeros([C, BK], dtype=DTYPE)
-    for i_t in range(TPG):
-        o_l = i_t * BV + tl.arange(0, BV)
-        o_v = i_g * VG + o_l
-        m_v = o_l < VG
-        m_vk = m_v[:, None] & m_k[None, :]
-        p_vk = o_v[:, None] * K + o_k[None, :]
-        doc = _load_tile(do, i_b * s_db + i_h * s_dh, s_dt, t, m_t, o_v, m_v, DTYPE)
-        vc = _load_written(v, i_b * s_vb + i_h * s_vh, s_vt, t, m_t, o_v, m_v, w, i_b * s_ub + i_h * s_uh, s_ut,
-                           SCALED, DTYPE)
-        S0 = tl.load(states + (i_bh * (N + 1) + i_n) * V * K + p_vk, mask=m_vk, other=0.0)
-        dSe = tl.load(dstates + (i_bh * N + i_n) * V * K + p_vk, mask=m_vk, other=0.0)
-        W += tl.dot(doc, tl.trans(vc), input_precision=PRECISION, out_dtype=DTYPE)
-        dr += tl.dot(doc * e_start[:, None], S0, input_precision=PRECISION, out_dtype=DTYPE)
-        dk_S = tl.dot(vc * e_end[:, None], dSe, input_precision=PRECISION, out_dtype=DTYPE)
-        dk_acc += dk_S
-        kdk = tl.sum(kc * dk_S, 1)
-        dg_acc += tl.where(o_c == C - 1, tl.sum(kdk, 0), 0.0) - kdk
-        end_S += tl.sum(dSe * S0, 0)
-    Dm, causal = _decay_matrix(G, o_c)
-    W = tl.where(causal, W * Dm, 0.0) * scale
-    qc, bg, x, J, I, r = _group_read(q, i_b * s_qb + i_h * s_qh, s_qt, kc, b, i_b * s_bb + i_h * s_bh, s_bt, i_g,
-                                     Js, ((i_bh * (N + 1) + i_n) * NG + i_g) * K, ip, t, m_t, o_k, m_k, e_start,
-                                     Dm, PRECISION, DTYPE)
-    dr = dr * scale + tl.dot(W, kc, input_precision=PRECISION, out_dtype=DTYPE)
-    dk_W = tl.dot(tl.trans(W), r, input_precision=PRECISION, out_dtype=DTYPE)
-    dk_acc += dk_W
-    dg_acc += tl.sum(r * dr - kc * dk_W, 1)
-    dq_acc = tl.zeros([C, BK], dtype=DTYPE)
-    if VAR:
-        dvg = scale * scale * tl.load(dvar + i_b * s_wb + i_h * s_wh + t * s_wt + i_g, mask=m_t,
-                                      other=0.0).to(DTYPE)
-        dr += dvg[:, None] * qc
-        dq_acc += dvg[:, None] * r
-    dq_acc += dr / I
-    dI = -dr * r / I
-    dX = tl.dot(tl.trans(Dm), dI, input_precision=PRECISION, out_dtype=DTYPE)
-    tl.store(db + i_k * s_bi + i_b * s_bbb + i_h * s_bbh + t * s_bbt + i_g, tl.sum(dX * kc * kc, 1), mask=m_t)
-    dk_acc += 2.0 * bg[:, None] * kc * dX
-    dg_acc += tl.sum(dI * J - x * dX, 1)
-    tl.store(dJs + ((i_bh * N + i_n) * NG + i_g) * K + o_k, tl.sum(dI * e_start[:, None], 0), mask=m_k)
-    dg_acc += tl.where(o_c == C - 1, tl.exp(g_last) * tl.sum(end_S, 0), 0.0)
-    dg_acc = tl.cumsum(dg_acc, 0, reverse=True)
-    p_dq = dq + i_b * s_dqb + i_h * s_dqh + t[:, None] * s_dqt + o_k[None, :]
-    p_dk = dk + i_b * s_dkb + i_h * s_dkh + t[:, None] * s_dkt + o_k[None, :]
-    p_dg = dg + i_k * s_dgi + i_b * s_dgb + i_h * s_dgh + t * s_dgt
-    if not FIRST:
-        dq_acc += tl.load(p_dq, mask=m_tk, other=0.0)
-        dk_acc += tl.load(p_dk, mask=m_tk, other=0.0)
-        dg_acc += tl.load(p_dg, mask=m_t, other=0.0)
-    if LAST:
-        tl.store(dq_out + i_b * s_dqb + i_h * s_dqh + t[:, None] * s_dqt + o_k[None, :],
-                 _rounded(dq_acc, dq_out), mask=m_tk)
-    else:
-        tl.store(p_dq, dq_acc, mask=m_tk)
-    tl.store(p_dk, dk_acc, mask=m_tk)
-    tl.store(p_dg, dg_acc, mask=m_t)
-    tl.store(dIp + ((i_g * tl.num_programs(0) + i_k) * tl.num_programs(2) + i_bh) * N + i_n, tl.sum(tl.sum(dI, 0), 0))
+    end_S = tl.sum(tl.zeros([C], dtype=DTYPE), 0)  # Σ dS_end ∘ S_start over every group's rows
+    for i_g in tl.range(0, NG, num_stages=1):
+        j_base = ((i_bh * (N + 1) + i_n) * NG + i_g) * K
+        if PRECISION_FIRST:
+            qc, bg, x, J, I, r = _group_precision(q_raw, kc, b, i_b * s_bb + i_h * s_bh, s_bt, i_g, Js, j_base, ip,
+                                                  t, m_t, o_k, m_k, tl.exp(G), a_in, DTYPE)
+        W = tl.zeros([C, C], dtype=DTYPE)
+        dr = tl.zeros([C, BK], dtype=DTYPE)
+        # the group's value tiles; the trip count (VG / BV rounded up) is formed from NG at run time so that
+        # one tile per group stays a loop: unrolled, its loads are scheduled across the whole group and the
+        # kernel spills
+        for i_t in range(tl.cdiv(V // NG, BV)):
+            o_l = i_t * BV + tl.arange(0, BV)
+            o_v = i_g * VG + o_l
+            m_v = o_l < VG
+            m_vk = m_v[:, None] & m_k[None, :]
+            p_vk = o_v[:, None] * K + o_k[None, :]
+            doc = _load_tile(do, i_b * s_db + i_h * s_dh, s_dt, t, m_t, o_v, m_v, DTYPE)
+            vc = _load_tile(v, i_b * s_vb + i_h * s_vh, s_vt, t, m_t, o_v, m_v, DTYPE)
+            if SCALED:
+                vc = vc * wt[:, None]
+            S0 = tl.load(states + (i_bh * (N + 1) + i_n) * V * K + p_vk, mask=m_vk, other=0.0)
+            dSe = tl.load(dstates + (i_bh * N + i_n) * V * K + p_vk, mask=m_vk, other=0.0)
+            W += tl.dot(doc, tl.trans(vc), input_precision=PRECISION, out_dtype=DTYPE)
+            dr += tl.dot(doc * tl.exp(G)[:, None], S0, input_precision=PRECISION, out_dtype=DTYPE)
+            dk_S = tl.dot(vc * tl.exp(g_last - G)[:, None], dSe, input_precision=PRECISION, out_dtype=DTYPE)
+            dk_acc += dk_S
+            kdk = tl.sum(kc * dk_S, 1)
+            dg_acc += tl.where(o_c == C - 1, tl.sum(kdk, 0), 0.0) - kdk
+            end_S += tl.sum(tl.sum(dSe * S0, 0), 0)
+        Dm, causal = _decay_matrix(G, o_c)
+        W = tl.where(causal, W * Dm, 0.0) * scale
+        dr = dr * scale + tl.dot(W, kc, input_precision=PRECISION, out_dtype=DTYPE)
+        if not PRECISION_FIRST:
+            qc, bg, x, J, I, r = _group_precision(q_raw, kc, b, i_b * s_bb + i_h * s_bh, s_bt, i_g, Js, j_base, ip,
+                                                  t, m_t, o_k, m_k, tl.exp(G), a_in, DTYPE)
+        dk_W = tl.dot(tl.trans(W), r, input_precision=PRECISION, out_dtype=DTYPE)
+        dk_acc += dk_W
+        dg_acc += tl.sum(r * dr - kc * dk_W, 1)
+        if VAR:
+            dvg = scale * scale * tl.load(dvar + i_b * s_wb + i_h * s_wh + t * s_wt + i_g, mask=m_t,
+                                          other=0.0).to(DTYPE)
+            dr += dvg[:, None] * qc
+            dq_acc += dvg[:, None] * r
+        dq_acc += dr / I
+        dI = -dr * r / I
+        dX = tl.associative_scan((a_out, dI), 0, _decayed_sum, reverse=True)[1]
+        tl.store(db + i_k * s_bi + i_b * s_bbb + i_h * s_bbh + t * s_bbt + i_g, tl.sum(dX * kc * kc, 1), mask=m_t)
+        dk_acc += 2.0 * bg[:, None] * kc * dX
+        dg_acc += tl.sum(dI * J - x * dX, 1)
+        tl.store(dJs + ((i_bh * N + i_n) * NG + i_g) * K + o_k, tl.sum(dI * tl.exp(G)[:, None], 0), mask=m_k)
+        tl.store(dIp + ((i_g * tl.num_programs(0) + i_k) * tl.num_programs(2) + i_bh) * N + i_n,
+                 tl.sum(tl.sum(dI, 0), 0))
+    dg_acc += tl.where(o_c == C - 1, tl.exp(g_last) * end_S, 0.0)
+    tl.store(dq + i_b * s_dqb + i_h * s_dqh + t[:, None] * s_dqt + o_k[None, :], _rounded(dq_acc, dq), mask=m_tk)
+    tl.store(dk + i_b * s_dkb + i_h * s_dkh + t[:, None] * s_dkt + o_k[None, :], dk_acc, mask=m_tk)
+    tl.store(dg + i_k * s_dgi + i_b * s_dgb + i_h * s_dgh + t * s_dgt, tl.cumsum(dg_acc, 0, reverse=True), mask=m_t)
 
 
 @triton.jit
@@ -609,7 +638,9 @@ def _grouped_dJ_kernel(k, s_kb, s_kh, s_kt, g, s_gb, s_gh, s_gt, b, s_bb, s_bh, 
 # ----------------------------------------------------------------------------------------------- host side
 # Launch settings per kernel: warps, pipeline stages and, where given, the key tile BK (at most the default
 # 64) and the value tile BV (up to V) that replace the defaults; "_wide": for 4- and 8-byte inputs (twice the
-# registers per tile); "dqk_grouped": the point dq, dk kernel with one query per group. Chosen at the
+# registers per tile); "dqk_grouped": the point dq, dk kernel with one query per group; "grouped_dqk": the
+# fused grouped dq, dk kernel with b head-shared (one group), "grouped_dqk_groups" with several
+# (PRECISION_FIRST: its schedule, see _grouped_dqk_kernel). Chosen at the
 # benchmark's shapes (C = 64, K = V = 128) from `metaplastic bench compile` at sm_90a and sm_80 (registers,
 # spills, shared memory) and `metaplastic bench traffic` (a smaller key tile re-reads do and v).
 LAUNCH = {
@@ -627,11 +658,14 @@ LAUNCH = {
     "grouped_dv_wide": dict(num_warps=8, num_stages=2, BK=16, BV=128),
     "grouped_dqk": dict(num_warps=8, num_stages=2, BK=32, BV=32),
     "grouped_dqk_wide": dict(num_warps=8, num_stages=2, BK=16),
+    "grouped_dqk_groups": dict(num_warps=8, num_stages=1, BK=32, BV=32, PRECISION_FIRST=True),
     "grouped_dJ": dict(num_warps=4, num_stages=2),
 }
 # What differs below compute capability 9 (Ampere: mma.sync, whose accumulators stay in registers; no wgmma).
 LAUNCH_SM80 = {
     "grouped_dqk": dict(num_warps=8, num_stages=2, BK=16, BV=32),
+    "grouped_dqk_groups": dict(num_warps=8, num_stages=1, BK=16, BV=32, PRECISION_FIRST=False),
+    "grouped_dqk_groups_wide": dict(num_warps=8, num_stages=1, BK=16, BV=16, PRECISION_FIRST=False),
 }
 
 
@@ -915,11 +949,10 @@ def grouped_diagonal_triton_backward(q: Tensor, k: Tensor, v: Tensor, g: Tensor,
         *qs, *ks, *dos, *gs, *bs, Ipc, Js, dstates, dv, dv.stride(0), dv.stride(2), dv.stride(1), *_strides(v), *ws,
         dW, *((dW.stride(0), dW.stride(1), dW.stride(3), dW.stride(2)) if scaled else (0, 0, 0, 0)), sc, T, H, N, NG,
         V=V, VG=VGv, TPG=TPGv, BK=BKv, BV=BVv, SCALED=scaled, **meta, **opts)
-    opts, BKq, (VGq, BVq, TPGq) = _launch(table, "grouped_dqk", K, V, NG, BK, BV, wide)
+    opts, BKq, (VGq, BVq, _) = _launch(table, "grouped_dqk" if NG == 1 else "grouped_dqk_groups", K, V, NG, BK,
+                                       BV, wide)
     NKq = triton.cdiv(K, BKq)
-    dq_out = torch.empty(B, T, H, K, dtype=q.dtype, device=dev)
-    # the sum over the groups is carried in the compute dtype (no buffer with one group, or in that dtype)
-    dq = dq_out if NG == 1 or q.dtype == dt else torch.empty(B, T, H, K, dtype=dt, device=dev)
+    dq = torch.empty(B, T, H, K, dtype=q.dtype, device=dev)
     dk = torch.empty(B, T, H, K, dtype=dt, device=dev)
     dk_out = dk if k.dtype == dt else torch.empty(B, T, H, K, dtype=k.dtype, device=dev)
     db = torch.empty(NKq, B, T, H, NG, dtype=dt, device=dev)
@@ -928,13 +961,12 @@ def grouped_diagonal_triton_backward(q: Tensor, k: Tensor, v: Tensor, g: Tensor,
     dIp = torch.empty(NG, NKq, B, H, N, dtype=dt, device=dev)
     variance = dvar is not None
     dvs = _strides(dvar) if variance else (dv, 0, 0, 0)
-    for i_g in range(NG):  # one launch per group: the sums over the groups are carried in dq, dk, dG
-        _grouped_dqk_kernel[(NKq, N, B * H)](
-            *qs, *ks, *_strides(v), *ws, *dos, *gs, *bs, Ipc, states, Js, dstates, *dvs, dq, dq_out, dq.stride(0),
-            dq.stride(2), dq.stride(1), dk, dk.stride(0), dk.stride(2), dk.stride(1), db, db.stride(0), db.stride(1),
-            db.stride(3), db.stride(2), dG, dG.stride(0), dG.stride(1), dG.stride(3), dG.stride(2), dJs, dIp, i_g,
-            sc, T, H, N, NG, V=V, VG=VGq, TPG=TPGq, BK=BKq, BV=BVq, FIRST=i_g == 0, LAST=i_g == NG - 1,
-            VAR=variance, SCALED=scaled, **meta, **opts)
+    first = opts.pop("PRECISION_FIRST", False)
+    _grouped_dqk_kernel[(NKq, N, B * H)](
+        *qs, *ks, *_strides(v), *ws, *dos, *gs, *bs, Ipc, states, Js, dstates, *dvs, dq, dq.stride(0), dq.stride(2),
+        dq.stride(1), dk, dk.stride(0), dk.stride(2), dk.stride(1), db, db.stride(0), db.stride(1), db.stride(3),
+        db.stride(2), dG, dG.stride(0), dG.stride(1), dG.stride(3), dG.stride(2), dJs, dIp, sc, T, H, N, NG, V=V,
+        VG=VGq, BK=BKq, BV=BVq, VAR=variance, SCALED=scaled, PRECISION_FIRST=first, **meta, **opts)
     dJ0 = torch.empty(B, H, NG, K, dtype=dt, device=dev)
     _grouped_dJ_kernel[(NKq, B * H)](*ks, *gs, *bs, Js, dJs, dJT, dJ0, dk, dk_out, dk.stride(0), dk.stride(2),
                                      dk.stride(1), db, db.stride(0), db.stride(1), db.stride(3), db.stride(2), dG,
@@ -942,7 +974,7 @@ def grouped_diagonal_triton_backward(q: Tensor, k: Tensor, v: Tensor, g: Tensor,
                                      BG=max(16, triton.next_power_of_2(NG)), **meta, **table["grouped_dJ"])
     dg = (dG[0] if NKq == 1 else dG.sum(0)).transpose(1, 2)[..., None]
     db = (db[0] if NKq == 1 else db.sum(0)).transpose(1, 2)
-    grads = (dq_out.transpose(1, 2), dk_out.transpose(1, 2), dv.transpose(1, 2), dg, db, dIp.sum((0, 1, 2, 4)), dM0,
+    grads = (dq.transpose(1, 2), dk_out.transpose(1, 2), dv.transpose(1, 2), dg, db, dIp.sum((0, 1, 2, 4)), dM0,
              dJ0)
     if scaled:
         grads += ((dW[0] if dW.shape[0] == 1 else dW.sum(0)).transpose(1, 2)[..., None],)

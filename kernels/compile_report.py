@@ -79,6 +79,7 @@ class Config:
                 "constexprs": {names[p[0]]: _jsonable(v) for p, v in self.constexprs.items()},
                 "signature": {k: v for k, v in self.signature.items() if v != "constexpr"},
                 "num_warps": self.options["num_warps"], "num_stages": self.options["num_stages"],
+                "maxnreg": self.options.get("maxnreg"),
                 "grid_at_bench_shape": list(self.grid), "used_by": self.used_by}
 
 
@@ -118,9 +119,12 @@ def configurations(capability: int, models: Optional[Sequence[str]] = None,
                 binder = create_function_from_signature(ln.fn.signature, ln.fn.params, backend)
                 bound, spec, opts = binder(*ln.args, **kw)
                 options, signature, constexprs, attrs = ln.fn._pack_args(backend, kw, bound, spec, opts)
-                cfg = Config(ln.name, ln.fn.fn.__module__.split(".")[-1], ln.fn, signature, constexprs, attrs,
-                             {"num_warps": options.num_warps, "num_stages": options.num_stages,
-                              "enable_fp_fusion": options.enable_fp_fusion}, ln.grid, [])
+                opt = {"num_warps": options.num_warps, "num_stages": options.num_stages,
+                       "enable_fp_fusion": options.enable_fp_fusion}
+                if options.maxnreg is not None:  # a register ceiling the launch asks for
+                    opt["maxnreg"] = options.maxnreg
+                cfg = Config(ln.name, ln.fn.fn.__module__.split(".")[-1], ln.fn, signature, constexprs, attrs, opt,
+                             ln.grid, [])
                 cfg = found.setdefault(cfg.key, cfg)
                 use = f"{model} b={b_kind} {be} {dtype} {ln.phase}"
                 if use not in cfg.used_by:

@@ -41,9 +41,10 @@ from metaplastic.readout_solver import CG_STARTS, ReadoutSolver
 from metaplastic.scan import ScanResult
 from metaplastic.scan import scan as reference_scan
 
+from . import chunk_triton
 from .entry import ScanCall, prepare, triton_unavailable_reason
 from .flags import DIAGONAL, FULL, POINT, kernel_flags
-from .recurrent_step import _load_token, _Plan, _prior, _update  # noqa: F401  (the step; _Plan: the call)
+from .recurrent_step import _load_token, _Plan, _prior, _update, register_ceiling  # noqa: F401  (the step; _Plan: the call)
 
 Tensor = torch.Tensor
 
@@ -219,8 +220,8 @@ def fused_recurrent_fwd_kernel(
 # ----------------------------------------------------------------------------------------------------
 
 def _block_v(posterior: int, BK: int, V: int, block_v: Optional[int], backward: bool = False) -> int:
-    """Value rows per program: at K = 128 (fp32, 4 warps, sm_90a) 16 for the forward and 8 for the
-    backward, which ptxas fits in registers with no or few spills."""
+    """Value rows per program: at K = 128 (fp32, 4 warps) 16 for the forward and 8 for the backward, which
+    ptxas fits in registers (the few values it spills: ``recurrent_step.REGISTER_CEILINGS``)."""
     if posterior == FULL:
         return triton.next_power_of_2(V)
     if block_v is None:
@@ -260,17 +261,20 @@ def _launch_fwd(plan: _Plan, q: Tensor, k: Tensor, v: Tensor, g: Optional[Tensor
     dummy = q
     grid = (plan.NV, N * H)
     num_warps = _num_warps_fwd(post, plan.BK, plan.BV)
+    constexprs = dict(
+        H=H, K=K, V=V, BK=plan.BK, BV=plan.BV, C=plan.C, CG_STEPS=plan.cg_steps,
+        CG_START=plan.cg_start, CG_EPS=plan.cg_eps, **plan.flags,
+        HAS_BETA=beta is not None, BETA_PER_V=plan.beta_per_v, HAS_B=b is not None, B_PER_V=plan.b_per_v,
+        OUTPUT_VAR=plan.output_variance, HAS_INIT=h0_1 is not None, STORE_FINAL=plan.output_final_state,
+        SAVE_CKPT=save_ckpt, DTYPE=tl.float64 if dt == torch.float64 else tl.float32)
     fused_recurrent_fwd_kernel[grid](
         q, k, v, dummy if g is None else g, dummy if beta is None else beta, dummy if b is None else b,
         plan.ip, dummy if plan.lam is None else plan.lam, plan.scale,
         dummy if h0_1 is None else h0_1, dummy if h0_2 is None else h0_2, o, dummy if var is None else var,
         dummy if ht_1 is None else ht_1, dummy if ht_2 is None else ht_2,
         dummy if ck_1 is None else ck_1, dummy if ck_2 is None else ck_2, plan.cu_seqlens, plan.seg_offsets,
-        H=H, K=K, V=V, BK=plan.BK, BV=plan.BV, C=plan.C, CG_STEPS=plan.cg_steps,
-        CG_START=plan.cg_start, CG_EPS=plan.cg_eps, **plan.flags,
-        HAS_BETA=beta is not None, BETA_PER_V=plan.beta_per_v, HAS_B=b is not None, B_PER_V=plan.b_per_v,
-        OUTPUT_VAR=plan.output_variance, HAS_INIT=h0_1 is not None, STORE_FINAL=plan.output_final_state,
-        SAVE_CKPT=save_ckpt, DTYPE=tl.float64 if dt == torch.float64 else tl.float32, num_warps=num_warps)
+        **constexprs, num_warps=num_warps,
+        **register_ceiling("fwd", chunk_triton.device_capability(q), constexprs))
     return o, var, ht_1, ht_2, ck_1, ck_2
 
 

@@ -35,8 +35,9 @@ import torch
 import triton
 import triton.language as tl
 
+from . import chunk_triton
 from .flags import DIAGONAL
-from .recurrent_step import _load_token, _Plan, _prior, _update
+from .recurrent_step import _load_token, _Plan, _prior, _update, register_ceiling
 
 Tensor = torch.Tensor
 
@@ -265,17 +266,19 @@ def launch_bwd(plan: _Plan, q: Tensor, k: Tensor, v: Tensor, g: Optional[Tensor]
             dht_2 = torch.zeros(N, H, V, K, dtype=dt, device=dev)
         dht_2 = None if dht_2 is None else dht_2.contiguous()
     dummy = q
+    constexprs = dict(
+        H=H, K=K, V=V, BK=plan.BK, BV=plan.BV_bwd, C=plan.C, **plan.flags,
+        HAS_BETA=beta is not None, BETA_PER_V=plan.beta_per_v, HAS_B=b is not None, B_PER_V=plan.b_per_v,
+        HAS_DVAR=dvar is not None and plan.output_variance, HAS_DFINAL=has_dfinal,
+        DTYPE=tl.float64 if dt == torch.float64 else tl.float32)
     fused_recurrent_bwd_kernel[(NV, N * H)](
         q, k, v, dummy if g is None else g, dummy if beta is None else beta, dummy if b is None else b,
         plan.ip, plan.scale, ck_1, dummy if ck_2 is None else ck_2, do.contiguous(),
         dummy if dvar is None else dvar.contiguous(), dummy if dht_1 is None else dht_1,
         dummy if dht_2 is None else dht_2, dq, dk, dv, dummy if dg is None else dg,
         dummy if dbeta is None else dbeta, dummy if db is None else db, dh0_1, dummy if dh0_2 is None else dh0_2,
-        scr_1, dummy if scr_2 is None else scr_2, plan.cu_seqlens, plan.seg_offsets, TT,
-        H=H, K=K, V=V, BK=plan.BK, BV=plan.BV_bwd, C=plan.C, **plan.flags,
-        HAS_BETA=beta is not None, BETA_PER_V=plan.beta_per_v, HAS_B=b is not None, B_PER_V=plan.b_per_v,
-        HAS_DVAR=dvar is not None and plan.output_variance, HAS_DFINAL=has_dfinal,
-        DTYPE=tl.float64 if dt == torch.float64 else tl.float32)
+        scr_1, dummy if scr_2 is None else scr_2, plan.cu_seqlens, plan.seg_offsets, TT, **constexprs,
+        **register_ceiling("bwd", chunk_triton.device_capability(q), constexprs))
 
     def cast(x: Optional[Tensor], like: Optional[Tensor]) -> Optional[Tensor]:
         return None if like is None else x.to(like.dtype)

@@ -141,36 +141,51 @@ def _patched(rec: Recording, phase: List[str], capability: Tuple[int, int]) -> I
 
     from metaplastic.kernels import chunk_triton, fused_recurrent, fused_recurrent_bwd, nonfinite, per_value  # noqa: F401
 
-    def fake_run(self, *args, grid, warmup, **kwargs):
-        info = tuple(_info(a) for a in args)
-        kw = {k: _info(v) for k, v in kwargs.items()}
-        rec.launches.append(Launch(self, tuple(int(g) for g in grid), info, kw, phase[0]))
-
     def fallback(*a, **k):
         raise _ReferenceFallback()
 
+    with _patching() as patch:
+        patch(JITFunction, "run", _capturing_run(rec, phase))
+        patch(torch.Tensor, "is_cuda", property(lambda self: True))  # meta tensors stand for CUDA ones
+        patch(chunk_triton, "device_capability", lambda x: capability)  # ... on a device of this capability
+        # the benchmark's inputs are finite: the all-finite test runs (its reductions are recorded), reads true
+        patch(nonfinite, "read_on_host", lambda flag: True)
+        for mod_name in TRITON_MODULES + ("dispatch", "coverage"):
+            mod = sys.modules[f"metaplastic.kernels.{mod_name}"]
+            if hasattr(mod, "triton_unavailable_reason"):
+                patch(mod, "triton_unavailable_reason", lambda device: None)
+            if hasattr(mod, "reference_scan") and mod_name != "dispatch":
+                patch(mod, "reference_scan", fallback)
+        yield
+
+
+@contextlib.contextmanager
+def _patching() -> Iterator[Any]:
+    """Yields ``patch(obj, name, value)``, which sets an attribute until the block ends (restored then, in
+    reverse order, whatever happens)."""
     saved: List[Tuple[Any, str, Any]] = []
 
     def patch(obj, name, value):
         saved.append((obj, name, getattr(obj, name)))
         setattr(obj, name, value)
 
-    patch(JITFunction, "run", fake_run)
-    patch(torch.Tensor, "is_cuda", property(lambda self: True))  # meta tensors stand for CUDA ones
-    patch(chunk_triton, "device_capability", lambda x: capability)  # ... on a device of this capability
-    # the benchmark's inputs are finite: the all-finite test runs (its reductions are recorded), reads true
-    patch(nonfinite, "read_on_host", lambda flag: True)
-    for mod_name in TRITON_MODULES + ("dispatch", "coverage"):
-        mod = sys.modules[f"metaplastic.kernels.{mod_name}"]
-        if hasattr(mod, "triton_unavailable_reason"):
-            patch(mod, "triton_unavailable_reason", lambda device: None)
-        if hasattr(mod, "reference_scan") and mod_name != "dispatch":
-            patch(mod, "reference_scan", fallback)
     try:
-        yield
+        yield patch
     finally:
         for obj, name, value in reversed(saved):
             setattr(obj, name, value)
+
+
+def _capturing_run(rec: Recording, phase: List[str]):
+    """A ``JITFunction.run`` that appends the launch to ``rec`` instead of compiling and launching it (a
+    callable grid is evaluated on the launch's arguments, as Triton does)."""
+    def fake_run(self, *args, grid, warmup, **kwargs):
+        info = tuple(_info(a) for a in args)
+        kw = {k: _info(v) for k, v in kwargs.items()}
+        if callable(grid):
+            grid = grid({**dict(zip(self.arg_names, args)), **kwargs})
+        rec.launches.append(Launch(self, tuple(int(g) for g in grid), info, kw, phase[0]))
+    return fake_run
 
 
 def _info(x):
@@ -262,3 +277,56 @@ def rerun_without_interpreter(bench_argv: List[str]) -> Optional[int]:
 def _interpreted() -> bool:
     from metaplastic.kernels.per_value import _pv_fwd_kernel
     return type(_pv_fwd_kernel).__name__ == "InterpretedFunction"
+
+
+# fla's autotuned tiles are chosen by timing on the card; the recording takes the largest of its Hopper lists
+# (fewest re-reads: the case most favourable to fla). The state kernels tune BK, BV over (32, 64) on a card
+# with Hopper's shared memory; the other kernels' tiles follow from the configurations they list.
+FLA_HOPPER_STATE_TILE = 64
+_FLA_STATE_KERNELS = ("chunk_fwd_kernel_h", "chunk_bwd_kernel_dh")
+
+
+def record_fla(shape: Tuple[int, ...] = BENCH_SHAPE, dtype: torch.dtype = torch.bfloat16) -> Recording:
+    """fla's ``chunk_simple_gla`` (the Mamba2 recurrence the benchmark times beside ours) recorded as
+    :func:`record` records ours: its forward under ``torch.no_grad()``, then a forward and the backward of a
+    sum, on meta tensors standing for a Hopper card (fla's ``check_shared_mem`` answers as a Hopper's). fla's
+    autotuned kernels take the largest tiles of their lists (:data:`FLA_HOPPER_STATE_TILE` for the state
+    kernels). Inputs as the benchmark gives them: q, k, v ``[B,T,H,K]`` in ``dtype``, the log-decay
+    ``[B,T,H]`` fp32."""
+    import fla
+    import fla.ops.common.chunk_o as fla_chunk_o
+    from fla.ops.simple_gla import chunk_simple_gla
+    from triton.runtime.autotuner import Autotuner
+    from triton.runtime.jit import JITFunction
+
+    B, T, H, K, V = shape
+    rec = Recording(f"fla {fla.__version__} chunk_simple_gla", "-", "fla", str(dtype).replace("torch.", ""), shape)
+    phase = ["fwd"]
+
+    def tuned_run(self, *args, **kwargs):
+        fn = self.fn
+        while not isinstance(fn, JITFunction):
+            fn = fn.fn
+        config = max(self.configs, key=lambda c: c.kwargs.get("BK", 0) * c.kwargs.get("BV", 0))
+        chosen = dict(config.all_kwargs())
+        if fn.fn.__name__ in _FLA_STATE_KERNELS:
+            chosen.update(BK=FLA_HOPPER_STATE_TILE, BV=FLA_HOPPER_STATE_TILE)
+        return self.fn.run(*args, **{**kwargs, **chosen})
+
+    with _patching() as patch:
+        patch(JITFunction, "run", _capturing_run(rec, phase))
+        patch(Autotuner, "run", tuned_run)
+        patch(torch.Tensor, "is_cuda", property(lambda self: True))
+        patch(fla_chunk_o, "check_shared_mem", lambda arch="none", tensor_idx=0: True)  # a Hopper's shared memory
+        q, k, v = (torch.empty(B, T, H, d, dtype=dtype, device="meta", requires_grad=True) for d in (K, K, V))
+        g = torch.empty(B, T, H, dtype=torch.float32, device="meta", requires_grad=True)
+        with _OpCounter(rec, phase):
+            with torch.no_grad():
+                chunk_simple_gla(q, k, v, g=g)
+            phase[0] = "fwd+grad"
+            out = chunk_simple_gla(q, k, v, g=g)[0]
+            phase[0] = "loss"
+            cotangent = torch.ones_like(out)
+            phase[0] = "bwd"
+            out.backward(cotangent)
+    return rec

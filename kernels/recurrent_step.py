@@ -1,5 +1,6 @@
 """One token of the fused recurrent kernel, row form: shared by the forward (``fused_recurrent.py``) and the
-backward (``fused_recurrent_bwd.py``) Triton kernels, with the host-side plan of a call.
+backward (``fused_recurrent_bwd.py``) Triton kernels, with the host-side plan of a call and the register
+ceilings of their launches.
 
 :func:`_load_token` reads token ``t`` of a head, :func:`_prior` applies the stabilised forgetting and
 :func:`_update` the token's evidence (the row forms of :mod:`metaplastic.kernels.flags`).
@@ -7,7 +8,7 @@ backward (``fused_recurrent_bwd.py``) Triton kernels, with the host-side plan of
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict, Optional
+from typing import Dict, Optional, Tuple
 
 import torch
 import triton
@@ -140,3 +141,37 @@ class _Plan:
     @property
     def NV_bwd(self) -> int:
         return triton.cdiv(self.V, self.BV_bwd)
+
+
+# Register ceilings (ptxas ``.maxnreg``) for the configurations where ptxas's own register choice, at the
+# benchmark's K = V = 128, spills a value to local memory and a ceiling removes the spill at no cost in
+# occupancy (``metaplastic bench compile``, Triton 3.9). An entry is the kernel, the compute capability it was
+# measured on, the constexprs a launch must all match (fp32 compute: fp64 needs twice the registers), and
+# the ceiling. Every other launch keeps ptxas's own choice: one ceiling on every configuration would lower
+# the occupancy of those that do not spill. Two backward configurations keep their spill (one value stored
+# once before the token loop and read back once per program or per 64-token segment): the ceilings that
+# remove it cost a block per SM, measured there:
+# - point posterior, exact update with the diagonal transition, fp32 inputs, H100 / H200: ptxas picks 128
+#   registers (4 blocks of 4 warps a SM) and spills 8 / 4 bytes; a ceiling of 128 spills 36 bytes, one of 168
+#   removes the spill at 161 registers and 3 blocks;
+# - diagonal posterior, Hebbian update, vector forgetting, b per head, bf16 inputs, A100: ptxas picks 168
+#   (3 blocks) and spills 8 / 8 bytes; ceilings of 160 to 184 still spill with bf16 or fp32 inputs, 192
+#   removes the spill at 2 blocks.
+REGISTER_CEILINGS = (
+    # forward without checkpoints, diagonal posterior, Hebbian update, vector forgetting, b per value row,
+    # A100: ptxas picks 72 registers and spills 4 bytes (fp32 inputs); under a ceiling of 72 it fits 72
+    # with no spill (bf16 inputs: 72 either way)
+    ("fwd", (8, 0), dict(BK=128, BV=16, POSTERIOR=flags.DIAGONAL, UPDATE=flags.HEBBIAN,
+                         FORGET=flags.FORGET_VECTOR, HAS_B=True,
+                         B_PER_V=True, SAVE_CKPT=False, DTYPE=tl.float32), 72),
+)
+
+
+def register_ceiling(kernel: str, capability: Optional[Tuple[int, int]], constexprs: Dict) -> Dict[str, int]:
+    """The launch option ``{"maxnreg": n}`` of the :data:`REGISTER_CEILINGS` entry matching ``kernel``
+    (``"fwd"`` / ``"bwd"``), the device's compute ``capability`` and the launch's ``constexprs``; ``{}`` if
+    none does (or off CUDA)."""
+    for name, cap, match, ceiling in REGISTER_CEILINGS:
+        if name == kernel and cap == capability and all(constexprs.get(k) == v for k, v in match.items()):
+            return {"maxnreg": ceiling}
+    return {}

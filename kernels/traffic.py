@@ -156,22 +156,19 @@ def _grouped_dqk(a, g):
     NK, N, BH = g
     C, K, V, NG = a["C"], a["K"], a["V"], a["NG"]
     VG = V // NG
-    st = BH * N * VG * K * _es(a["states"])
-    # one launch per group; per program: do, v of the group's value rows, their start states and end-state
-    # cotangents in its key columns, k and q once, the group's b column once, the group precision at the chunk
-    # start; after the first group, dq, dk and the log-decay's parts read back to be added to; the last group
-    # writes the summed dq in the query's dtype (dq_out)
-    read = NK * (_size(a["do"]) + _size(a["v"]) + _size(a["b"])) / NG + NK * (_size(a["g"]) + _written_scale(a)) \
-        + _size(a["k"]) + _size(a["q"]) + BH * N * K * _es(a["Js"]) + _size(a["dstates"]) / NG + st
+    # one launch, every group in turn in each program: per program, do and v of every value row, the start
+    # states and end-state cotangents of every row in its key columns, k, q, the log-decay and the write w
+    # once, every group's b column and precision at the chunk start; dq (the query's dtype), dk and the
+    # log-decay's part written once, db, dJs, dIp per group
+    read = NK * (_size(a["do"]) + _size(a["v"]) + _size(a["b"]) + _size(a["g"]) + _written_scale(a)) \
+        + _size(a["k"]) + _size(a["q"]) + NG * BH * N * K * _es(a["Js"]) \
+        + _size(a["dstates"]) + BH * N * V * K * _es(a["states"])
     if a["VAR"]:
-        read += NK * _size(a["dvar"]) / NG
-    if not a["FIRST"]:
-        read += _size(a["dq"]) + _size(a["dk"]) + _size(a["dg"])
-    written = _size(a["dq_out"] if a["LAST"] else a["dq"]) + _size(a["dk"]) + _size(a["dg"]) \
-        + (_size(a["db"]) + _size(a["dJs"]) + _size(a["dIp"])) / NG
-    # per key column: W (its key tile's share), (do ∘ e^G) S, (v ∘ e^G_C) dS, W k, Wᵀ r, D x, Dᵀ dI;
-    # elementwise ~20
-    flops = N * BH * (NK * 2 * C * C * VG + 4 * C * VG * K + 8 * C * C * K + 20 * C * K)
+        read += NK * _size(a["dvar"])
+    written = _size(a["dq"]) + _size(a["dk"]) + _size(a["dg"]) + _size(a["db"]) + _size(a["dJs"]) + _size(a["dIp"])
+    # per group and key column: W (its key tile's share), (do ∘ e^G) S, (v ∘ e^G_C) dS, W k, Wᵀ r; the two
+    # decayed scans D x and Dᵀ dI (3 per element each); elementwise ~20
+    flops = N * BH * NG * (NK * 2 * C * C * VG + 4 * C * VG * K + 4 * C * C * K + 26 * C * K)
     return read, written, flops
 
 
@@ -288,6 +285,79 @@ def _fr_bwd(a, g):
     return read, written, TT * H * V * K * (24 if diag else 16)
 
 
+# fla's kernels, for the comparison with fla's ``chunk_simple_gla`` (written from fla 0.6's tl.load /
+# tl.store; :func:`metaplastic.kernels.launches.record_fla` records its launches as ours are recorded).
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _fla_cumsum(a, g):
+    return _size(a["s"]), _size(a["o"]), _n(a["o"])
+
+
+def _fla_fwd_h(a, g):
+    # per program (BK, BV) state tile: k, v of its columns/rows and g of every chunk; writes h per chunk
+    k, v = a["k"], a["v"]
+    B, T, H, K = k.shape
+    NK, NV, C = _cdiv(K, a["BK"]), _cdiv(v.shape[-1], a["BV"]), a["BT"]
+    read = NV * _size(k) + NK * _size(v) + NK * NV * _size(a["g"]) + _size(a.get("h0"))
+    written = _size(a["h"]) + _size(a.get("ht"))
+    return read, written, B * H * _cdiv(T, C) * (2 * C * K * v.shape[-1] + 2 * K * v.shape[-1])
+
+
+def _fla_fwd_o(a, g):
+    # per program (chunk, BV value tile): q, k, g of the chunk over every key tile, h[:, BV], v tile; writes o
+    q, v = a["q"], a["v"]
+    B, T, H, K = q.shape
+    V, C = v.shape[-1], a["BT"]
+    NV = _cdiv(V, a["BV"])
+    read = NV * (_size(q) + _size(a["k"]) + _size(a["g"])) + _size(a["h"]) + _size(v)
+    flops = B * H * _cdiv(T, C) * NV * (2 * C * C * K + 2 * C * K * a["BV"] + 2 * C * C * a["BV"] + 4 * C * C)
+    return read, _size(a["o"]), flops
+
+
+def _fla_bwd_dh(a, g):
+    # per program (BK, BV) tile, chunks in reverse: q columns, do rows, g; writes dh per chunk
+    q, do = a["q"], a["do"]
+    B, T, H, K = q.shape
+    V, C = do.shape[-1], a["BT"]
+    NK, NV = _cdiv(K, a["BK"]), _cdiv(V, a["BV"])
+    read = NV * _size(q) + NK * _size(do) + NK * NV * _size(a["g"]) + _size(a.get("dht"))
+    written = _size(a["dh"]) + _size(a.get("dh0"))
+    return read, written, B * H * _cdiv(T, C) * (2 * C * K * V + 2 * K * V)
+
+
+def _fla_bwd_dqkwg(a, g):
+    # per program (BK key tile, chunk): v, do, h, dh over every value tile; q, k, g; writes dq, dk, dg [NK]
+    q, v = a["q"], a["v"]
+    B, T, H, K = q.shape
+    V, C = v.shape[-1], a["BT"]
+    NK = _cdiv(K, a["BK"])
+    read = NK * (_size(v) + _size(a["do"]) + _size(a["g"])) + _size(a["h"]) + _size(a["dh"]) + _size(q) \
+        + _size(a["k"])
+    written = _size(a["dq"]) + _size(a["dk"]) + _size(a["dg"])
+    flops = B * H * _cdiv(T, C) * (4 * C * V * K + NK * 2 * C * C * V + 4 * C * C * K + 8 * C * K)
+    return read, written, flops
+
+
+def _fla_bwd_dv(a, g):
+    # per program (chunk, BV value tile): q, k, g over every key tile, dh[:, BV], do tile; writes dv
+    q, do = a["q"], a["do"]
+    B, T, H, K = q.shape
+    V, C = do.shape[-1], a["BT"]
+    NV = _cdiv(V, a["BV"])
+    read = NV * (_size(q) + _size(a["k"]) + _size(a["g"])) + _size(a["dh"]) + _size(do)
+    flops = B * H * _cdiv(T, C) * NV * (2 * C * C * K + 2 * C * K * a["BV"] + 2 * C * C * a["BV"])
+    return read, _size(a["dv"]), flops
+
+
+FLA_KERNEL_MODELS: Dict[str, Callable] = {
+    "chunk_local_cumsum_scalar_kernel": _fla_cumsum, "chunk_fwd_kernel_h": _fla_fwd_h,
+    "chunk_fwd_kernel_o": _fla_fwd_o, "chunk_bwd_kernel_dh": _fla_bwd_dh,
+    "chunk_bwd_kernel_dqkwg": _fla_bwd_dqkwg, "chunk_bwd_kernel_dv": _fla_bwd_dv,
+}
+
+
 KERNEL_MODELS: Dict[str, Callable] = {
     "_chunk_states_kernel": _chunk_states, "_chunk_output_kernel": _chunk_output,
     "_chunk_dstates_kernel": _chunk_dstates, "_chunk_bwd_dv_kernel": _chunk_bwd_dv,
@@ -302,7 +372,7 @@ KERNEL_MODELS: Dict[str, Callable] = {
 
 def launch_traffic(ln: Launch) -> Tuple[float, float, float]:
     """(bytes read, bytes written, FLOPs) of one launch by its kernel's model."""
-    model = KERNEL_MODELS.get(ln.name)
+    model = KERNEL_MODELS.get(ln.name) or FLA_KERNEL_MODELS.get(ln.name)
     if model is None:
         raise KeyError(f"no traffic model for kernel {ln.name}")
     return model(ln.bound(), ln.grid)
@@ -327,30 +397,17 @@ def floors(shape=BENCH_SHAPE, in_bytes: int = 2, groups: int = 0, per_value: boo
             "fwd_flops": flops_f, "fwdbwd_flops": 3 * flops_f}
 
 
-def fla_chunk_simple_gla(shape=BENCH_SHAPE, in_bytes: int = 2, C: int = 64, BKV: int = 64) -> Dict[str, float]:
-    """fla's ``chunk_simple_gla`` by the same model, per token and head (fla 0.6, read from its sources):
-    forward ``chunk_fwd_h`` (k, v per [BK, BV] state tile; writes the per-chunk states h in the input dtype)
-    and ``chunk_fwd_o`` (q, k per value tile of 128; h, v, g; writes o); backward recomputes h, then
-    ``chunk_bwd_dh`` (q, do, g; writes dh per chunk), ``chunk_bwd_dqkwg`` (q, k, v, do, h, dh; writes dq, dk
-    and an fp32 dg per key tile) and ``chunk_bwd_dv`` (q, k, do, dh; writes dv), and two cumulative sums of
-    the fp32 gate. State tiles BK = BV = ``BKV`` (its autotuning list on Hopper is 64, 128)."""
-    B, T, H, K, V = shape
-    nk, nv = -(-K // BKV), -(-V // BKV)
-    st = V * K * in_bytes / C  # one state per chunk, input dtype
-    g = 4
-    fwd_h = nv * K * in_bytes + nk * V * in_bytes + nk * nv * g + st
-    fwd_o = K * in_bytes * 2 + st + V * in_bytes + g + V * in_bytes
-    cums = 2 * g
-    fwd = fwd_h + fwd_o + cums
-    bwd_dh = nk * V * in_bytes + nv * K * in_bytes + nk * nv * g + st
-    dqkwg = 2 * K * in_bytes + V * in_bytes * 2 + 2 * st + g + 2 * K * in_bytes + g
-    dv = 2 * K * in_bytes + V * in_bytes + st + g + V * in_bytes
-    bwd = fwd_h + bwd_dh + dqkwg + dv + 2 * cums
-    flops_f = 2 * C * (K + V) + 4 * V * K
-    return {"fwd_bytes": fwd, "fwdbwd_bytes": fwd + bwd, "fwd_flops": flops_f, "fwdbwd_flops": 3 * flops_f + 2 * V * K}
-
-
 # ----------------------------------------------------------------------------------------- per case
+def _fla_tiles(rec: Recording) -> Dict[str, str]:
+    """The tiles each recorded fla kernel ran with (its autotuned ones: see ``record_fla``)."""
+    out = {}
+    for ln in rec.launches:
+        a = ln.bound()
+        if a.get("BK") is not None:
+            out[ln.name] = f"BK={a['BK']} BV={a['BV']}"
+    return out
+
+
 def case_traffic(rec: Recording) -> Dict:
     """Bytes and FLOPs per token and head of a recorded case, forward and forward+backward, by part."""
     B, T, H, K, V = rec.shape
@@ -406,7 +463,8 @@ def report(cases=None, shape=BENCH_SHAPE) -> Dict:
         row["ratio_to_floor"] = {k: round(t[k] / fl[k], 2) for k in fl}
         row["parts"] = t["parts"]
         rows.append(row)
-    fla = fla_chunk_simple_gla(shape)
+    fla_rec = launches.record_fla(shape)
+    fla = case_traffic(fla_rec)
     by = {(r["model"], r["b"], r["backend"]): r for r in rows}
     mamba = by.get(("mamba2", "-", "triton_chunk"))
     ratios = {}
@@ -427,7 +485,8 @@ def report(cases=None, shape=BENCH_SHAPE) -> Dict:
     return {"command": "metaplastic bench traffic", "date": datetime.date.today().isoformat(),
             "shape": {"B": B, "T": T, "H": H, "K": K, "V": V}, "inputs": "q, k, v bf16; gates fp32; TF32 dots",
             "units": "bytes and FLOPs per token and head", "model": __doc__.split("Model, stated once:")[1].strip(),
-            "fla_chunk_simple_gla": {k: round(v, 1) for k, v in fla.items()},
+            "fla_chunk_simple_gla": {"recorded": fla_rec.model, "tiles": _fla_tiles(fla_rec),
+                                     **{k: (round(v, 1) if k != "parts" else v) for k, v in fla.items()}},
             "ratios": ratios, "cases": rows}
 
 
@@ -470,7 +529,7 @@ def format_report(rep: Dict) -> str:
                      f"{r['fwdbwd_bytes']:>10.0f} {r['ratio_to_floor']['fwdbwd_bytes']:>8.2f} "
                      f"{r['fwdbwd_flops']:>13.0f} {r['ratio_to_floor']['fwdbwd_flops']:>8.2f}")
     f = rep["fla_chunk_simple_gla"]
-    lines.append(f"{'fla chunk_simple_gla':<20} {'-':>4} {'(model)':<17} {f['fwd_bytes']:>9.0f} "
+    lines.append(f"{'fla chunk_simple_gla':<20} {'-':>4} {'(recorded)':<17} {f['fwd_bytes']:>9.0f} "
                  f"{f['fwdbwd_bytes']:>10.0f}")
     lines.append("")
     lines += [f"{k}: {v}" for k, v in rep["ratios"].items()]

@@ -199,6 +199,8 @@ FIGURES = [
            _traffic_ratio("palimpsa per value: backward / forward FLOPs"), "{:.2f}"),
     Figure("docs/gpu_kernels.md", "| Mamba2 `triton_chunk` | 5496 | {} |", TRAFFIC,
            _traffic("mamba2", "-", "triton_chunk", "fwdbwd_bytes"), "{:.0f}"),
+    Figure("docs/gpu_kernels.md", "| fla `chunk_simple_gla` (recorded) | 3100 | {} |", TRAFFIC,
+           lambda d: d["fla_chunk_simple_gla"]["fwdbwd_bytes"], "{:.0f}"),
     Figure("docs/gpu_kernels.md", "| Palimpsa G = 8 `triton_chunk` | 9399 | {} |", TRAFFIC,
            _traffic("palimpsa", "G8", "triton_chunk", "fwdbwd_bytes"), "{:.0f}"),
     Figure("docs/gpu_kernels.md", "| Palimpsa per value `triton_per_value` | 7328 | 28472 | {} |", TRAFFIC,

@@ -128,6 +128,22 @@ def test_triton_chunk_fused_grouped_prior_precision(monkeypatch, groups, V, T, i
     assert calls and all(c == (groups or 1) for c in calls)
 
 
+def test_triton_chunk_fused_grouped_ampere_launch(monkeypatch):
+    """The fused grouped kernels with the launch settings of compute capability 8 (``LAUNCH_SM80``: among
+    them the dq, dk kernel's other schedule, each group's precision formed after its read), three groups,
+    two chunks or more, an initial state, the variance: every gradient against autograd through the
+    reference."""
+    from metaplastic.kernels import chunk_triton
+    assert not chunk_triton.LAUNCH_SM80["grouped_dqk_groups"]["PRECISION_FIRST"]
+    assert chunk_triton.LAUNCH["grouped_dqk_groups"]["PRECISION_FIRST"]
+    monkeypatch.setattr(chunk_triton, "launch_table", lambda x: {**chunk_triton.LAUNCH, **chunk_triton.LAUNCH_SM80})
+    calls = _fused_calls(monkeypatch)
+    obj, x = scan_inputs("palimpsa", 1, 37, 2, 5, 6, groups=3, init="shared", seed=11,
+                         **dict(INPUTS, prior_precision=True))
+    _check("palimpsa", x, groups=3, scale=0.7)
+    assert calls and all(c == 3 for c in calls)
+
+
 @pytest.mark.parametrize("log_decay", [-math.inf, -1e4, -30.0])
 def test_triton_chunk_fused_grouped_resets(monkeypatch, log_decay):
     """Resets (a log-decay of -inf or below the floor: α = 0 exactly) and an extreme decay (-30) inside a

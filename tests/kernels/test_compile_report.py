@@ -1,9 +1,10 @@
 """``metaplastic bench compile`` and ``bench traffic`` without a GPU.
 
-A representative subset (the per-value kernels, Mamba2's chunked kernels and Palimpsa's fused grouped ones with
-b head-shared and in 8 groups, bf16, sm_90a) is compiled in
+A representative subset (the per-value kernels, Mamba2's chunked kernels, Palimpsa's fused grouped ones with
+b head-shared and in 8 groups, and LongHorn's fused recurrent ones; bf16, sm_90a) is compiled in
 a fresh process without ``TRITON_INTERPRET``; the full set is the committed
-``kernels/results/compile_sm90.json`` / ``compile_sm80.json``. The report's registers, spills and stack are
+``kernels/results/compile_sm90.json`` / ``compile_sm80.json``. Every fused recurrent configuration is compiled
+for both targets. The report's registers, spills and stack are
 checked against ``ptxas -v`` run here on the dumped PTX (Triton's bundled ptxas, parsed by this file's own
 patterns) and against the cubin Triton built itself (``cuobjdump``).
 """
@@ -20,12 +21,13 @@ pytest.importorskip("triton.backends.nvidia")
 
 ROOT = Path(__file__).resolve().parents[2]
 CASES = [("palimpsa", "V", "triton_per_value"), ("mamba2", "-", "triton_chunk"), ("palimpsa", "H", "triton_chunk"),
-         ("palimpsa", "G8", "triton_chunk")]
+         ("palimpsa", "G8", "triton_chunk"), ("longhorn", "-", "triton_recurrent")]
 # Spills measured at the benchmark configuration (sm_90a, bf16, Triton 3.9), bytes per thread: none.
 KNOWN_SPILLS: dict = {}
 CHUNK_KERNELS = ("_chunk_states_kernel", "_chunk_output_kernel", "_chunk_dstates_kernel", "_chunk_bwd_dv_kernel",
                  "_chunk_bwd_dqk_kernel", "_grouped_output_kernel", "_grouped_dstates_kernel", "_grouped_dv_kernel",
                  "_grouped_dqk_kernel", "_grouped_dJ_kernel")
+FUSED_KERNELS = ("fused_recurrent_fwd_kernel", "fused_recurrent_bwd_kernel")
 
 _SCRIPT = r'''
 import json, sys
@@ -59,7 +61,7 @@ def _ptxas_v(ptx: Path) -> str:
 def test_report_equals_ptxas_on_the_dumped_ptx(compiled):
     report, dump = compiled
     kernels = {e["kernel"] for e in report["kernels"]}
-    assert {"_pv_fwd_kernel", "_pv_bwd_kernel", *CHUNK_KERNELS} <= kernels
+    assert {"_pv_fwd_kernel", "_pv_bwd_kernel", *CHUNK_KERNELS, *FUSED_KERNELS} <= kernels
     for e in report["kernels"]:
         name = f"{e['id']}-sm_90a"
         meta = json.loads((dump / f"{name}.json").read_text())
@@ -89,7 +91,7 @@ def test_the_benchmark_launch_is_recorded(compiled):
 def _spill_params():
     return [pytest.param(k, marks=pytest.mark.xfail(reason=f"spills at the benchmark shape: {KNOWN_SPILLS[k]}",
                                                     strict=True) if k in KNOWN_SPILLS else ())
-            for k in ("_pv_fwd_kernel", "_pv_bwd_kernel") + CHUNK_KERNELS]
+            for k in ("_pv_fwd_kernel", "_pv_bwd_kernel") + CHUNK_KERNELS + FUSED_KERNELS]
 
 
 @pytest.mark.parametrize("kernel", _spill_params())
@@ -134,14 +136,62 @@ def test_chunked_kernels_on_ampere():
         assert e["tensor_core"]["mma"] > 0 and e["tensor_core"]["wgmma"] == 0, e["kernel"]
 
 
+_SCRIPT_FUSED = r'''
+import json, sys
+from metaplastic.kernels import compile_report as cr, launches
+cases = [c for c in launches.bench_cases() if c[2] == "triton_recurrent"]
+rep = cr.build_report(sys.argv[1], cases=cases, progress=False)
+print(json.dumps([e for e in rep["kernels"] if e["module"].startswith("fused_recurrent")]))
+'''
+# The launches that take a register ceiling (``recurrent_step.REGISTER_CEILINGS``), by target: (model, b, phase)
+# -> maxnreg, bf16 and fp32 inputs alike; every other fused recurrent launch leaves ptxas its own choice.
+CEILINGS = {"sm_90a": {}, "sm_80": {("meta_gla", b, "fwd"): 72 for b in ("G4", "G8", "G16", "V")}}
+# The launches that keep a spill (one value stored before the token loop; removing it costs a block per SM:
+# ``recurrent_step.REGISTER_CEILINGS``): (model, b, dtype, phase) -> (spill stores, spill loads), bytes.
+KEPT_SPILLS = {"sm_90a": {("longhorn", "-", "float32", "bwd"): (8, 4)},
+               "sm_80": {("meta_gla", "H", "bfloat16", "bwd"): (8, 8)}}
+
+
+@pytest.mark.parametrize("arch", ["sm_90a", "sm_80"])
+def test_fused_recurrent_kernels_do_not_spill(arch):
+    """Every fused recurrent configuration the benchmark launches (every model and b, bf16 and fp32 inputs,
+    forward, forward saving checkpoints, backward) as an H100 / A100 launches it, compiled for that target:
+    no spill but the few of ``KEPT_SPILLS`` (each exactly as measured), no shared-memory overflow; a register
+    ceiling on exactly the launches of ``CEILINGS``, and ptxas within it."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_DEFAULT_FP_FUSION"] = "1"
+    proc = subprocess.run([sys.executable, "-c", _SCRIPT_FUSED, arch], env=env, capture_output=True, text=True,
+                          timeout=1200)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    kernels = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert {e["kernel"] for e in kernels} == set(FUSED_KERNELS)
+    assert {e["signature"]["q"] for e in kernels} == {"*bf16", "*fp32"}
+    with_ceiling, spilled = set(), set()
+    for e in kernels:
+        where = (e["kernel"], e["used_by"][0])
+        assert not e["shared_overflow"], (where, e["shared_bytes"])
+        uses = [u.split() for u in e["used_by"]]  # "model b=<b> backend dtype phase"
+        kept = {KEPT_SPILLS[arch].get((u[0], u[1][2:], u[3], u[4]), (0, 0)) for u in uses}
+        assert kept == {(e["spill_stores"], e["spill_loads"])}, (where, kept, e["spill_stores"], e["spill_loads"])
+        if kept != {(0, 0)}:
+            spilled |= {(u[0], u[1][2:], u[3], u[4]) for u in uses}
+        wanted = {CEILINGS[arch].get((u[0], u[1][2:], u[4])) for u in uses}
+        assert wanted == {e["maxnreg"]}, (where, wanted, e["maxnreg"])
+        if e["maxnreg"] is not None:
+            assert e["registers"] <= e["maxnreg"], where
+            with_ceiling |= {(u[0], u[1][2:], u[4]) for u in uses}
+    assert with_ceiling == set(CEILINGS[arch])
+    assert spilled == set(KEPT_SPILLS[arch])
+
+
 def test_launch_settings_follow_the_recorded_capability():
-    """The recorder presents the capability it is asked for: the grouped dq, dk kernel takes Hopper's key
-    tile (``LAUNCH``) at 9.0 and Ampere's (``LAUNCH_SM80``) at 8.0."""
+    """The recorder presents the capability it is asked for: the grouped dq, dk kernel with b head-shared
+    takes Hopper's key tile (``LAUNCH``) at 9.0 and Ampere's (``LAUNCH_SM80``) at 8.0."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     script = ("import json; from metaplastic.kernels import launches\n"
               "out = {}\n"
               "for cap in ((9, 0), (8, 0)):\n"
-              "    r = launches.record('palimpsa', 'G8', 'triton_chunk', capability=cap)\n"
+              "    r = launches.record('palimpsa', 'H', 'triton_chunk', capability=cap)\n"
               "    out[str(cap[0])] = sorted({ln.bound()['BK'] for ln in r.launches"
               " if ln.name == '_grouped_dqk_kernel'})\n"
               "print(json.dumps(out))")
