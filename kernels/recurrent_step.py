@@ -148,9 +148,9 @@ class _Plan:
 # occupancy (``metaplastic bench compile``, Triton 3.9). An entry is the kernel, the compute capability it was
 # measured on, the constexprs a launch must all match (fp32 compute: fp64 needs twice the registers), and
 # the ceiling. Every other launch keeps ptxas's own choice: one ceiling on every configuration would lower
-# the occupancy of those that do not spill. Two backward configurations keep their spill (one value stored
-# once before the token loop and read back once per program or per 64-token segment): the ceilings that
-# remove it cost a block per SM, measured there:
+# the occupancy of those that do not spill. Two backward configurations keep their spill (in the SASS, part of
+# an address, stored once before the loops and loaded once per program or per 64-token segment): the
+# ceilings that remove it cost a block per SM, measured there:
 # - point posterior, exact update with the diagonal transition, fp32 inputs, H100 / H200: ptxas picks 128
 #   registers (4 blocks of 4 warps a SM) and spills 8 / 4 bytes; a ceiling of 128 spills 36 bytes, one of 168
 #   removes the spill at 161 registers and 3 blocks;
