@@ -76,3 +76,17 @@ def test_modelled_writes_are_what_fla_allocates(recorded):
     assert [KERNEL_OF[c["name"]] for c in recorded["calls"]] == [ln["name"] for ln in launches]
     for call, ln in zip(recorded["calls"], launches):
         assert ln["written"] == call["nbytes"], (call, ln)
+
+
+def test_an_unrecordable_fla_is_a_note_in_the_report(monkeypatch):
+    """If the installed fla's host functions change so that they cannot be recorded, the report says so in
+    fla's row and states no ratio against it, instead of failing or inventing a figure."""
+    from metaplastic.kernels import launches, traffic
+
+    def changed(shape):
+        raise TypeError("chunk_fwd_h() got an unexpected keyword argument")
+    monkeypatch.setattr(launches, "record_fla", changed)
+    rep = traffic.report(cases=[])
+    assert "could not be recorded" in rep["fla_chunk_simple_gla"]["note"]
+    assert not any("fla" in key for key in rep["ratios"])
+    assert "could not be recorded" in traffic.format_report(rep)
