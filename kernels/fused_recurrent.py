@@ -44,7 +44,7 @@ from metaplastic.scan import scan as reference_scan
 from . import chunk_triton
 from .entry import ScanCall, prepare, triton_unavailable_reason
 from .flags import DIAGONAL, FULL, POINT, kernel_flags
-from .recurrent_step import _load_token, _Plan, _prior, _update, register_ceiling  # noqa: F401  (the step; _Plan: the call)
+from .recurrent_step import _advance, _Plan, register_ceiling
 
 Tensor = torch.Tensor
 
@@ -144,12 +144,8 @@ def _fwd_token(q, k, v, g, beta, b, o, var, s1, s2, t, i_h, o_k, o_v, m_k, m_v, 
                DTYPE: tl.constexpr):
     """Token ``t`` (point and diagonal posteriors): the state rows ``(s1, s2)`` ``[BV, BK]`` after it; writes
     its read-out (and variance)."""
-    qt, kt, vt, bt, bb, a = _load_token(q, k, v, g, beta, b, t, i_h, o_k, o_v, m_k, m_v, H, K, V, BK, BV,
-                                        FORGET, HAS_BETA, BETA_PER_V, HAS_B, B_PER_V, DTYPE)
-    m, Pm = _prior(s1, s2, a, ip, POSTERIOR, FORGET)
-    s1, P = _update(m, Pm, kt, vt, bt, bb, POSTERIOR, UPDATE)
-    if POSTERIOR == 1:
-        s2 = P
+    qt, s1, s2 = _advance(q, k, v, g, beta, b, t, i_h, o_k, o_v, m_k, m_v, s1, s2, ip, H, K, V, BK, BV,
+                          POSTERIOR, UPDATE, FORGET, HAS_BETA, BETA_PER_V, HAS_B, B_PER_V, DTYPE)
     p_o = (t * H + i_h) * V + o_v
     tl.store(o + p_o, (scale * tl.sum(s1 * qt[None, :], 1)).to(o.dtype.element_ty), mask=m_v)
     if OUTPUT_VAR:

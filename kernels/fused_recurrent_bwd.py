@@ -37,7 +37,7 @@ import triton.language as tl
 
 from . import chunk_triton
 from .flags import DIAGONAL
-from .recurrent_step import _load_token, _Plan, _prior, _update, register_ceiling
+from .recurrent_step import _advance, _load_token, _Plan, _prior, _update, register_ceiling
 
 Tensor = torch.Tensor
 
@@ -174,12 +174,8 @@ def fused_recurrent_bwd_kernel(
             tl.store(scr_1 + (o_scr + (t - t0) * BV * BK) + p_tile, s1)
             if POSTERIOR == 1:
                 tl.store(scr_2 + (o_scr + (t - t0) * BV * BK) + p_tile, s2)
-            qt, kt, vt, bt, bb, a = _load_token(q, k, v, g, beta, b, t, i_h, o_k, o_v, m_k, m_v, H, K, V, BK, BV,
-                                                FORGET, HAS_BETA, BETA_PER_V, HAS_B, B_PER_V, DTYPE)
-            m, Pm = _prior(s1, s2, a, ip, POSTERIOR, FORGET)
-            s1, P = _update(m, Pm, kt, vt, bt, bb, POSTERIOR, UPDATE)
-            if POSTERIOR == 1:
-                s2 = P
+            _, s1, s2 = _advance(q, k, v, g, beta, b, t, i_h, o_k, o_v, m_k, m_v, s1, s2, ip, H, K, V, BK, BV,
+                                 POSTERIOR, UPDATE, FORGET, HAS_BETA, BETA_PER_V, HAS_B, B_PER_V, DTYPE)
         tl.debug_barrier()
         # 2) back through the segment
         for i_t in range(0, t1 - t0):

@@ -143,6 +143,22 @@ class _Plan:
         return triton.cdiv(self.V, self.BV_bwd)
 
 
+
+@triton.jit
+def _advance(q, k, v, g, beta, b, t, i_h, o_k, o_v, m_k, m_v, s1, s2, ip,
+             H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+             POSTERIOR: tl.constexpr, UPDATE: tl.constexpr, FORGET: tl.constexpr, HAS_BETA: tl.constexpr,
+             BETA_PER_V: tl.constexpr, HAS_B: tl.constexpr, B_PER_V: tl.constexpr, DTYPE: tl.constexpr):
+    """The state rows ``(s1, s2)`` ``[BV, BK]`` after token ``t`` (forgetting, then the token's evidence), and
+    the token's query ``[BK]``."""
+    qt, kt, vt, bt, bb, a = _load_token(q, k, v, g, beta, b, t, i_h, o_k, o_v, m_k, m_v, H, K, V, BK, BV,
+                                        FORGET, HAS_BETA, BETA_PER_V, HAS_B, B_PER_V, DTYPE)
+    m, Pm = _prior(s1, s2, a, ip, POSTERIOR, FORGET)
+    s1, P = _update(m, Pm, kt, vt, bt, bb, POSTERIOR, UPDATE)
+    if POSTERIOR == _DIAGONAL:
+        s2 = P
+    return qt, s1, s2
+
 # Register ceilings (ptxas ``.maxnreg``) for the configurations where ptxas's own register choice, at the
 # benchmark's K = V = 128, spills a value to local memory and a ceiling removes the spill at no cost in
 # occupancy (``metaplastic bench compile``, Triton 3.9). An entry is the kernel, the compute capability it was
